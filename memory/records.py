@@ -1,0 +1,64 @@
+"""Plain data types shared by every layer: a stored edit, a search hit, and the normalised edit case."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A (prompt, answer) pair used to test locality or portability. ``aliases`` holds other accepted answers."""
+
+    prompt: str
+    answer: str
+    kind: str = ""
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EditCase:
+    """One edit as every data source is normalised to it (zsRE, CounterFact, KnowEdit, MQuAKE, the store's JSONL).
+
+    ``prompt`` never contains a ``{}`` template: the subject is already filled in.
+    """
+
+    prompt: str
+    target_new: str
+    subject: str | None = None
+    ground_truth: str | None = None
+    rephrases: tuple[str, ...] = ()
+    locality: tuple[Probe, ...] = ()
+    portability: tuple[Probe, ...] = ()
+    case_id: str | None = None
+    source: str | None = None
+
+
+@dataclass(frozen=True)
+class EditRecord:
+    """One version of one stored edit. ``id`` is stable across versions; ``version`` counts from 1."""
+
+    id: int
+    version: int
+    prompt: str
+    target_new: str
+    subject: str | None = None
+    ground_truth: str | None = None
+    rephrases: tuple[str, ...] = ()
+    metadata: dict[str, Any] = field(default_factory=dict)
+    deleted: bool = False
+    valid_from: datetime | None = None
+    valid_to: datetime | None = None
+
+    @property
+    def is_current(self) -> bool:
+        return self.valid_to is None and not self.deleted
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A search result: the current record and its similarity (cosine, higher is closer)."""
+
+    edit: EditRecord
+    score: float
