@@ -26,9 +26,9 @@ DEFAULT_STORE = "sqlite:///editmem.db"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="editmem", description="A versioned editing memory for language models.")
-    parser.add_argument("--store", default=os.environ.get("EDITMEM_STORE", DEFAULT_STORE),
+    parser.add_argument("--store", default=None,
                         help="store URL: sqlite:///path.db or postgresql+psycopg://user@host/db "
-                             "(default: $EDITMEM_STORE or %(default)s)")
+                             f"(default: $EDITMEM_STORE or {DEFAULT_STORE})")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # `store_given` tells commands such as `demo` whether the user chose a store or gets the default.
+    args.store_given = args.store is not None or bool(os.environ.get("EDITMEM_STORE"))
+    args.store = args.store or os.environ.get("EDITMEM_STORE") or DEFAULT_STORE
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
