@@ -21,7 +21,8 @@ class Probe:
 class EditCase:
     """One edit as every data source is normalised to it (zsRE, CounterFact, KnowEdit, MQuAKE, the store's JSONL).
 
-    ``prompt`` never contains a ``{}`` template: the subject is already filled in.
+    ``prompt`` never contains a ``{}`` template: the subject is already filled in. ``memory.formats`` documents how
+    each source maps onto these fields.
     """
 
     prompt: str
@@ -33,6 +34,9 @@ class EditCase:
     portability: tuple[Probe, ...] = ()
     case_id: str | None = None
     source: str | None = None
+    # Free-form provenance carried through the store (relation ids, MQuAKE grouping, a stored edit's own metadata).
+    # Left out of the hash so an EditCase stays hashable; it still takes part in ==.
+    metadata: dict[str, Any] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
