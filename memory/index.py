@@ -1,0 +1,206 @@
+"""The FAISS index over version-row embeddings: a cache of SQL that can always be rebuilt from it.
+
+FAISS ids are SQL version row ids. ``flat`` is ``IndexIDMap2(IndexFlatIP)`` (exact; removes in place). ``hnsw`` is
+``IndexIDMap2(IndexHNSWFlat, inner product)``: HNSW cannot remove vectors, so removed ids are kept in a ``stale``
+set, excluded at search time with an ID selector, and the owner rebuilds once they pile up (``needs_rebuild``).
+
+File format (written atomically: temp file in the same folder, then ``os.replace``)::
+
+    b"EDITMEM-FAISS\\n"  8-byte little-endian header length  JSON header  faiss.serialize_index bytes
+
+The header holds ``format``, ``store_uid``, ``encoder``, ``dim``, ``kind``, ``seq`` (the change counter the index
+reflects) and ``stale`` (HNSW's removed ids). A file whose header does not match the store is ignored and rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"EDITMEM-FAISS\n"
+FILE_FORMAT = 1
+KINDS = ("flat", "hnsw")
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 80
+HNSW_EF_SEARCH = 64
+STALE_MIN = 1000
+STALE_FRACTION = 0.25
+
+
+@dataclass(frozen=True)
+class IndexHeader:
+    store_uid: str
+    encoder: str
+    dim: int
+    kind: str
+    seq: int
+
+
+class VectorIndex:
+    """FAISS index plus what it reflects: store, encoder, change counter. Not thread-safe on its own."""
+
+    def __init__(self, header: IndexHeader, faiss_index: Any = None, stale: Iterable[int] = ()):
+        import faiss
+
+        if header.kind not in KINDS:
+            raise ValueError(f"index kind must be one of {KINDS}, got {header.kind!r}")
+        self.store_uid = header.store_uid
+        self.encoder = header.encoder
+        self.dim = header.dim
+        self.kind = header.kind
+        self.seq = header.seq
+        self.dirty = True
+        self._index = faiss_index if faiss_index is not None else _new_faiss(header.kind, header.dim)
+        self._ids: set[int] = set(int(i) for i in faiss.vector_to_array(self._index.id_map)) \
+            if self._index.ntotal else set()
+        self._stale: set[int] = set(int(i) for i in stale) & self._ids
+
+    # --- contents -------------------------------------------------------------------------------------------------
+    @property
+    def ntotal(self) -> int:
+        return int(self._index.ntotal)
+
+    @property
+    def n_stale(self) -> int:
+        return len(self._stale)
+
+    def ids(self) -> set[int]:
+        """The ids a search can return (for HNSW: without the stale ones)."""
+        return self._ids - self._stale
+
+    def __len__(self) -> int:
+        return len(self._ids) - len(self._stale)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Add vectors under ``ids``; ids already present are skipped, so replaying a change is harmless."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) == 0:
+            return
+        keep = np.fromiter((int(i) not in self._ids for i in ids), dtype=bool, count=len(ids))
+        ids, vectors = ids[keep], np.ascontiguousarray(vectors[keep], dtype=np.float32)
+        if len(ids) == 0:
+            return
+        if vectors.shape[1] != self.dim:
+            raise ValueError(f"vector dimension {vectors.shape[1]} does not match index dimension {self.dim}")
+        self._index.add_with_ids(vectors, ids)
+        self._ids.update(int(i) for i in ids)
+        self.dirty = True
+
+    def remove(self, ids: Iterable[int]) -> None:
+        """Remove ids (absent ones are ignored). HNSW only marks them stale."""
+        present = [int(i) for i in ids if int(i) in self._ids and int(i) not in self._stale]
+        if not present:
+            return
+        if self.kind == "hnsw":
+            self._stale.update(present)
+        else:
+            self._index.remove_ids(np.asarray(present, dtype=np.int64))
+            self._ids.difference_update(present)
+        self.dirty = True
+
+    @property
+    def needs_rebuild(self) -> bool:
+        return self.kind == "hnsw" and len(self._stale) > max(STALE_MIN, STALE_FRACTION * len(self._ids))
+
+    # --- search ---------------------------------------------------------------------------------------------------
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, ids) per query row, best first; missing slots have id -1."""
+        import faiss
+
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        n_live = len(self)
+        if n_live == 0 or k <= 0:
+            return (np.zeros((len(queries), max(k, 0)), dtype=np.float32),
+                    np.full((len(queries), max(k, 0)), -1, dtype=np.int64))
+        k_eff = min(k, n_live)
+        params = None
+        if self.kind == "hnsw":
+            params = faiss.SearchParametersHNSW(efSearch=max(HNSW_EF_SEARCH, 2 * k_eff))
+            if self._stale:
+                batch = faiss.IDSelectorBatch(np.fromiter(self._stale, dtype=np.int64, count=len(self._stale)))
+                selector = faiss.IDSelectorNot(batch)
+                params.sel = selector
+        scores, ids = self._index.search(queries, k_eff, params=params)
+        if k_eff < k:
+            pad = k - k_eff
+            scores = np.pad(scores, ((0, 0), (0, pad)))
+            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+        return scores, ids
+
+    # --- persistence ----------------------------------------------------------------------------------------------
+    def header_dict(self) -> dict[str, Any]:
+        return {"format": FILE_FORMAT, "store_uid": self.store_uid, "encoder": self.encoder, "dim": self.dim,
+                "kind": self.kind, "seq": self.seq, "stale": sorted(self._stale)}
+
+    def save(self, path: Path) -> None:
+        """Write the index to ``path`` atomically."""
+        import faiss
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = json.dumps(self.header_dict()).encode("utf-8")
+        payload = faiss.serialize_index(self._index)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(MAGIC)
+                f.write(len(header).to_bytes(8, "little"))
+                f.write(header)
+                f.write(memoryview(payload))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self.dirty = False
+        log.debug("saved index %s (%d vectors, seq %d)", path, self.ntotal, self.seq)
+
+    @classmethod
+    def load(cls, path: Path) -> VectorIndex | None:
+        """The index saved at ``path``, or None when there is none or it cannot be read (the caller rebuilds)."""
+        import faiss
+
+        path = Path(path)
+        if not path.is_file():
+            return None
+        try:
+            data = path.read_bytes()
+            if not data.startswith(MAGIC):
+                raise ValueError("not an editmem index file")
+            start = len(MAGIC) + 8
+            n = int.from_bytes(data[len(MAGIC):start], "little")
+            raw = json.loads(data[start:start + n].decode("utf-8"))
+            if raw.get("format") != FILE_FORMAT:
+                raise ValueError(f"unknown index file format {raw.get('format')!r}")
+            header = IndexHeader(store_uid=str(raw["store_uid"]), encoder=str(raw["encoder"]), dim=int(raw["dim"]),
+                                 kind=str(raw["kind"]), seq=int(raw["seq"]))
+            faiss_index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8, offset=start + n))
+            if faiss_index.d != header.dim:
+                raise ValueError("index dimension does not match its header")
+            index = cls(header, faiss_index, stale=raw.get("stale", ()))
+        except Exception as err:  # a damaged cache file is not an error: SQL can rebuild it
+            log.warning("ignoring unreadable index file %s: %s", path, err)
+            return None
+        index.dirty = False
+        return index
+
+
+def _new_faiss(kind: str, dim: int) -> Any:
+    import faiss
+
+    if kind == "hnsw":
+        inner = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        inner.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    else:
+        inner = faiss.IndexFlatIP(dim)
+    return faiss.IndexIDMap2(inner)  # faiss keeps a reference to ``inner`` in the wrapper

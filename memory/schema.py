@@ -1,0 +1,150 @@
+"""The store's SQL schema (SQLAlchemy Core, SQLite and PostgreSQL) and how an engine is made from a URL.
+
+Tables, all prefixed ``editmem_`` so a store can share a PostgreSQL database with other applications:
+
+- ``editmem_meta``: one row (id=1): schema version, store uid, default encoder, the change counter ``change_seq`` and
+  the next free edit id / version-row id. Every write transaction first bumps ``change_seq`` with an UPDATE, which
+  locks the row until commit: writers are serialised, and a reader that sees counter N knows every change <= N is
+  committed. Edit ids and row ids are allocated from the same row under the same lock.
+- ``editmem_edits``: one row per version of an edit (``row_id`` is the FAISS id). A version is closed by setting
+  ``valid_to``; nothing else is ever changed in place. A delete writes a tombstone version (``deleted`` true).
+  The current version of an edit is its row with ``valid_to IS NULL``.
+- ``editmem_embeddings``: the key embedding (float32 bytes) of a version row per encoder name.
+- ``editmem_changes``: the change log (seq, row_id, op): op ``add`` when a row becomes searchable, ``del`` when it
+  stops being so. An index that reflects counter N catches up by applying the entries with seq > N.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger, Boolean, Column, DateTime, Index, Integer, LargeBinary, MetaData, PrimaryKeyConstraint, String, Table,
+    Text, UniqueConstraint, create_engine, event, inspect,
+)
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
+
+from memory.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+CONNECT_TIMEOUT_S = 5
+
+metadata = MetaData()
+
+meta = Table(
+    "editmem_meta", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("schema_version", Integer, nullable=False),
+    Column("store_uid", String(36), nullable=False),
+    Column("encoder", String(200), nullable=False),
+    Column("change_seq", BigInteger, nullable=False),
+    Column("next_edit_id", BigInteger, nullable=False),
+    Column("next_row_id", BigInteger, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+edits = Table(
+    "editmem_edits", metadata,
+    Column("row_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("edit_id", BigInteger, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("prompt", Text, nullable=False),
+    Column("target_new", Text, nullable=False),
+    Column("subject", Text, nullable=True),
+    Column("ground_truth", Text, nullable=True),
+    Column("rephrases", Text, nullable=False),  # JSON list of strings
+    Column("metadata", Text, nullable=False),  # JSON object
+    Column("deleted", Boolean, nullable=False),
+    Column("valid_from", DateTime(timezone=True), nullable=False),
+    Column("valid_to", DateTime(timezone=True), nullable=True),
+    Column("content_key", String(64), nullable=False),
+    UniqueConstraint("edit_id", "version", name="uq_editmem_edits_version"),
+    Index("ix_editmem_edits_content_key", "content_key"),
+    Index("ix_editmem_edits_valid_to", "valid_to"),
+)
+
+embeddings = Table(
+    "editmem_embeddings", metadata,
+    Column("row_id", BigInteger, nullable=False),
+    Column("encoder", String(200), nullable=False),
+    Column("dim", Integer, nullable=False),
+    Column("vector", LargeBinary, nullable=False),  # float32, little-endian, dim * 4 bytes
+    PrimaryKeyConstraint("row_id", "encoder", name="pk_editmem_embeddings"),
+)
+
+changes = Table(
+    "editmem_changes", metadata,
+    Column("seq", BigInteger, nullable=False),
+    Column("row_id", BigInteger, nullable=False),
+    Column("op", String(8), nullable=False),
+    PrimaryKeyConstraint("seq", "row_id", name="pk_editmem_changes"),
+)
+
+OP_ADD = "add"
+OP_DEL = "del"
+
+
+def parse_url(url: str) -> URL:
+    """A SQLAlchemy URL for SQLite or PostgreSQL (psycopg 3), or StoreError with one line saying what is wrong."""
+    if not isinstance(url, str) or not url.strip():
+        raise StoreError(f"store URL must be a non-empty string, got {url!r}")
+    if "://" not in url:
+        raise StoreError(f"malformed store URL {url!r}: expected sqlite:///path.db or "
+                         f"postgresql+psycopg://user@host/db (did you mean sqlite:///{url}?)")
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError) as err:
+        raise StoreError(f"malformed store URL {url!r}: {err}") from None
+    backend, _, driver = parsed.drivername.partition("+")
+    if backend == "sqlite" and driver in ("", "pysqlite"):
+        return parsed
+    if backend in ("postgresql", "postgres") and driver in ("", "psycopg"):
+        return parsed.set(drivername="postgresql+psycopg")
+    raise StoreError(f"unsupported store URL scheme {parsed.drivername!r}: use sqlite:/// or postgresql+psycopg://")
+
+
+def is_memory_sqlite(url: URL) -> bool:
+    return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
+
+
+def make_engine(url: URL) -> Engine:
+    """An engine for ``url``: SQLite in WAL mode with a busy timeout; PostgreSQL with a connect timeout."""
+    kwargs: dict[str, Any] = {"future": True}
+    if url.get_backend_name() == "sqlite":
+        kwargs["connect_args"] = {"timeout": 30}
+        if is_memory_sqlite(url):
+            from sqlalchemy.pool import StaticPool
+
+            kwargs["connect_args"]["check_same_thread"] = False
+            kwargs["poolclass"] = StaticPool
+        engine = create_engine(url, **kwargs)
+        event.listen(engine, "connect", _sqlite_on_connect)
+        return engine
+    if "connect_timeout" not in url.query:
+        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+    kwargs["pool_pre_ping"] = True
+    return create_engine(url, **kwargs)
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def describe_db_error(err: SQLAlchemyError, url: URL) -> str:
+    """One line for a database error: the driver's first line, without SQL or a traceback."""
+    where = url.render_as_string(hide_password=True)
+    orig = getattr(err, "orig", None) if isinstance(err, DBAPIError) else None
+    text = str(orig if orig is not None else err).strip().splitlines()
+    first = text[0] if text else type(err).__name__
+    return f"store {where}: {first}"
+
+
+def tables_exist(engine: Engine) -> bool:
+    return inspect(engine).has_table(meta.name)

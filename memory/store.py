@@ -1,0 +1,884 @@
+"""`EditMemory`: the versioned edit store. SQL (SQLite or PostgreSQL) is the source of truth; a FAISS index over the
+prompt embeddings is a cache of it that each process keeps current through the change log (see memory/schema.py).
+
+Writes: every write transaction first bumps the change counter (locking the meta row), then inserts version rows,
+their embeddings and change-log entries. After commit the writer applies its own changes to its index; any other
+process catches up before its next search by reading the change-log entries after the counter its index reflects.
+
+Index file: beside a SQLite database (``path.db.faiss``); for PostgreSQL in ``$EDITMEM_CACHE`` (default
+``~/.cache/editmem``) as ``pg-<store uid>.faiss``, where the uid is a random id written into the store when it is
+created; an in-memory SQLite store keeps its index in memory only. The file is written at ``close()``, after a
+rebuild, and by ``save_index()``; a file that is behind is caught up from the change log, one that does not match
+the store (uid, encoder, dimension) is rebuilt from the embeddings in SQL.
+
+An ``EditMemory`` may be shared between threads (a lock guards the index) but is meant for one process; several
+processes share a store by each opening it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+from sqlalchemy import and_, func, insert, select, update
+from sqlalchemy.engine import Connection, Engine, Row, URL
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from memory import schema
+from memory.encoder import DEFAULT_ENCODER, Encoder, get_encoder
+from memory.errors import EditmemError, FormatError, NotFoundError, StoreError, ValidationError
+from memory.index import KINDS, IndexHeader, VectorIndex
+from memory.records import EditCase, EditRecord, Hit
+from memory.schema import OP_ADD, OP_DEL, changes, edits, embeddings, meta
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "sqlite:///editmem.db"
+HNSW_AUTO_THRESHOLD = 200_000
+ENCODE_BATCH = 256
+SQL_CHUNK = 5000
+UPDATABLE = ("prompt", "target_new", "subject", "ground_truth", "rephrases", "metadata")
+
+
+# --- values -----------------------------------------------------------------------------------------------------------
+class _Invalid(Exception):
+    """A bad field: converted to ValidationError by the API and to FormatError (with record number) by import."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+        self.message = message
+
+
+@dataclass(frozen=True)
+class _Fields:
+    """The content of one edit version, validated."""
+
+    prompt: str
+    target_new: str
+    subject: str | None = None
+    ground_truth: str | None = None
+    rephrases: tuple[str, ...] = ()
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def content_key(self) -> str:
+        return content_key(self.prompt, self.target_new, self.subject)
+
+    def same_as(self, other: _Fields) -> bool:
+        return (self.prompt, self.target_new, self.subject, self.ground_truth, self.rephrases) == \
+            (other.prompt, other.target_new, other.subject, other.ground_truth, other.rephrases) and \
+            dict(self.metadata) == dict(other.metadata)
+
+
+def content_key(prompt: str, target_new: str, subject: str | None) -> str:
+    """sha256 of (prompt, target_new, subject): the key import uses to skip edits the store already holds."""
+    return hashlib.sha256(json.dumps([prompt, target_new, subject], ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def _text(value: Any, name: str, *, required: bool) -> str | None:
+    if value is None:
+        if required:
+            raise _Invalid(name, "is required")
+        return None
+    if not isinstance(value, str):
+        raise _Invalid(name, f"must be a string, got {type(value).__name__}")
+    if not value.strip():
+        if required:
+            raise _Invalid(name, "must not be empty")
+        return None
+    return value
+
+
+def _rephrases(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise _Invalid("rephrases", f"must be a list of strings, got {type(value).__name__}")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not item.strip():
+            raise _Invalid("rephrases", f"item {i} must be a non-empty string, got {item!r}")
+        out.append(item)
+    return tuple(out)
+
+
+def _metadata(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise _Invalid("metadata", f"must be a mapping with string keys, got {type(value).__name__}")
+    try:
+        return json.loads(json.dumps(dict(value)))
+    except (TypeError, ValueError) as err:
+        raise _Invalid("metadata", f"must be JSON-serialisable: {err}") from None
+
+
+def _fields(prompt: Any, target_new: Any, subject: Any = None, ground_truth: Any = None, rephrases: Any = (),
+            metadata: Any = None) -> _Fields:
+    return _Fields(prompt=_text(prompt, "prompt", required=True), target_new=_text(target_new, "target_new",
+                   required=True), subject=_text(subject, "subject", required=False),
+                   ground_truth=_text(ground_truth, "ground_truth", required=False), rephrases=_rephrases(rephrases),
+                   metadata=_metadata(metadata))
+
+
+def _fields_of(item: Any) -> _Fields:
+    """Validated fields of an EditCase, an EditRecord or a dict with the keyword arguments of ``add``."""
+    if isinstance(item, EditCase):
+        from memory.formats import case_to_metadata  # the one owner of the EditCase <-> metadata mapping
+
+        try:
+            metadata = case_to_metadata(item)
+        except ValidationError as err:
+            raise _Invalid("metadata", str(err)) from None
+        return _fields(item.prompt, item.target_new, item.subject, item.ground_truth, item.rephrases, metadata)
+    if isinstance(item, EditRecord):
+        return _fields(item.prompt, item.target_new, item.subject, item.ground_truth, item.rephrases, item.metadata)
+    if isinstance(item, Mapping):
+        unknown = set(item) - set(UPDATABLE)
+        if unknown:
+            raise _Invalid(sorted(unknown)[0], f"unknown field (known: {', '.join(UPDATABLE)})")
+        return _fields(**{k: item[k] for k in UPDATABLE if k in item})
+    raise _Invalid("item", f"must be an EditCase or a dict, got {type(item).__name__}")
+
+
+def _check_id(edit_id: Any, name: str = "id") -> int:
+    if isinstance(edit_id, bool) or not isinstance(edit_id, (int, np.integer)):
+        raise ValidationError(f"{name} must be an integer, got {edit_id!r}")
+    return int(edit_id)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+def _record(row: Row) -> EditRecord:
+    m = row._mapping
+    return EditRecord(id=int(m["edit_id"]), version=int(m["version"]), prompt=m["prompt"],
+                      target_new=m["target_new"], subject=m["subject"], ground_truth=m["ground_truth"],
+                      rephrases=tuple(json.loads(m["rephrases"])), metadata=json.loads(m["metadata"]),
+                      deleted=bool(m["deleted"]), valid_from=_aware(m["valid_from"]), valid_to=_aware(m["valid_to"]))
+
+
+def _fields_of_row(row: Row) -> _Fields:
+    rec = _record(row)
+    return _Fields(rec.prompt, rec.target_new, rec.subject, rec.ground_truth, rec.rephrases, rec.metadata)
+
+
+def _chunks(items: Sequence[Any], size: int = SQL_CHUNK) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+_CURRENT = and_(edits.c.valid_to.is_(None), edits.c.deleted.is_(False))
+
+
+# --- transactions -----------------------------------------------------------------------------------------------------
+@dataclass
+class _Tx:
+    """One write transaction: its change number, timestamp, and what it changed (applied to the index after commit)."""
+
+    conn: Connection
+    seq: int
+    now: datetime
+    changed: list[tuple[int, str]] = field(default_factory=list)
+    vectors: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def allocate(self, column: str, n: int) -> int:
+        """Reserve ``n`` consecutive values of meta's ``next_edit_id`` / ``next_row_id``; returns the first."""
+        col = meta.c[column]
+        self.conn.execute(update(meta).where(meta.c.id == 1).values({column: col + n}))
+        return int(self.conn.execute(select(col).where(meta.c.id == 1)).scalar_one()) - n
+
+
+# --- the store --------------------------------------------------------------------------------------------------------
+class EditMemory:
+    """A versioned store of edits with similarity search. Open with ``EditMemory.open(url)``."""
+
+    def __init__(self, engine: Engine, url: URL, encoder: Encoder, store_uid: str, index_kind: str,
+                 index_path: Path | None):
+        self._engine = engine
+        self._url = url
+        self._encoder = encoder
+        self._uid = store_uid
+        self._index_kind = index_kind
+        self._index_path = index_path
+        self._index: VectorIndex | None = None
+        self._lock = threading.RLock()
+        self._closed = False
+
+    # --- opening and closing ------------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, url: str = DEFAULT_URL, *, encoder: str | Encoder | None = None, index: str = "auto",
+             create: bool = True) -> EditMemory:
+        """Open the store at ``url`` (``sqlite:///path.db``, ``sqlite://`` in memory, ``postgresql+psycopg://...``),
+        creating it unless ``create`` is false.
+
+        ``encoder``: a name (``"all-MiniLM-L6-v2"``, ``"hashing-256"``) or an Encoder. None uses the encoder the store
+        was created with (the default one for a new store). A different encoder than the store's is recorded as the
+        store's encoder; embeddings for it are computed and stored as needed and the index is rebuilt.
+        ``index``: ``"flat"`` (exact), ``"hnsw"`` (approximate, for large stores) or ``"auto"`` (HNSW from 200k edits).
+        """
+        if index not in ("auto", *KINDS):
+            raise ValidationError(f"index must be one of auto, flat, hnsw; got {index!r}")
+        parsed = schema.parse_url(url)
+        _check_sqlite_path(parsed, create)
+        enc = get_encoder(encoder) if encoder is not None else None
+        engine = schema.make_engine(parsed)
+        try:
+            with _db_errors(parsed):
+                uid, stored_encoder = _ensure_schema(engine, parsed, enc.name if enc else DEFAULT_ENCODER, create)
+                if enc is None:
+                    enc = get_encoder(stored_encoder)
+                elif enc.name != stored_encoder:
+                    log.warning("store encoder changes from %s to %s: embeddings are recomputed as needed",
+                                stored_encoder, enc.name)
+                    with engine.begin() as conn:
+                        conn.execute(update(meta).where(meta.c.id == 1).values(encoder=enc.name))
+            mem = cls(engine, parsed, enc, uid, index, _index_path(parsed, uid))
+            mem._load_index()
+        except BaseException:
+            engine.dispose()
+            raise
+        return mem
+
+    def close(self) -> None:
+        """Save the index if it changed and release the database connections. Idempotent."""
+        if self._closed:
+            return
+        try:
+            self.save_index()
+        except OSError as err:
+            log.warning("could not save index %s: %s", self._index_path, err)
+        finally:
+            self._closed = True
+            self._engine.dispose()
+
+    def __enter__(self) -> EditMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"EditMemory({self.url!r}, encoder={self._encoder.name!r})"
+
+    @property
+    def url(self) -> str:
+        return self._url.render_as_string(hide_password=True)
+
+    @property
+    def encoder(self) -> Encoder:
+        return self._encoder
+
+    @property
+    def index_path(self) -> Path | None:
+        return self._index_path
+
+    @property
+    def index_kind(self) -> str:
+        return self._vector_index().kind
+
+    # --- reading ------------------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        with self._read() as conn:
+            return int(conn.execute(select(func.count()).select_from(edits).where(_CURRENT)).scalar_one())
+
+    def __iter__(self) -> Iterator[EditRecord]:
+        offset = 0
+        while True:
+            page = self.list(limit=1000, offset=offset)
+            yield from page
+            if len(page) < 1000:
+                return
+            offset += len(page)
+
+    def get(self, id: int, version: int | None = None) -> EditRecord:
+        """The current version of edit ``id`` (a tombstone if it is deleted), or the given version."""
+        edit_id = _check_id(id)
+        with self._read() as conn:
+            if version is None:
+                row = self._current_row(conn, edit_id)
+                if row is None:
+                    raise NotFoundError(f"no edit with id {edit_id}")
+                return _record(row)
+            version = _check_id(version, "version")
+            row = conn.execute(select(edits).where(edits.c.edit_id == edit_id, edits.c.version == version)).first()
+            if row is None:
+                latest = self._current_row(conn, edit_id)
+                if latest is None:
+                    raise NotFoundError(f"no edit with id {edit_id}")
+                raise NotFoundError(f"edit {edit_id} has no version {version} (versions 1..{latest.version})")
+            return _record(row)
+
+    def list(self, limit: int | None = None, offset: int = 0, include_deleted: bool = False) -> list[EditRecord]:
+        """Current versions ordered by id; with ``include_deleted`` also the tombstones of deleted edits."""
+        if limit is not None and (not isinstance(limit, int) or limit < 0):
+            raise ValidationError(f"limit must be a non-negative integer, got {limit!r}")
+        if not isinstance(offset, int) or offset < 0:
+            raise ValidationError(f"offset must be a non-negative integer, got {offset!r}")
+        where = edits.c.valid_to.is_(None) if include_deleted else _CURRENT
+        query = select(edits).where(where).order_by(edits.c.edit_id).offset(offset)
+        if limit is not None:
+            query = query.limit(limit)
+        with self._read() as conn:
+            return [_record(r) for r in conn.execute(query)]
+
+    def history(self, id: int) -> list[EditRecord]:
+        """Every version of edit ``id``, oldest first."""
+        edit_id = _check_id(id)
+        with self._read() as conn:
+            rows = conn.execute(select(edits).where(edits.c.edit_id == edit_id).order_by(edits.c.version)).all()
+        if not rows:
+            raise NotFoundError(f"no edit with id {edit_id}")
+        return [_record(r) for r in rows]
+
+    def search(self, text: str, k: int = 5) -> list[Hit]:
+        """The ``k`` current edits whose prompts are closest to ``text`` (cosine), best first."""
+        return self.search_many([text], k)[0]
+
+    def search_many(self, texts: Sequence[str], k: int = 5) -> list[list[Hit]]:
+        """``search`` for many texts at once: one batched encode, one index search, one SQL fetch."""
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise ValidationError("texts must be a list of strings")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValidationError(f"k must be a positive integer, got {k!r}")
+        if not texts:
+            return []
+        queries = self._encode(list(texts))
+        for attempt in range(2):  # a second pass if another process removed a hit between catch-up and fetch
+            with self._lock:
+                self._sync()
+                scores, ids = self._vector_index().search(queries, k)
+            wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
+            records = self._current_records(wanted)
+            if attempt == 0 and len(records) < len(wanted):
+                continue
+            return [[Hit(records[int(i)], float(s)) for s, i in zip(srow, irow) if int(i) in records]
+                    for srow, irow in zip(scores, ids)]
+        raise AssertionError("unreachable")
+
+    # --- writing ------------------------------------------------------------------------------------------------------
+    def add(self, prompt: str, target_new: str, *, subject: str | None = None, ground_truth: str | None = None,
+            rephrases: Iterable[str] = (), metadata: Mapping[str, Any] | None = None) -> EditRecord:
+        """Store a new edit (version 1)."""
+        try:
+            fields = _fields(prompt, target_new, subject, ground_truth, rephrases, metadata)
+        except _Invalid as err:
+            raise ValidationError(str(err)) from None
+        return self._add_fields([fields])[0]
+
+    def add_many(self, items: Iterable[EditCase | Mapping[str, Any]], *, progress: bool = False) -> list[EditRecord]:
+        """Store many edits in one transaction (all or none). Items are EditCase objects or dicts with the keyword
+        arguments of ``add``; an EditCase's probes, case_id and source go into metadata."""
+        fields = []
+        for i, item in enumerate(items):
+            try:
+                fields.append(_fields_of(item))
+            except _Invalid as err:
+                raise ValidationError(f"item {i}: {err}") from None
+        return self._add_fields(fields, progress=progress)
+
+    def update(self, id: int, **changes_: Any) -> EditRecord:
+        """Write a new version of edit ``id`` with the given fields changed (prompt, target_new, subject, ground_truth,
+        rephrases, metadata) and close the current one. If nothing changes, the current version is returned."""
+        edit_id = _check_id(id)
+        unknown = set(changes_) - set(UPDATABLE)
+        if unknown:
+            raise ValidationError(f"cannot update {', '.join(sorted(unknown))}: updatable fields are "
+                                  f"{', '.join(UPDATABLE)}")
+        before = self._live_row(edit_id)
+        merged = self._merge(before, changes_)
+        if merged.same_as(_fields_of_row(before)):
+            return _record(before)
+        precomputed = {merged.prompt: self._encode([merged.prompt])[0]} if merged.prompt != before.prompt else {}
+        with self._write() as tx:
+            current = self._live_row(edit_id, tx.conn)
+            merged = self._merge(current, changes_)
+            vector = precomputed.get(merged.prompt)
+            if vector is None:
+                vector = self._stored_vector(tx.conn, current.row_id, merged.prompt)
+            self._close_row(tx, current)
+            record = self._insert_version(tx, edit_id, current.version + 1, merged, vector)
+        return record
+
+    def delete(self, id: int) -> EditRecord:
+        """Retract edit ``id``: close its current version and write a tombstone version. Returns the tombstone."""
+        edit_id = _check_id(id)
+        with self._write() as tx:
+            current = self._live_row(edit_id, tx.conn)
+            self._close_row(tx, current)
+            return self._insert_version(tx, edit_id, current.version + 1, _fields_of_row(current), None,
+                                        deleted=True)
+
+    def rollback(self, id: int, version: int) -> EditRecord:
+        """Write a new version of edit ``id`` equal in content to ``version``; on a deleted edit this undeletes it.
+        If the edit is live and already has that content, the current version is returned unchanged."""
+        target = self.get(id, version)
+        if target.deleted:
+            raise ValidationError(f"version {target.version} of edit {target.id} is a deletion; use delete")
+        content = _Fields(target.prompt, target.target_new, target.subject, target.ground_truth, target.rephrases,
+                          target.metadata)
+        with self._read() as conn:
+            target_row_id = conn.execute(select(edits.c.row_id).where(
+                edits.c.edit_id == target.id, edits.c.version == target.version)).scalar_one()
+        vector = self._vector_outside_tx(target_row_id, target.prompt)
+        with self._write() as tx:
+            current = self._current_row(tx.conn, target.id)
+            if not current.deleted and _fields_of_row(current).same_as(content):
+                return _record(current)
+            self._close_row(tx, current)
+            return self._insert_version(tx, target.id, current.version + 1, content, vector)
+
+    # --- import / export ----------------------------------------------------------------------------------------------
+    def import_file(self, path: str | os.PathLike[str], format: str = "auto", *, skip_incomplete: bool = False,
+                    progress: bool = False) -> int:
+        """Add the edits in a data file (zsRE, CounterFact, KnowEdit, MQuAKE or the store's JSONL); returns how many
+        were added. Edits already in the store (same prompt, target_new, subject) are skipped. The whole file is
+        parsed and validated first and written in one transaction: a bad file raises FormatError and changes nothing.
+        An EditCase's case_id, source, locality and portability go into metadata (``formats.case_to_metadata``).
+        ``skip_incomplete`` leaves out records with an empty prompt or target instead of failing (see formats)."""
+        from memory.formats import read_cases
+
+        try:
+            cases = read_cases(path, format=format, skip_incomplete=skip_incomplete)
+        except EditmemError:
+            raise
+        except OSError as err:
+            raise FormatError(str(path), f"cannot read file: {err.strerror or err}") from None
+        fields = []
+        for number, case in enumerate(cases):
+            try:
+                fields.append(_fields_of(case))
+            except _Invalid as err:
+                raise FormatError(str(path), err.message, record=number, field=err.field) from None
+        added = self._add_fields(fields, skip_existing=True, progress=progress)
+        log.info("imported %d of %d edits from %s", len(added), len(fields), path)
+        return len(added)
+
+    def export(self, path: str | os.PathLike[str], *, include_history: bool = False) -> int:
+        """Write the current edits (every version with ``include_history``) as the store's JSONL; returns the count."""
+        from memory.formats import write_jsonl
+
+        if include_history:
+            with self._read() as conn:
+                records = [_record(r) for r in conn.execute(
+                    select(edits).order_by(edits.c.edit_id, edits.c.version))]
+        else:
+            records = self.list()
+        write_jsonl(records, path)
+        return len(records)
+
+    # --- consistency --------------------------------------------------------------------------------------------------
+    def index_ids(self) -> set[int]:
+        """The version row ids a search can return (after catching up). Diagnostic."""
+        with self._lock:
+            self._sync()
+            return self._vector_index().ids()
+
+    def current_row_ids(self) -> set[int]:
+        """The version row ids of the current, non-deleted versions in SQL. Diagnostic."""
+        with self._read() as conn:
+            return {int(r) for r in conn.execute(select(edits.c.row_id).where(_CURRENT)).scalars()}
+
+    def verify(self) -> None:
+        """Raise StoreError if the index and SQL disagree on which versions are searchable."""
+        in_index, in_sql = self.index_ids(), self.current_row_ids()
+        if in_index != in_sql:
+            raise StoreError(f"index out of step with SQL: {len(in_index - in_sql)} extra, "
+                             f"{len(in_sql - in_index)} missing ids")
+
+    def rebuild_index(self, index: str | None = None) -> None:
+        """Rebuild the index from SQL (``index`` chooses flat / hnsw / auto; default: as opened) and save it."""
+        if index is not None:
+            if index not in ("auto", *KINDS):
+                raise ValidationError(f"index must be one of auto, flat, hnsw; got {index!r}")
+            self._index_kind = index
+        with self._lock:
+            self._rebuild()
+
+    def save_index(self) -> None:
+        """Write the index file now if it changed (a no-op for in-memory stores)."""
+        with self._lock:
+            if self._index is not None and self._index.dirty and self._index_path is not None:
+                self._index.save(self._index_path)
+
+    # --- internals: SQL -----------------------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"store {self.url} is closed")
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        self._check_open()
+        with _db_errors(self._url), self._engine.connect() as conn:
+            yield conn
+
+    @contextmanager
+    def _write(self) -> Iterator[_Tx]:
+        """A write transaction: bumps the change counter first (serialising writers), logs the changes, commits, then
+        applies them to this process's index."""
+        self._check_open()
+        with _db_errors(self._url):
+            with self._engine.begin() as conn:
+                conn.execute(update(meta).where(meta.c.id == 1).values(change_seq=meta.c.change_seq + 1))
+                seq = int(conn.execute(select(meta.c.change_seq).where(meta.c.id == 1)).scalar_one())
+                tx = _Tx(conn, seq, datetime.now(timezone.utc))
+                yield tx
+                if tx.changed:
+                    conn.execute(insert(changes), [{"seq": seq, "row_id": r, "op": op} for r, op in tx.changed])
+        self._after_write(tx)
+
+    @staticmethod
+    def _current_row(conn: Connection, edit_id: int) -> Row | None:
+        return conn.execute(select(edits).where(edits.c.edit_id == edit_id, edits.c.valid_to.is_(None))).first()
+
+    def _live_row(self, edit_id: int, conn: Connection | None = None) -> Row:
+        """The current version of a non-deleted edit, or NotFoundError."""
+        if conn is None:
+            with self._read() as c:
+                row = self._current_row(c, edit_id)
+        else:
+            row = self._current_row(conn, edit_id)
+        if row is None:
+            raise NotFoundError(f"no edit with id {edit_id}")
+        if row.deleted:
+            raise NotFoundError(f"edit {edit_id} is deleted (rollback restores it)")
+        return row
+
+    @staticmethod
+    def _merge(row: Row, changes_: Mapping[str, Any]) -> _Fields:
+        base = _fields_of_row(row)
+        values = {name: changes_.get(name, getattr(base, name)) for name in UPDATABLE}
+        try:
+            return _fields(**values)
+        except _Invalid as err:
+            raise ValidationError(str(err)) from None
+
+    def _current_records(self, row_ids: Sequence[int]) -> dict[int, EditRecord]:
+        out: dict[int, EditRecord] = {}
+        with self._read() as conn:
+            for chunk in _chunks(row_ids):
+                for row in conn.execute(select(edits).where(edits.c.row_id.in_(chunk), _CURRENT)):
+                    out[int(row.row_id)] = _record(row)
+        return out
+
+    def _existing_keys(self, conn: Connection, keys: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for chunk in _chunks(sorted(set(keys))):
+            found.update(conn.execute(select(edits.c.content_key).where(
+                edits.c.content_key.in_(chunk), _CURRENT)).scalars())
+        return found
+
+    def _new_only(self, fields: list[_Fields], conn: Connection) -> list[_Fields]:
+        """Drop fields whose content key is already current in the store, or repeats an earlier item."""
+        existing = self._existing_keys(conn, [f.content_key for f in fields])
+        out = []
+        for f in fields:
+            if f.content_key not in existing:
+                existing.add(f.content_key)
+                out.append(f)
+        return out
+
+    def _add_fields(self, fields: list[_Fields], *, skip_existing: bool = False,
+                    progress: bool = False) -> list[EditRecord]:
+        if skip_existing:
+            with self._read() as conn:
+                fields = self._new_only(fields, conn)
+        if not fields:
+            return []
+        vectors = self._encode([f.prompt for f in fields], progress=progress)
+        by_key = {f.content_key: v for f, v in zip(fields, vectors)}
+        with self._write() as tx:
+            if skip_existing:  # again, under the write lock: another process may have imported meanwhile
+                fields = self._new_only(fields, tx.conn)
+            first_edit = tx.allocate("next_edit_id", len(fields))
+            first_row = tx.allocate("next_row_id", len(fields))
+            rows = [self._version_row(tx, first_row + i, first_edit + i, 1, f) for i, f in enumerate(fields)]
+            if rows:
+                tx.conn.execute(insert(edits), rows)
+                self._insert_vectors(tx.conn, [r["row_id"] for r in rows],
+                                     np.stack([by_key[f.content_key] for f in fields]))
+            for r, f in zip(rows, fields):
+                tx.changed.append((r["row_id"], OP_ADD))
+                tx.vectors[r["row_id"]] = by_key[f.content_key]
+        return [_record_from_values(r) for r in rows]
+
+    @staticmethod
+    def _version_row(tx: _Tx, row_id: int, edit_id: int, version: int, f: _Fields, *,
+                     deleted: bool = False) -> dict[str, Any]:
+        return {"row_id": row_id, "edit_id": edit_id, "version": version, "prompt": f.prompt,
+                "target_new": f.target_new, "subject": f.subject, "ground_truth": f.ground_truth,
+                "rephrases": json.dumps(list(f.rephrases), ensure_ascii=False),
+                "metadata": json.dumps(dict(f.metadata), ensure_ascii=False, sort_keys=True), "deleted": deleted,
+                "valid_from": tx.now, "valid_to": None, "content_key": f.content_key}
+
+    def _insert_version(self, tx: _Tx, edit_id: int, version: int, f: _Fields, vector: np.ndarray | None, *,
+                        deleted: bool = False) -> EditRecord:
+        row_id = tx.allocate("next_row_id", 1)
+        values = self._version_row(tx, row_id, edit_id, version, f, deleted=deleted)
+        tx.conn.execute(insert(edits), [values])
+        if not deleted:
+            assert vector is not None
+            self._insert_vectors(tx.conn, [row_id], vector[None, :])
+            tx.changed.append((row_id, OP_ADD))
+            tx.vectors[row_id] = vector
+        return _record_from_values(values)
+
+    @staticmethod
+    def _close_row(tx: _Tx, row: Row) -> None:
+        done = tx.conn.execute(update(edits).where(edits.c.row_id == row.row_id, edits.c.valid_to.is_(None))
+                               .values(valid_to=tx.now))
+        if done.rowcount != 1:
+            raise StoreError(f"edit {row.edit_id} changed while it was being written; try again")
+        if not row.deleted:
+            tx.changed.append((int(row.row_id), OP_DEL))
+
+    # --- internals: embeddings ----------------------------------------------------------------------------------------
+    def _encode(self, texts: list[str], *, progress: bool = False) -> np.ndarray:
+        if len(texts) <= ENCODE_BATCH:
+            return self._checked(self._encoder.encode(texts), len(texts))
+        from tqdm.auto import tqdm
+
+        parts = []
+        with tqdm(total=len(texts), desc="encoding", unit="edit", disable=not progress, leave=False) as bar:
+            for chunk in _chunks(texts, ENCODE_BATCH):
+                parts.append(self._checked(self._encoder.encode(list(chunk)), len(chunk)))
+                bar.update(len(chunk))
+        return np.concatenate(parts)
+
+    def _checked(self, vectors: np.ndarray, n: int) -> np.ndarray:
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.shape != (n, self._encoder.dim):
+            raise StoreError(f"encoder {self._encoder.name} returned shape {vectors.shape}, "
+                             f"expected {(n, self._encoder.dim)}")
+        return vectors
+
+    def _insert_vectors(self, conn: Connection, row_ids: Sequence[int], vectors: np.ndarray) -> None:
+        name, dim = self._encoder.name, self._encoder.dim
+        rows = [{"row_id": int(r), "encoder": name, "dim": dim, "vector": v.astype("<f4").tobytes()}
+                for r, v in zip(row_ids, vectors)]
+        conn.execute(_insert_ignore(conn, embeddings), rows)
+
+    def _load_vectors(self, conn: Connection, row_ids: Sequence[int]) -> dict[int, np.ndarray]:
+        name, dim = self._encoder.name, self._encoder.dim
+        out: dict[int, np.ndarray] = {}
+        for chunk in _chunks(row_ids):
+            query = select(embeddings.c.row_id, embeddings.c.dim, embeddings.c.vector).where(
+                embeddings.c.encoder == name, embeddings.c.row_id.in_(chunk))
+            for row_id, row_dim, blob in conn.execute(query):
+                if row_dim != dim or len(blob) != 4 * dim:
+                    raise StoreError(f"stored embedding of row {row_id} for encoder {name} has dimension {row_dim}, "
+                                     f"the encoder has {dim}")
+                out[int(row_id)] = np.frombuffer(blob, dtype="<f4").astype(np.float32)
+        return out
+
+    def _vectors_for(self, row_ids: Sequence[int], *, progress: bool = False) -> np.ndarray:
+        """Embeddings of version rows for this encoder, computing and storing the missing ones."""
+        if not row_ids:
+            return np.zeros((0, self._encoder.dim), dtype=np.float32)
+        with self._read() as conn:
+            found = self._load_vectors(conn, row_ids)
+            missing = [r for r in row_ids if r not in found]
+            prompts: dict[int, str] = {}
+            for chunk in _chunks(missing):
+                prompts.update((int(r), p) for r, p in conn.execute(
+                    select(edits.c.row_id, edits.c.prompt).where(edits.c.row_id.in_(chunk))))
+        if missing:
+            log.info("computing %d embeddings for encoder %s", len(missing), self._encoder.name)
+            vectors = self._encode([prompts[r] for r in missing], progress=progress)
+            with _db_errors(self._url), self._engine.begin() as conn:
+                self._insert_vectors(conn, missing, vectors)
+            found.update(zip(missing, vectors))
+        return np.stack([found[r] for r in row_ids])
+
+    def _stored_vector(self, conn: Connection, row_id: int, prompt: str) -> np.ndarray:
+        found = self._load_vectors(conn, [row_id])
+        return found[row_id] if row_id in found else self._encode([prompt])[0]
+
+    def _vector_outside_tx(self, row_id: int, prompt: str) -> np.ndarray:
+        with self._read() as conn:
+            return self._stored_vector(conn, row_id, prompt)
+
+    # --- internals: index ---------------------------------------------------------------------------------------------
+    def _vector_index(self) -> VectorIndex:
+        if self._index is None:
+            raise StoreError(f"store {self.url} has no index (closed?)")
+        return self._index
+
+    def _load_index(self) -> None:
+        with self._lock:
+            loaded = VectorIndex.load(self._index_path) if self._index_path is not None else None
+            if loaded is not None and self._index_fits(loaded):
+                self._index = loaded
+                self._sync()
+            else:
+                self._rebuild()
+
+    def _index_fits(self, index: VectorIndex) -> bool:
+        why = None
+        if index.store_uid != self._uid:
+            why = "belongs to another store"
+        elif index.encoder != self._encoder.name or index.dim != self._encoder.dim:
+            why = f"was built with encoder {index.encoder}"
+        elif self._index_kind != "auto" and index.kind != self._index_kind:
+            why = f"is {index.kind}, {self._index_kind} requested"
+        if why:
+            log.info("rebuilding index: file %s %s", self._index_path, why)
+        return why is None
+
+    def _sync(self) -> None:
+        """Bring the index up to SQL's change counter: apply the logged changes since the counter it reflects."""
+        index = self._vector_index()
+        with self._read() as conn:
+            seq = int(conn.execute(select(meta.c.change_seq).where(meta.c.id == 1)).scalar_one())
+            if seq == index.seq:
+                return
+            log_rows = [] if seq < index.seq else conn.execute(select(changes.c.row_id, changes.c.op).where(
+                changes.c.seq > index.seq, changes.c.seq <= seq).order_by(changes.c.seq)).all()
+        if seq < index.seq:
+            log.warning("index is ahead of the store (%d > %d): rebuilding", index.seq, seq)
+            self._rebuild()
+            return
+        adds: dict[int, None] = {}
+        removes: set[int] = set()
+        for row_id, op in log_rows:
+            if op == OP_ADD:
+                adds[int(row_id)] = None
+            else:
+                adds.pop(int(row_id), None)
+                removes.add(int(row_id))
+        self._apply(index, seq, list(adds), None, removes)
+
+    def _after_write(self, tx: _Tx) -> None:
+        with self._lock:
+            index = self._vector_index()
+            if index.seq != tx.seq - 1:  # another process wrote in between: replay the log instead
+                self._sync()
+                return
+            adds = [r for r, op in tx.changed if op == OP_ADD]
+            removes = {r for r, op in tx.changed if op == OP_DEL}
+            vectors = np.stack([tx.vectors[r] for r in adds]) if adds else None
+            self._apply(index, tx.seq, adds, vectors, removes)
+
+    def _apply(self, index: VectorIndex, seq: int, adds: list[int], vectors: np.ndarray | None,
+               removes: set[int]) -> None:
+        index.remove(removes)
+        if adds:
+            index.add(np.asarray(adds, dtype=np.int64), vectors if vectors is not None else self._vectors_for(adds))
+        index.seq = seq
+        index.dirty = True
+        if index.needs_rebuild:
+            log.info("rebuilding HNSW index: %d stale of %d vectors", index.n_stale, index.ntotal)
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        """Build the index from the current versions' embeddings in SQL (computing missing ones) and save it."""
+        with self._read() as conn:
+            seq = int(conn.execute(select(meta.c.change_seq).where(meta.c.id == 1)).scalar_one())
+            row_ids = [int(r) for r in conn.execute(
+                select(edits.c.row_id).where(_CURRENT).order_by(edits.c.row_id)).scalars()]
+        kind = self._index_kind
+        if kind == "auto":
+            kind = "hnsw" if len(row_ids) >= HNSW_AUTO_THRESHOLD else "flat"
+        index = VectorIndex(IndexHeader(self._uid, self._encoder.name, self._encoder.dim, kind, seq))
+        for chunk in _chunks(row_ids, 20_000):
+            index.add(np.asarray(chunk, dtype=np.int64), self._vectors_for(chunk, progress=len(row_ids) > 20_000))
+        self._index = index
+        log.info("built %s index of %d vectors at change %d", kind, len(row_ids), seq)
+        self._sync()  # changes committed while building (the log replay is idempotent)
+        try:
+            self.save_index()
+        except OSError as err:
+            log.warning("could not save index %s: %s", self._index_path, err)
+
+
+# --- module helpers ---------------------------------------------------------------------------------------------------
+def _record_from_values(values: Mapping[str, Any]) -> EditRecord:
+    return EditRecord(id=values["edit_id"], version=values["version"], prompt=values["prompt"],
+                      target_new=values["target_new"], subject=values["subject"],
+                      ground_truth=values["ground_truth"], rephrases=tuple(json.loads(values["rephrases"])),
+                      metadata=json.loads(values["metadata"]), deleted=values["deleted"],
+                      valid_from=values["valid_from"], valid_to=None)
+
+
+def _insert_ignore(conn: Connection, table: Any) -> Any:
+    """INSERT ... ON CONFLICT DO NOTHING for SQLite and PostgreSQL."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table).on_conflict_do_nothing()
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table).on_conflict_do_nothing()
+
+
+@contextmanager
+def _db_errors(url: URL) -> Iterator[None]:
+    """Turn a database error into StoreError with one line."""
+    try:
+        yield
+    except SQLAlchemyError as err:
+        raise StoreError(schema.describe_db_error(err, url)) from None
+
+
+def _check_sqlite_path(url: URL, create: bool) -> None:
+    if url.get_backend_name() != "sqlite" or schema.is_memory_sqlite(url):
+        return
+    path = Path(url.database)
+    if not path.parent.is_dir():
+        raise StoreError(f"cannot create store {path}: folder {path.parent} does not exist")
+    if not create and not path.is_file():
+        raise StoreError(f"no store at {path} (run `editmem init` to create one)")
+
+
+def _ensure_schema(engine: Engine, url: URL, encoder_name: str, create: bool) -> tuple[str, str]:
+    """Create the tables and the meta row if missing; return (store uid, stored encoder name)."""
+    if not schema.tables_exist(engine):
+        if not create:
+            raise StoreError(f"no editmem store at {url.render_as_string(hide_password=True)} "
+                             "(run `editmem init` to create one)")
+        try:
+            schema.metadata.create_all(engine)
+        except SQLAlchemyError:  # another process created them at the same moment
+            if not schema.tables_exist(engine):
+                raise
+    with engine.connect() as conn:
+        row = conn.execute(select(meta).where(meta.c.id == 1)).first()
+    if row is None:
+        row = _insert_meta(engine, encoder_name)
+    if row.schema_version > schema.SCHEMA_VERSION:
+        raise StoreError(f"store schema version {row.schema_version} is newer than this editmem supports "
+                         f"({schema.SCHEMA_VERSION}); upgrade editmem")
+    return row.store_uid, row.encoder
+
+
+def _insert_meta(engine: Engine, encoder_name: str) -> Row:
+    try:
+        with engine.begin() as conn:
+            conn.execute(insert(meta).values(id=1, schema_version=schema.SCHEMA_VERSION, store_uid=str(uuid.uuid4()),
+                                             encoder=encoder_name, change_seq=0, next_edit_id=1, next_row_id=1,
+                                             created_at=datetime.now(timezone.utc)))
+    except IntegrityError:
+        pass  # created concurrently
+    with engine.connect() as conn:
+        return conn.execute(select(meta).where(meta.c.id == 1)).one()
+
+
+def _index_path(url: URL, store_uid: str) -> Path | None:
+    if url.get_backend_name() == "sqlite":
+        return None if schema.is_memory_sqlite(url) else Path(str(url.database) + ".faiss")
+    cache = Path(os.environ.get("EDITMEM_CACHE") or Path.home() / ".cache" / "editmem")
+    return cache / f"pg-{store_uid}.faiss"
