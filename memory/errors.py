@@ -20,15 +20,25 @@ class ValidationError(EditmemError):
 
 
 class FormatError(EditmemError):
-    """A data file that cannot be read: names the file, the record and the field."""
+    """A data file that cannot be read: names the file, the record and the field.
 
-    def __init__(self, path: str, message: str, *, record: int | None = None, field: str | None = None):
+    The record is given as a JSONL ``line`` (1-based), a ``label`` (such as ``K_F[3]`` in a file of named lists) or a
+    ``record`` index (0-based, said so in the message), in that order of preference.
+    """
+
+    def __init__(self, path: str, message: str, *, record: int | None = None, line: int | None = None,
+                 label: str | None = None, field: str | None = None):
         self.path = str(path)
         self.record = record
+        self.line = line
         self.field = field
         where = self.path
-        if record is not None:
-            where += f", record {record}"
+        if line is not None:
+            where += f", line {line}"
+        elif label is not None:
+            where += f", record {label}"
+        elif record is not None:
+            where += f", record {record} (0-based)"
         if field is not None:
             where += f", field '{field}'"
         super().__init__(f"{where}: {message}")

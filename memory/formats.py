@@ -89,22 +89,8 @@ _MISSING = object()
 
 def _error(path: str, message: str, *, index: int | None = None, line: int | None = None, label: str | None = None,
            field: str | None = None) -> FormatError:
-    """A FormatError whose location reads "file, line 7" (JSONL) or "file, record 6 (0-based)" (JSON).
-
-    ``err.path`` stays the bare path, ``err.record`` the 0-based record index; ``err.line`` is added for JSONL.
-    """
-    where = path
-    if line is not None:
-        where += f", line {line}"
-    elif label is not None:
-        where += f", record {label}"
-    elif index is not None:
-        where += f", record {index} (0-based)"
-    err = FormatError(where, message, field=field)
-    err.path = path
-    err.record = index
-    err.line = line  # type: ignore[attr-defined]
-    return err
+    """A FormatError whose location reads "file, line 7" (JSONL) or "file, record 6 (0-based)" (JSON)."""
+    return FormatError(path, message, record=index, line=line, label=label, field=field)
 
 
 _SKIP_HINT = " (skip_incomplete=True leaves such records out)"
