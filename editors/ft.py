@@ -1,0 +1,170 @@
+"""``ft``: constrained fine-tuning of one MLP output projection (FT-L, the baseline of ROME and EasyEdit).
+
+The weight of one layer's MLP output projection (``mlp.down_proj`` / ``mlp.c_proj`` / ``mlp.fc_out`` /
+``mlp.dense_4h_to_h``, from :mod:`editors.models`) is trained with Adam to make every request's target likely after
+its prompt; after each step the total change is clamped element-wise to ``[-norm_constraint, +norm_constraint]``
+around the original weight (an L-infinity ball). Nothing else changes.
+
+Defaults, following ROME's FT-L baseline (``hparams/FT/*_constr.json``: lr 5e-4, 25 steps, norm constraint 5e-4,
+weight decay 0, stop early when the loss falls below 1e-2) and EasyEdit's ``FT`` hyper-parameters (one MLP
+down-projection layer, lr 5e-4, 25 steps):
+
+- ``layer``: see :func:`default_layer` — about a third of the way up the stack (SmolLM2-135M, 30 layers: layer 10).
+- ``lr`` 5e-4, ``steps`` 25, ``norm_constraint`` 5e-4, ``weight_decay`` 0, ``early_stop_loss`` 1e-2.
+- Loss: for each request, the mean negative log-likelihood of its target tokens given the prompt, teacher-forced
+  (only target positions count; tokenization from :func:`editors.tokens.encode_prompt_target`); the requests'
+  losses are summed. This is EasyEdit's ``objective_optimization: target_new`` loss (its "FT-M"); ROME's original
+  ``prompt_last`` variant, which scores every target token at the last prompt position, is not implemented.
+- ``batch_size`` only splits the requests into chunks whose gradients are accumulated before each step, so it
+  changes memory use, not the result.
+
+Compute, then apply: :meth:`FTEditor.compute` trains a float32 copy of the one weight through
+:func:`torch.func.functional_call` with every other parameter detached, so the model is not touched (not even its
+``requires_grad`` flags); :meth:`FTEditor.apply` writes the result with :class:`WeightEditHandle`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from editors.base import Editor, EditorSettings, EditRequest, WeightEditHandle, register_editor
+from editors.models import num_layers, param_name
+from editors.tokens import encode_batch, target_logprob
+from memory.errors import ValidationError
+
+log = logging.getLogger(__name__)
+
+
+def default_layer(model: torch.nn.Module) -> int:
+    """The layer FT edits by default: ``num_layers // 3`` (SmolLM2-135M: 10 of 30; a 4-layer test model: 1)."""
+    return num_layers(model) // 3
+
+
+def _positive(name: str, value: Any, *, integer: bool = False) -> None:
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value <= 0:
+        raise ValidationError(f"FT setting {name} must be a positive {'integer' if integer else 'number'}, "
+                              f"not {value!r}")
+
+
+@dataclass(frozen=True)
+class FTSettings(EditorSettings):
+    """Settings of :class:`FTEditor`; see the module docstring for where the defaults come from."""
+
+    layer: int | None = None  # None: default_layer(model), resolved when editing
+    lr: float = 5e-4
+    steps: int = 25
+    norm_constraint: float | None = 5e-4  # L-inf bound on the total change; None: unconstrained
+    weight_decay: float = 0.0
+    early_stop_loss: float | None = 1e-2  # stop once the mean per-request loss is below this; None: never
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)
+                                       or self.layer < 0):
+            raise ValidationError(f"FT setting layer must be a layer index >= 0 or None, not {self.layer!r}")
+        _positive("lr", self.lr)
+        _positive("steps", self.steps, integer=True)
+        _positive("batch_size", self.batch_size, integer=True)
+        if self.norm_constraint is not None:
+            _positive("norm_constraint", self.norm_constraint)
+        if self.early_stop_loss is not None:
+            _positive("early_stop_loss", self.early_stop_loss)
+        if (isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, (int, float))
+                or not math.isfinite(self.weight_decay) or self.weight_decay < 0):
+            raise ValidationError(f"FT setting weight_decay must be a number >= 0, not {self.weight_decay!r}")
+
+
+@register_editor
+class FTEditor(Editor):
+    """Constrained fine-tuning of one MLP output projection (FT-L)."""
+
+    name = "ft"
+    Settings = FTSettings
+    settings: FTSettings
+
+    @classmethod
+    def default_settings(cls, model: torch.nn.Module) -> FTSettings:
+        return FTSettings(layer=default_layer(model))
+
+    def target_param(self) -> str:
+        """Name of the parameter this editor trains, e.g. ``"model.layers.10.mlp.down_proj.weight"``."""
+        layer = self.settings.layer if self.settings.layer is not None else default_layer(self.model)
+        n = num_layers(self.model)
+        if layer >= n:
+            raise ValidationError(f"FT layer {layer} does not exist: the model has {n} layers (0..{n - 1})")
+        return param_name(self.model, layer, "mlp_out")
+
+    def compute(self, requests: Sequence[EditRequest]) -> dict[str, torch.Tensor]:
+        """The new value of the edited weight, ``{parameter name: tensor}``; the model is left unchanged."""
+        requests = _check_requests(requests)
+        s = self.settings
+        model = self.model
+        name = self.target_param()
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        original = params[name]
+        device = original.device
+        batches = [encode_batch(self.tokenizer, [r.prompt for r in requests[i:i + s.batch_size]],
+                                [r.target_new for r in requests[i:i + s.batch_size]], device=device)
+                   for i in range(0, len(requests), s.batch_size)]
+
+        base = original.float()
+        weight = base.clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([weight], lr=s.lr, weight_decay=s.weight_decay)
+        low = high = None
+        if s.norm_constraint is not None:
+            low, high = base - s.norm_constraint, base + s.norm_constraint
+
+        t0 = time.perf_counter()
+        first_loss = last_loss = float("nan")
+        steps_taken = 0
+        with torch.enable_grad():
+            for step in range(s.steps):
+                optimizer.zero_grad(set_to_none=True)
+                total = 0.0
+                for batch in batches:
+                    call_params = dict(params)
+                    call_params[name] = weight.to(original.dtype)
+                    out = torch.func.functional_call(model, call_params, args=(),
+                                                     kwargs={**batch.model_inputs(), "use_cache": False})
+                    loss = -target_logprob(out.logits, batch.labels, mean=True).sum()
+                    loss.backward()
+                    total += loss.item()
+                mean_loss = total / len(requests)
+                if step == 0:
+                    first_loss = mean_loss
+                last_loss = mean_loss
+                if s.early_stop_loss is not None and mean_loss < s.early_stop_loss:
+                    break
+                optimizer.step()
+                steps_taken += 1
+                if low is not None:
+                    with torch.no_grad():
+                        weight.copy_(torch.clamp(weight, low, high))
+        new = weight.detach().to(original.dtype)
+        self.last_stats = {"param": name, "steps": steps_taken, "loss_before": first_loss,
+                           "loss_last": last_loss, "max_abs_change": (new.float() - base).abs().max().item(),
+                           "seconds": time.perf_counter() - t0}
+        log.info("ft: %d request(s), %s, %d steps, loss %.3f -> %.3f (before the last step), max |change| %.2e, "
+                 "%.1f s", len(requests), name, steps_taken, first_loss, last_loss,
+                 self.last_stats["max_abs_change"], self.last_stats["seconds"])
+        return {name: new}
+
+    def apply(self, requests: Sequence[EditRequest]) -> WeightEditHandle:
+        return WeightEditHandle.write(self.model, self.compute(requests))
+
+
+def _check_requests(requests: Sequence[EditRequest]) -> list[EditRequest]:
+    requests = list(requests)
+    if not requests:
+        raise ValidationError("no edit requests given")
+    for request in requests:
+        if not isinstance(request, EditRequest):
+            raise ValidationError(f"expected EditRequest objects, got {type(request).__name__}")
+    return requests
