@@ -133,7 +133,9 @@ class SentenceEncoder:
             device = self._device or ("cuda" if torch.cuda.is_available() else "cpu")
             log.info("loading encoder %s from %s on %s", self._name, path, device)
             self._model = SentenceTransformer(str(path), device=device)
-            dim = self._model.get_sentence_embedding_dimension()
+            get_dim = getattr(self._model, "get_embedding_dimension", None) or \
+                self._model.get_sentence_embedding_dimension  # renamed in sentence-transformers 5
+            dim = get_dim()
             if dim:
                 self._dim = int(dim)
         return self._model

@@ -173,11 +173,10 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     with _open(args, create=True) as mem:
-        before = len(mem)
         added = mem.import_file(args.file, format=args.format, skip_incomplete=args.skip_incomplete,
                                 progress=True)
         total = len(mem)
-    print(f"imported {added} edits from {args.file} ({total - before} new in the store, {total} in all)")
+    print(f"imported {added} edits from {args.file} (edits already in the store are skipped); {total} in all")
     return 0
 
 
