@@ -64,8 +64,11 @@ edits = Table(
     Column("content_key", String(64), nullable=False),
     UniqueConstraint("edit_id", "version", name="uq_editmem_edits_version"),
     Index("ix_editmem_edits_content_key", "content_key"),
-    Index("ix_editmem_edits_valid_to", "valid_to"),
 )
+# Current versions (valid_to IS NULL) by edit id: len, list and rebuild read only these. A partial index, so that a
+# query on content_key is not planned through it.
+Index("ix_editmem_edits_current", edits.c.edit_id, sqlite_where=edits.c.valid_to.is_(None),
+      postgresql_where=edits.c.valid_to.is_(None))
 
 embeddings = Table(
     "editmem_embeddings", metadata,
