@@ -24,7 +24,7 @@ import os
 import threading
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -36,7 +36,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from memory import schema
 from memory.encoder import DEFAULT_ENCODER, Encoder, get_encoder
-from memory.errors import EditmemError, FormatError, NotFoundError, StoreError, ValidationError
+from memory.errors import FormatError, NotFoundError, StoreError, ValidationError
 from memory.index import KINDS, IndexHeader, VectorIndex
 from memory.records import EditCase, EditRecord, Hit
 from memory.schema import OP_ADD, OP_DEL, changes, edits, embeddings, meta
@@ -454,8 +454,6 @@ class EditMemory:
 
         try:
             cases = read_cases(path, format=format, skip_incomplete=skip_incomplete)
-        except EditmemError:
-            raise
         except OSError as err:
             raise FormatError(str(path), f"cannot read file: {err.strerror or err}") from None
         fields = []
