@@ -9,8 +9,9 @@ import hashlib
 import logging
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -132,7 +133,8 @@ class SentenceEncoder:
                 raise ValidationError(f"encoder model folder not found: {path}")
             device = self._device or ("cuda" if torch.cuda.is_available() else "cpu")
             log.info("loading encoder %s from %s on %s", self._name, path, device)
-            self._model = SentenceTransformer(str(path), device=device)
+            with _quiet_hf_progress():
+                self._model = SentenceTransformer(str(path), device=device)
             get_dim = getattr(self._model, "get_embedding_dimension", None) or \
                 self._model.get_sentence_embedding_dimension  # renamed in sentence-transformers 5
             dim = get_dim()
@@ -150,6 +152,23 @@ class SentenceEncoder:
 
     def __repr__(self) -> str:
         return f"SentenceEncoder(name={self._name!r})"
+
+
+@contextmanager
+def _quiet_hf_progress() -> Iterator[None]:
+    """No "Loading weights" bar from transformers while the encoder loads (restored afterwards)."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        yield
+        return
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def get_encoder(name: str | Encoder | None = None) -> Encoder:
