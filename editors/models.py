@@ -94,7 +94,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gptj": ArchSpec(layers="transformer.h", mlp_in="mlp.fc_in", mlp_out="mlp.fc_out", attn_out="attn.out_proj",
                      embeddings="transformer.wte", lm_head="lm_head", final_norm="transformer.ln_f"),
     "gpt_neox": ArchSpec(layers="gpt_neox.layers", mlp_in="mlp.dense_h_to_4h", mlp_out="mlp.dense_4h_to_h",
-                         attn_out="attention.dense", embeddings="gpt_neox.embed_in", lm_head="embed_out",
+                         attn_out="attention.dense", embeddings="gpt_neox.embed_in", lm_head="lm_head",
                          final_norm="gpt_neox.final_layer_norm"),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
@@ -199,7 +199,8 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     with torch.no_grad():
         for w in sampled:
             flat = w.detach().reshape(-1)
-            idx = torch.linspace(0, flat.numel() - 1, steps=min(256, flat.numel())).long().to(flat.device)
+            k = min(256, flat.numel())
+            idx = torch.arange(k, dtype=torch.long, device=flat.device) * (flat.numel() - 1) // max(k - 1, 1)
             values = torch.cat([flat[:64], flat[idx]]).to(torch.bfloat16).view(torch.int16).cpu()
             h.update(values.numpy().tobytes())
     return f"{_model_type(model)}-{h.hexdigest()[:16]}"

@@ -133,3 +133,15 @@ def tiny_model(arch: str, seed: int = 0):
     model.eval()
     model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok
+
+
+@functools.lru_cache(maxsize=1)
+def smollm2():
+    """The real default model, SmolLM2-135M-Instruct, loaded once per process (for integration tests).
+
+    The first call on a machine converts the GGUF file into the editmem cache (about 15-20 s); later calls load the
+    cached folder. The instance is shared: a test that edits it must restore it.
+    """
+    from editors.models import load_model
+
+    return load_model("smollm2-135m")
