@@ -1,9 +1,48 @@
-"""`editmem` subcommands: bench (being written)."""
+"""`editmem bench ...`: benchmarks that write their results, with the machine and the command, to BENCHMARKS.md."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add this group's subcommands. Empty until its commands land."""
+    p = sub.add_parser("bench", help="run a benchmark and record it in BENCHMARKS.md")
+    bsub = p.add_subparsers(dest="bench", metavar="WHAT")
+    bsub.required = True
+    s = bsub.add_parser("store", help="import throughput, search latency, HNSW at scale, rephrase recall@1")
+    s.add_argument("--data", type=Path, default=DEFAULT_DATA, help="benchmark data folder (default: %(default)s)")
+    s.add_argument("--encoder", default="all-MiniLM-L6-v2")
+    s.add_argument("--sizes", default="10000,100000", help="store sizes for search latency (default: %(default)s)")
+    s.add_argument("--queries", type=int, default=200)
+    s.add_argument("--hnsw-n", type=int, default=1_000_000, help="synthetic vectors for HNSW; 0 skips")
+    s.add_argument("--no-recall", action="store_true", help="skip recall@1 over all 21,919 CounterFact edits")
+    s.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="markdown file to update")
+    s.add_argument("--json", type=Path, default=Path("bench_out/store.json"), help="raw results")
+    s.set_defaults(func=run_store)
+
+
+def run_store(args: argparse.Namespace) -> int:
+    from memory.errors import ValidationError
+    from serve.bench_store import SECTION, StoreBenchSettings, render_markdown, run_store_bench, write_section
+
+    try:
+        sizes = tuple(int(x) for x in args.sizes.split(","))
+    except ValueError:
+        raise ValidationError(f"--sizes must be comma-separated integers, got {args.sizes!r}") from None
+    settings = StoreBenchSettings(data_dir=args.data, encoder=args.encoder, import_n=min(sizes), sizes=sizes,
+                                  n_queries=args.queries, hnsw_n=args.hnsw_n, recall_all=not args.no_recall)
+    results = run_store_bench(settings)
+    command = "editmem " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("editmem") \
+        else "editmem bench store"
+    body = render_markdown(results, command)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")
+    write_section(args.out, SECTION, body)
+    print(body)
+    return 0

@@ -1,0 +1,20 @@
+"""The store benchmark runs end to end at a toy size (its numbers are not checked here; BENCHMARKS.md has them)."""
+
+from __future__ import annotations
+
+from serve.bench_store import StoreBenchSettings, render_markdown, run_store_bench, write_section
+
+
+def test_store_bench_runs_and_writes_its_section(data_dir, tmp_path):
+    settings = StoreBenchSettings(data_dir=data_dir, encoder="hashing-64", import_n=200, sizes=(200, 400),
+                                  n_queries=20, hnsw_n=2000, hnsw_queries=50, recall_all=False)
+    results = run_store_bench(settings, progress=False)
+    assert results["import"]["added"] == 200
+    assert [s["n_edits"] for s in results["search"]] == [200, 400]
+    assert 0.0 <= results["hnsw"]["recall_at_1"] <= 1.0
+    out = tmp_path / "B.md"
+    out.write_text("# Benchmarks\n\nintro\n")
+    write_section(out, "store", render_markdown(results, "cmd"))
+    write_section(out, "store", render_markdown(results, "cmd"))  # replaces, does not append twice
+    text = out.read_text()
+    assert text.count("<!-- bench:store:start -->") == 1 and "intro" in text and "import throughput" in text
