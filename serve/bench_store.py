@@ -223,10 +223,13 @@ def run_store_bench(settings: StoreBenchSettings, *, progress: bool = True) -> d
                                                             min(settings.n_queries, settings.import_n))]
         results["search"] = []
         synthetic = _synthetic_edits(cases, max(settings.sizes), settings.seed)
+        used = 0
         for size in sorted(settings.sizes):
             if len(mem) < size:
                 log.info("search: growing the store to %d edits", size)
-                mem.add_many(synthetic[len(mem) - settings.import_n:size - settings.import_n], progress=progress)
+                need = size - len(mem)
+                mem.add_many(synthetic[used:used + need], progress=progress)
+                used += need
             log.info("search: %d queries at %d edits", len(queries), len(mem))
             results["search"].append(bench_search(mem, encoder, queries))
         mem.close()

@@ -10,7 +10,7 @@ def test_store_bench_runs_and_writes_its_section(data_dir, tmp_path):
                                   n_queries=20, hnsw_n=2000, hnsw_queries=50, recall_all=False)
     results = run_store_bench(settings, progress=False)
     assert results["import"]["added"] == 200
-    assert [s["n_edits"] for s in results["search"]] == [200, 400]
+    assert [s["n_edits"] for s in results["search"]] == [200, 400]  # the store grows to each size exactly
     assert 0.0 <= results["hnsw"]["recall_at_1"] <= 1.0
     out = tmp_path / "B.md"
     out.write_text("# Benchmarks\n\nintro\n")
