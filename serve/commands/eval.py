@@ -1,9 +1,122 @@
-"""`editmem` subcommands: eval (being written)."""
+"""`editmem eval`: run editing methods on a data file through the one harness and print the results table.
+
+    editmem eval --data FILE [--format auto] --methods none,ft --model smollm2-135m [--limit N]
+                 [--mode single|batch|sequential] [--batch-size B] [--checkpoints 10,100,1000]
+                 [--protocol teacher-forced|generate|both] [--set ft.lr=1e-3 ...] --out DIR
+
+Writes summary.json, cases.jsonl, report.md and PNG plots into DIR (see :mod:`eval.harness`). torch and transformers
+are imported inside the handler, so ``editmem --help`` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+from memory.errors import ValidationError
+
+MODES = ("single", "batch", "sequential")
+PROTOCOLS = ("teacher-forced", "generate", "both")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add this group's subcommands. Empty until its commands land."""
+    p = sub.add_parser("eval", help="evaluate editing methods on a data set (single, batch or sequential editing)",
+                       description="Evaluate editing methods with the one harness; writes summary.json, "
+                                   "cases.jsonl, report.md and plots to --out and prints the table.")
+    p.add_argument("--data", required=True, help="data file (zsRE, CounterFact, KnowEdit, MQuAKE or store JSONL)")
+    p.add_argument("--format", default="auto", help="data format (default: auto-detect)")
+    p.add_argument("--methods", required=True, help="comma-separated editor names, e.g. none,ft")
+    p.add_argument("--model", default="smollm2-135m", help="model alias or local folder (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N cases")
+    p.add_argument("--mode", choices=MODES, default="single", help="editing mode (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=1, help="requests per apply in batch/sequential mode")
+    p.add_argument("--checkpoints", default=None,
+                   help="sequential mode: comma-separated edit counts to measure at (default 10,100,1000; the "
+                        "number of cases is always added)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="teacher-forced",
+                   help="metric protocol (default: %(default)s)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="override an editor setting, e.g. ft.lr=1e-3 (value parsed as JSON, else a string); "
+                        "repeatable")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.set_defaults(func=run_eval_command)
+
+
+def _split_names(text: str, what: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ValidationError(f"--{what} needs at least one name")
+    return names
+
+
+def _checkpoints(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(c) for c in _split_names(text, "checkpoints")]
+    except ValueError:
+        raise ValidationError(f"--checkpoints must be comma-separated integers, got {text!r}") from None
+
+
+def _overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        method, dot, name = key.partition(".")
+        if not sep or not dot or not method or not name:
+            raise ValidationError(f"--set takes METHOD.KEY=VALUE (e.g. ft.lr=1e-3), got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(method.strip(), {})[name.strip()] = value
+    return out
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The command as parsed (canonical form, defaults spelled out), for the report."""
+    parts = ["editmem", "eval", "--data", args.data, "--format", args.format, "--methods", args.methods,
+             "--model", args.model, "--mode", args.mode, "--batch-size", str(args.batch_size),
+             "--protocol", args.protocol, "--out", args.out]
+    if args.limit is not None:
+        parts += ["--limit", str(args.limit)]
+    if args.checkpoints is not None:
+        parts += ["--checkpoints", args.checkpoints]
+    for item in args.overrides:
+        parts += ["--set", item]
+    if args.no_plots:
+        parts.append("--no-plots")
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def run_eval_command(args: argparse.Namespace) -> int:
+    methods = _split_names(args.methods, "methods")
+    checkpoints = _checkpoints(args.checkpoints)
+    overrides = _overrides(args.overrides)
+    if args.limit is not None and args.limit < 1:
+        raise ValidationError(f"--limit must be >= 1, got {args.limit}")
+    data = Path(args.data)
+
+    from editors.models import load_model
+    from eval.datasets import load_cases
+    from eval.harness import run_eval
+    from eval.report import format_table
+
+    cases = load_cases(data, format=args.format, limit=args.limit)
+    if not cases:
+        raise ValidationError(f"{data}: no cases to evaluate")
+    model, tokenizer = load_model(args.model)
+    command = _command_line(args)
+    summary = run_eval(model, tokenizer, cases, methods, mode=args.mode, batch_size=args.batch_size,
+                       checkpoints=checkpoints, protocol=args.protocol, out_dir=args.out, model_name=args.model,
+                       dataset_name=data.name, editor_overrides=overrides, command=command,
+                       plots=not args.no_plots)
+    print(f"model {args.model} · data {data.name} ({summary['n_cases']} cases) · protocol {summary['protocol']} · "
+          f"mode {summary['mode']}")
+    print(format_table(summary), end="")
+    print(f"written to {args.out}: summary.json, cases.jsonl, report.md" + ("" if args.no_plots else ", plots"))
+    return 0

@@ -1,0 +1,328 @@
+"""One evaluation harness for every editor: single, batch and sequential editing, measured the same way.
+
+The harness knows nothing about any method. It builds each editor by name (``editors.get_editor``), hands it
+``EditRequest``s, measures ``editor.model`` with :mod:`eval.metrics`, and undoes every edit with ``handle.restore()``.
+
+Modes
+    ``single``      for each case: apply([request]), measure it, restore.
+    ``batch``       apply ``batch_size`` requests at once, measure each of them, restore.
+    ``sequential``  edits accumulate (``batch_size`` requests per apply) and are only restored at the end, newest
+                    first. At each checkpoint (default 10, 100, 1000, clipped to the number of cases, always including
+                    it) the edited-so-far cases are measured: all of them, or a fixed random sample of
+                    ``checkpoint_sample`` of them (seed ``seed``) when there are more; the last checkpoint always
+                    measures every case, and those are the per-case lines and the headline numbers.
+
+Pre-edit values (and the locality reference predictions) are measured once per case on the unedited base model and
+shared by every method; that is sound because the harness checks, after each method, that a checksum of every
+parameter is bit-identical to the one taken before the run, and stops with an error naming the editor if not.
+
+``edit_seconds`` is the **mean wall time per edit**: the time of the ``apply`` calls only (not measuring, not
+restoring), summed and divided by the number of edits. In batch/sequential mode an apply of B requests counts as B
+edits of 1/B of its time each.
+
+Outputs, in ``out_dir``, written as the run goes:
+    ``cases.jsonl``   one line per case and method (see :func:`_case_line`), flushed after each line;
+    ``summary.json``  rewritten after each method; its shape is documented in :data:`eval.report.SUMMARY_SHAPE`;
+    ``report.md`` and PNG plots (see :mod:`eval.report`), at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from memory.errors import EditmemError, ValidationError
+from memory.records import EditCase
+
+from editors.base import EditRequest, available_editors, get_editor
+from eval.metrics import GENERATE, PROTOCOLS, TEACHER_FORCED, CaseScores, MetricSettings, aggregate, measure_case
+from eval.report import SUMMARY_SHAPE, write_report
+
+log = logging.getLogger(__name__)
+
+MODES: tuple[str, ...] = ("single", "batch", "sequential")
+BOTH = "both"
+PROTOCOL_CHOICES: tuple[str, ...] = (TEACHER_FORCED, GENERATE, BOTH)
+DEFAULT_CHECKPOINTS: tuple[int, ...] = (10, 100, 1000)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What to run and how. Validated on construction; a bad value raises ``ValidationError``."""
+
+    methods: tuple[str, ...]
+    mode: str = "single"
+    batch_size: int = 1
+    checkpoints: tuple[int, ...] | None = None
+    protocol: str = TEACHER_FORCED
+    checkpoint_sample: int = 200
+    seed: int = 0
+    metrics: MetricSettings = field(default_factory=MetricSettings)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.methods, str) or not self.methods:
+            raise ValidationError("give at least one editing method, as a list of names")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValidationError(f"a method is named twice in {list(self.methods)}")
+        if self.mode not in MODES:
+            raise ValidationError(f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}")
+        if self.protocol not in PROTOCOL_CHOICES:
+            raise ValidationError(f"unknown protocol {self.protocol!r}; choose from {', '.join(PROTOCOL_CHOICES)}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValidationError(f"batch_size must be an integer >= 1 (got {self.batch_size!r})")
+        if self.mode == "single" and self.batch_size != 1:
+            raise ValidationError("mode 'single' edits one case at a time; use mode 'batch' for batch_size > 1")
+        if self.checkpoints is not None:
+            if self.mode != "sequential":
+                raise ValidationError("checkpoints only apply to mode 'sequential'")
+            if not self.checkpoints or any(not isinstance(c, int) or c < 1 for c in self.checkpoints):
+                raise ValidationError(f"checkpoints must be positive integers (got {list(self.checkpoints)})")
+        if self.checkpoint_sample < 1:
+            raise ValidationError(f"checkpoint_sample must be >= 1 (got {self.checkpoint_sample})")
+
+    @property
+    def protocols(self) -> tuple[str, ...]:
+        """The metric protocols measured: both of them for ``protocol="both"``."""
+        return PROTOCOLS if self.protocol == BOTH else (self.protocol,)
+
+    def checkpoints_for(self, n: int) -> list[int]:
+        """Sequential checkpoints for ``n`` cases: the requested ones (default 10/100/1000) below ``n``, then ``n``."""
+        wanted = self.checkpoints if self.checkpoints is not None else DEFAULT_CHECKPOINTS
+        return sorted({c for c in wanted if c < n} | {n})
+
+
+def _parameter_checksum(model: Any) -> str:
+    """A hash of the bytes of every parameter and buffer, in name order: equal iff bit-identical (up to blake2b)."""
+    import torch
+
+    h = hashlib.blake2b(digest_size=16)
+    with torch.no_grad():
+        for name, tensor in sorted([*model.named_parameters(), *model.named_buffers()], key=lambda kv: kv[0]):
+            h.update(name.encode())
+            h.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
+            h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _request(case: EditCase, index: int) -> EditRequest:
+    try:
+        return EditRequest(prompt=case.prompt, target_new=case.target_new, subject=case.subject,
+                           ground_truth=case.ground_truth)
+    except ValidationError as err:
+        raise ValidationError(f"case {index} (id {case.case_id}): {err}") from None
+
+
+class _PreCache:
+    """Pre-edit measurements of each case on the unedited base model, made once and shared by every method."""
+
+    def __init__(self, model: Any, tokenizer: Any, cases: Sequence[EditCase], settings: EvalSettings):
+        self.model, self.tokenizer, self.cases, self.settings = model, tokenizer, cases, settings
+        self._scores: dict[int, CaseScores] = {}
+
+    def get(self, index: int) -> CaseScores:
+        if index not in self._scores:
+            self._scores[index] = measure_case(self.model, self.tokenizer, self.cases[index], self.settings.protocols,
+                                               settings=self.settings.metrics)
+        return self._scores[index]
+
+
+def _case_line(index: int, case: EditCase, method: str, settings: EvalSettings, pre: CaseScores, post: CaseScores,
+               edit_seconds: float, **extra: Any) -> dict[str, Any]:
+    """One line of cases.jsonl.
+
+    ``{"index", "case_id", "method", "mode", "edit_seconds", "scores": {"<protocol>": {"pre": {5 metrics},
+    "post": {5 metrics}}}}`` plus ``"batch"`` (batch mode: which apply call) or ``"n_edits"`` (sequential: how many
+    edits were in the model when the case was measured).
+    """
+    line: dict[str, Any] = {"index": index, "case_id": case.case_id, "method": method, "mode": settings.mode,
+                            "edit_seconds": edit_seconds}
+    line.update(extra)
+    line["scores"] = {p: {"pre": pre.values[p], "post": post.values[p]} for p in settings.protocols}
+    return line
+
+
+@dataclass
+class _MethodResult:
+    lines: list[dict[str, Any]] = field(default_factory=list)
+    apply_seconds: float = 0.0
+    n_edits: int = 0
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _metric_block(values_by_protocol: Sequence[Mapping[str, Mapping[str, float | None]]],
+                  settings: EvalSettings) -> dict[str, Any]:
+    """The five metrics (first protocol at the top) and, for protocol 'both', the per-protocol blocks."""
+    per_protocol = {p: aggregate([v[p] for v in values_by_protocol]) for p in settings.protocols}
+    block: dict[str, Any] = dict(per_protocol[settings.protocols[0]])
+    if settings.protocol == BOTH:
+        block["by_protocol"] = per_protocol
+    return block
+
+
+class _Runner:
+    def __init__(self, model: Any, tokenizer: Any, cases: Sequence[EditCase], settings: EvalSettings,
+                 sink: Any, progress: bool):
+        self.model, self.tokenizer, self.cases, self.settings = model, tokenizer, cases, settings
+        self.sink = sink
+        self.progress = progress
+        self.pre = _PreCache(model, tokenizer, cases, settings)
+
+    def _bar(self, method: str, total: int, desc: str | None = None):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc or f"{method} ({self.settings.mode})", unit="case",
+                    disable=not self.progress, leave=False)
+
+    def _measure(self, editor: Any, index: int) -> CaseScores:
+        return measure_case(editor.model, self.tokenizer, self.cases[index], self.settings.protocols,
+                            reference=self.pre.get(index).reference, settings=self.settings.metrics)
+
+    def _emit(self, result: _MethodResult, line: dict[str, Any]) -> None:
+        result.lines.append(line)
+        self.sink.write(json.dumps(line) + "\n")
+        self.sink.flush()
+
+    def _apply(self, editor: Any, indices: Sequence[int], result: _MethodResult):
+        requests = [_request(self.cases[i], i) for i in indices]
+        start = time.perf_counter()
+        handle = editor.apply(requests)
+        seconds = time.perf_counter() - start
+        result.apply_seconds += seconds
+        result.n_edits += len(indices)
+        return handle, seconds / len(indices)
+
+    def run_method(self, method: str, editor: Any) -> _MethodResult:
+        if self.settings.mode == "sequential":
+            return self._sequential(method, editor)
+        result = _MethodResult()
+        n, size = len(self.cases), self.settings.batch_size
+        with self._bar(method, n) as bar:
+            for batch_no, start in enumerate(range(0, n, size)):
+                indices = list(range(start, min(start + size, n)))
+                for i in indices:
+                    self.pre.get(i)
+                handle, per_edit = self._apply(editor, indices, result)
+                try:
+                    posts = [(i, self._measure(editor, i)) for i in indices]
+                finally:
+                    handle.restore()
+                for i, post in posts:
+                    extra = {"batch": batch_no} if self.settings.mode == "batch" else {}
+                    self._emit(result, _case_line(i, self.cases[i], method, self.settings, self.pre.get(i), post,
+                                                  per_edit, **extra))
+                bar.update(len(indices))
+        return result
+
+    def _sequential(self, method: str, editor: Any) -> _MethodResult:
+        result = _MethodResult()
+        n, size = len(self.cases), self.settings.batch_size
+        checkpoints = self.settings.checkpoints_for(n)
+        with self._bar(method, n, desc="pre-edit measurements") as bar:
+            for i in range(n):
+                self.pre.get(i)
+                bar.update(1)
+        rng = random.Random(self.settings.seed)
+        handles: list[Any] = []
+        per_edit_seconds: dict[int, float] = {}
+        done = 0
+        try:
+            with self._bar(method, n) as bar:
+                for checkpoint in checkpoints:
+                    while done < checkpoint:
+                        indices = list(range(done, min(done + size, checkpoint)))
+                        handle, per_edit = self._apply(editor, indices, result)
+                        handles.append(handle)
+                        for i in indices:
+                            per_edit_seconds[i] = per_edit
+                        done = indices[-1] + 1
+                        bar.update(len(indices))
+                    measured = list(range(done))
+                    final = checkpoint == n
+                    if not final and len(measured) > self.settings.checkpoint_sample:
+                        measured = sorted(rng.sample(measured, self.settings.checkpoint_sample))
+                    bar.set_postfix_str(f"measuring {len(measured)} at {checkpoint} edits")
+                    posts = []
+                    for i in measured:
+                        post = self._measure(editor, i)
+                        posts.append(post.values)
+                        if final:
+                            self._emit(result, _case_line(i, self.cases[i], method, self.settings, self.pre.get(i),
+                                                          post, per_edit_seconds[i], n_edits=done))
+                    entry = {"n_edits": checkpoint, "n_measured": len(measured)}
+                    entry.update(_metric_block(posts, self.settings))
+                    result.checkpoints.append(entry)
+                    log.info("%s: %d edits, %s", method, checkpoint, entry)
+        finally:
+            for handle in reversed(handles):
+                handle.restore()
+        return result
+
+
+def run_eval(model: Any, tokenizer: Any, cases: Sequence[EditCase], methods: Sequence[str], *,
+             mode: str = "single", batch_size: int = 1, checkpoints: Sequence[int] | None = None,
+             protocol: str = TEACHER_FORCED, out_dir: str | Path, model_name: str = "model",
+             dataset_name: str = "dataset", editor_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+             metric_settings: MetricSettings | None = None, checkpoint_sample: int = 200, seed: int = 0,
+             command: str | None = None, progress: bool = True, plots: bool = True) -> dict[str, Any]:
+    """Evaluate every method in ``methods`` on ``cases`` and return the summary (also written to ``out_dir``).
+
+    ``editor_overrides`` maps a method name to keyword overrides of its settings (``get_editor(name, ..., **o)``).
+    ``command`` is recorded in report.md. See the module docstring for modes, timing and outputs.
+    """
+    settings = EvalSettings(methods=tuple(methods), mode=mode, batch_size=batch_size,
+                            checkpoints=tuple(checkpoints) if checkpoints is not None else None, protocol=protocol,
+                            checkpoint_sample=checkpoint_sample, seed=seed,
+                            metrics=metric_settings if metric_settings is not None else MetricSettings())
+    cases = list(cases)
+    if not cases:
+        raise ValidationError("no cases to evaluate")
+    known = available_editors()
+    unknown = [m for m in settings.methods if m not in known]
+    if unknown:
+        raise ValidationError(f"unknown editing method(s) {unknown}; available: {', '.join(known)}")
+    overrides = dict(editor_overrides or {})
+    stray = sorted(set(overrides) - set(settings.methods))
+    if stray:
+        raise ValidationError(f"settings given for method(s) {stray} that are not being run")
+    for i, case in enumerate(cases):  # refuse a bad case before spending time on any method
+        _request(case, i)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"model": model_name, "dataset": dataset_name, "protocol": settings.protocol,
+                               "mode": settings.mode, "n_cases": len(cases), "methods": {}}
+    reference_checksum = _parameter_checksum(model)
+    with open(out / "cases.jsonl", "w", encoding="utf-8") as sink:
+        runner = _Runner(model, tokenizer, cases, settings, sink, progress)
+        for method in settings.methods:
+            editor = get_editor(method, model, tokenizer, **overrides.get(method, {}))
+            started = time.perf_counter()
+            result = runner.run_method(method, editor)
+            if _parameter_checksum(model) != reference_checksum:
+                raise EditmemError(f"editor {method!r} did not restore the model: its parameters differ from before "
+                                   "the run after every edit was undone; results so far are in "
+                                   f"{out / 'cases.jsonl'}")
+            posts = [{p: line["scores"][p]["post"] for p in settings.protocols} for line in result.lines]
+            entry = _metric_block(posts, settings)
+            entry["edit_seconds"] = result.apply_seconds / result.n_edits if result.n_edits else None
+            entry["n"] = len(result.lines)
+            if settings.mode == "sequential":
+                entry["checkpoints"] = result.checkpoints
+            summary["methods"][method] = entry
+            log.info("%s done in %.1f s: %s", method, time.perf_counter() - started, entry)
+            _write_json(out / "summary.json", summary)
+    write_report(out, summary, command=command, batch_size=settings.batch_size,
+                 fluency_tokens=settings.metrics.fluency_tokens, plots=plots)
+    return summary
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)

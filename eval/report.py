@@ -1,0 +1,213 @@
+"""report.md and PNG plots from an evaluation summary (the dict :func:`eval.harness.run_eval` returns).
+
+The table follows EasyEdit's layout: one row per method, Reliability / Generalization / Locality / Portability as
+percentages, Fluency in bits, edit time in seconds per edit. Plots use matplotlib's object API with the Agg canvas
+(no pyplot, so no global backend is set): ``metrics.png`` (grouped bars per method, one panel per protocol, fluency
+on its own panel since it is not a fraction) and, for sequential runs, ``sequential.png`` (each metric against the
+number of edits, one line per method).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+FRACTIONS: tuple[str, ...] = ("reliability", "generalization", "locality", "portability")
+SUMMARY_SHAPE = """\
+summary.json
+  {"model": str, "dataset": str, "protocol": "teacher-forced" | "generate" | "both", "mode": str, "n_cases": int,
+   "methods": {"<name>": {"reliability": f, "generalization": f, "locality": f, "portability": f,
+                          "fluency": bits, "edit_seconds": s, "n": int, ...}}}
+  Fractions are in [0, 1]; a metric no case has probes for is null. fluency is in bits (weighted 2/3-gram entropy of
+  the edit prompt and its greedy continuation, default 50 new tokens; the same number under either protocol). edit_seconds is the mean apply time
+  per edit. n is the number of cases measured.
+  protocol "both": the five metrics at the top of each method are the teacher-forced ones (so the single-protocol shape
+  still reads right), and "by_protocol": {"teacher-forced": {five metrics}, "generate": {five metrics}} holds both.
+  mode "sequential": each method also has "checkpoints": [{"n_edits": k, "n_measured": m, five metrics
+  [, "by_protocol": {...}]}, ...]; the top-level numbers are those after all edits (the last checkpoint).
+"""
+
+HEADERS = {"reliability": "Reliability", "generalization": "Generalization", "locality": "Locality",
+           "portability": "Portability", "fluency": "Fluency"}
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f}"
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.3f}" if value >= 0.01 else f"{value:.2g}"
+
+
+def _blocks(summary: Mapping[str, Any], entry: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """Protocol name -> metric values of one method (or one checkpoint)."""
+    if "by_protocol" in entry:
+        return dict(entry["by_protocol"])
+    return {summary["protocol"]: entry}
+
+
+def format_table(summary: Mapping[str, Any]) -> str:
+    """The results as a Markdown table: method × metrics, one table per protocol."""
+    protocols = list(_blocks(summary, next(iter(summary["methods"].values()))) if summary["methods"] else [])
+    out: list[str] = []
+    for protocol in protocols:
+        if len(protocols) > 1:
+            out.append(f"Protocol: {protocol}\n")
+        out.append("| Method | Reliability (%) | Generalization (%) | Locality (%) | Portability (%) | "
+                   "Fluency (bits) | Edit time (s/edit) | N |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for name, entry in summary["methods"].items():
+            values = _blocks(summary, entry)[protocol]
+            cells = [_pct(values.get(m)) for m in FRACTIONS]
+            out.append(f"| {name} | " + " | ".join(cells) + f" | {_num(values.get('fluency'))} | "
+                       f"{_seconds(entry.get('edit_seconds'))} | {entry.get('n')} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def format_checkpoints(summary: Mapping[str, Any]) -> str:
+    """Sequential runs: one Markdown table per method of the metrics at each checkpoint (every protocol)."""
+    out: list[str] = []
+    for name, entry in summary["methods"].items():
+        rows = entry.get("checkpoints") or []
+        if not rows:
+            continue
+        out.append(f"#### {name}\n")
+        out.append("| Edits | Measured | Protocol | Reliability (%) | Generalization (%) | Locality (%) | "
+                   "Portability (%) | Fluency (bits) |")
+        out.append("|---:|---:|---|---:|---:|---:|---:|---:|")
+        for row in rows:
+            for protocol, values in _blocks(summary, row).items():
+                out.append(f"| {row['n_edits']} | {row['n_measured']} | {protocol} | "
+                           + " | ".join(_pct(values.get(m)) for m in FRACTIONS)
+                           + f" | {_num(values.get('fluency'))} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_report(out_dir: str | Path, summary: Mapping[str, Any], *, command: str | None = None,
+                 batch_size: int | None = None, fluency_tokens: int = 50, plots: bool = True) -> list[Path]:
+    """Write report.md (and the plots unless ``plots`` is false) into ``out_dir``; return the paths written."""
+    out = Path(out_dir)
+    written: list[Path] = []
+    if plots and summary["methods"]:
+        written.append(plot_metrics(summary, out / "metrics.png"))
+        if summary["mode"] == "sequential":
+            written.append(plot_sequential(summary, out / "sequential.png"))
+    lines = [
+        "# Editing evaluation",
+        "",
+        f"- Model: `{summary['model']}`",
+        f"- Dataset: `{summary['dataset']}` ({summary['n_cases']} cases)",
+        f"- Protocol: {summary['protocol']}",
+        f"- Mode: {summary['mode']}" + (f" (batch size {batch_size})" if batch_size and batch_size > 1 else ""),
+    ]
+    if command:
+        lines.append(f"- Command: `{command}`")
+    lines += ["", "## Results", "", format_table(summary)]
+    if summary["mode"] == "sequential":
+        lines += ["## Metrics by number of edits", "", format_checkpoints(summary)]
+    lines += [
+        "## How to read it",
+        "",
+        "Teacher-forced: token accuracy of the answer given the prompt (reliability: edit prompt -> new target; "
+        "generalization: rephrases -> new target; portability: portability probes -> their answers) and, for "
+        "locality, the share of predicted answer tokens of unrelated probes unchanged by the edit "
+        "(EasyEdit, Wang et al. 2024). Generate: greedy decoding, normalised match for the first three; locality is "
+        "1 when the normalised generation is unchanged. "
+        + (f"Fluency: weighted 2/3-gram entropy in bits of the edit prompt and {fluency_tokens} greedy new tokens "
+           "(ROME); the same number under either protocol. " if fluency_tokens else "Fluency: not measured. ")
+        + "Edit time: mean seconds of `apply` per edit.",
+        "",
+        "```",
+        SUMMARY_SHAPE.rstrip(),
+        "```",
+        "",
+    ]
+    if plots and summary["methods"]:
+        lines += ["![metrics](metrics.png)", ""]
+        if summary["mode"] == "sequential":
+            lines += ["![sequential](sequential.png)", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    written.append(path)
+    return written
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def plot_metrics(summary: Mapping[str, Any], path: str | Path) -> Path:
+    """Grouped bars: for each protocol a panel of the four fractions per method; fluency (bits) on its own panel."""
+    methods = list(summary["methods"])
+    protocols = list(_blocks(summary, summary["methods"][methods[0]]))
+    fig = _figure(4.5 * len(protocols) + 3, 3.6)
+    axes = fig.subplots(1, len(protocols) + 1, width_ratios=[3] * len(protocols) + [1.2])
+    width = 0.8 / max(len(methods), 1)
+    for ax, protocol in zip(axes, protocols):
+        for k, name in enumerate(methods):
+            values = _blocks(summary, summary["methods"][name])[protocol]
+            heights = [values.get(m) if values.get(m) is not None else 0.0 for m in FRACTIONS]
+            ax.bar([x + k * width for x in range(len(FRACTIONS))], heights, width, label=name)
+        ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(FRACTIONS))],
+                      [HEADERS[m] for m in FRACTIONS], fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(protocol, fontsize=10)
+        ax.set_ylabel("fraction")
+    axes[0].legend(fontsize=8)
+    fluency = [summary["methods"][m].get("fluency") for m in methods]
+    axes[-1].bar(range(len(methods)), [f if f is not None else 0.0 for f in fluency],
+                 color=[f"C{k}" for k in range(len(methods))])
+    axes[-1].set_xticks(range(len(methods)), methods, fontsize=8)
+    axes[-1].set_title("fluency", fontsize=10)
+    axes[-1].set_ylabel("bits")
+    fig.suptitle(f"{summary['model']} · {summary['dataset']} · {summary['mode']}", fontsize=10)
+    fig.savefig(path)
+    return Path(path)
+
+
+def plot_sequential(summary: Mapping[str, Any], path: str | Path) -> Path:
+    """Each metric against the number of edits, one line per method (and line style per protocol)."""
+    metrics: Sequence[str] = (*FRACTIONS, "fluency")
+    fig = _figure(3.2 * len(metrics), 3.2)
+    axes = fig.subplots(1, len(metrics))
+    styles = ["-o", "--s"]
+    all_x: set[int] = set()
+    for k, (name, entry) in enumerate(summary["methods"].items()):
+        rows = entry.get("checkpoints") or []
+        if not rows:
+            continue
+        xs = [r["n_edits"] for r in rows]
+        all_x.update(xs)
+        for s, protocol in enumerate(_blocks(summary, rows[0])):
+            for ax, metric in zip(axes, metrics):
+                if metric == "fluency" and s > 0:
+                    continue  # fluency is the same number under either protocol
+                ys = [_blocks(summary, r)[protocol].get(metric) for r in rows]
+                ys = [float("nan") if y is None else y for y in ys]
+                label = name if summary["protocol"] != "both" else f"{name} ({protocol})"
+                ax.plot(xs, ys, styles[s % 2], color=f"C{k}", label=label, markersize=4)
+    ticks = sorted(all_x)
+    for ax, metric in zip(axes, metrics):
+        ax.set_title(HEADERS[metric], fontsize=10)
+        ax.set_xlabel("edits")
+        if ticks and ticks[-1] / ticks[0] >= 20:
+            ax.set_xscale("log")
+        ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=8)
+        ax.minorticks_off()
+        if metric != "fluency":
+            ax.set_ylim(-0.02, 1.02)
+    axes[-1].set_ylabel("bits")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{summary['model']} · {summary['dataset']} · sequential", fontsize=10)
+    fig.savefig(path)
+    return Path(path)

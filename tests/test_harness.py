@@ -1,0 +1,260 @@
+"""The harness on a tiny random model with the `none` and `ft` editors, in every mode and protocol."""
+
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+import pytest
+import torch
+
+import editors.base as editors_base
+from editors.base import Editor, EditRequest, WeightEditHandle
+from eval.harness import EvalSettings, run_eval
+from eval.metrics import MetricSettings
+from memory.errors import EditmemError, ValidationError
+from memory.records import EditCase, Probe
+from tests.tiny import tiny_model
+
+METRIC_KEYS = {"reliability", "generalization", "locality", "portability", "fluency"}
+METHOD_KEYS = METRIC_KEYS | {"edit_seconds", "n"}
+TOP_KEYS = {"model", "dataset", "protocol", "mode", "n_cases", "methods"}
+
+# FT that visibly moves a random 4-layer model in a few steps.
+FT_FAST = {"lr": 0.05, "steps": 8, "norm_constraint": None}
+# Fluency from 6 generated tokens instead of 50 keeps the tests fast; the code path is the same.
+FAST_METRICS = MetricSettings(fluency_tokens=6)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's spinning makes them
+    ~15x slower; run this module single-threaded and put the setting back afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _cases() -> list[EditCase]:
+    facts = [("France", "Rome"), ("Italy", "Paris"), ("Spain", "Tokyo"), ("Japan", "Madrid"), ("Peru", "Oslo")]
+    return [EditCase(prompt=f"The capital of {c} is", target_new=t, subject=c, ground_truth=None,
+                     rephrases=(f"{c} has its capital in",),
+                     locality=(Probe("The capital of Germany is", "Berlin"), Probe("People in Kenya speak", "Swahili")),
+                     portability=(Probe(f"People in {c} speak", "Latin"),) if i % 2 == 0 else (),
+                     case_id=f"c{i}")
+            for i, (c, t) in enumerate(facts)]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model("gpt2")
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_bit_identical(model, snapshot) -> None:
+    now = model.state_dict()
+    assert set(now) == set(snapshot)
+    for k, v in snapshot.items():
+        assert torch.equal(now[k], v), k
+
+
+def _run(tiny, tmp_path, **kw):
+    model, tok = tiny
+    before = _snapshot(model)
+    kw.setdefault("protocol", "teacher-forced")
+    summary = run_eval(model, tok, _cases(), ["none", "ft"], out_dir=tmp_path, model_name="tiny-gpt2",
+                       dataset_name="hand", editor_overrides={"ft": FT_FAST}, progress=False,
+                       metric_settings=FAST_METRICS, **kw)
+    _assert_bit_identical(model, before)
+    return summary
+
+
+def _check_common(summary, tmp_path, mode: str, protocol: str) -> list[dict]:
+    assert set(summary) == TOP_KEYS | ({"methods"})
+    assert summary["model"] == "tiny-gpt2" and summary["dataset"] == "hand"
+    assert summary["mode"] == mode and summary["protocol"] == protocol and summary["n_cases"] == 5
+    assert list(summary["methods"]) == ["none", "ft"]
+    for name, entry in summary["methods"].items():
+        extra = set(entry) - METHOD_KEYS
+        assert extra <= {"by_protocol", "checkpoints"}
+        assert ("checkpoints" in extra) == (mode == "sequential")
+        assert ("by_protocol" in extra) == (protocol == "both")
+        assert entry["n"] == 5
+        for m in ("reliability", "generalization", "locality", "portability"):
+            assert 0.0 <= entry[m] <= 1.0
+        assert entry["fluency"] >= 0.0 and entry["edit_seconds"] >= 0.0
+    assert summary["methods"]["none"]["locality"] == 1.0
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "metrics.png").stat().st_size > 1000
+    report = (tmp_path / "report.md").read_text()
+    assert "| none |" in report and "| ft |" in report and "tiny-gpt2" in report
+    lines = [json.loads(x) for x in (tmp_path / "cases.jsonl").read_text().splitlines()]
+    assert len(lines) == 5 * 2
+    assert sorted((line["method"], line["index"]) for line in lines) == sorted(
+        (m, i) for m in ("none", "ft") for i in range(5))
+    for line in lines:
+        assert line["mode"] == mode and line["case_id"] == f"c{line['index']}"
+        protocols = ["teacher-forced", "generate"] if protocol == "both" else [protocol]
+        assert list(line["scores"]) == protocols
+        for p in protocols:
+            assert set(line["scores"][p]) == {"pre", "post"}
+            assert set(line["scores"][p]["pre"]) == METRIC_KEYS
+            assert line["scores"][p]["pre"]["locality"] == 1.0
+            if line["method"] == "none":
+                assert line["scores"][p]["post"]["locality"] == 1.0
+            if line["index"] % 2 == 1:
+                assert line["scores"][p]["post"]["portability"] is None
+    return lines
+
+
+@pytest.mark.parametrize("mode, kw", [("single", {}), ("batch", {"batch_size": 2}),
+                                      ("sequential", {"checkpoints": [2, 4]})])
+def test_modes_teacher_forced(tiny, tmp_path, mode, kw):
+    summary = _run(tiny, tmp_path, mode=mode, **kw)
+    lines = _check_common(summary, tmp_path, mode, "teacher-forced")
+    ft = summary["methods"]["ft"]
+    assert ft["edit_seconds"] > summary["methods"]["none"]["edit_seconds"]
+    if mode == "single":  # FT with a large step does move a random model
+        assert ft["reliability"] > summary["methods"]["none"]["reliability"]
+    if mode == "batch":
+        assert sorted({line["batch"] for line in lines}) == [0, 1, 2]
+    if mode == "sequential":
+        assert [c["n_edits"] for c in ft["checkpoints"]] == [2, 4, 5]
+        assert [c["n_measured"] for c in ft["checkpoints"]] == [2, 4, 5]
+        assert {k: ft[k] for k in METRIC_KEYS} == {k: ft["checkpoints"][-1][k] for k in METRIC_KEYS}
+        assert all(line["n_edits"] == 5 for line in lines)
+        assert (tmp_path / "sequential.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("protocol", ["generate", "both"])
+def test_other_protocols(tiny, tmp_path, protocol):
+    summary = _run(tiny, tmp_path, protocol=protocol)
+    _check_common(summary, tmp_path, "single", protocol)
+    if protocol == "both":
+        for entry in summary["methods"].values():
+            assert list(entry["by_protocol"]) == ["teacher-forced", "generate"]
+            assert {k: entry[k] for k in METRIC_KEYS} == entry["by_protocol"]["teacher-forced"]
+            assert set(entry["by_protocol"]["generate"]) == METRIC_KEYS
+        assert summary["methods"]["none"]["by_protocol"]["generate"]["locality"] == 1.0
+        assert "Protocol: generate" in (tmp_path / "report.md").read_text()
+
+
+def test_sequential_samples_intermediate_checkpoints(tiny, tmp_path):
+    summary = _run(tiny, tmp_path, mode="sequential", checkpoints=[3], checkpoint_sample=2, protocol="both")
+    rows = summary["methods"]["ft"]["checkpoints"]
+    assert [(r["n_edits"], r["n_measured"]) for r in rows] == [(3, 2), (5, 5)]
+    assert set(rows[0]["by_protocol"]) == {"teacher-forced", "generate"}
+
+
+def test_metric_without_probes_is_null(tiny, tmp_path):
+    model, tok = tiny
+    cases = [EditCase(prompt="The capital of France is", target_new="Rome", case_id="x")]
+    summary = run_eval(model, tok, cases, ["none"], out_dir=tmp_path, progress=False, plots=False,
+                       metric_settings=FAST_METRICS)
+    entry = summary["methods"]["none"]
+    assert entry["generalization"] is None and entry["locality"] is None and entry["portability"] is None
+    assert entry["reliability"] is not None
+    assert not (tmp_path / "metrics.png").exists() and (tmp_path / "report.md").is_file()
+
+
+@pytest.mark.parametrize("kw", [dict(mode="stream"), dict(protocol="bleu"), dict(mode="batch", batch_size=0),
+                                dict(batch_size=2), dict(checkpoints=[10]),
+                                dict(mode="sequential", checkpoints=[0]), dict(methods=[]),
+                                dict(methods=["none", "none"]), dict(methods=["nosuch"]),
+                                dict(editor_overrides={"rome": {}})])
+def test_bad_settings_are_refused(tiny, tmp_path, kw):
+    model, tok = tiny
+    methods = kw.pop("methods", ["none"])
+    with pytest.raises(ValidationError):
+        run_eval(model, tok, _cases(), methods, out_dir=tmp_path, progress=False, **kw)
+
+
+def test_settings_dataclass():
+    s = EvalSettings(methods=("none",), mode="sequential", protocol="both")
+    assert s.protocols == ("teacher-forced", "generate")
+    assert s.checkpoints_for(5) == [5] and s.checkpoints_for(150) == [10, 100, 150]
+    assert EvalSettings(methods=("none",), mode="sequential", checkpoints=(3, 50)).checkpoints_for(20) == [3, 20]
+    with pytest.raises(Exception):
+        s.mode = "single"  # frozen
+
+
+class _LeakyEditor(Editor):
+    """Writes an edit whose handle forgets to undo it."""
+
+    name = "leaky"
+
+    def apply(self, requests: Sequence[EditRequest]):
+        name, p = next(iter(self.model.named_parameters()))
+        handle = WeightEditHandle.write(self.model, {name: p.detach() + 1.0})
+        handle.restore = lambda: None
+        return handle
+
+
+def test_an_editor_that_does_not_restore_is_caught(tmp_path, monkeypatch):
+    model, tok = tiny_model("gpt2", seed=1)
+    monkeypatch.setitem(editors_base._REGISTRY, "leaky", _LeakyEditor)
+    with pytest.raises(EditmemError, match="leaky.*did not restore"):
+        run_eval(model, tok, _cases()[:1], ["none", "leaky"], out_dir=tmp_path, progress=False, plots=False,
+                 metric_settings=FAST_METRICS)
+
+
+# --- CLI ---------------------------------------------------------------------------------------------------------
+
+CF_RECORDS = [
+    {"case_id": i, "prompt": f"The capital of {c} is", "target_new": t, "subject": c, "ground_truth": g,
+     "rephrase_prompt": f"{c} has its capital in", "locality_prompt": "The capital of Germany is",
+     "locality_ground_truth": "Berlin"}
+    for i, (c, t, g) in enumerate([("France", "Rome", "Paris"), ("Italy", "Paris", "Rome"),
+                                   ("Spain", "Tokyo", "Madrid")])
+]
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory, tiny):
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    model, tok = tiny
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_cli_eval(model_folder, tmp_path, capsys):
+    from serve.cli import main
+
+    data = tmp_path / "counterfact-mini.json"
+    data.write_text(json.dumps(CF_RECORDS))
+    out = tmp_path / "out"
+    code = main(["eval", "--data", str(data), "--methods", "none,ft", "--model", str(model_folder), "--limit", "2",
+                 "--mode", "sequential", "--checkpoints", "1", "--protocol", "both", "--set", "ft.steps=3",
+                 "--set", "ft.norm_constraint=null", "--out", str(out), "--no-plots"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "| none |" in printed and "| ft |" in printed and "Protocol: generate" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_cases"] == 2 and summary["dataset"] == "counterfact-mini.json"
+    assert summary["protocol"] == "both" and summary["mode"] == "sequential"
+    assert summary["methods"]["none"]["locality"] == 1.0
+    assert [c["n_edits"] for c in summary["methods"]["ft"]["checkpoints"]] == [1, 2]
+    assert len((out / "cases.jsonl").read_text().splitlines()) == 4
+    report = (out / "report.md").read_text()
+    assert "editmem eval --data" in report and "--set ft.steps=3" in report
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "none,nosuch"], "unknown editing method"),
+    (["--methods", "none", "--checkpoints", "a,b", "--mode", "sequential"], "--checkpoints"),
+    (["--methods", "none", "--set", "ft"], "METHOD.KEY=VALUE"),
+    (["--methods", "none", "--mode", "batch", "--batch-size", "0"], "batch_size"),
+])
+def test_cli_user_errors_are_one_line(model_folder, tmp_path, capsys, args, message):
+    from serve.cli import main
+
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps(CF_RECORDS))
+    code = main(["eval", "--data", str(data), "--model", str(model_folder), "--out", str(tmp_path / "o"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
