@@ -1,0 +1,175 @@
+"""Routing: for each query, the stored edit whose scope it falls in, if any.
+
+``Router(memory, classifier, k)`` searches the store for the ``k`` nearest edit keys of each query (one batched
+search), scores every (query, candidate) pair with the scope classifier, and picks the best-scoring candidate at or
+above the classifier's threshold. Every route reads the store's current state, so an update, delete or rollback takes
+effect on the next query.
+
+Edit-key embeddings for the trained head are re-encoded from the edit's prompt (the store keeps its own in SQL but does
+not expose them) and cached per (id, version). Query embeddings are needed twice (the store's search and the head's
+features): open the store with a :class:`CachingEncoder` (``Router.open`` does) and the second encode is a lookup.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from memory.encoder import Encoder, get_encoder
+from memory.errors import ValidationError
+from memory.records import EditRecord
+from scope.classifier import CosineScope, ScopeClassifier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One retrieved edit and how the classifier scored it for the query."""
+
+    id: int
+    version: int
+    similarity: float  # cosine of query and edit key, from the store
+    score: float  # the classifier's score
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The routing of one query: ``edit`` is the edit it falls in the scope of, or None (the base model answers)."""
+
+    query: str
+    edit: EditRecord | None
+    score: float | None  # the classifier's score of the chosen edit (of the best candidate when none is chosen)
+    threshold: float
+    candidates: tuple[Candidate, ...] = ()
+
+    @property
+    def in_scope(self) -> bool:
+        return self.edit is not None
+
+    def describe(self) -> str:
+        if self.edit is None:
+            best = f" (best candidate score {self.score:.3f} < threshold {self.threshold:.3f})" \
+                if self.score is not None else " (no candidates)"
+            return "no edit" + best
+        return (f"edit {self.edit.id} v{self.edit.version} (score {self.score:.3f} >= {self.threshold:.3f}): "
+                f"{self.edit.prompt} -> {self.edit.target_new}")
+
+
+class CachingEncoder:
+    """An encoder that remembers its last ``size`` texts: same name, dimension and vectors as the one it wraps."""
+
+    def __init__(self, inner: Encoder, size: int = 1024):
+        self.inner = inner
+        self.size = size
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    @property
+    def dim(self) -> int:
+        return self.inner.dim
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        with self._lock:
+            missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        if missing:
+            vectors = self.inner.encode(missing)
+            with self._lock:
+                for text, vec in zip(missing, vectors):
+                    self._cache[text] = vec
+                    self._cache.move_to_end(text)
+                while len(self._cache) > max(self.size, len(texts)):
+                    self._cache.popitem(last=False)
+        with self._lock:
+            out = [self._cache[t] for t in texts]
+        if not out:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.stack(out).astype(np.float32, copy=False)
+
+    def __repr__(self) -> str:
+        return f"CachingEncoder({self.inner!r})"
+
+
+class Router:
+    """Retrieval + scope for one store (see the module docstring)."""
+
+    def __init__(self, memory: Any, classifier: ScopeClassifier, *, k: int = 5, key_cache: int = 65536):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValidationError(f"k must be a positive integer, got {k!r}")
+        classifier.check_encoder(memory.encoder.name)
+        self.memory = memory
+        self.classifier = classifier
+        self.k = k
+        self._keys: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._key_cache = key_cache
+
+    @classmethod
+    def open(cls, url: str, classifier: ScopeClassifier, *, encoder: str | Encoder | None = None,
+             k: int = 5) -> "Router":
+        """Open the store at ``url`` with a caching encoder (the classifier's encoder unless ``encoder`` is given)."""
+        from memory.store import EditMemory
+
+        name = encoder if encoder is not None else classifier.encoder
+        inner = get_encoder(name) if name is not None else None
+        memory = EditMemory.open(url, encoder=CachingEncoder(inner) if inner is not None else None)
+        if inner is None and not isinstance(memory.encoder, CachingEncoder):
+            memory.close()
+            memory = EditMemory.open(url, encoder=CachingEncoder(get_encoder(memory.encoder.name)))
+        return cls(memory, classifier, k=k)
+
+    def _key_vectors(self, edits: Sequence[EditRecord]) -> np.ndarray:
+        keys = [(e.id, e.version) for e in edits]
+        missing = {key: e.prompt for key, e in zip(keys, edits) if key not in self._keys}
+        if missing:
+            vectors = self.memory.encoder.encode(list(missing.values()))
+            for key, vec in zip(missing, vectors):
+                self._keys[key] = vec
+            while len(self._keys) > self._key_cache:
+                self._keys.popitem(last=False)
+        for key in keys:
+            self._keys.move_to_end(key)
+        return np.stack([self._keys[key] for key in keys]) if keys else np.zeros((0, self.memory.encoder.dim),
+                                                                                  dtype=np.float32)
+
+    def route(self, texts: Sequence[str]) -> list[Decision]:
+        """One :class:`Decision` per text."""
+        if isinstance(texts, str):
+            raise ValidationError("route takes a list of texts")
+        texts = list(texts)
+        if not texts:
+            return []
+        hits = self.memory.search_many(texts, self.k)
+        rows = [(q, h) for q, row in enumerate(hits) for h in row]
+        threshold = self.classifier.threshold
+        if not rows:
+            return [Decision(t, None, None, threshold) for t in texts]
+        if isinstance(self.classifier, CosineScope):
+            scores = np.asarray([h.score for _, h in rows], dtype=np.float32)
+        else:
+            u_all = self.memory.encoder.encode(texts)
+            u = u_all[[q for q, _ in rows]]
+            v = self._key_vectors([h.edit for _, h in rows])
+            scores = self.classifier.score([texts[q] for q, _ in rows], u, [h.edit for _, h in rows], v)
+        decisions = []
+        i = 0
+        for q, row in enumerate(hits):
+            cands = []
+            for h in row:
+                cands.append(Candidate(h.edit.id, h.edit.version, float(h.score), float(scores[i])))
+                i += 1
+            if not cands:
+                decisions.append(Decision(texts[q], None, None, threshold))
+                continue
+            best = max(range(len(cands)), key=lambda j: cands[j].score)
+            chosen = row[best].edit if cands[best].score >= threshold else None
+            decisions.append(Decision(texts[q], chosen, cands[best].score, threshold, tuple(cands)))
+        return decisions

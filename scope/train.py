@@ -1,0 +1,296 @@
+"""Training the scope head from edit data, and choosing its threshold on held-out pairs.
+
+Pairs are mined the way the router meets them. Each case contributes queries: its rephrases and (for a share of the
+cases) its own prompt, which should route to it, and its locality prompts (neighbourhood prompts: same relation, other
+subjects), which should route nowhere. Every query is scored against its ``k`` nearest edit keys among all the cases'
+prompts, as the store's search would return them: the pair with the query's own edit is positive, every other pair
+negative. The query's own edit (for a rephrase) and its anchor edit (for a locality prompt) are always paired, even when
+retrieval misses them, and each query also gets ``easy_negatives`` random edits.
+
+Teacher-forced evaluation routes on prompt + answer (see :mod:`editors.augmented`), so a share ``answer_augment`` of
+the queries get an answer appended (the new target or the old one for rephrases and prompts, the probe's answer for
+locality prompts), which teaches the head to ignore a trailing answer.
+
+Held-out: a share ``holdout`` of the cases (by case, so no query text or edit of theirs is trained on). Held-out pairs
+are those whose query belongs to a held-out case; training pairs have both query and edit outside them. The threshold
+is the one with the highest recall at ``target_precision`` on the held-out pairs (:mod:`scope.calibrate`); the cosine
+baseline is calibrated on the same pairs so the two levels compare directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from memory.encoder import Encoder
+from memory.errors import ValidationError
+from memory.records import EditCase
+from scope.calibrate import calibrate_threshold, precision_recall
+from scope.classifier import CosineScope, HeadScope, ScopeHead
+from scope.features import lexical_many, pair_features
+
+log = logging.getLogger(__name__)
+
+POSITIVE_KINDS = ("rephrase", "prompt")
+NEGATIVE_KINDS = ("locality", "retrieved", "random")
+
+
+def _check_fraction(name: str, value: Any, *, open_right: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0 or value > 1 or (open_right and value >= 1):
+        raise ValidationError(f"scope training setting {name} must be in [0, 1{')' if open_right else ']'}, "
+                              f"got {value!r}")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValidationError(f"scope training setting {name} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How the head is trained and calibrated. Defaults are the ones measured in notes/memory_editing.md."""
+
+    hidden: int = 128  # 0: logistic regression
+    epochs: int = 8
+    batch_size: int = 512
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    k: int = 5  # candidates per query when mining pairs (as the router's k)
+    holdout: float = 0.1
+    target_precision: float = 0.98
+    answer_augment: float = 0.5
+    prompt_share: float = 0.3  # share of cases whose own prompt is also a positive query
+    easy_negatives: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("hidden", self.hidden, 0)
+        _check_int("epochs", self.epochs, 1)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("k", self.k, 1)
+        _check_int("easy_negatives", self.easy_negatives, 0)
+        _check_int("seed", self.seed, 0)
+        for name in ("lr", "weight_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0 or (name == "lr" and value == 0):
+                raise ValidationError(f"scope training setting {name} must be a {'positive' if name == 'lr' else 'non-negative'} number, got {value!r}")
+        _check_fraction("holdout", self.holdout, open_right=True)
+        if self.holdout <= 0:
+            raise ValidationError("scope training setting holdout must be > 0: the threshold is chosen on held-out pairs")
+        _check_fraction("answer_augment", self.answer_augment)
+        _check_fraction("prompt_share", self.prompt_share)
+        if not 0 < self.target_precision <= 1:
+            raise ValidationError(f"target precision must be in (0, 1], got {self.target_precision!r}")
+
+
+@dataclass
+class PairSet:
+    """Mined pairs over encoded queries and edit keys (indices into ``query_vecs`` / ``key_vecs``)."""
+
+    query_texts: list[str]
+    query_vecs: np.ndarray
+    key_vecs: np.ndarray
+    q: np.ndarray
+    e: np.ndarray
+    label: np.ndarray
+    kind: np.ndarray  # kind of each pair (POSITIVE_KINDS / NEGATIVE_KINDS)
+    heldout: np.ndarray  # bool per pair
+    lex: np.ndarray
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def subset(self, mask: np.ndarray) -> dict[str, np.ndarray]:
+        return {"q": self.q[mask], "e": self.e[mask], "label": self.label[mask], "kind": self.kind[mask],
+                "lex": self.lex[mask]}
+
+
+def _encode(encoder: Encoder, texts: Sequence[str], progress: bool, desc: str, batch: int = 512) -> np.ndarray:
+    from tqdm.auto import tqdm
+
+    out = []
+    with tqdm(total=len(texts), desc=desc, unit="text", disable=not progress, leave=False) as bar:
+        for start in range(0, len(texts), batch):
+            chunk = list(texts[start:start + batch])
+            out.append(encoder.encode(chunk))
+            bar.update(len(chunk))
+    return np.concatenate(out) if out else np.zeros((0, encoder.dim), dtype=np.float32)
+
+
+def _with_answer(text: str, answer: str | None) -> str:
+    if not answer:
+        return text
+    return text + answer if text.endswith((" ", "\n")) else f"{text} {answer}"
+
+
+def build_pairs(cases: Sequence[EditCase], encoder: Encoder, settings: TrainSettings = TrainSettings(), *,
+                progress: bool = False) -> PairSet:
+    """Mine labelled (query, edit) pairs from ``cases`` (see the module docstring)."""
+    cases = list(cases)
+    if len(cases) < 4:
+        raise ValidationError(f"scope training needs at least 4 cases, got {len(cases)}")
+    rng = random.Random(settings.seed)
+    n = len(cases)
+    n_held = max(1, round(n * settings.holdout))
+    held_cases = set(rng.sample(range(n), n_held))
+    keys = [c.prompt for c in cases]
+
+    texts: list[str] = []
+    owner: list[int] = []  # the case the query belongs to
+    positive_of: list[bool] = []  # True: the query should route to its owner; False: to no edit
+    qkind: list[str] = []
+    for i, c in enumerate(cases):
+        answers = [a for a in (c.target_new, c.ground_truth) if a]
+        pos_queries = [(r, "rephrase") for r in c.rephrases]
+        if rng.random() < settings.prompt_share:
+            pos_queries.append((c.prompt, "prompt"))
+        for text, kind in pos_queries:
+            if answers and rng.random() < settings.answer_augment:
+                text = _with_answer(text, rng.choice(answers))
+            texts.append(text), owner.append(i), positive_of.append(True), qkind.append(kind)
+        for probe in c.locality:
+            text = probe.prompt
+            if rng.random() < settings.answer_augment:
+                text = _with_answer(text, probe.answer)
+            texts.append(text), owner.append(i), positive_of.append(False), qkind.append("locality")
+    if not any(positive_of):
+        raise ValidationError("the cases have no rephrases (nor prompts sampled as positives): nothing is in scope")
+    if all(positive_of):
+        log.warning("the cases have no locality prompts: the only negatives are other edits' prompts")
+
+    key_vecs = _encode(encoder, keys, progress, "encoding edit keys")
+    query_vecs = _encode(encoder, texts, progress, "encoding queries")
+    k = min(settings.k, n)
+    q_idx: list[int] = []
+    e_idx: list[int] = []
+    labels: list[int] = []
+    kinds: list[str] = []
+    same_key = {}  # key text -> cases with that prompt (duplicates count as the query's own edit)
+    for i, key in enumerate(keys):
+        same_key.setdefault(key, set()).add(i)
+    for start in range(0, len(texts), 2048):
+        sims = query_vecs[start:start + 2048] @ key_vecs.T
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(sims), 1))
+        for row, cands in enumerate(top):
+            qi = start + row
+            own, pos = owner[qi], positive_of[qi]
+            own_keys = same_key[keys[own]] if pos else set()
+            paired = set()
+            for ei in cands.tolist():
+                is_pos = ei in own_keys
+                q_idx.append(qi), e_idx.append(int(ei)), labels.append(int(is_pos))
+                kinds.append(qkind[qi] if is_pos else ("locality" if ei == own else "retrieved"))
+                paired.add(int(ei))
+            if own not in paired:  # always pair a query with its own / anchor edit
+                q_idx.append(qi), e_idx.append(own), labels.append(int(pos))
+                kinds.append(qkind[qi] if pos else "locality")
+                paired.add(own)
+            for _ in range(settings.easy_negatives):
+                ei = rng.randrange(n)
+                if ei not in paired and ei not in own_keys:
+                    q_idx.append(qi), e_idx.append(ei), labels.append(0), kinds.append("random")
+                    paired.add(ei)
+    q_arr, e_arr = np.asarray(q_idx), np.asarray(e_idx)
+    held_q = np.asarray([owner[q] in held_cases for q in q_idx])
+    held_e = np.asarray([e in held_cases for e in e_idx])
+    keep = held_q | ~held_e  # drop pairs of a training query with a held-out edit
+    lex = lexical_many([texts[q] for q in q_idx], [keys[e] for e in e_idx], [cases[e].subject for e in e_idx])
+    pairs = PairSet(texts, query_vecs, key_vecs, q_arr[keep], e_arr[keep], np.asarray(labels)[keep],
+                    np.asarray(kinds)[keep], held_q[keep], lex[keep])
+    pairs.stats = {"cases": n, "heldout_cases": n_held, "queries": len(texts), "pairs": int(keep.sum()),
+                   "train_pairs": int((~pairs.heldout).sum()), "heldout_pairs": int(pairs.heldout.sum()),
+                   "positives": int(pairs.label.sum()), "by_kind": {str(kd): int((pairs.kind == kd).sum())
+                                                                  for kd in (*POSITIVE_KINDS, *NEGATIVE_KINDS)}}
+    log.info("scope pairs: %s", pairs.stats)
+    return pairs
+
+
+def _pair_level_report(scores: np.ndarray, labels: np.ndarray, kinds: np.ndarray, threshold: float) -> dict:
+    p, r = precision_recall(scores, labels, threshold)
+    out: dict[str, Any] = {"precision": p, "recall": r}
+    for kind in (*POSITIVE_KINDS, *NEGATIVE_KINDS):
+        m = kinds == kind
+        if m.any():
+            key = "recall" if kind in POSITIVE_KINDS else "false_positive_rate"
+            out[f"{kind}_{key}"] = float((scores[m] >= threshold).mean())
+    return out
+
+
+def train_scope(cases: Sequence[EditCase], encoder: Encoder, settings: TrainSettings = TrainSettings(), *,
+                progress: bool = False, source: str | None = None) -> tuple[HeadScope, CosineScope, dict[str, Any]]:
+    """Train the head on ``cases``; returns the calibrated head, the cosine baseline calibrated on the same held-out
+    pairs, and a report (pair statistics, held-out precision/recall of both, training time)."""
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    pairs = build_pairs(cases, encoder, settings, progress=progress)
+    t_pairs = time.perf_counter() - t0
+    train_mask = ~pairs.heldout
+    tr = pairs.subset(train_mask)
+    if tr["label"].sum() == 0 or tr["label"].sum() == len(tr["label"]):
+        raise ValidationError("the training pairs are all of one class; give more cases")
+    Q = torch.as_tensor(pairs.query_vecs)
+    E = torch.as_tensor(pairs.key_vecs)
+    gen = torch.Generator().manual_seed(settings.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        head = ScopeHead(encoder.dim, settings.hidden)
+    opt = torch.optim.AdamW(head.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    q_t, e_t = torch.as_tensor(tr["q"]), torch.as_tensor(tr["e"])
+    y_t = torch.as_tensor(tr["label"], dtype=torch.float32)
+    lex_t = torch.as_tensor(tr["lex"])
+    n = len(y_t)
+    steps = settings.epochs * math.ceil(n / settings.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.lr, total_steps=steps)
+    head.train()
+    losses = []
+    with torch.enable_grad(), tqdm(total=steps, desc="training scope head", unit="step", disable=not progress,
+                                   leave=False) as bar:
+        for epoch in range(settings.epochs):
+            order = torch.randperm(n, generator=gen)
+            total = 0.0
+            for start in range(0, n, settings.batch_size):
+                idx = order[start:start + settings.batch_size]
+                feats = pair_features(Q[q_t[idx]], E[e_t[idx]], lex_t[idx])
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(head(feats), y_t[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += loss.item() * len(idx)
+                bar.update(1)
+            losses.append(total / n)
+            bar.set_postfix_str(f"epoch {epoch + 1} loss {losses[-1]:.4f}")
+    head.eval()
+    t_train = time.perf_counter() - t0 - t_pairs
+
+    ho = pairs.subset(pairs.heldout)
+    clf = HeadScope(head, encoder.dim, settings.hidden, 0.5, encoder.name)
+    head_scores = clf.score_arrays(pairs.query_vecs[ho["q"]], pairs.key_vecs[ho["e"]], ho["lex"])
+    cos_scores = np.einsum("nd,nd->n", pairs.query_vecs[ho["q"]], pairs.key_vecs[ho["e"]])
+    head_cal = calibrate_threshold(head_scores, ho["label"], settings.target_precision)
+    cos_cal = calibrate_threshold(cos_scores, ho["label"], settings.target_precision)
+    clf.threshold = head_cal.threshold
+    report = {
+        "source": source, "encoder": encoder.name, "settings": asdict(settings), "pairs": pairs.stats,
+        "train_loss": losses,
+        "heldout": {"head": {"calibration": head_cal.to_json(),
+                             **_pair_level_report(head_scores, ho["label"], ho["kind"], head_cal.threshold)},
+                    "cosine": {"calibration": cos_cal.to_json(),
+                               **_pair_level_report(cos_scores, ho["label"], ho["kind"], cos_cal.threshold)}},
+        "seconds": {"pairs": round(t_pairs, 2), "train": round(t_train, 2)},
+    }
+    clf.info.update(calibration=head_cal.to_json(), metrics=report["heldout"]["head"],
+                    training={"source": source, "settings": asdict(settings), "pairs": pairs.stats})
+    cosine = CosineScope(cos_cal.threshold, encoder.name,
+                         {"calibration": cos_cal.to_json(), "metrics": report["heldout"]["cosine"],
+                          "training": {"source": source, "pairs": pairs.stats}})
+    log.info("scope head: held-out %s; cosine baseline %s", report["heldout"]["head"], report["heldout"]["cosine"])
+    return clf, cosine, report

@@ -1,0 +1,196 @@
+"""Scope: threshold calibration, pair features, head training, save/load with versions and encoder checks, routing
+that follows the store at once. HashingEncoder only; fast."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from memory.encoder import get_encoder
+from memory.errors import ValidationError
+from memory.records import EditCase, Probe
+from memory.store import EditMemory
+from scope import CosineScope, HeadScope, Router, ScopeError, calibrate_threshold, load_scope, precision_recall, \
+    save_scope
+from scope.classifier import list_scopes
+from scope.features import lexical
+from scope.train import TrainSettings, build_pairs, train_scope
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- calibration ------------------------------------------------------------------------------------------------------
+def test_calibration_separable_scores_gives_a_threshold_between_the_classes():
+    rng = np.random.default_rng(0)
+    pos, neg = rng.uniform(0.7, 1.0, 200), rng.uniform(0.0, 0.6, 800)
+    cal = calibrate_threshold(np.r_[pos, neg], np.r_[np.ones(200), np.zeros(800)], 0.98)
+    assert pos.min() > cal.threshold > neg.max()
+    assert cal.met and cal.precision == 1.0 and cal.recall == 1.0
+    assert (cal.n_positive, cal.n_negative) == (200, 800)
+
+
+def test_calibration_reaches_the_target_precision_with_the_most_recall():
+    # scores 10..1; labels make precision fall as the cut goes down
+    scores = np.arange(10, 0, -1, dtype=float)
+    labels = np.array([1, 1, 1, 1, 0, 1, 1, 0, 0, 0])
+    cal = calibrate_threshold(scores, labels, 0.8)
+    # cut after score 4 (6 positives of 7 predicted = 0.857) beats cut after score 7 (1.0, recall 4/6)
+    assert cal.threshold == pytest.approx(3.5)
+    assert cal.precision == pytest.approx(6 / 7) and cal.recall == 1.0
+    p, r = precision_recall(scores, labels, cal.threshold)
+    assert (p, r) == (cal.precision, cal.recall)
+    strict = calibrate_threshold(scores, labels, 1.0)
+    assert strict.threshold == pytest.approx(6.5) and strict.recall == pytest.approx(4 / 6)
+
+
+def test_calibration_that_cannot_meet_the_target_says_so():
+    cal = calibrate_threshold([0.9, 0.8, 0.7], [0, 1, 0], 0.99)
+    assert not cal.met and cal.precision < 0.99
+
+
+def test_calibration_rejects_bad_input():
+    with pytest.raises(ValidationError):
+        calibrate_threshold([0.5], [1, 0])
+    with pytest.raises(ValidationError):
+        calibrate_threshold([0.5, 0.2], [0, 0])
+    with pytest.raises(ValidationError):
+        calibrate_threshold([0.5, 0.2], [1, 0], target_precision=1.5)
+
+
+def test_lexical_features_see_the_subject():
+    has, share, exact, jac = lexical("Where Danielle Darrieux is from, people speak", "The mother tongue of "
+                                     "Danielle Darrieux is", "Danielle Darrieux")
+    assert (has, share, exact) == (1.0, 1.0, 1.0) and 0 < jac < 1
+    assert lexical("Michel Rocard is a native speaker of", "The mother tongue of Danielle Darrieux is",
+                   "Danielle Darrieux")[:3] == (1.0, 0.0, 0.0)
+    assert lexical("anything", "a prompt", None)[:3] == (0.0, 0.0, 0.0)
+
+
+def test_train_settings_validate():
+    with pytest.raises(ValidationError):
+        TrainSettings(holdout=0)
+    with pytest.raises(ValidationError):
+        TrainSettings(epochs=0)
+    with pytest.raises(ValidationError):
+        TrainSettings(target_precision=0)
+    with pytest.raises(ValidationError):
+        TrainSettings(lr=-1.0)
+
+
+# --- training, saving, loading ----------------------------------------------------------------------------------------
+_PEOPLE = ["Danielle Darrieux", "Toko Yasuda", "Albert Einstein", "Marie Curie", "Ada Lovelace", "Miles Davis",
+           "Pablo Picasso", "Haruki Murakami", "Lionel Messi", "Steve Jobs", "Edwin Hubble", "Grace Hopper",
+           "Alan Turing", "Frida Kahlo", "Nina Simone", "Carl Sagan"]
+_RELATIONS = [("The mother tongue of {} is", "The mother tongue of the person {} was", "French"),
+              ("{} was born in the city of", "The city {} was born in is", "Paris"),
+              ("The profession of {} is", "By profession, {} is a", "painter")]
+
+
+def _cases() -> list[EditCase]:
+    cases = []
+    for i, person in enumerate(_PEOPLE):
+        for prompt, rephrase, answer in _RELATIONS:
+            other = _PEOPLE[(i + 1) % len(_PEOPLE)]
+            cases.append(EditCase(prompt.format(person), "Klingon", subject=person, ground_truth=answer,
+                                  rephrases=(rephrase.format(person),),
+                                  locality=(Probe(prompt.format(other), answer),)))
+    return cases
+
+
+@pytest.fixture(scope="module")
+def trained():
+    enc = get_encoder("hashing-256")
+    return train_scope(_cases(), enc, TrainSettings(epochs=30, hidden=16, holdout=0.25, k=3, batch_size=64, lr=1e-2))
+
+
+def test_pairs_are_mined_by_retrieval_with_held_out_cases_apart():
+    pairs = build_pairs(_cases(), get_encoder("hashing-64"), TrainSettings(k=3, holdout=0.25))
+    assert pairs.label.sum() > 0 and (pairs.label == 0).sum() > 0
+    assert set(pairs.kind[pairs.label == 1]) <= {"rephrase", "prompt"}
+    assert "locality" in set(pairs.kind[pairs.label == 0])
+    assert pairs.heldout.any() and (~pairs.heldout).any()
+    assert pairs.stats["pairs"] == len(pairs.label)
+
+
+def test_trained_head_separates_rephrases_from_neighbours(trained):
+    head, cosine, report = trained
+    held = report["heldout"]["head"]
+    assert held["calibration"]["met"]
+    assert held["recall"] > 0.5 and held["precision"] >= 0.98
+    assert isinstance(head, HeadScope) and head.encoder == "hashing-256"
+    assert isinstance(cosine, CosineScope) and "calibration" in cosine.info
+    json.dumps(report)  # the report is JSON-serialisable
+
+
+def test_save_load_round_trip_versions_and_encoder_refusal(trained, tmp_path):
+    head, cosine, _ = trained
+    first = save_scope(head, "cf", root=tmp_path)
+    second = save_scope(head, "cf", root=tmp_path)
+    save_scope(cosine, "cf-cosine", root=tmp_path)
+    assert (first.name, second.name) == ("v1", "v2")
+    assert list_scopes(root=tmp_path) == {"cf": [1, 2], "cf-cosine": [1]}
+    manifest = json.loads((second / "manifest.json").read_text())
+    assert manifest["encoder"] == "hashing-256" and manifest["version"] == 2 and "calibration" in manifest
+    loaded = load_scope("cf", root=tmp_path)
+    assert loaded.info["version"] == 2 and loaded.threshold == head.threshold
+    assert load_scope("cf", version=1, root=tmp_path).info["version"] == 1
+    assert load_scope(str(first)).threshold == head.threshold  # a folder path works too
+    enc = get_encoder("hashing-256")
+    queries = ["The mother tongue of the person Marie Curie was", "The profession of Carl Sagan is"]
+    edits = [EditMemory.open("sqlite://", encoder=enc).add("The mother tongue of Marie Curie is", "x",
+                                                           subject="Marie Curie")] * 2
+    u, v = enc.encode(queries), enc.encode([e.prompt for e in edits])
+    assert np.array_equal(loaded.score(queries, u, edits, v), head.score(queries, u, edits, v))
+    assert load_scope("cf-cosine", root=tmp_path).threshold == cosine.threshold
+    with pytest.raises(ScopeError, match="trained for encoder 'hashing-256'"):
+        load_scope("cf", encoder="hashing-128", root=tmp_path)
+    with pytest.raises(ScopeError, match="no scope classifier named 'nope'"):
+        load_scope("nope", root=tmp_path)
+    with pytest.raises(ScopeError, match="no version 7"):
+        load_scope("cf", version=7, root=tmp_path)
+    with EditMemory.open("sqlite://", encoder="hashing-128") as other:
+        with pytest.raises(ScopeError, match="trained for encoder"):
+            Router(other, loaded)
+
+
+def test_corrupt_manifest_is_a_clear_error(tmp_path):
+    folder = tmp_path / "bad" / "v1"
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text("{not json")
+    with pytest.raises(ScopeError, match="cannot read the manifest"):
+        load_scope("bad", root=tmp_path)
+
+
+# --- routing follows the store ----------------------------------------------------------------------------------------
+def test_router_follows_delete_update_and_rollback(trained):
+    head, _, _ = trained
+    # the tiny synthetic training set gives a weak head: a low threshold, since this test is about following the store
+    lenient = HeadScope(head.head, head.dim, head.hidden, 0.05, head.encoder)
+    with EditMemory.open("sqlite://", encoder="hashing-256") as mem:
+        for scope_clf in (lenient, CosineScope(0.5)):
+            router = Router(mem, scope_clf, k=3)
+            a = mem.add("The mother tongue of Marie Curie is", "Klingon", subject="Marie Curie")
+            mem.add("The profession of Alan Turing is", "baker", subject="Alan Turing")
+            d = router.route(["The mother tongue of Marie Curie is"])[0]
+            assert d.in_scope and d.edit.id == a.id and d.edit.target_new == "Klingon"
+            assert d.candidates and d.candidates[0].id in (a.id, a.id + 1)
+            mem.update(a.id, target_new="Elvish")
+            d = router.route(["The mother tongue of Marie Curie is"])[0]
+            assert (d.edit.version, d.edit.target_new) == (2, "Elvish")
+            mem.rollback(a.id, 1)
+            assert router.route(["The mother tongue of Marie Curie is"])[0].edit.target_new == "Klingon"
+            mem.delete(a.id)
+            d = router.route(["The mother tongue of Marie Curie is"])[0]
+            assert not d.in_scope or d.edit.id != a.id
+            for rec in mem.list():
+                mem.delete(rec.id)
+            assert router.route(["anything at all"]) [0].edit is None
