@@ -1,0 +1,155 @@
+"""``memit``: Mass-Editing Memory in a Transformer (Meng et al. 2023, "Mass-Editing Memory in a Transformer").
+
+Many facts at once, spread over the MLP output projections of a window of consecutive layers ``l_1 < ... < l_m``
+(the paper's Algorithm 1, as its code computes it):
+
+1. For each request, the target hidden state ``z_i = h_i + delta_i`` of the residual stream at the output of the
+   last window layer ``l_m``, at the subject's last token: ``delta_i`` optimised as in :mod:`editors.values` with the
+   vector added to the block output (not the MLP output as in ROME).
+2. For each window layer ``l_j`` in order, with the updates of the earlier window layers substituted (never written):
+   the keys ``K`` (d_in x n) at ``l_j`` (averaged over context prefixes, :func:`editors.keys.mlp_keys`); the residual
+   ``R = (Z - H) / (m - j + 1)`` where ``H`` is the current output of ``l_m`` at the subject's last token of each bare
+   prompt, so that the remaining error is spread evenly over the remaining layers; and the update (eq. 14)::
+
+       Delta_j = R K^T (lambda * C_j + K K^T)^-1     C_j = E[k k^T] at l_j (editors.stats); lambda: mom2_update_weight
+
+   solved in float64.
+
+Defaults (:func:`default_settings`):
+
+- ``layers``: :func:`default_layers`; for SmolLM2-135M (30 layers) layers 3-7 (provisional: MEMIT edits GPT-J at
+  layers 3-8 of 28; EasyEdit edits Llama-2-7B at 4-8 of 32).
+- ``mom2_update_weight`` 15,000 (MEMIT's GPT-J value; EasyEdit's Llama value), ``clamp_norm_factor`` 0.75 (MEMIT;
+  relative to the residual stream's norm, hence smaller than ROME's 4), the rest of the value optimisation, the
+  context prefixes and the statistics as for ROME (:class:`editors.rome.LocateSettings`).
+
+Compute, then apply: :meth:`MEMITEditor.compute` returns ``{parameter name: delta}`` for every window layer and writes
+nothing; :meth:`MEMITEditor.apply` adds them through :meth:`WeightEditHandle.add_deltas`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from editors.base import EditorSettings, EditRequest, WeightEditHandle, register_editor
+from editors.keys import activations_at, encode_row, mlp_keys
+from editors.models import layer_module, num_layers, param_name
+from editors.rome import LocateEditor, LocateSettings, as_weight_delta, check_requests
+from editors.values import check_positive, optimize_value
+from memory.errors import ValidationError
+
+log = logging.getLogger(__name__)
+
+# Where MEMIT's window starts and how wide it is, as fractions of the depth (provisional).
+DEFAULT_START_FRACTION = 3 / 30
+DEFAULT_WIDTH_FRACTION = 5 / 30
+
+
+def default_layers(model: torch.nn.Module) -> tuple[int, ...]:
+    """``width = max(2, round(n * 5/30))`` consecutive layers from ``max(1, round(n * 3/30))`` (clipped to the
+    model): SmolLM2-135M (30 layers): 3-7; a 4-layer test model: 1-2."""
+    n = num_layers(model)
+    start = max(1, round(n * DEFAULT_START_FRACTION))
+    width = max(2, round(n * DEFAULT_WIDTH_FRACTION))
+    start = min(start, max(n - width, 0))
+    return tuple(range(start, min(start + width, n)))
+
+
+@dataclass(frozen=True)
+class MEMITSettings(LocateSettings, EditorSettings):
+    """Settings of :class:`MEMITEditor`; see the module docstring for the defaults."""
+
+    layers: tuple[int, ...] | None = None  # None: default_layers(model)
+    mom2_update_weight: float = 15_000.0
+    clamp_norm_factor: float = 0.75
+    key_batch_rows: int = 64
+
+    def __post_init__(self) -> None:
+        if self.layers is not None:
+            layers = self.layers
+            if isinstance(layers, list):
+                layers = tuple(layers)
+                object.__setattr__(self, "layers", layers)
+            if (not isinstance(layers, tuple) or not layers
+                    or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in layers)
+                    or len(set(layers)) != len(layers)):
+                raise ValidationError(f"MEMIT setting layers must be distinct layer indices >= 0, not {self.layers!r}")
+            object.__setattr__(self, "layers", tuple(sorted(layers)))
+        check_positive("MEMIT", "mom2_update_weight", self.mom2_update_weight, zero_ok=True)
+        check_positive("MEMIT", "key_batch_rows", self.key_batch_rows, integer=True)
+        self._check_shared("MEMIT")
+
+
+@register_editor
+class MEMITEditor(LocateEditor):
+    """Batch editing spread over a window of MLP output projections (see the module docstring)."""
+
+    name = "memit"
+    Settings = MEMITSettings
+    settings: MEMITSettings
+
+    @classmethod
+    def default_settings(cls, model: torch.nn.Module) -> MEMITSettings:
+        return MEMITSettings(layers=default_layers(model))
+
+    def edit_layers(self) -> tuple[int, ...]:
+        layers = self.settings.layers if self.settings.layers is not None else default_layers(self.model)
+        return tuple(self.check_layer(layer) for layer in layers)
+
+    def compute(self, requests: Sequence[EditRequest]) -> dict[str, torch.Tensor]:
+        """``{parameter name: delta}`` for the MLP output weight of every window layer; the model is not changed."""
+        requests = check_requests(requests, "MEMIT")
+        t0 = time.perf_counter()
+        model, tok, s = self.model, self.tokenizer, self.settings
+        layers = self.edit_layers()
+        z_module = layer_module(model, layers[-1], "block")
+        prefixes = self.prefixes()
+        stats = self.layer_stats(layers)
+        t_ready = time.perf_counter()
+
+        options = s.value_options()
+        values = [optimize_value(model, tok, r, prefixes, z_module, options) for r in requests]
+        z = torch.stack([v.v0 + v.delta for v in values]).double()  # (n, d)
+        t_values = time.perf_counter()
+        bare = [encode_row(tok, "", r.prompt, r.subject) for r in requests]
+
+        params = dict(model.named_parameters())
+        deltas: dict[str, torch.Tensor] = {}
+        overrides: dict[str, torch.Tensor] = {}
+        for j, layer in enumerate(layers):
+            keys = self._keys(layer, requests, prefixes, overrides).double().T  # (d_in, n)
+            now = torch.cat([activations_at(model, tok, bare[i:i + s.key_batch_rows],
+                                            {"z": (z_module, "output")}, overrides=overrides, stop=z_module)["z"]
+                             for i in range(0, len(bare), s.key_batch_rows)]).double()
+            resid = (z - now).T / (len(layers) - j)  # (d, n)
+            c = stats[layer].mom2.to(keys.device).double()
+            adj = torch.linalg.solve(s.mom2_update_weight * c + keys @ keys.T, keys)  # (d_in, n)
+            update = resid @ adj.T  # (d_out, d_in)
+            name = param_name(model, layer, "mlp_out")
+            weight = params[name].detach()
+            deltas[name] = as_weight_delta(model, update.float()).to(weight.dtype)
+            overrides[name] = weight + deltas[name]
+            log.debug("memit layer %d: mean |residual| %.3f, |update| %.3f", layer, resid.norm(dim=0).mean().item(),
+                      update.norm().item())
+        self.last_stats = {"layers": layers, "n_requests": len(requests), "stats_source": self.stats_source,
+                           "setup_seconds": t_ready - t0, "value_seconds": t_values - t_ready,
+                           "seconds": time.perf_counter() - t0, "value_steps": [v.steps for v in values],
+                           "target_prob": [(v.target_prob_first, v.target_prob_last) for v in values]}
+        log.info("memit: %d request(s) at layers %s in %.2f s (values %.2f s)", len(requests), list(layers),
+                 self.last_stats["seconds"], self.last_stats["value_seconds"])
+        return deltas
+
+    def _keys(self, layer: int, requests: Sequence[EditRequest], prefixes: Sequence[str],
+              overrides: dict[str, torch.Tensor]) -> torch.Tensor:
+        per = max(1, self.settings.key_batch_rows // len(prefixes))
+        return torch.cat([mlp_keys(self.model, self.tokenizer, layer, requests[i:i + per], prefixes,
+                                   overrides=overrides) for i in range(0, len(requests), per)])
+
+    def apply(self, requests: Sequence[EditRequest]) -> WeightEditHandle:
+        return WeightEditHandle.add_deltas(self.model, self.compute(requests))
+

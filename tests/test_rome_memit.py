@@ -1,0 +1,295 @@
+"""ROME and MEMIT on every tiny architecture: the edit raises each target, compute leaves the model alone, restore is
+bit-identical, a saved handle reapplies the same weights; plus the shared maths (hooks, keys, the cached tail pass),
+settings, errors, and one real CounterFact edit on SmolLM2.
+
+Tiny random models have near-zero MLP outputs, so ROME's norm clamp (a multiple of the unedited output's norm) and
+weight decay (divided by its squared norm) would freeze the value optimisation; the grid loosens those two settings
+(and MEMIT's covariance weight, which is calibrated for real statistics) and edits prompts that end with the subject,
+where a random model's attention does not have to carry the change forward.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editors import EditRequest, WeightEditHandle, get_editor
+from editors.hooks import add_at, capture, forward, stop_after
+from editors.keys import context_prefixes, encode_row, subject_last_index
+from editors.memit import MEMITSettings, default_layers
+from editors.models import UnsupportedArchitectureError, param_name
+from editors.rome import ROMESettings, default_layer
+from editors.tokens import encode_batch, target_logprob
+from editors.values import ValueOptions, _Runner, value_rows
+from memory.errors import ValidationError
+from tests.tiny import TINY_ARCHS, smollm2, tiny_model
+
+METHODS = ("rome", "memit")
+REQUESTS = [EditRequest("The mother tongue of Danielle Darrieux", "English", subject="Danielle Darrieux"),
+            EditRequest("The capital city of France", "Rome", subject="France")]
+TINY = {"rome": dict(clamp_norm_factor=1000.0, v_weight_decay=0.0, n_prefixes=2, prefix_tokens=4, v_steps=10),
+        "memit": dict(clamp_norm_factor=1000.0, v_weight_decay=0.0, n_prefixes=2, prefix_tokens=4, v_steps=10,
+                      mom2_update_weight=1.0)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _no_corpus(monkeypatch, tmp_path):
+    monkeypatch.delenv("EDITMEM_STATS_CORPUS", raising=False)
+
+
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(model, snapshot) -> bool:
+    state = model.state_dict()
+    return state.keys() == snapshot.keys() and all(torch.equal(state[k], v) for k, v in snapshot.items())
+
+
+def _target_logprobs(model, tok, requests):
+    batch = encode_batch(tok, [r.prompt for r in requests], [r.target_new for r in requests])
+    with torch.no_grad():
+        return target_logprob(model(**batch.model_inputs()).logits, batch.labels)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("name", METHODS)
+def test_grid(arch, name, tmp_path):
+    model, tok = tiny_model(arch)
+    original = _snapshot(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    before = _target_logprobs(model, tok, REQUESTS)
+    editor = get_editor(name, model, tok, **TINY[name])
+    layers = [default_layer(model)] if name == "rome" else list(default_layers(model))
+    expected = [param_name(model, layer, "mlp_out") for layer in layers]
+
+    deltas = editor.compute(REQUESTS)  # compute writes nothing: weights, flags and grads untouched
+    assert sorted(deltas) == sorted(expected)
+    assert _same(model, original)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    for key, delta in deltas.items():
+        assert delta.shape == original[key].shape and delta.abs().max() > 0
+    assert "identity" in editor.stats_source
+
+    handle = editor.apply(REQUESTS)
+    assert isinstance(handle, WeightEditHandle)
+    after = _target_logprobs(model, tok, REQUESTS)
+    assert (after > before).all(), (before, after)
+    edited = _snapshot(model)
+    changed = sorted(k for k in original if not torch.equal(original[k], edited[k]))
+    assert changed == sorted(expected) == sorted(handle.edited)
+    for key in changed:  # apply adds exactly what compute returns (it is deterministic)
+        torch.testing.assert_close(edited[key] - original[key], deltas[key], rtol=1e-4, atol=1e-6)
+
+    handle.restore()
+    assert _same(model, original)
+    handle.restore()
+    assert _same(model, original)
+
+    path = tmp_path / "edit.pt"
+    handle.save(path)
+    loaded = WeightEditHandle.load(path, model)
+    assert _same(model, edited)
+    loaded.restore()
+    assert _same(model, original)
+
+
+def test_memit_many_requests_raise_each_target():
+    model, tok = tiny_model("llama")
+    requests = [EditRequest("The mother tongue of Danielle Darrieux", "English", subject="Danielle Darrieux"),
+                EditRequest("The capital city of France", "Rome", subject="France"),
+                EditRequest("The profession of Marie Curie", "painter", subject="Marie Curie"),
+                EditRequest("The official language of Japan", "Swedish", subject="Japan")]
+    before = _target_logprobs(model, tok, requests)
+    handle = get_editor("memit", model, tok, **TINY["memit"]).apply(requests)
+    after = _target_logprobs(model, tok, requests)
+    handle.restore()
+    assert (after > before).all(), (before, after)
+
+
+def test_rome_conv1d_delta_is_transposed():
+    model, tok = tiny_model("gpt2")  # Conv1D weight is (in, out) = (128, 64)
+    (name, delta), = get_editor("rome", model, tok, **TINY["rome"]).compute(REQUESTS[:1]).items()
+    assert name.endswith("mlp.c_proj.weight") and tuple(delta.shape) == (128, 64)
+    singular = torch.linalg.svdvals(delta.double())
+    assert singular[1] < 1e-5 * singular[0]  # rank one
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gptj", "gpt_neox", "qwen2"])
+def test_tail_pass_matches_plain_pass(arch):
+    """The cached-prefix pass of the value optimisation gives the logits of the plain pass."""
+    model, tok = tiny_model(arch)
+    prefixes = context_prefixes(model, tok, 3, 5)
+    rows = value_rows(tok, EditRequest("Marie Curie was born in", "Tokyo", subject="Marie Curie"), prefixes)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    cached, plain = _Runner(model, tok, rows, params, True), _Runner(model, tok, rows, params, False)
+    assert cached.cache is not None and plain.cache is None
+    module = model.get_submodule(param_name(model, 1, "mlp_out").removesuffix(".weight"))
+    delta = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = cached.logits(module, delta), plain.logits(module, delta)
+        again = cached.logits(module, delta)  # the cache is not consumed by a call
+    for x, y in ((a, b), (again, b)):
+        torch.testing.assert_close(x[cached.plan.nll_rows, cached.plan.nll_pos], y[plain.plan.nll_rows,
+                                   plain.plan.nll_pos], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(x[cached.plan.kl_row, cached.plan.kl_pos], y[plain.plan.kl_row, plain.plan.kl_pos],
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_rome_several_requests_are_sequential():
+    """ROME applies several requests one after another; each one's target goes up."""
+    model, tok = tiny_model("qwen2")
+    before = _target_logprobs(model, tok, REQUESTS)
+    editor = get_editor("rome", model, tok, **TINY["rome"])
+    handle = editor.apply(REQUESTS)
+    assert (_target_logprobs(model, tok, REQUESTS) > before).all()
+    assert editor.last_stats["n_requests"] == 2
+    handle.restore()
+
+
+# ------------------------------------------------------------------------------------------------ hooks and keys
+
+
+def test_hooks_remove_themselves_even_on_error():
+    model, tok = tiny_model("llama")
+    module = model.model.layers[1].mlp.down_proj
+    ids = torch.tensor([tok("The capital of France is")["input_ids"]])
+    plain = model(input_ids=ids).logits
+    with pytest.raises(RuntimeError, match="boom"):
+        with capture(module, "input"), add_at(module, torch.ones(64), torch.tensor([0]), torch.tensor([1])):
+            raise RuntimeError("boom")
+    assert not module._forward_hooks and not module._forward_pre_hooks
+    with capture(module, "input") as k, capture(module, "output") as v, stop_after(module):
+        model(input_ids=ids)
+    assert k.last.shape == (1, ids.shape[1], 128) and v.last.shape == (1, ids.shape[1], 64)
+    assert not module._forward_hooks and not module._forward_pre_hooks
+    torch.testing.assert_close(model(input_ids=ids).logits, plain)
+    with add_at(module, torch.ones(64), torch.tensor([0]), torch.tensor([2])):
+        moved = model(input_ids=ids).logits
+    assert torch.equal(moved[0, :2], plain[0, :2]) and not torch.equal(moved[0, 2], plain[0, 2])
+
+
+def test_forward_with_overrides_writes_nothing():
+    model, tok = tiny_model("gpt2")
+    original = _snapshot(model)
+    ids = torch.tensor([tok("The capital of France is")["input_ids"]])
+    name = "transformer.h.1.mlp.c_proj.weight"
+    out = forward(model, {name: torch.zeros_like(original[name])}, input_ids=ids).logits
+    assert not torch.equal(out, model(input_ids=ids).logits)
+    assert _same(model, original)
+
+
+def test_subject_last_index():
+    _, tok = tiny_model("llama")
+    text = "The mother tongue of Danielle Darrieux is"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    i = subject_last_index(tok, text, "Danielle Darrieux")
+    assert tok.decode(ids[:i + 1]).endswith("Danielle Darrieux") and not tok.decode(ids[:i]).endswith("Darrieux")
+    row = encode_row(tok, "Some prefix about France. ", "The capital of France is", "France", "Rome")
+    assert tok.decode(list(row.ids[:row.subject_index + 1])).endswith("The capital of France")
+    assert row.target_start is not None and tok.decode(list(row.ids[row.target_start:])).strip() == "Rome"
+
+
+def test_context_prefixes_are_deterministic_and_leave_the_global_rng():
+    model, tok = tiny_model("llama")
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = context_prefixes(model, tok, 3, 4, seed=0)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert a == context_prefixes(model, tok, 3, 4, seed=0) and a != context_prefixes(model, tok, 3, 4, seed=1)
+    assert a[0] == "" and len(a) == 4 and all(p.endswith(". ") and "{" not in p for p in a[1:])
+
+
+# ------------------------------------------------------------------------------------------ settings and errors
+
+
+def test_defaults_for_the_architecture():
+    model, tok = tiny_model("llama")
+    assert get_editor("rome", model, tok).settings == ROMESettings(layer=1)
+    assert get_editor("memit", model, tok).settings == MEMITSettings(layers=(1, 2))
+    s = get_editor("rome", model, tok).settings
+    assert (s.v_lr, s.v_steps, s.v_weight_decay, s.clamp_norm_factor, s.kl_factor) == (0.5, 20, 0.5, 4.0, 0.0625)
+    assert get_editor("memit", model, tok).settings.clamp_norm_factor == 0.75
+    assert get_editor("memit", model, tok, layers=[2, 1]).settings.layers == (1, 2)  # JSON lists from --set
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("rome", {"layer": -1}), ("rome", {"layer": True}), ("rome", {"v_lr": 0}), ("rome", {"v_steps": 1.5}),
+    ("rome", {"clamp_norm_factor": float("nan")}), ("rome", {"kl_factor": -1}), ("rome", {"stats_tokens": 0}),
+    ("rome", {"mom2_adjustment": "yes"}), ("rome", {"layers": [1]}), ("memit", {"layers": []}),
+    ("memit", {"layers": [1, 1]}), ("memit", {"layers": [-1]}), ("memit", {"mom2_update_weight": -1.0}),
+    ("memit", {"layer": 1}), ("memit", {"stats_corpus": ""}),
+])
+def test_bad_settings(name, overrides):
+    model, tok = tiny_model("llama")
+    with pytest.raises(ValidationError):
+        get_editor(name, model, tok, **overrides)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_request_errors(name):
+    model, tok = tiny_model("llama")
+    editor = get_editor(name, model, tok)
+    label = {"rome": "ROME", "memit": "MEMIT"}[name]
+    with pytest.raises(ValidationError, match=f"{label} needs the subject"):
+        editor.compute([EditRequest("The capital of France is", "Rome")])
+    with pytest.raises(ValidationError, match="does not occur"):
+        EditRequest("The capital of France is", "Rome", subject="Germany")
+    with pytest.raises(ValidationError, match="no edit requests"):
+        editor.apply([])
+    with pytest.raises(ValidationError, match="layer 9 does not exist"):
+        get_editor(name, model, tok, **({"layer": 9} if name == "rome" else {"layers": [2, 9]})).compute(REQUESTS)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_unknown_architecture(name):
+    model, tok = tiny_model("llama")
+    model.config.model_type = "no-such-arch"
+    with pytest.raises(UnsupportedArchitectureError, match="not supported"):
+        get_editor(name, model, tok)
+    with pytest.raises(UnsupportedArchitectureError, match="not supported"):
+        get_editor(name, model, tok, **({"layer": 1} if name == "rome" else {"layers": [1]}))
+
+
+def test_value_options_defaults_match_settings():
+    model, tok = tiny_model("llama")
+    assert get_editor("rome", model, tok).settings.value_options() == ValueOptions()
+
+
+# ---------------------------------------------------------------------------------------------- the real model
+
+
+@pytest.mark.integration
+def test_rome_counterfact_edit_on_smollm2(monkeypatch, tmp_path, data_dir):
+    model, tok = smollm2()
+    monkeypatch.setenv("EDITMEM_CACHE", str(tmp_path))  # after loading: the statistics go to tmp
+    corpus = data_dir / "text_corpus" / "wikitext-2-raw_wiki.test.raw"
+    request = [EditRequest("The mother tongue of Danielle Darrieux is", "English", subject="Danielle Darrieux")]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        editor = get_editor("rome", model, tok, stats_corpus=str(corpus), stats_tokens=2000)
+        assert editor.settings.layer == default_layer(model) == 4
+        original = _snapshot(model)
+        before = _target_logprobs(model, tok, request)
+        handle = editor.apply(request)
+        try:
+            after = _target_logprobs(model, tok, request)
+            other = _target_logprobs(model, tok, [EditRequest("The mother tongue of Michel Rocard is", "French")])
+        finally:
+            handle.restore()
+    finally:
+        torch.set_num_threads(threads)
+    assert _same(model, original)
+    assert "corpus wikitext-2-raw_wiki.test.raw (2000 tokens" in editor.stats_source
+    assert after.exp().item() > 0.5 > before.exp().item(), (before, after)
+    assert other.exp().item() > 0.1  # a neighbouring fact is still likely
