@@ -125,6 +125,9 @@ class _PreCache:
         self.model, self.tokenizer, self.cases, self.settings = model, tokenizer, cases, settings
         self._scores: dict[int, CaseScores] = {}
 
+    def has(self, index: int) -> bool:
+        return index in self._scores
+
     def get(self, index: int) -> CaseScores:
         if index not in self._scores:
             self._scores[index] = measure_case(self.model, self.tokenizer, self.cases[index], self.settings.protocols,
@@ -223,10 +226,12 @@ class _Runner:
         result = _MethodResult()
         n, size = len(self.cases), self.settings.batch_size
         checkpoints = self.settings.checkpoints_for(n)
-        with self._bar(method, n, desc="pre-edit measurements") as bar:
-            for i in range(n):
-                self.pre.get(i)
-                bar.update(1)
+        missing = [i for i in range(n) if not self.pre.has(i)]
+        if missing:
+            with self._bar(method, len(missing), desc="pre-edit measurements") as bar:
+                for i in missing:
+                    self.pre.get(i)
+                    bar.update(1)
         rng = random.Random(self.settings.seed)
         handles: list[Any] = []
         per_edit_seconds: dict[int, float] = {}

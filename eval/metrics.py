@@ -43,7 +43,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from editors.tokens import encode_batch, encode_prompt_target, pad_id
+from editors.tokens import encode_batch, encode_prompt, pad_id
 from memory.errors import ValidationError
 from memory.records import EditCase
 
@@ -136,13 +136,6 @@ def unchanged_share(before: Sequence[int], after: Sequence[int]) -> float:
 # Generation
 
 
-def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    """The prompt's tokens exactly as teacher forcing sees them before an answer (leading special tokens included,
-    no trailing eos), taken from the shared tokenization in :mod:`editors.tokens`."""
-    ids, start = encode_prompt_target(tokenizer, prompt, "x")
-    return ids[:start]
-
-
 @torch.inference_mode()
 def greedy_generate_ids(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: Sequence[int] | int,
                         *, max_rows_per_pass: int = 64) -> list[list[int]]:
@@ -166,7 +159,7 @@ def greedy_generate_ids(model: Any, tokenizer: Any, prompts: Sequence[str], max_
         if steps == 0:
             out.extend([] for _ in chunk)
             continue
-        encoded = [prompt_ids(tokenizer, p) for p in chunk]
+        encoded = [encode_prompt(tokenizer, p) for p in chunk]
         width = max(len(ids) for ids in encoded)
         input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)

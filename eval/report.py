@@ -9,6 +9,7 @@ number of edits, one line per method).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -156,8 +157,13 @@ def plot_metrics(summary: Mapping[str, Any], path: str | Path) -> Path:
     for ax, protocol in zip(axes, protocols):
         for k, name in enumerate(methods):
             values = _blocks(summary, summary["methods"][name])[protocol]
-            heights = [values.get(m) if values.get(m) is not None else 0.0 for m in FRACTIONS]
-            ax.bar([x + k * width for x in range(len(FRACTIONS))], heights, width, label=name)
+            xs = [x + k * width for x in range(len(FRACTIONS))]
+            heights = [values.get(m) for m in FRACTIONS]
+            ax.bar([x for x, h in zip(xs, heights) if h is not None], [h for h in heights if h is not None],
+                   width, label=name, color=f"C{k}")
+            for x, h in zip(xs, heights):
+                if h is None:  # no probes of this kind in the data: say so rather than draw a zero
+                    ax.text(x, 0.02, "n/a", ha="center", fontsize=7, rotation=90)
         ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(FRACTIONS))],
                       [HEADERS[m] for m in FRACTIONS], fontsize=8)
         ax.set_ylim(0, 1.05)
@@ -200,6 +206,8 @@ def plot_sequential(summary: Mapping[str, Any], path: str | Path) -> Path:
     for ax, metric in zip(axes, metrics):
         ax.set_title(HEADERS[metric], fontsize=10)
         ax.set_xlabel("edits")
+        if not ax.lines or all(math.isnan(y) for line in ax.lines for y in line.get_ydata()):
+            ax.text(0.5, 0.5, "no probes", ha="center", va="center", transform=ax.transAxes, fontsize=9)
         if ticks and ticks[-1] / ticks[0] >= 20:
             ax.set_xscale("log")
         ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=8)

@@ -11,7 +11,7 @@ import torch
 from editors.tokens import encode_prompt_target
 from eval.metrics import (GENERATE, PROTOCOLS, TEACHER_FORCED, MetricSettings, aggregate, answer_predictions,
                           generation_matches, greedy_generate, greedy_generate_ids, measure_case, n_gram_entropy,
-                          normalize_answer, prompt_ids, text_ngram_entropy, token_accuracy, unchanged_share)
+                          normalize_answer, text_ngram_entropy, token_accuracy, unchanged_share)
 from memory.errors import ValidationError
 from memory.records import EditCase, Probe
 from tests.tiny import tiny_model, tiny_tokenizer
@@ -199,8 +199,3 @@ def test_batched_equals_one_by_one_on_a_real_tiny_model(arch):
         answer_predictions(model, tok, [p], [a])[0] for p, a in zip(prompts, answers)]
     assert greedy_generate_ids(model, tok, prompts, 6) == [greedy_generate_ids(model, tok, [p], 6)[0]
                                                           for p in prompts]
-
-
-def test_prompt_ids_match_teacher_forcing(tok):
-    ids, start = encode_prompt_target(tok, PROMPT, ANSWER)
-    assert prompt_ids(tok, PROMPT) == ids[:start]

@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoints", default=None,
                    help="sequential mode: comma-separated edit counts to measure at (default 10,100,1000; the "
                         "number of cases is always added)")
+    p.add_argument("--checkpoint-sample", type=int, default=200,
+                   help="sequential mode: measure at most this many edited cases (a fixed random sample) at each "
+                        "checkpoint before the last, which measures all (default: %(default)s)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="teacher-forced",
                    help="metric protocol (default: %(default)s)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="METHOD.KEY=VALUE",
@@ -86,6 +89,8 @@ def _command_line(args: argparse.Namespace) -> str:
         parts += ["--limit", str(args.limit)]
     if args.checkpoints is not None:
         parts += ["--checkpoints", args.checkpoints]
+    if args.mode == "sequential":
+        parts += ["--checkpoint-sample", str(args.checkpoint_sample)]
     for item in args.overrides:
         parts += ["--set", item]
     if args.no_plots:
@@ -114,6 +119,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     summary = run_eval(model, tokenizer, cases, methods, mode=args.mode, batch_size=args.batch_size,
                        checkpoints=checkpoints, protocol=args.protocol, out_dir=args.out, model_name=args.model,
                        dataset_name=data.name, editor_overrides=overrides, command=command,
+                       checkpoint_sample=args.checkpoint_sample,
                        plots=not args.no_plots)
     print(f"model {args.model} · data {data.name} ({summary['n_cases']} cases) · protocol {summary['protocol']} · "
           f"mode {summary['mode']}")
