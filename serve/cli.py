@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "serve.commands.eval",
     "serve.commands.demo",
     "serve.commands.bench",
+    "serve.commands.memory",
 )
 
 DEFAULT_STORE = "sqlite:///editmem.db"

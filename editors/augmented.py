@@ -1,0 +1,318 @@
+"""A memory-augmented causal LM: every input is routed through retrieval + scope before the model sees it.
+
+``AugmentedModel(model, tokenizer, memory, scope)`` wraps any Hugging Face causal LM (an ``nn.Module`` with
+``forward(input_ids=..., attention_mask=...).logits`` and ``generate``). For each row of a batch it decodes the row's
+tokens (padding dropped, special tokens skipped) and asks the :class:`scope.Router` whether the text falls in the scope
+of a stored edit:
+
+- **Out of scope**: the row is answered by the untouched base model on the original batch, so its logits and
+  generations are bit-for-bit the base model's (whenever any row of a batch is out of scope the base model runs on the
+  whole original batch; in-scope rows are then computed twice, which keeps the out-of-scope rows exact).
+- **In scope**: the row is answered by the counterfactual model, which here is the base model conditioned on the edit:
+  the edit's context (``context``, default :data:`DEFAULT_CONTEXT`, e.g. ``"New fact: The mother tongue of Danielle
+  Darrieux is English.\\n"``) is put in front of the row's tokens (after any leading BOS), all in-scope rows go through
+  the model as one right-padded batch, and the logits at the original tokens' positions are returned at those same
+  positions, so teacher-forced metrics work unchanged. ``generate`` returns the original input followed by the
+  continuation only.
+
+Routing text. A teacher-forced scorer feeds prompt + answer in one row, and the wrapper cannot know where the prompt
+ends, so it routes on the whole decoded row (as EasyEdit's SERAC does). The scope head is trained with answers appended
+to a share of its queries (:mod:`scope.train`), so a trailing answer does not move the decision; notes/
+memory_editing.md measures how often prompt-only and prompt+answer routing agree. ``generate`` routes on the prompt.
+
+Which edit shaped each row is in ``last_routing`` (one :class:`scope.Decision` per row, with edit id, version and
+score) after every call; :meth:`ask` answers one question and returns it with its decision.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from editors.tokens import encode_prompt, pad_id, target_text
+from memory.errors import ValidationError
+from memory.records import EditRecord
+from scope.classifier import ScopeClassifier
+from scope.router import Decision, Router
+
+log = logging.getLogger(__name__)
+
+# Picked by measurement on SmolLM2-135M (notes/memory_editing.md). Fields: {fact} = prompt + " " + target_new (joined
+# as editors.tokens joins them), {prompt}, {target_new}, {subject}.
+CONTEXT_FORMATS: dict[str, str] = {
+    "new-fact": "New fact: {fact}.\n",
+    "new-fact-prompt": "New Fact: {fact}\nPrompt: ",
+    "plain": "{fact}.\n",
+    "repeat": "{fact}. {fact}.\n",
+    "demo": "New Fact: {fact}\nPrompt: {fact}\n\nNew Fact: {fact}\nPrompt: ",
+    "demo2": "New Fact: {fact}\nPrompt: {fact}\n\nNew Fact: {fact}\nPrompt: {fact}\n\nNew Fact: {fact}\nPrompt: ",
+    "answer": "New Fact: {fact}\nPrompt: {fact}\n\nNew Fact: {fact} (answer: {target_new})\nPrompt: ",
+    "answer-first": "Answer: {target_new}\nNew Fact: {fact}\nPrompt: {fact}\n\nAnswer: {target_new}\nPrompt: ",
+    "answer-both": "New Fact: {fact} (answer: {target_new})\nPrompt: {fact}\n\nNew Fact: {fact} "
+                   "(answer: {target_new})\nPrompt: {subject}: {target_new}\n\nPrompt: ",
+}
+DEFAULT_CONTEXT = "answer"
+
+
+def context_template(context: str) -> str:
+    """The template of a context format name, or ``context`` itself if it is a template with ``{fact}`` or
+    ``{target_new}``."""
+    if context in CONTEXT_FORMATS:
+        return CONTEXT_FORMATS[context]
+    if not isinstance(context, str) or ("{fact}" not in context and "{target_new}" not in context):
+        raise ValidationError(f"context must be one of {', '.join(CONTEXT_FORMATS)} or a template containing "
+                              f"{{fact}} or {{target_new}}, got {context!r}")
+    try:
+        context.format(fact="", prompt="", target_new="", subject="")
+    except (KeyError, IndexError, ValueError) as err:
+        raise ValidationError(f"context template {context!r} is malformed: {err}") from None
+    return context
+
+
+def edit_context(edit: EditRecord, template: str) -> str:
+    """The text put in front of a query that falls in ``edit``'s scope."""
+    fact = edit.prompt + target_text(edit.prompt, edit.target_new)
+    return template.format(fact=fact, prompt=edit.prompt, target_new=edit.target_new, subject=edit.subject or "")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What :meth:`AugmentedModel.ask` returns: the question, the generated continuation, and its routing."""
+
+    question: str
+    text: str
+    decision: Decision
+
+    @property
+    def edit(self) -> EditRecord | None:
+        return self.decision.edit
+
+
+class AugmentedModel(torch.nn.Module):
+    """A causal LM whose ``forward`` and ``generate`` route through an edit store (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, memory: Any, scope: ScopeClassifier, *, k: int = 5,
+                 context: str = DEFAULT_CONTEXT):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.router = Router.open(memory, scope, k=k) if isinstance(memory, str) else Router(memory, scope, k=k)
+        self.template = context_template(context)
+        lead_probe = encode_prompt(tokenizer, "x")
+        plain = list(tokenizer("x", add_special_tokens=False)["input_ids"])
+        self._lead = lead_probe[:len(lead_probe) - len(plain)]
+        self._contexts: OrderedDict[tuple[int, int], list[int]] = OrderedDict()
+        self.last_routing: list[Decision] = []
+
+    # --- pass-through attributes --------------------------------------------------------------------------------------
+    @property
+    def memory(self) -> Any:
+        return self.router.memory
+
+    @property
+    def scope(self) -> ScopeClassifier:
+        return self.router.classifier
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def generation_config(self) -> Any:
+        return getattr(self.model, "generation_config", None)
+
+    @property
+    def device(self) -> torch.device:
+        try:
+            return next(self.model.parameters()).device
+        except StopIteration:
+            return torch.device("cpu")
+
+    # --- routing ------------------------------------------------------------------------------------------------------
+    def _rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor,
+                                                                                           list[list[int]]]:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValidationError("input_ids must be a 2-D tensor (batch, tokens)")
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        if mask.shape != input_ids.shape:
+            raise ValidationError(f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(input_ids.shape)}")
+        ids_cpu, mask_cpu = input_ids.detach().cpu(), mask.detach().cpu().bool()
+        return mask_cpu, [ids_cpu[b][mask_cpu[b]].tolist() for b in range(ids_cpu.shape[0])]
+
+    def route_rows(self, rows: Sequence[Sequence[int]]) -> list[Decision]:
+        """Decisions for token rows (no padding): each decoded without special tokens and routed."""
+        texts = [self.tokenizer.decode(list(r), skip_special_tokens=True) for r in rows]
+        return self.router.route(texts)
+
+    def route(self, texts: Sequence[str]) -> list[Decision]:
+        """Decisions for texts."""
+        return self.router.route(list(texts))
+
+    def _context_ids(self, edit: EditRecord) -> list[int]:
+        key = (edit.id, edit.version)
+        ids = self._contexts.get(key)
+        if ids is None:
+            ids = list(self.tokenizer(edit_context(edit, self.template), add_special_tokens=False)["input_ids"])
+            self._contexts[key] = ids
+            while len(self._contexts) > 4096:
+                self._contexts.popitem(last=False)
+        return ids
+
+    def _conditioned(self, row: list[int], edit: EditRecord) -> tuple[list[int], int]:
+        """``row`` with the edit's context inserted after its leading special tokens, and where it was inserted
+        (tokens before it keep their positions; tokens after it move by the context's length)."""
+        ctx = self._context_ids(edit)
+        lead = len(self._lead) if self._lead and row[:len(self._lead)] == self._lead else 0
+        return row[:lead] + ctx + row[lead:], lead
+
+    # --- forward ------------------------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                **kwargs: Any) -> Any:
+        for unsupported in ("past_key_values", "inputs_embeds", "labels"):
+            if kwargs.get(unsupported) is not None:
+                raise ValidationError(f"AugmentedModel.forward routes whole inputs; {unsupported} is not supported")
+        if input_ids is None:
+            raise ValidationError("AugmentedModel.forward needs input_ids")
+        mask, rows = self._rows(input_ids, attention_mask)
+        decisions = self.route_rows(rows)
+        self.last_routing = decisions
+        inside = [b for b, d in enumerate(decisions) if d.in_scope]
+        if not inside:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        kwargs = {k: v for k, v in kwargs.items() if k != "use_cache"}
+        base_logits = None
+        if len(inside) < len(rows):
+            base_logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                     **kwargs).logits
+        seqs, leads = zip(*(self._conditioned(rows[b], decisions[b].edit) for b in inside))
+        width = max(len(s) for s in seqs)
+        device = input_ids.device
+        cf_ids = torch.full((len(seqs), width), pad_id(self.tokenizer), dtype=torch.long)
+        cf_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for j, s in enumerate(seqs):
+            cf_ids[j, :len(s)] = torch.tensor(s, dtype=torch.long)
+            cf_mask[j, :len(s)] = 1
+        cf_logits = self.model(input_ids=cf_ids.to(device), attention_mask=cf_mask.to(device), use_cache=False,
+                               **kwargs).logits
+        if base_logits is not None:
+            logits = base_logits.clone()
+        else:
+            logits = cf_logits.new_zeros((*input_ids.shape, cf_logits.shape[-1]))
+        for j, b in enumerate(inside):
+            positions = mask[b].nonzero().squeeze(-1)
+            n, lead = len(rows[b]), leads[j]
+            shift = len(seqs[j]) - n
+            new_positions = torch.arange(n)
+            new_positions[lead:] += shift
+            logits[b, positions.to(device)] = cf_logits[j, new_positions.to(device)]
+        return CausalLMOutputWithPast(logits=logits)
+
+    # --- generate -----------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 **kwargs: Any) -> torch.Tensor:
+        if input_ids is None:
+            input_ids = kwargs.pop("inputs", None)
+        if input_ids is None:
+            raise ValidationError("AugmentedModel.generate needs input_ids")
+        if kwargs.get("return_dict_in_generate"):
+            raise ValidationError("AugmentedModel.generate returns token ids; return_dict_in_generate is not "
+                                  "supported")
+        mask, rows = self._rows(input_ids, attention_mask)
+        decisions = self.route_rows(rows)
+        self.last_routing = decisions
+        inside = [b for b, d in enumerate(decisions) if d.in_scope]
+        if not inside:
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        pad = kwargs.get("pad_token_id")
+        if pad is None:
+            pad = getattr(self.generation_config, "pad_token_id", None)
+        if pad is None:
+            pad = pad_id(self.tokenizer)
+        width = input_ids.shape[1]
+        base = None
+        if len(inside) < len(rows):
+            base = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        seqs = [self._conditioned(rows[b], decisions[b].edit)[0] for b in inside]
+        cf_width = max(len(s) for s in seqs)
+        cf_ids = torch.full((len(seqs), cf_width), pad, dtype=torch.long)
+        cf_mask = torch.zeros((len(seqs), cf_width), dtype=torch.long)
+        for j, s in enumerate(seqs):
+            cf_ids[j, cf_width - len(s):] = torch.tensor(s, dtype=torch.long)
+            cf_mask[j, cf_width - len(s):] = 1
+        cf_kwargs = dict(kwargs)
+        if "max_length" in cf_kwargs and "max_new_tokens" not in cf_kwargs:
+            cf_kwargs["max_new_tokens"] = max(0, cf_kwargs.pop("max_length") - width)
+        device = input_ids.device
+        new = self.model.generate(input_ids=cf_ids.to(device), attention_mask=cf_mask.to(device),
+                                  **cf_kwargs)[:, cf_width:]
+        n_new = max(new.shape[1], base.shape[1] - width if base is not None else 0)
+        out = torch.full((len(rows), width + n_new), pad, dtype=input_ids.dtype, device=device)
+        if base is not None:
+            out[:, :base.shape[1]] = base
+        else:
+            out[:, :width] = input_ids
+        for j, b in enumerate(inside):
+            out[b, width:] = pad
+            out[b, width:width + new.shape[1]] = new[j]
+        return out
+
+    # --- asking -------------------------------------------------------------------------------------------------------
+    def ask(self, question: str, *, max_new_tokens: int = 32) -> Answer:
+        """Greedy answer to one question, and the decision that routed it (which edit shaped it, if any)."""
+        if not isinstance(question, str) or not question.strip():
+            raise ValidationError("the question must be a non-empty string")
+        ids = torch.tensor([encode_prompt(self.tokenizer, question)], dtype=torch.long, device=self.device)
+        out = self.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                            do_sample=False, pad_token_id=pad_id(self.tokenizer))
+        new = out[0, ids.shape[1]:].tolist()
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        if eos is not None and eos in new:
+            new = new[:new.index(eos)]
+        return Answer(question, self.tokenizer.decode(new, skip_special_tokens=True), self.last_routing[0])
+
+
+def measure_overhead(wrapper: AugmentedModel, prompts: Sequence[str], *, new_tokens: int = 16,
+                     repeats: int = 5) -> dict[str, Any]:
+    """Latency the wrapper adds on out-of-scope queries, against the base model's own greedy ``generate``.
+
+    For each prompt (one row), alternating base and wrapper runs ``repeats`` times each after one warm-up of each,
+    measures ``base.generate`` of ``new_tokens`` tokens, ``wrapper.generate`` of the same, and the routing step alone.
+    Returns medians in milliseconds and the ratios ``routing / base`` and ``(wrapper - base) / base``, taken over all
+    runs in this one call. Prompts that route in scope are reported and left out.
+    """
+    model, tok = wrapper.model, wrapper.tokenizer
+    base_ms, wrap_ms, route_ms, skipped = [], [], [], []
+    device = wrapper.device
+    for prompt in prompts:
+        ids = torch.tensor([encode_prompt(tok, prompt)], dtype=torch.long, device=device)
+        kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id(tok))
+        if wrapper.route_rows([ids[0].tolist()])[0].in_scope:
+            skipped.append(prompt)
+            continue
+        with torch.no_grad():
+            model.generate(**kw), wrapper.generate(**kw)  # warm-up
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                model.generate(**kw)
+                t1 = time.perf_counter()
+                wrapper.generate(**kw)
+                t2 = time.perf_counter()
+                wrapper.route_rows([ids[0].tolist()])
+                t3 = time.perf_counter()
+                base_ms.append((t1 - t0) * 1e3), wrap_ms.append((t2 - t1) * 1e3), route_ms.append((t3 - t2) * 1e3)
+    if not base_ms:
+        raise ValidationError("every prompt routed in scope: give out-of-scope prompts to measure the overhead")
+    base, wrap, route = statistics.median(base_ms), statistics.median(wrap_ms), statistics.median(route_ms)
+    return {"new_tokens": new_tokens, "runs": len(base_ms), "base_generate_ms": base, "wrapper_generate_ms": wrap,
+            "routing_ms": route, "routing_ratio": route / base, "wrapper_overhead_ratio": (wrap - base) / base,
+            "skipped_in_scope": skipped}

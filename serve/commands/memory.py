@@ -1,0 +1,202 @@
+"""Memory-editing commands: train a scope classifier, ask through the memory, measure routing and overhead.
+
+    editmem train-scope --data FILE [--name default] [--target-precision 0.98] [--encoder all-MiniLM-L6-v2]
+                        [--from-store] [--limit N] [--epochs E] [--hidden H]
+    editmem ask "question" [--method serac] [--model smollm2-135m] [-k 5] [--scope default] [--max-new-tokens 32]
+    editmem eval-scope --data FILE [--scope default] [--limit N] [-k 5]      (routing precision/recall at scale)
+    editmem bench-overhead [--model smollm2-135m] [--scope default] [--new-tokens 16] [--repeats 5]
+
+torch, transformers and the encoder are imported inside the handlers, so ``editmem --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from typing import Any
+
+from memory.errors import ValidationError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-scope", help="train and calibrate a scope classifier from edit data or the store",
+                       description="Train the scope head (and calibrate the cosine baseline) on pairs mined from "
+                                   "edit cases; save it under $EDITMEM_CACHE/scope/NAME/vN.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="data file with rephrases and locality prompts (e.g. counterfact-train.json)")
+    src.add_argument("--from-store", action="store_true", help="train on the edits in --store (their rephrases "
+                                                               "and locality probes in metadata)")
+    p.add_argument("--format", default="auto", help="data format (default: auto-detect)")
+    p.add_argument("--name", default="default", help="name to save under (default: %(default)s)")
+    p.add_argument("--target-precision", type=float, default=0.98, help="held-out precision the threshold is "
+                                                                          "chosen for (default: %(default)s)")
+    p.add_argument("--encoder", default="all-MiniLM-L6-v2", help="encoder (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N cases")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs")
+    p.add_argument("--hidden", type=int, default=None, help="hidden units of the head (0: logistic regression)")
+    p.add_argument("--save-cosine", action="store_true", help="also save the calibrated cosine baseline as "
+                                                              "NAME-cosine")
+    p.set_defaults(func=_train_scope)
+
+    p = sub.add_parser("ask", help="answer a question through the edit memory and say which edit shaped it")
+    p.add_argument("question")
+    p.add_argument("--method", default="serac", choices=["serac"], help="memory method (default: %(default)s)")
+    p.add_argument("--model", default="smollm2-135m", help="model alias or local folder (default: %(default)s)")
+    p.add_argument("-k", type=int, default=5, help="candidates retrieved (default: %(default)s)")
+    p.add_argument("--scope", default="default", help="scope classifier name or 'cosine' (default: %(default)s)")
+    p.add_argument("--threshold", type=float, default=None, help="override the classifier's threshold")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.set_defaults(func=_ask)
+
+    p = sub.add_parser("eval-scope", help="routing precision/recall with every case of a file in one store")
+    p.add_argument("--data", required=True)
+    p.add_argument("--format", default="auto")
+    p.add_argument("--scope", default="default", help="scope classifier name or 'cosine' (default: %(default)s)")
+    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("-k", type=int, default=5)
+    p.add_argument("--json", dest="json_out", default=None, help="also write the report to this file")
+    p.set_defaults(func=_eval_scope)
+
+    p = sub.add_parser("bench-overhead", help="latency the memory wrapper adds to generate on out-of-scope queries")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--scope", default="default")
+    p.add_argument("--data", default=None, help="edit cases to fill the store with (default: none stored)")
+    p.add_argument("--limit", type=int, default=1000)
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=5)
+    p.set_defaults(func=_bench_overhead)
+
+
+def _positive(value: Any, flag: str) -> None:
+    if value is not None and value < 1:
+        raise ValidationError(f"{flag} must be >= 1, got {value}")
+
+
+def _train_scope(args: argparse.Namespace) -> int:
+    _positive(args.limit, "--limit")
+    from memory.encoder import get_encoder
+    from scope.classifier import save_scope
+    from scope.train import TrainSettings, train_scope
+
+    overrides: dict[str, Any] = {"target_precision": args.target_precision}
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    if args.hidden is not None:
+        overrides["hidden"] = args.hidden
+    settings = TrainSettings(**overrides)
+    if args.from_store:
+        from memory.formats import case_from_record
+        from memory.store import EditMemory
+
+        with EditMemory.open(args.store, create=False) as mem:
+            cases = [case_from_record(r) for r in mem]
+        source = f"store {args.store}"
+    else:
+        from memory.formats import read_cases
+
+        cases = read_cases(args.data, args.format)
+        source = args.data
+    if args.limit is not None:
+        cases = cases[:args.limit]
+    head, cosine, report = train_scope(cases, get_encoder(args.encoder), settings, progress=True, source=source)
+    head.info["command"] = " ".join(shlex.quote(a) for a in ["editmem", *sys.argv[1:]])
+    folder = save_scope(head, args.name)
+    if args.save_cosine:
+        save_scope(cosine, f"{args.name}-cosine")
+    h, c = report["heldout"]["head"], report["heldout"]["cosine"]
+    print(f"scope classifier {args.name!r} v{head.info['version']} saved to {folder}")
+    print(f"pairs: {report['pairs']['train_pairs']} training, {report['pairs']['heldout_pairs']} held out "
+          f"({report['pairs']['heldout_cases']} held-out cases)")
+    for label, m in (("trained head", h), ("cosine baseline", c)):
+        cal = m["calibration"]
+        print(f"{label:16s} threshold {cal['threshold']:.4f}  held-out precision {m['precision']:.4f}  recall "
+              f"{m['recall']:.4f}  (rephrase recall {m.get('rephrase_recall', float('nan')):.4f}, locality FP "
+              f"rate {m.get('locality_false_positive_rate', float('nan')):.4f})"
+              + ("" if cal["met"] else "  TARGET PRECISION NOT MET"))
+    return 0
+
+
+def _classifier(scope: str, threshold: float | None) -> Any:
+    from editors.serac import load_classifier
+
+    return load_classifier(scope, threshold=threshold)
+
+
+def _ask(args: argparse.Namespace) -> int:
+    if not args.question.strip():
+        raise ValidationError("the question must not be empty")
+    _positive(args.k, "-k")
+    from editors.augmented import AugmentedModel
+    from editors.models import load_model
+    from memory.encoder import get_encoder
+    from memory.store import EditMemory
+    from scope.router import CachingEncoder
+
+    clf = _classifier(args.scope, args.threshold)
+    with EditMemory.open(args.store, create=False) as probe:
+        encoder_name = probe.encoder.name
+    clf.check_encoder(encoder_name)
+    model, tok = load_model(args.model)
+    with EditMemory.open(args.store, create=False, encoder=CachingEncoder(get_encoder(encoder_name))) as mem:
+        wrapper = AugmentedModel(model, tok, mem, clf, k=args.k)
+        answer = wrapper.ask(args.question, max_new_tokens=args.max_new_tokens)
+    print(answer.text.strip())
+    d = answer.decision
+    if d.edit is not None:
+        print(f"-- shaped by edit {d.edit.id} v{d.edit.version} (score {d.score:.3f}, threshold {d.threshold:.3f}): "
+              f"{d.edit.prompt} -> {d.edit.target_new}")
+    else:
+        print(f"-- no edit in scope; the base model answered ({d.describe()})")
+    return 0
+
+
+def _eval_scope(args: argparse.Namespace) -> int:
+    _positive(args.limit, "--limit")
+    from memory.encoder import get_encoder
+    from memory.formats import read_cases
+    from memory.store import EditMemory
+    from scope.evaluate import routing_report
+    from scope.router import CachingEncoder, Router
+
+    clf = _classifier(args.scope, args.threshold)
+    cases = read_cases(args.data, args.format)[:args.limit]
+    encoder = CachingEncoder(get_encoder(clf.encoder or "all-MiniLM-L6-v2"))
+    with EditMemory.open("sqlite://", encoder=encoder) as mem:
+        records = mem.add_many([{"prompt": c.prompt, "target_new": c.target_new, "subject": c.subject}
+                                for c in cases], progress=True)
+        report = routing_report(Router(mem, clf, k=args.k), cases, [r.id for r in records], progress=True)
+    report["scope"] = {"name": args.scope, "version": clf.info.get("version"), "kind": clf.kind}
+    report["data"] = args.data
+    print(json.dumps(report, indent=2))
+    if args.json_out:
+        with open(args.json_out, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+def _bench_overhead(args: argparse.Namespace) -> int:
+    from editors.augmented import AugmentedModel, measure_overhead
+    from editors.models import load_model
+    from memory.encoder import get_encoder
+    from memory.store import EditMemory
+    from scope.router import CachingEncoder
+
+    clf = _classifier(args.scope, None)
+    model, tok = load_model(args.model)
+    encoder = CachingEncoder(get_encoder(clf.encoder or "all-MiniLM-L6-v2"))
+    prompts = ["The tallest mountain on Earth is", "Water boils at a temperature of", "The author of Hamlet is",
+               "A popular programming language is", "The largest ocean in the world is"]
+    with EditMemory.open("sqlite://", encoder=encoder) as mem:
+        if args.data:
+            from memory.formats import read_cases
+
+            cases = read_cases(args.data)[:args.limit]
+            mem.add_many([{"prompt": c.prompt, "target_new": c.target_new, "subject": c.subject} for c in cases])
+        wrapper = AugmentedModel(model, tok, mem, clf)
+        report = measure_overhead(wrapper, prompts, new_tokens=args.new_tokens, repeats=args.repeats)
+        report["stored_edits"] = len(mem)
+    print(json.dumps(report, indent=2))
+    return 0
