@@ -230,7 +230,7 @@ def test_cli_eval(model_folder, tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["eval", "--data", str(data), "--methods", "none,ft", "--model", str(model_folder), "--limit", "2",
                  "--mode", "sequential", "--checkpoints", "1", "--protocol", "both", "--set", "ft.steps=3",
-                 "--set", "ft.norm_constraint=null", "--out", str(out), "--no-plots"])
+                 "--set", "ft.norm_constraint=null", "--fluency-tokens", "5", "--out", str(out), "--no-plots"])
     printed = capsys.readouterr().out
     assert code == 0
     assert "| none |" in printed and "| ft |" in printed and "Protocol: generate" in printed
@@ -241,7 +241,8 @@ def test_cli_eval(model_folder, tmp_path, capsys):
     assert [c["n_edits"] for c in summary["methods"]["ft"]["checkpoints"]] == [1, 2]
     assert len((out / "cases.jsonl").read_text().splitlines()) == 4
     report = (out / "report.md").read_text()
-    assert "editmem eval --data" in report and "--set ft.steps=3" in report
+    assert "editmem eval --data" in report and "--set ft.steps=3" in report and "--fluency-tokens 5" in report
+    assert "5 greedy new tokens" in report
 
 
 @pytest.mark.parametrize("args, message", [
@@ -249,6 +250,7 @@ def test_cli_eval(model_folder, tmp_path, capsys):
     (["--methods", "none", "--checkpoints", "a,b", "--mode", "sequential"], "--checkpoints"),
     (["--methods", "none", "--set", "ft"], "METHOD.KEY=VALUE"),
     (["--methods", "none", "--mode", "batch", "--batch-size", "0"], "batch_size"),
+    (["--methods", "none", "--fluency-tokens", "-1"], "fluency_tokens"),
 ])
 def test_cli_user_errors_are_one_line(model_folder, tmp_path, capsys, args, message):
     from serve.cli import main

@@ -2,7 +2,7 @@
 
     editmem eval --data FILE [--format auto] --methods none,ft --model smollm2-135m [--limit N]
                  [--mode single|batch|sequential] [--batch-size B] [--checkpoints 10,100,1000]
-                 [--protocol teacher-forced|generate|both] [--set ft.lr=1e-3 ...] --out DIR
+                 [--protocol teacher-forced|generate|both] [--fluency-tokens 50] [--set ft.lr=1e-3 ...] --out DIR
 
 Writes summary.json, cases.jsonl, report.md and PNG plots into DIR (see :mod:`eval.harness`). torch and transformers
 are imported inside the handler, so ``editmem --help`` stays fast.
@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "checkpoint before the last, which measures all (default: %(default)s)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="teacher-forced",
                    help="metric protocol (default: %(default)s)")
+    p.add_argument("--fluency-tokens", type=int, default=50,
+                   help="greedy new tokens generated from each edit prompt for fluency; 0 skips fluency "
+                        "(default: %(default)s)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="override an editor setting, e.g. ft.lr=1e-3 (value parsed as JSON, else a string); "
                         "repeatable")
@@ -91,6 +94,8 @@ def _command_line(args: argparse.Namespace) -> str:
         parts += ["--checkpoints", args.checkpoints]
     if args.mode == "sequential":
         parts += ["--checkpoint-sample", str(args.checkpoint_sample)]
+    if args.fluency_tokens != 50:
+        parts += ["--fluency-tokens", str(args.fluency_tokens)]
     for item in args.overrides:
         parts += ["--set", item]
     if args.no_plots:
@@ -109,8 +114,10 @@ def run_eval_command(args: argparse.Namespace) -> int:
     from editors.models import load_model
     from eval.datasets import load_cases
     from eval.harness import run_eval
+    from eval.metrics import MetricSettings
     from eval.report import format_table
 
+    metric_settings = MetricSettings(fluency_tokens=args.fluency_tokens)
     cases = load_cases(data, format=args.format, limit=args.limit)
     if not cases:
         raise ValidationError(f"{data}: no cases to evaluate")
@@ -119,7 +126,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     summary = run_eval(model, tokenizer, cases, methods, mode=args.mode, batch_size=args.batch_size,
                        checkpoints=checkpoints, protocol=args.protocol, out_dir=args.out, model_name=args.model,
                        dataset_name=data.name, editor_overrides=overrides, command=command,
-                       checkpoint_sample=args.checkpoint_sample,
+                       checkpoint_sample=args.checkpoint_sample, metric_settings=metric_settings,
                        plots=not args.no_plots)
     print(f"model {args.model} · data {data.name} ({summary['n_cases']} cases) · protocol {summary['protocol']} · "
           f"mode {summary['mode']}")
