@@ -27,3 +27,15 @@ def pg_url() -> str:
             pytest.fail("CI=true but EDITMEM_TEST_PG_URL is not set: .ci/run should have started PostgreSQL")
         pytest.skip("no PostgreSQL (set EDITMEM_TEST_PG_URL)")
     return url
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Run the suite with one intra-op thread. Tiny models gain nothing from more, and on a shared 2-core machine
+    OpenMP's spinning threads make them 15x (and worse) slower. The setting is put back at the end."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,13 +18,6 @@ REQUESTS = [EditRequest("The capital of France is", "Rome", subject="France"),
             EditRequest("Marie Curie was born in", "Tokyo", subject="Marie Curie")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models are dominated by OpenMP synchronisation when the cores are busy; one thread is 50x faster then.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _snapshot(model):

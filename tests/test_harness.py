@@ -26,14 +26,6 @@ FT_FAST = {"lr": 0.05, "steps": 8, "norm_constraint": None}
 FAST_METRICS = MetricSettings(fluency_tokens=6)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's spinning makes them
-    ~15x slower; run this module single-threaded and put the setting back afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _cases() -> list[EditCase]:

@@ -17,14 +17,6 @@ from memory.records import EditCase, Probe
 from tests.tiny import tiny_model, tiny_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's spinning makes them
-    ~15x slower; run this module single-threaded and put the setting back afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class BigramLM(torch.nn.Module):

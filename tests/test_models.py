@@ -17,13 +17,6 @@ from memory.errors import EditmemError, ValidationError
 from tests.tiny import TINY_ARCHS, smollm2, tiny_model, tiny_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models are dominated by OpenMP synchronisation when the cores are busy; one thread is 50x faster then.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _extra_model(model_type: str):
