@@ -1,8 +1,10 @@
 """`editmem demo`: the main job, a short walk through the store that a new user can watch.
 
-It creates a store in a temporary folder (or uses ``--store`` when given explicitly), adds a handful of edits written
-for the demo, asks questions (in scope, rephrased, unrelated) and shows which edit the retrieval finds, then updates
-and rolls back one edit and shows the answer follow, and prints the edit's history.
+It creates a store in a temporary folder (or uses ``--store`` / ``EDITMEM_STORE`` when given), loads the default
+model, and asks questions (in scope, rephrased, unrelated) through the memory-augmented model before and after adding
+a handful of edits written for the demo, showing which edit (id, version) shaped each answer. It then corrects, rolls
+back and retracts edits and shows the answer follow each change, and prints an edit's history. Scope here is the
+untrained cosine threshold, so that the demo needs no training step.
 """
 
 from __future__ import annotations
@@ -25,19 +27,22 @@ DEMO_EDITS = (
 )
 
 DEMO_QUESTIONS = (
-    ("in scope", "The capital of Australia is"),
+    ("edit", "The capital of Australia is"),
     ("rephrased", "Which city is the capital of Australia?"),
+    ("edit", "The official language of Brazil is"),
     ("rephrased", "Who leads Acme Robotics as chief executive?"),
-    ("rephrased", "What language do people speak in Brazil?"),
+    ("unrelated", "The capital of France is"),
     ("unrelated", "The tallest mountain on Earth is"),
 )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="walk through the store: add edits, ask, update, roll back (the main job)")
+    p = sub.add_parser("demo", help="add edits, ask the model before and after, update, roll back (the main job)")
+    p.add_argument("--model", default="smollm2-135m", help="model alias or local folder (default: %(default)s)")
     p.add_argument("--threshold", type=float, default=0.5,
                    help="cosine similarity at or above which a question counts as inside an edit (default 0.5; "
-                        "the trained scope classifier replaces this)")
+                        "a trained scope classifier replaces this: see `editmem train-scope`)")
+    p.add_argument("--max-new-tokens", type=int, default=8)
     p.set_defaults(func=run_demo)
 
 
@@ -45,55 +50,73 @@ def _line(text: str = "") -> None:
     print(text, flush=True)
 
 
-def _ask(mem, question: str, threshold: float) -> str:
-    hits = mem.search(question, k=1)
-    if not hits or hits[0].score < threshold:
-        best = f" (closest edit scores {hits[0].score:.2f})" if hits else ""
-        return f"no stored edit applies{best} -> the base model would answer"
-    hit = hits[0]
-    e = hit.edit
-    return f"edit #{e.id} v{e.version} (score {hit.score:.2f}): {e.prompt} -> {e.target_new}"
+def _short(text: str) -> str:
+    text = " ".join(text.split())
+    for stop in (".", "\n"):
+        if stop in text:
+            text = text.split(stop, 1)[0]
+    return text.strip() or "(nothing)"
+
+
+def _ask(wrapper, question: str, max_new_tokens: int) -> str:
+    answer = wrapper.ask(question, max_new_tokens=max_new_tokens)
+    d = answer.decision
+    if d.edit is None:
+        return f"{_short(answer.text)!r:28} [base model: no edit in scope]"
+    return f"{_short(answer.text)!r:28} [edit #{d.edit.id} v{d.edit.version}, score {d.score:.2f}]"
+
+
+def _ask_all(wrapper, questions, max_new_tokens: int) -> None:
+    for kind, question in questions:
+        _line(f"   [{kind:9}] {question:48} -> {_ask(wrapper, question, max_new_tokens)}")
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from editors.augmented import AugmentedModel
+    from editors.models import load_model
     from memory import EditMemory
+    from scope.classifier import CosineScope
 
     started = time.perf_counter()
-    explicit = args.store_given
     with tempfile.TemporaryDirectory(prefix="editmem-demo-") as tmp:
-        url = args.store if explicit else f"sqlite:///{Path(tmp) / 'demo.db'}"
+        url = args.store if args.store_given else f"sqlite:///{Path(tmp) / 'demo.db'}"
         _line(f"== editmem demo: store at {url}")
+        model, tokenizer = load_model(args.model)
+        _line(f"   model: {args.model} ({type(model).__name__}), loaded in {time.perf_counter() - started:.1f} s")
         with EditMemory.open(url) as mem:
-            _line(f"   encoder: {mem.encoder.name}; {len(mem)} edits stored")
+            scope = CosineScope(threshold=args.threshold, encoder=mem.encoder.name)
+            wrapper = AugmentedModel(model, tokenizer, mem, scope)
+            _line(f"   encoder: {mem.encoder.name}; scope: cosine >= {args.threshold}; {len(mem)} edits stored")
             _line()
-            _line("== 1. add edits")
+            _line("== 1. before any edit: the base model answers")
+            _ask_all(wrapper, DEMO_QUESTIONS, args.max_new_tokens)
+            _line()
+            _line("== 2. add edits")
             records = mem.add_many(DEMO_EDITS)
             for r in records:
                 _line(f"   #{r.id} v{r.version}: {r.prompt} -> {r.target_new}")
             _line()
-            _line("== 2. ask: which stored edit, if any, covers each question")
-            for kind, question in DEMO_QUESTIONS:
-                _line(f"   [{kind:9}] {question}")
-                _line(f"               {_ask(mem, question, args.threshold)}")
+            _line("== 3. ask again: the edit prompts, rephrasings, and unrelated questions")
+            _ask_all(wrapper, DEMO_QUESTIONS, args.max_new_tokens)
             _line()
             capital = records[0]
-            question = "Which city is the capital of Australia?"
-            _line(f"== 3. correct edit #{capital.id}: the capital is now Sydney")
-            updated = mem.update(capital.id, target_new="Sydney")
+            follow = (("rephrased", "Which city is the capital of Australia?"),)
+            _line(f"== 4. correct edit #{capital.id}: the capital is now Perth")
+            updated = mem.update(capital.id, target_new="Perth")
             _line(f"   #{updated.id} is now at v{updated.version}")
-            _line(f"   {question}\n               {_ask(mem, question, args.threshold)}")
+            _ask_all(wrapper, follow, args.max_new_tokens)
             _line()
-            _line(f"== 4. roll edit #{capital.id} back to v1")
+            _line(f"== 5. roll edit #{capital.id} back to v1")
             rolled = mem.rollback(capital.id, 1)
             _line(f"   #{rolled.id} is now at v{rolled.version} (a new version equal to v1; nothing overwritten)")
-            _line(f"   {question}\n               {_ask(mem, question, args.threshold)}")
+            _ask_all(wrapper, follow, args.max_new_tokens)
             _line()
-            _line(f"== 5. retract edit #{records[4].id} (Eiffel Tower)")
-            mem.delete(records[4].id)
-            q = "Where is the Eiffel Tower?"
-            _line(f"   {q}\n               {_ask(mem, q, args.threshold)}")
+            tower = records[4]
+            _line(f"== 6. retract edit #{tower.id} (Eiffel Tower): the base model answers again")
+            mem.delete(tower.id)
+            _ask_all(wrapper, (("edit", tower.prompt),), args.max_new_tokens)
             _line()
-            _line(f"== 6. history of edit #{capital.id}")
+            _line(f"== 7. history of edit #{capital.id}")
             for v in mem.history(capital.id):
                 state = "deleted" if v.deleted else ("current" if v.valid_to is None else "closed")
                 _line(f"   v{v.version} [{state:7}] {v.prompt} -> {v.target_new}")
