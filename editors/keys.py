@@ -105,12 +105,14 @@ def context_prefixes(model: torch.nn.Module, tokenizer: Any, n: int = 5, length:
     prefixes = [""]
     for i in range(n):
         ids = torch.tensor([encode_prompt(tokenizer, START_WORDS[i % len(START_WORDS)])], dtype=torch.long)
+        past, step_ids = None, ids
         with torch.no_grad():
             for _ in range(length):
-                logits = model(input_ids=ids.to(device), use_cache=False).logits[0, -1].float().cpu()
+                out = model(input_ids=step_ids.to(device), past_key_values=past, use_cache=True)
+                past, logits = out.past_key_values, out.logits[0, -1].float().cpu()
                 top = logits.topk(min(5, logits.numel()))
-                pick = top.indices[torch.multinomial(top.values.softmax(-1), 1, generator=generator)]
-                ids = torch.cat([ids, pick.view(1, 1)], dim=1)
+                step_ids = top.indices[torch.multinomial(top.values.softmax(-1), 1, generator=generator)].view(1, 1)
+                ids = torch.cat([ids, step_ids], dim=1)
         text = tokenizer.decode(ids[0].tolist(), skip_special_tokens=True)
         text = " ".join(text.replace("{", " ").replace("}", " ").split())
         prefixes.append(text + ". ")

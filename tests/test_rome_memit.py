@@ -265,6 +265,22 @@ def test_value_options_defaults_match_settings():
     assert get_editor("rome", model, tok).settings.value_options() == ValueOptions()
 
 
+@pytest.mark.parametrize("mode", ["single", "batch"])
+def test_harness_runs_rome_and_memit(tmp_path, mode):
+    """Registered by name, the harness runs both and finds the model bit-identical afterwards."""
+    from eval.harness import run_eval
+    from memory.records import EditCase, Probe
+
+    model, tok = tiny_model("gpt2")
+    cases = [EditCase(prompt=f"The capital city of {c}", target_new=t, subject=c, rephrases=(f"{c} has its capital",),
+                      locality=(Probe("The capital of Germany is", "Berlin"),), case_id=c)
+             for c, t in [("France", "Rome"), ("Japan", "Oslo")]]
+    summary = run_eval(model, tok, cases, ["rome", "memit"], mode=mode, batch_size=2 if mode == "batch" else 1,
+                       out_dir=tmp_path, editor_overrides=TINY, progress=False, plots=False)
+    for name in METHODS:
+        assert summary["methods"][name]["n"] == 2 and summary["methods"][name]["edit_seconds"] > 0
+
+
 # ---------------------------------------------------------------------------------------------- the real model
 
 
