@@ -17,11 +17,13 @@ Many facts at once, spread over the MLP output projections of a window of consec
 
 Defaults (:func:`default_settings`):
 
-- ``layers``: :func:`default_layers`; for SmolLM2-135M (30 layers) layers 3-7 (provisional: MEMIT edits GPT-J at
-  layers 3-8 of 28; EasyEdit edits Llama-2-7B at 4-8 of 32).
-- ``mom2_update_weight`` 15,000 (MEMIT's GPT-J value; EasyEdit's Llama value), ``clamp_norm_factor`` 0.75 (MEMIT;
-  relative to the residual stream's norm, hence smaller than ROME's 4), the rest of the value optimisation, the
-  context prefixes and the statistics as for ROME (:class:`editors.rome.LocateSettings`).
+- ``layers``: :func:`default_layers`; for SmolLM2-135M (30 layers) layers 3-7, the depth ratio of MEMIT's GPT-J
+  window (3-8 of 28) and EasyEdit's Llama-2-7B one (4-8 of 32). On 10 CounterFact cases (with lambda 15,000) layers
+  1-5 did no better (notes/rome_memit.md); other windows were not tried with the final lambda.
+- ``mom2_update_weight``: :func:`default_mom2_update_weight`, MEMIT's GPT-J value 15,000 scaled by the key width
+  (SmolLM2-135M: 1,400; on 10 CounterFact cases 15,000 gave reliability 0.5, 1,500 and 300 gave 1.0);
+  ``clamp_norm_factor`` 0.75 (MEMIT; relative to the residual stream's norm, hence smaller than ROME's 4); the rest
+  of the value optimisation, the context prefixes and the statistics as for ROME (:class:`editors.rome.LocateSettings`).
 
 Compute, then apply: :meth:`MEMITEditor.compute` returns ``{parameter name: delta}`` for every window layer and writes
 nothing; :meth:`MEMITEditor.apply` adds them through :meth:`WeightEditHandle.add_deltas`.
@@ -38,14 +40,14 @@ import torch
 
 from editors.base import EditorSettings, EditRequest, WeightEditHandle, register_editor
 from editors.keys import activations_at, encode_row, mlp_keys
-from editors.models import layer_module, num_layers, param_name
+from editors.models import arch_spec, layer_module, num_layers, param_name
 from editors.rome import LocateEditor, LocateSettings, as_weight_delta, check_requests
 from editors.values import check_positive, optimize_value
 from memory.errors import ValidationError
 
 log = logging.getLogger(__name__)
 
-# Where MEMIT's window starts and how wide it is, as fractions of the depth (provisional).
+# Where MEMIT's window starts and how wide it is, as fractions of the depth (see the module docstring).
 DEFAULT_START_FRACTION = 3 / 30
 DEFAULT_WIDTH_FRACTION = 5 / 30
 
@@ -58,6 +60,19 @@ def default_layers(model: torch.nn.Module) -> tuple[int, ...]:
     width = max(2, round(n * DEFAULT_WIDTH_FRACTION))
     start = min(start, max(n - width, 0))
     return tuple(range(start, min(start + width, n)))
+
+
+def default_mom2_update_weight(model: torch.nn.Module) -> float:
+    """MEMIT's GPT-J value 15,000 scaled by the key width (``d_in / 16384``), rounded to hundreds, at least 100.
+
+    One key's share of ``lambda * C + k k^T`` goes with ``k^T (lambda C)^-1 k``, about ``d_in / lambda`` for a typical
+    key, so keeping GPT-J's balance means scaling lambda with ``d_in`` (SmolLM2-135M, d_in 1536: 1,400; with 15,000 a
+    single edit wrote about a tenth of its residual per layer and only half the CounterFact edits held).
+    """
+    spec = arch_spec(model)
+    weight = layer_module(model, 0, "mlp_out").weight
+    d_in = weight.shape[0] if spec.weight_layout == "in_out" else weight.shape[1]
+    return float(max(100, round(15_000 * d_in / 16_384, -2)))
 
 
 @dataclass(frozen=True)
@@ -95,7 +110,7 @@ class MEMITEditor(LocateEditor):
 
     @classmethod
     def default_settings(cls, model: torch.nn.Module) -> MEMITSettings:
-        return MEMITSettings(layers=default_layers(model))
+        return MEMITSettings(layers=default_layers(model), mom2_update_weight=default_mom2_update_weight(model))
 
     def edit_layers(self) -> tuple[int, ...]:
         layers = self.settings.layers if self.settings.layers is not None else default_layers(self.model)

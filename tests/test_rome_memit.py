@@ -16,7 +16,7 @@ import torch
 from editors import EditRequest, WeightEditHandle, get_editor
 from editors.hooks import add_at, capture, forward, stop_after
 from editors.keys import context_prefixes, encode_row, subject_last_index
-from editors.memit import MEMITSettings, default_layers
+from editors.memit import MEMITSettings, default_layers, default_mom2_update_weight
 from editors.models import UnsupportedArchitectureError, param_name
 from editors.rome import ROMESettings, default_layer
 from editors.tokens import encode_batch, target_logprob
@@ -215,7 +215,8 @@ def test_context_prefixes_are_deterministic_and_leave_the_global_rng():
 def test_defaults_for_the_architecture():
     model, tok = tiny_model("llama")
     assert get_editor("rome", model, tok).settings == ROMESettings(layer=1)
-    assert get_editor("memit", model, tok).settings == MEMITSettings(layers=(1, 2))
+    assert get_editor("memit", model, tok).settings == MEMITSettings(layers=(1, 2), mom2_update_weight=100.0)
+    assert default_mom2_update_weight(model) == 100.0  # 15000 * 128 / 16384 = 117 -> the floor of 100
     s = get_editor("rome", model, tok).settings
     assert (s.v_lr, s.v_steps, s.v_weight_decay, s.clamp_norm_factor, s.kl_factor) == (0.5, 20, 0.5, 4.0, 0.0625)
     assert get_editor("memit", model, tok).settings.clamp_norm_factor == 0.75
@@ -293,14 +294,15 @@ def test_rome_counterfact_edit_on_smollm2(monkeypatch, tmp_path, data_dir):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        editor = get_editor("rome", model, tok, stats_corpus=str(corpus), stats_tokens=2000)
+        editor = get_editor("rome", model, tok, stats_corpus=str(corpus), stats_tokens=2000, n_prefixes=3,
+                            prefix_tokens=5)
         assert editor.settings.layer == default_layer(model) == 4
         original = _snapshot(model)
-        before = _target_logprobs(model, tok, request)
+        neighbour = [EditRequest("Michel Rocard is a native speaker of", "French")]
+        before, other_before = _target_logprobs(model, tok, request), _target_logprobs(model, tok, neighbour)
         handle = editor.apply(request)
         try:
-            after = _target_logprobs(model, tok, request)
-            other = _target_logprobs(model, tok, [EditRequest("The mother tongue of Michel Rocard is", "French")])
+            after, other_after = _target_logprobs(model, tok, request), _target_logprobs(model, tok, neighbour)
         finally:
             handle.restore()
     finally:
@@ -308,4 +310,4 @@ def test_rome_counterfact_edit_on_smollm2(monkeypatch, tmp_path, data_dir):
     assert _same(model, original)
     assert "corpus wikitext-2-raw_wiki.test.raw (2000 tokens" in editor.stats_source
     assert after.exp().item() > 0.5 > before.exp().item(), (before, after)
-    assert other.exp().item() > 0.1  # a neighbouring fact is still likely
+    assert abs(other_after.item() - other_before.item()) < 0.5  # a neighbouring fact barely moves (nats)
