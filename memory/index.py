@@ -59,6 +59,7 @@ class VectorIndex:
         self.dim = header.dim
         self.kind = header.kind
         self.seq = header.seq
+        self.ef_search = HNSW_EF_SEARCH  # HNSW search depth: higher is more exact and slower
         self.dirty = True
         self._index = faiss_index if faiss_index is not None else _new_faiss(header.kind, header.dim)
         self._ids: set[int] = set(int(i) for i in faiss.vector_to_array(self._index.id_map)) \
@@ -125,7 +126,7 @@ class VectorIndex:
         k_eff = min(k, n_live)
         params = None
         if self.kind == "hnsw":
-            params = faiss.SearchParametersHNSW(efSearch=max(HNSW_EF_SEARCH, 2 * k_eff))
+            params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, 2 * k_eff))
             if self._stale:
                 batch = faiss.IDSelectorBatch(np.fromiter(self._stale, dtype=np.int64, count=len(self._stale)))
                 selector = faiss.IDSelectorNot(batch)

@@ -18,3 +18,12 @@ def test_store_bench_runs_and_writes_its_section(data_dir, tmp_path):
     write_section(out, "store", render_markdown(results, "cmd"))  # replaces, does not append twice
     text = out.read_text()
     assert text.count("<!-- bench:store:start -->") == 1 and "intro" in text and "import throughput" in text
+
+
+def test_store_bench_runs_only_the_parts_asked_for(data_dir):
+    settings = StoreBenchSettings(data_dir=data_dir, encoder="hashing-64", hnsw_n=2000, hnsw_queries=20,
+                                  parts=("hnsw",))
+    results = run_store_bench(settings, progress=False)
+    assert "hnsw" in results and not {"import", "search", "recall"} & set(results)
+    assert [s["ef_search"] for s in results["hnsw"]["sweep"]] == sorted(s["ef_search"] for s in results["hnsw"]["sweep"])
+    assert "HNSW" in render_markdown(results, "cmd")

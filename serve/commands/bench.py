@@ -22,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--queries", type=int, default=200)
     s.add_argument("--hnsw-n", type=int, default=1_000_000, help="synthetic vectors for HNSW; 0 skips")
     s.add_argument("--no-recall", action="store_true", help="skip recall@1 over all 21,919 CounterFact edits")
+    s.add_argument("--only", default=None,
+                   help="comma-separated parts to run (import, search, recall, hnsw); the others are kept from --json")
     s.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="markdown file to update")
     s.add_argument("--json", type=Path, default=Path("bench_out/store.json"), help="raw results")
     s.set_defaults(func=run_store)
@@ -29,15 +31,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_store(args: argparse.Namespace) -> int:
     from memory.errors import ValidationError
-    from serve.bench_store import SECTION, StoreBenchSettings, render_markdown, run_store_bench, write_section
+    from serve.bench_store import PARTS, SECTION, StoreBenchSettings, render_markdown, run_store_bench, write_section
 
     try:
         sizes = tuple(int(x) for x in args.sizes.split(","))
     except ValueError:
         raise ValidationError(f"--sizes must be comma-separated integers, got {args.sizes!r}") from None
+    parts = tuple(p.strip() for p in args.only.split(",")) if args.only else PARTS
     settings = StoreBenchSettings(data_dir=args.data, encoder=args.encoder, import_n=min(sizes), sizes=sizes,
-                                  n_queries=args.queries, hnsw_n=args.hnsw_n, recall_all=not args.no_recall)
+                                  n_queries=args.queries, hnsw_n=args.hnsw_n, recall_all=not args.no_recall,
+                                  parts=parts)
     results = run_store_bench(settings)
+    if args.only and args.json.exists():  # keep the earlier results of the parts not run now
+        earlier = json.loads(args.json.read_text(encoding="utf-8"))
+        results = {**earlier, **results, "machine": results["machine"]}
     command = "editmem " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("editmem") \
         else "editmem bench store"
     body = render_markdown(results, command)
