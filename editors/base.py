@@ -43,6 +43,21 @@ class EditRequest:
             raise ValidationError(f"subject {self.subject!r} does not occur in prompt {self.prompt!r}")
 
 
+def check_requests(requests: Sequence[EditRequest], method: str, *, need_subject: bool = False) -> list[EditRequest]:
+    """The requests as a list; :class:`ValidationError` if there are none, one is not an :class:`EditRequest`, or
+    (with ``need_subject``) one has no subject, naming ``method`` in the message."""
+    requests = list(requests)
+    if not requests:
+        raise ValidationError("no edit requests given")
+    for request in requests:
+        if not isinstance(request, EditRequest):
+            raise ValidationError(f"expected EditRequest objects, got {type(request).__name__}")
+        if need_subject and not request.subject:
+            raise ValidationError(f"{method} needs the subject: the edit request for {request.prompt!r} has none "
+                                  "(the subject is where the fact is located and written)")
+    return requests
+
+
 class EditHandle(ABC):
     """What ``apply`` returns: enough to undo the edit exactly, and to save it and apply it again later."""
 

@@ -33,8 +33,8 @@ from typing import Any, Sequence
 
 import torch
 
-from editors.base import Editor, EditorSettings, EditRequest, WeightEditHandle, register_editor
-from editors.models import num_layers, param_name
+from editors.base import Editor, EditorSettings, EditRequest, WeightEditHandle, check_requests, register_editor
+from editors.models import check_layer, num_layers, param_name
 from editors.tokens import encode_batch, target_logprob
 from memory.errors import ValidationError
 
@@ -96,14 +96,11 @@ class FTEditor(Editor):
     def target_param(self) -> str:
         """Name of the parameter this editor trains, e.g. ``"model.layers.10.mlp.down_proj.weight"``."""
         layer = self.settings.layer if self.settings.layer is not None else default_layer(self.model)
-        n = num_layers(self.model)
-        if layer >= n:
-            raise ValidationError(f"FT layer {layer} does not exist: the model has {n} layers (0..{n - 1})")
-        return param_name(self.model, layer, "mlp_out")
+        return param_name(self.model, check_layer(self.model, layer, "FT"), "mlp_out")
 
     def compute(self, requests: Sequence[EditRequest]) -> dict[str, torch.Tensor]:
         """The new value of the edited weight, ``{parameter name: tensor}``; the model is left unchanged."""
-        requests = _check_requests(requests)
+        requests = check_requests(requests, "FT")
         s = self.settings
         model = self.model
         name = self.target_param()
@@ -158,13 +155,3 @@ class FTEditor(Editor):
 
     def apply(self, requests: Sequence[EditRequest]) -> WeightEditHandle:
         return WeightEditHandle.write(self.model, self.compute(requests))
-
-
-def _check_requests(requests: Sequence[EditRequest]) -> list[EditRequest]:
-    requests = list(requests)
-    if not requests:
-        raise ValidationError("no edit requests given")
-    for request in requests:
-        if not isinstance(request, EditRequest):
-            raise ValidationError(f"expected EditRequest objects, got {type(request).__name__}")
-    return requests

@@ -38,10 +38,10 @@ from typing import Sequence
 
 import torch
 
-from editors.base import EditorSettings, EditRequest, WeightEditHandle, register_editor
+from editors.base import EditorSettings, EditRequest, WeightEditHandle, check_requests, register_editor
 from editors.keys import activations_at, encode_row, mlp_keys
 from editors.models import arch_spec, layer_module, num_layers, param_name
-from editors.rome import LocateEditor, LocateSettings, as_weight_delta, check_requests
+from editors.rome import LocateEditor, LocateSettings, as_weight_delta
 from editors.values import check_positive, optimize_value
 from memory.errors import ValidationError
 
@@ -118,7 +118,7 @@ class MEMITEditor(LocateEditor):
 
     def compute(self, requests: Sequence[EditRequest]) -> dict[str, torch.Tensor]:
         """``{parameter name: delta}`` for the MLP output weight of every window layer; the model is not changed."""
-        requests = check_requests(requests, "MEMIT")
+        requests = check_requests(requests, "MEMIT", need_subject=True)
         t0 = time.perf_counter()
         model, tok, s = self.model, self.tokenizer, self.settings
         layers = self.edit_layers()

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 
-from memory.errors import EditmemError
+from memory.errors import EditmemError, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,13 @@ def num_layers(model: torch.nn.Module) -> int:
     """Number of transformer blocks."""
     return len(get_module(model, arch_spec(model).layers))
 
+
+def check_layer(model: torch.nn.Module, layer: int, who: str) -> int:
+    """``layer`` if the model has it, else :class:`ValidationError` naming ``who`` (an editor) and the valid range."""
+    n = num_layers(model)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
+        raise ValidationError(f"{who} layer {layer!r} does not exist: the model has {n} layers (0..{n - 1})")
+    return layer
 
 def _relative(spec: ArchSpec, which: str) -> str | None:
     if which == "block":

@@ -40,9 +40,9 @@ from typing import Any, Sequence
 
 import torch
 
-from editors.base import Editor, EditorSettings, EditRequest, WeightEditHandle, register_editor
+from editors.base import Editor, EditorSettings, EditRequest, WeightEditHandle, check_requests, register_editor
 from editors.keys import activations_at, context_prefixes, encode_row, mlp_keys
-from editors.models import arch_spec, layer_module, num_layers, param_name
+from editors.models import arch_spec, check_layer, layer_module, num_layers, param_name
 from editors.stats import LayerStats, editor_stats
 from editors.values import ValueOptions, check_positive, optimize_value
 from memory.errors import ValidationError
@@ -56,20 +56,6 @@ DEFAULT_LAYER_FRACTION = 4 / 30
 def default_layer(model: torch.nn.Module) -> int:
     """``round(num_layers * 4/30)``, at least 1 (SmolLM2-135M: 4 of 30; a 4-layer test model: 1)."""
     return max(1, round(num_layers(model) * DEFAULT_LAYER_FRACTION))
-
-
-def check_requests(requests: Sequence[EditRequest], method: str) -> list[EditRequest]:
-    """The requests as a list; :class:`ValidationError` if empty, not requests, or one has no subject."""
-    requests = list(requests)
-    if not requests:
-        raise ValidationError("no edit requests given")
-    for request in requests:
-        if not isinstance(request, EditRequest):
-            raise ValidationError(f"expected EditRequest objects, got {type(request).__name__}")
-        if not request.subject:
-            raise ValidationError(f"{method} needs the subject: the edit request for {request.prompt!r} has none "
-                                  "(the subject is where the fact is located and written)")
-    return requests
 
 
 @dataclass(frozen=True)
@@ -153,10 +139,7 @@ class LocateEditor(Editor):
         return self._prefixes
 
     def check_layer(self, layer: int) -> int:
-        n = num_layers(self.model)
-        if not 0 <= layer < n:
-            raise ValidationError(f"{self.name} layer {layer} does not exist: the model has {n} layers (0..{n - 1})")
-        return layer
+        return check_layer(self.model, layer, self.name)
 
     def layer_stats(self, layers: Sequence[int]) -> dict[int, LayerStats]:
         """``E[k k^T]`` at ``layers`` (identity where ``mom2_adjustment`` is off), kept for the editor's lifetime."""
@@ -210,7 +193,7 @@ class ROMEEditor(LocateEditor):
 
     def compute(self, requests: Sequence[EditRequest]) -> dict[str, torch.Tensor]:
         """``{parameter name: delta}`` for the edit layer's MLP output weight; the model is not changed."""
-        requests = check_requests(requests, "ROME")
+        requests = check_requests(requests, "ROME", need_subject=True)
         t0 = time.perf_counter()
         model, tok = self.model, self.tokenizer
         layer = self.edit_layer()

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import torch
 
 from editors.augmented import DEFAULT_CONTEXT, AugmentedModel, context_template
-from editors.base import EditHandle, Editor, EditorSettings, EditRequest, register_editor
+from editors.base import EditHandle, Editor, EditorSettings, EditRequest, check_requests, register_editor
 from memory.errors import EditmemError, NotFoundError, ValidationError
 
 log = logging.getLogger(__name__)
@@ -142,12 +142,7 @@ class SeracEditor(Editor):
         return self._wrapper
 
     def apply(self, requests: Sequence[EditRequest]) -> MemoryEditHandle:
-        requests = list(requests)
-        if not requests:
-            raise ValidationError("no edit requests given")
-        for r in requests:
-            if not isinstance(r, EditRequest):
-                raise ValidationError(f"expected EditRequest objects, got {type(r).__name__}")
+        requests = check_requests(requests, "SERAC")
         records = self.memory.add_many([{"prompt": r.prompt, "target_new": r.target_new, "subject": r.subject,
                                          "ground_truth": r.ground_truth} for r in requests])
         return MemoryEditHandle(self.memory, [(rec.id, rec.version) for rec in records])

@@ -42,7 +42,7 @@ from memory.records import EditCase
 
 from editors.base import EditRequest, available_editors, get_editor
 from eval.metrics import GENERATE, PROTOCOLS, TEACHER_FORCED, CaseScores, MetricSettings, aggregate, measure_case
-from eval.report import SUMMARY_SHAPE, write_report
+from eval.report import write_report
 
 log = logging.getLogger(__name__)
 

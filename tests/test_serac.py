@@ -14,7 +14,6 @@ from eval.harness import run_eval
 from eval.metrics import MetricSettings
 from memory.errors import ValidationError
 from memory.records import EditCase, Probe
-from memory.store import EditMemory
 from scope import ScopeError
 from tests.tiny import tiny_model
 
