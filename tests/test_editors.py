@@ -9,9 +9,8 @@ import torch
 from editors import EditRequest, NullHandle, WeightEditHandle, available_editors, get_editor
 from editors.ft import FTSettings, default_layer
 from editors.models import num_layers, param_name
-from editors.tokens import encode_batch, target_logprob
 from memory.errors import ValidationError
-from tests.tiny import TINY_ARCHS, smollm2, tiny_model
+from tests.tiny import TINY_ARCHS, same_weights, smollm2, snapshot, target_logprobs, tiny_model
 
 EDITORS = ("none", "ft")
 REQUESTS = [EditRequest("The capital of France is", "Rome", subject="France"),
@@ -20,19 +19,6 @@ REQUESTS = [EditRequest("The capital of France is", "Rome", subject="France"),
 
 
 
-def _snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _same(model, snapshot) -> bool:
-    state = model.state_dict()
-    return state.keys() == snapshot.keys() and all(torch.equal(state[k], v) for k, v in snapshot.items())
-
-
-def _target_logprobs(model, tok, requests):
-    batch = encode_batch(tok, [r.prompt for r in requests], [r.target_new for r in requests])
-    with torch.no_grad():
-        return target_logprob(model(**batch.model_inputs()).logits, batch.labels)
 
 
 def test_builtin_editors_are_registered():
@@ -43,23 +29,23 @@ def test_builtin_editors_are_registered():
 @pytest.mark.parametrize("name", EDITORS)
 def test_editor_grid(arch, name, tmp_path):
     model, tok = tiny_model(arch)
-    original = _snapshot(model)
+    original = snapshot(model)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    before = _target_logprobs(model, tok, REQUESTS)
+    before = target_logprobs(model, tok, REQUESTS)
     editor = get_editor(name, model, tok)
     assert editor.model is model
 
     if name == "ft":  # compute leaves the model (weights and flags) untouched
         new = editor.compute(REQUESTS)
         assert list(new) == [param_name(model, default_layer(model), "mlp_out")]
-        assert _same(model, original)
+        assert same_weights(model, original)
         assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
 
     handle = editor.apply(REQUESTS)
-    after = _target_logprobs(editor.model, tok, REQUESTS)
-    edited = _snapshot(model)
+    after = target_logprobs(editor.model, tok, REQUESTS)
+    edited = snapshot(model)
     if name == "none":
-        assert isinstance(handle, NullHandle) and _same(model, original) and torch.equal(before, after)
+        assert isinstance(handle, NullHandle) and same_weights(model, original) and torch.equal(before, after)
     else:
         assert isinstance(handle, WeightEditHandle)
         assert (after > before).all(), (before, after)
@@ -70,18 +56,18 @@ def test_editor_grid(arch, name, tmp_path):
         assert 0 < delta <= bound * (1 + 1e-3)
 
     handle.restore()
-    assert _same(model, original)
+    assert same_weights(model, original)
     handle.restore()  # a second restore is a no-op
-    assert _same(model, original)
+    assert same_weights(model, original)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
 
     path = tmp_path / "edit.pt"
     handle.save(path)
     if name == "ft":  # save -> load -> reapply gives the same weights; restore after that is exact again
         loaded = WeightEditHandle.load(path, model)
-        assert _same(model, edited)
+        assert same_weights(model, edited)
         loaded.restore()
-        assert _same(model, original)
+        assert same_weights(model, original)
 
 
 def test_ft_batch_size_only_chunks():
@@ -94,22 +80,22 @@ def test_ft_batch_size_only_chunks():
 
 def test_ft_unconstrained_and_explicit_layer():
     model, tok = tiny_model("gpt2")
-    original = _snapshot(model)
+    original = snapshot(model)
     editor = get_editor("ft", model, tok, layer=3, norm_constraint=None, lr=1e-2, steps=10)
-    before = _target_logprobs(model, tok, REQUESTS[:1])
+    before = target_logprobs(model, tok, REQUESTS[:1])
     handle = editor.apply(REQUESTS[:1])
     assert list(handle.edited) == ["transformer.h.3.mlp.c_proj.weight"]
-    assert _target_logprobs(model, tok, REQUESTS[:1]) > before + 1.0  # free to move far
+    assert target_logprobs(model, tok, REQUESTS[:1]) > before + 1.0  # free to move far
     handle.restore()
-    assert _same(model, original)
+    assert same_weights(model, original)
 
 
 def test_ft_works_inside_no_grad():
     model, tok = tiny_model("qwen2")
-    before = _target_logprobs(model, tok, REQUESTS[:1])
+    before = target_logprobs(model, tok, REQUESTS[:1])
     with torch.no_grad():
         handle = get_editor("ft", model, tok).apply(REQUESTS[:1])
-    assert _target_logprobs(model, tok, REQUESTS[:1]) > before
+    assert target_logprobs(model, tok, REQUESTS[:1]) > before
     handle.restore()
 
 
@@ -152,12 +138,12 @@ def test_ft_on_smollm2():
     request = [EditRequest("The mother tongue of Danielle Darrieux is", "English", subject="Danielle Darrieux")]
     editor = get_editor("ft", model, tok)
     assert editor.settings.layer == 10
-    original = _snapshot(model)
-    before = _target_logprobs(model, tok, request)
+    original = snapshot(model)
+    before = target_logprobs(model, tok, request)
     handle = editor.apply(request)
     try:
-        after = _target_logprobs(model, tok, request)
+        after = target_logprobs(model, tok, request)
         assert after > before + 0.1, (before, after)
     finally:
         handle.restore()
-    assert _same(model, original)
+    assert same_weights(model, original)

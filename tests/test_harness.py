@@ -14,7 +14,7 @@ from eval.harness import EvalSettings, run_eval
 from eval.metrics import MetricSettings
 from memory.errors import EditmemError, ValidationError
 from memory.records import EditCase, Probe
-from tests.tiny import tiny_model
+from tests.tiny import snapshot, tiny_model
 
 METRIC_KEYS = {"reliability", "generalization", "locality", "portability", "fluency"}
 METHOD_KEYS = METRIC_KEYS | {"edit_seconds", "n"}
@@ -43,8 +43,6 @@ def tiny():
     return tiny_model("gpt2")
 
 
-def _snapshot(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _assert_bit_identical(model, snapshot) -> None:
@@ -56,7 +54,7 @@ def _assert_bit_identical(model, snapshot) -> None:
 
 def _run(tiny, tmp_path, **kw):
     model, tok = tiny
-    before = _snapshot(model)
+    before = snapshot(model)
     kw.setdefault("protocol", "teacher-forced")
     summary = run_eval(model, tok, _cases(), ["none", "ft"], out_dir=tmp_path, model_name="tiny-gpt2",
                        dataset_name="hand", editor_overrides={"ft": FT_FAST}, progress=False,

@@ -19,10 +19,9 @@ from editors.keys import context_prefixes, encode_row, subject_last_index
 from editors.memit import MEMITSettings, default_layers, default_mom2_update_weight
 from editors.models import UnsupportedArchitectureError, param_name
 from editors.rome import ROMESettings, default_layer
-from editors.tokens import encode_batch, target_logprob
 from editors.values import ValueOptions, _Runner, value_rows
 from memory.errors import ValidationError
-from tests.tiny import TINY_ARCHS, smollm2, tiny_model
+from tests.tiny import TINY_ARCHS, same_weights, smollm2, snapshot, target_logprobs, tiny_model
 
 METHODS = ("rome", "memit")
 REQUESTS = [EditRequest("The mother tongue of Danielle Darrieux", "English", subject="Danielle Darrieux"),
@@ -32,12 +31,6 @@ TINY = {"rome": dict(clamp_norm_factor=1000.0, v_weight_decay=0.0, n_prefixes=2,
                       mom2_update_weight=1.0)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -45,35 +38,22 @@ def _no_corpus(monkeypatch, tmp_path):
     monkeypatch.delenv("EDITMEM_STATS_CORPUS", raising=False)
 
 
-def _snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _same(model, snapshot) -> bool:
-    state = model.state_dict()
-    return state.keys() == snapshot.keys() and all(torch.equal(state[k], v) for k, v in snapshot.items())
-
-
-def _target_logprobs(model, tok, requests):
-    batch = encode_batch(tok, [r.prompt for r in requests], [r.target_new for r in requests])
-    with torch.no_grad():
-        return target_logprob(model(**batch.model_inputs()).logits, batch.labels)
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 @pytest.mark.parametrize("name", METHODS)
 def test_grid(arch, name, tmp_path):
     model, tok = tiny_model(arch)
-    original = _snapshot(model)
+    original = snapshot(model)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    before = _target_logprobs(model, tok, REQUESTS)
+    before = target_logprobs(model, tok, REQUESTS)
     editor = get_editor(name, model, tok, **TINY[name])
     layers = [default_layer(model)] if name == "rome" else list(default_layers(model))
     expected = [param_name(model, layer, "mlp_out") for layer in layers]
 
     deltas = editor.compute(REQUESTS)  # compute writes nothing: weights, flags and grads untouched
     assert sorted(deltas) == sorted(expected)
-    assert _same(model, original)
+    assert same_weights(model, original)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters())
     for key, delta in deltas.items():
@@ -82,25 +62,25 @@ def test_grid(arch, name, tmp_path):
 
     handle = editor.apply(REQUESTS)
     assert isinstance(handle, WeightEditHandle)
-    after = _target_logprobs(model, tok, REQUESTS)
+    after = target_logprobs(model, tok, REQUESTS)
     assert (after > before).all(), (before, after)
-    edited = _snapshot(model)
+    edited = snapshot(model)
     changed = sorted(k for k in original if not torch.equal(original[k], edited[k]))
     assert changed == sorted(expected) == sorted(handle.edited)
     for key in changed:  # apply adds exactly what compute returns (it is deterministic)
         torch.testing.assert_close(edited[key] - original[key], deltas[key], rtol=1e-4, atol=1e-6)
 
     handle.restore()
-    assert _same(model, original)
+    assert same_weights(model, original)
     handle.restore()
-    assert _same(model, original)
+    assert same_weights(model, original)
 
     path = tmp_path / "edit.pt"
     handle.save(path)
     loaded = WeightEditHandle.load(path, model)
-    assert _same(model, edited)
+    assert same_weights(model, edited)
     loaded.restore()
-    assert _same(model, original)
+    assert same_weights(model, original)
 
 
 def test_memit_many_requests_raise_each_target():
@@ -109,9 +89,9 @@ def test_memit_many_requests_raise_each_target():
                 EditRequest("The capital city of France", "Rome", subject="France"),
                 EditRequest("The profession of Marie Curie", "painter", subject="Marie Curie"),
                 EditRequest("The official language of Japan", "Swedish", subject="Japan")]
-    before = _target_logprobs(model, tok, requests)
+    before = target_logprobs(model, tok, requests)
     handle = get_editor("memit", model, tok, **TINY["memit"]).apply(requests)
-    after = _target_logprobs(model, tok, requests)
+    after = target_logprobs(model, tok, requests)
     handle.restore()
     assert (after > before).all(), (before, after)
 
@@ -148,10 +128,10 @@ def test_tail_pass_matches_plain_pass(arch):
 def test_rome_several_requests_are_sequential():
     """ROME applies several requests one after another; each one's target goes up."""
     model, tok = tiny_model("qwen2")
-    before = _target_logprobs(model, tok, REQUESTS)
+    before = target_logprobs(model, tok, REQUESTS)
     editor = get_editor("rome", model, tok, **TINY["rome"])
     handle = editor.apply(REQUESTS)
-    assert (_target_logprobs(model, tok, REQUESTS) > before).all()
+    assert (target_logprobs(model, tok, REQUESTS) > before).all()
     assert editor.last_stats["n_requests"] == 2
     handle.restore()
 
@@ -180,12 +160,12 @@ def test_hooks_remove_themselves_even_on_error():
 
 def test_forward_with_overrides_writes_nothing():
     model, tok = tiny_model("gpt2")
-    original = _snapshot(model)
+    original = snapshot(model)
     ids = torch.tensor([tok("The capital of France is")["input_ids"]])
     name = "transformer.h.1.mlp.c_proj.weight"
     out = forward(model, {name: torch.zeros_like(original[name])}, input_ids=ids).logits
     assert not torch.equal(out, model(input_ids=ids).logits)
-    assert _same(model, original)
+    assert same_weights(model, original)
 
 
 def test_subject_last_index():
@@ -297,17 +277,17 @@ def test_rome_counterfact_edit_on_smollm2(monkeypatch, tmp_path, data_dir):
         editor = get_editor("rome", model, tok, stats_corpus=str(corpus), stats_tokens=2000, n_prefixes=3,
                             prefix_tokens=5)
         assert editor.settings.layer == default_layer(model) == 4
-        original = _snapshot(model)
+        original = snapshot(model)
         neighbour = [EditRequest("Michel Rocard is a native speaker of", "French")]
-        before, other_before = _target_logprobs(model, tok, request), _target_logprobs(model, tok, neighbour)
+        before, other_before = target_logprobs(model, tok, request), target_logprobs(model, tok, neighbour)
         handle = editor.apply(request)
         try:
-            after, other_after = _target_logprobs(model, tok, request), _target_logprobs(model, tok, neighbour)
+            after, other_after = target_logprobs(model, tok, request), target_logprobs(model, tok, neighbour)
         finally:
             handle.restore()
     finally:
         torch.set_num_threads(threads)
-    assert _same(model, original)
+    assert same_weights(model, original)
     assert "corpus wikitext-2-raw_wiki.test.raw (2000 tokens" in editor.stats_source
     assert after.exp().item() > 0.5 > before.exp().item(), (before, after)
     assert abs(other_after.item() - other_before.item()) < 0.5  # a neighbouring fact barely moves (nats)

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from memory.encoder import get_encoder
 from memory.errors import ValidationError
@@ -20,12 +19,6 @@ from scope.features import lexical
 from scope.train import TrainSettings, build_pairs, train_scope
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- calibration ------------------------------------------------------------------------------------------------------

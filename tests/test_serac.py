@@ -20,12 +20,6 @@ from tests.tiny import tiny_model
 TINY = {"scope": "cosine", "encoder": "hashing-256", "threshold": 0.8}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_serac_is_registered_and_settings_validate():

@@ -17,12 +17,6 @@ from tests.tiny import _corpus, tiny_model
 N = 300  # tokens: small, so a pass takes a fraction of a second
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

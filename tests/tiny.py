@@ -145,3 +145,23 @@ def smollm2():
     from editors.models import load_model
 
     return load_model("smollm2-135m")
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every parameter and buffer, to check later that the model is bit-identical."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_weights(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> bool:
+    """Whether every parameter and buffer equals ``saved`` exactly (``torch.equal``)."""
+    state = model.state_dict()
+    return state.keys() == saved.keys() and all(torch.equal(state[k], v) for k, v in saved.items())
+
+
+def target_logprobs(model: torch.nn.Module, tok, requests) -> torch.Tensor:
+    """Log-probability of each request's target after its prompt (teacher-forced), one value per request."""
+    from editors.tokens import encode_batch, target_logprob
+
+    batch = encode_batch(tok, [r.prompt for r in requests], [r.target_new for r in requests])
+    with torch.no_grad():
+        return target_logprob(model(**batch.model_inputs()).logits, batch.labels)
