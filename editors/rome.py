@@ -63,12 +63,13 @@ class LocateSettings:
     """Value optimisation, context prefix and statistics settings shared by ROME and MEMIT (validated by
     :meth:`_check_shared`)."""
 
-    v_lr: float = 0.5
-    v_steps: int = 20
-    v_weight_decay: float = 0.5
-    clamp_norm_factor: float = 4.0
-    kl_factor: float = 0.0625
-    early_stop_loss: float | None = 0.05
+    # Value-optimisation defaults are ValueOptions' own (one source; ``value_options`` maps them back).
+    v_lr: float = ValueOptions.lr
+    v_steps: int = ValueOptions.steps
+    v_weight_decay: float = ValueOptions.weight_decay
+    clamp_norm_factor: float = ValueOptions.clamp_norm_factor
+    kl_factor: float = ValueOptions.kl_factor
+    early_stop_loss: float | None = ValueOptions.early_stop_loss
     n_prefixes: int = 5
     prefix_tokens: int = 10
     seed: int = 0
@@ -76,7 +77,7 @@ class LocateSettings:
     stats_corpus: str | None = None
     stats_tokens: int = 20_000
     stats_seq_len: int = 128
-    prefix_cache: bool = True
+    prefix_cache: bool = ValueOptions.prefix_cache
 
     def _check_shared(self, owner: str) -> None:
         check_positive(owner, "v_lr", self.v_lr)
