@@ -8,7 +8,8 @@ of a stored edit:
 - **Out of scope**: the row is answered by the untouched base model on the original batch, so its logits and
   generations are bit-for-bit the base model's (whenever any row of a batch is out of scope the base model runs on the
   whole original batch; in-scope rows are then computed twice, which keeps the out-of-scope rows exact).
-- **In scope**: the row is answered by the counterfactual model, which here is the base model conditioned on the edit:
+- **In scope**: the row is answered by the counterfactual model conditioned on the edit (the base model itself, or
+  a copy fine-tuned to use edits, ``counterfactual=``, see :mod:`editors.counterfactual`):
   the edit's context (``context``, default :data:`DEFAULT_CONTEXT`, e.g. ``"New fact: The mother tongue of Danielle
   Darrieux is English.\\n"``) is put in front of the row's tokens (after any leading BOS), all in-scope rows go through
   the model as one right-padded batch, and the logits at the original tokens' positions are returned at those same
@@ -81,6 +82,22 @@ def edit_context(edit: EditRecord, template: str) -> str:
     return template.format(fact=fact, prompt=edit.prompt, target_new=edit.target_new, subject=edit.subject or "")
 
 
+def lead_tokens(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer puts in front of every prompt (e.g. BOS); empty if none."""
+    with_specials = encode_prompt(tokenizer, "x")
+    plain = list(tokenizer("x", add_special_tokens=False)["input_ids"])
+    return with_specials[:len(with_specials) - len(plain)]
+
+
+def insert_context(row: Sequence[int], context_ids: Sequence[int], lead: Sequence[int]) -> tuple[list[int], int]:
+    """``row`` with ``context_ids`` inserted after its leading special tokens ``lead`` (when the row starts with
+    them), and where the context was inserted. Tokens before it keep their positions; tokens after it move by the
+    context's length. The trained counterfactual model (:mod:`editors.counterfactual`) is trained on exactly this."""
+    row, lead = list(row), list(lead)
+    at = len(lead) if lead and row[:len(lead)] == lead else 0
+    return row[:at] + list(context_ids) + row[at:], at
+
+
 @dataclass(frozen=True)
 class Answer:
     """What :meth:`AugmentedModel.ask` returns: the question, the generated continuation, and its routing."""
@@ -98,15 +115,15 @@ class AugmentedModel(torch.nn.Module):
     """A causal LM whose ``forward`` and ``generate`` route through an edit store (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, memory: Any, scope: ScopeClassifier, *, k: int = 5,
-                 context: str = DEFAULT_CONTEXT):
+                 context: str = DEFAULT_CONTEXT, counterfactual: torch.nn.Module | None = None):
         super().__init__()
         self.model = model
+        # In-scope rows go to this model (a trained copy, editors.counterfactual) or, when None, to the base model.
+        self.counterfactual = counterfactual
         self.tokenizer = tokenizer
         self.router = Router.open(memory, scope, k=k) if isinstance(memory, str) else Router(memory, scope, k=k)
         self.template = context_template(context)
-        lead_probe = encode_prompt(tokenizer, "x")
-        plain = list(tokenizer("x", add_special_tokens=False)["input_ids"])
-        self._lead = lead_probe[:len(lead_probe) - len(plain)]
+        self._lead = lead_tokens(tokenizer)
         self._contexts: OrderedDict[tuple[int, int], list[int]] = OrderedDict()
         self.last_routing: list[Decision] = []
 
@@ -118,6 +135,11 @@ class AugmentedModel(torch.nn.Module):
     @property
     def scope(self) -> ScopeClassifier:
         return self.router.classifier
+
+    @property
+    def counterfactual_model(self) -> torch.nn.Module:
+        """The model that answers in-scope rows: the trained counterfactual copy if given, else the base model."""
+        return self.counterfactual if self.counterfactual is not None else self.model
 
     @property
     def config(self) -> Any:
@@ -167,9 +189,7 @@ class AugmentedModel(torch.nn.Module):
     def _conditioned(self, row: list[int], edit: EditRecord) -> tuple[list[int], int]:
         """``row`` with the edit's context inserted after its leading special tokens, and where it was inserted
         (tokens before it keep their positions; tokens after it move by the context's length)."""
-        ctx = self._context_ids(edit)
-        lead = len(self._lead) if self._lead and row[:len(self._lead)] == self._lead else 0
-        return row[:lead] + ctx + row[lead:], lead
+        return insert_context(row, self._context_ids(edit), self._lead)
 
     # --- forward ------------------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -200,8 +220,8 @@ class AugmentedModel(torch.nn.Module):
         for j, s in enumerate(seqs):
             cf_ids[j, :len(s)] = torch.tensor(s, dtype=torch.long)
             cf_mask[j, :len(s)] = 1
-        cf_logits = self.model(input_ids=cf_ids.to(device), attention_mask=cf_mask.to(device), use_cache=False,
-                               **kwargs).logits
+        cf_logits = self.counterfactual_model(input_ids=cf_ids.to(device), attention_mask=cf_mask.to(device),
+                                              use_cache=False, **kwargs).logits
         if base_logits is not None:
             logits = base_logits.clone()
         else:
@@ -252,8 +272,8 @@ class AugmentedModel(torch.nn.Module):
         if "max_length" in cf_kwargs and "max_new_tokens" not in cf_kwargs:
             cf_kwargs["max_new_tokens"] = max(0, cf_kwargs.pop("max_length") - width)
         device = input_ids.device
-        new = self.model.generate(input_ids=cf_ids.to(device), attention_mask=cf_mask.to(device),
-                                  **cf_kwargs)[:, cf_width:]
+        new = self.counterfactual_model.generate(input_ids=cf_ids.to(device), attention_mask=cf_mask.to(device),
+                                                 **cf_kwargs)[:, cf_width:]
         n_new = max(new.shape[1], base.shape[1] - width if base is not None else 0)
         out = torch.full((len(rows), width + n_new), pad, dtype=input_ids.dtype, device=device)
         if base is not None:
