@@ -1,0 +1,346 @@
+"""``ike``: in-context knowledge editing (Zheng et al. 2023, "Can We Edit Factual Knowledge by In-Context Learning?").
+
+Demonstrations. A pool built from a training file of edit cases (default ``counterfact-train.json``): for each case
+with new fact f (its prompt followed by its new target) three kinds, each rendered as
+``"New Fact: {f}\\nPrompt: {prompt} {answer}\\n\\n"``:
+
+- **copy**: the prompt is f's own prompt and the answer f's new target;
+- **update**: the prompt is a rephrase of f's prompt, the answer still the new target (one per rephrase);
+- **retain**: the prompt is one of the case's locality (neighbourhood) prompts and the answer its original answer, so
+  the model sees that a new fact leaves unrelated facts alone.
+
+A FAISS index (:class:`memory.index.VectorIndex`, flat inner product) holds the pool's embeddings by the store's
+encoder; it is cached under ``$EDITMEM_CACHE/ike/`` keyed by the pool file's content hash, the pool layout version and
+the encoder, since encoding 30,000 demonstrations with MiniLM takes minutes on a CPU.
+
+Prompt. For a query in the scope of a stored edit: the ``k`` demonstrations nearest to the query (``retrieve="query"``)
+or to the edit's new fact (``retrieve="fact"``, as EasyEdit's IKE does), farthest first so the nearest sits next to the
+query, then the edit's own context (a format of :data:`editors.augmented.CONTEXT_FORMATS`; default ``demo``: a copy
+demonstration of the edit and ``New Fact: {f}\\nPrompt: ``, the paper's query form), then the query. The wrapper, its
+routing, the context insertion after BOS and the read-back of logits at the original positions are
+:class:`editors.augmented.AugmentedModel`'s; this module only decides what context a row gets.
+
+Modes. ``classic`` (as in the paper): every query gets the context of the nearest stored edit by the store's search (a
+cosine scope whose threshold no similarity can miss), whatever it asks; only an empty store leaves the base model
+alone. ``gated``: the scope classifier (the same one SERAC uses, :func:`editors.serac.load_classifier`) decides; out of
+scope queries are answered by the untouched base model, bit for bit.
+
+``apply(requests)`` inserts the edits into the store and returns SERAC's :class:`editors.serac.MemoryEditHandle`;
+``restore()`` deletes exactly those edits. The base model's weights are never touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from editors.augmented import AugmentedModel, context_template, edit_context
+from editors.base import Editor, EditorSettings, EditRequest, check_requests, register_editor
+from editors.serac import DEFAULT_SCOPE, MemoryEditHandle, load_classifier
+from editors.tokens import target_text
+from memory.errors import EditmemError, ValidationError
+from memory.records import EditCase, EditRecord
+from scope.router import Decision
+
+log = logging.getLogger(__name__)
+
+MODES: tuple[str, ...] = ("classic", "gated")
+RETRIEVE: tuple[str, ...] = ("query", "fact")
+DEMO_KINDS: tuple[str, ...] = ("copy", "update", "retain")
+DEFAULT_DEMO_FILE = Path("counterfact") / "easyedit_split" / "counterfact-train.json"
+DEFAULT_ENCODER = "all-MiniLM-L6-v2"
+# Bump when the pool's layout (which demonstrations, in which order, rendered how) changes: it keys the index cache.
+POOL_LAYOUT = 1
+# A cosine scope with this threshold takes the nearest stored edit for every query (cosines are >= -1).
+_ALWAYS = -2.0
+
+
+def default_demo_file() -> Path:
+    """``counterfact-train.json`` under ``$EDITMEM_DATA``, else under ``../shared/data`` beside the repository."""
+    root = os.environ.get("EDITMEM_DATA")
+    base = Path(root).expanduser() if root else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return base / DEFAULT_DEMO_FILE
+
+
+def cache_root() -> Path:
+    """Where demonstration indexes are cached: ``$EDITMEM_CACHE/ike`` (default ``~/.cache/editmem/ike``)."""
+    return Path(os.environ.get("EDITMEM_CACHE") or Path.home() / ".cache" / "editmem").expanduser() / "ike"
+
+
+@dataclass(frozen=True)
+class IkeSettings(EditorSettings):
+    """Settings of :class:`IkeEditor`.
+
+    ``mode``: ``classic`` or ``gated`` (module docstring). ``k``: demonstrations per prompt (0: none, only the edit's
+    context). ``demos``: the demonstration pool file (default :func:`default_demo_file`); ``demo_format``: its format
+    (:mod:`memory.formats`, default auto-detect); ``demo_limit``: use only its first N cases. ``retrieve``: what the
+    demonstrations are retrieved by, ``query`` or the edit's ``fact``. ``context``: the edit's own context, a format
+    name of :data:`editors.augmented.CONTEXT_FORMATS` or a template. ``store``: store URL (default an in-memory SQLite
+    store of the editor's own). ``scope``, ``threshold``: the scope classifier of ``gated`` mode, as SERAC's.
+    ``encoder``: the store's and the pool's encoder (default: the classifier's in gated mode, MiniLM in classic).
+    ``candidates``: stored edits retrieved per query for the scope classifier.
+    """
+
+    mode: str = "classic"
+    k: int = 4
+    demos: str | None = None
+    demo_format: str = "auto"
+    demo_limit: int | None = None
+    retrieve: str = "query"
+    context: str = "demo"
+    store: str = "sqlite://"
+    scope: str = DEFAULT_SCOPE
+    threshold: float | None = None
+    encoder: str | None = None
+    candidates: int = 5
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValidationError(f"ike setting mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 0:
+            raise ValidationError(f"ike setting k (demonstrations per prompt) must be an integer >= 0, got {self.k!r}")
+        if self.demos is not None and (not isinstance(self.demos, (str, os.PathLike)) or not str(self.demos)):
+            raise ValidationError(f"ike setting demos must be the path of a data file, got {self.demos!r}")
+        if not isinstance(self.demo_format, str) or not self.demo_format:
+            raise ValidationError(f"ike setting demo_format must be a format name, got {self.demo_format!r}")
+        if self.demo_limit is not None and (isinstance(self.demo_limit, bool) or not isinstance(self.demo_limit, int)
+                                            or self.demo_limit < 1):
+            raise ValidationError(f"ike setting demo_limit must be a positive integer or None, got "
+                                  f"{self.demo_limit!r}")
+        if self.retrieve not in RETRIEVE:
+            raise ValidationError(f"ike setting retrieve must be one of {', '.join(RETRIEVE)}, got "
+                                  f"{self.retrieve!r}")
+        if not isinstance(self.store, str) or not self.store:
+            raise ValidationError(f"ike setting store must be a store URL, got {self.store!r}")
+        if not isinstance(self.scope, str) or not self.scope:
+            raise ValidationError(f"ike setting scope must be a classifier name or 'cosine', got {self.scope!r}")
+        if self.threshold is not None and (isinstance(self.threshold, bool)
+                                           or not isinstance(self.threshold, (int, float))
+                                           or not math.isfinite(self.threshold)):
+            raise ValidationError(f"ike setting threshold must be a number or None, got {self.threshold!r}")
+        if self.encoder is not None and not isinstance(self.encoder, str):
+            raise ValidationError(f"ike setting encoder must be an encoder name, got {self.encoder!r}")
+        if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) or self.candidates < 1:
+            raise ValidationError(f"ike setting candidates must be a positive integer, got {self.candidates!r}")
+        context_template(self.context)
+
+
+# --- demonstrations ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Demo:
+    """One demonstration: under new fact ``fact``, ``prompt`` is completed by ``answer``."""
+
+    kind: str  # one of DEMO_KINDS
+    fact: str
+    prompt: str
+    answer: str
+    case_id: str | None = None
+
+    @property
+    def text(self) -> str:
+        return f"New Fact: {self.fact}\nPrompt: {self.prompt}{target_text(self.prompt, self.answer)}\n\n"
+
+
+def fact_of(prompt: str, target_new: str) -> str:
+    """The new fact as one sentence: the prompt followed by the new target (joined as :mod:`editors.tokens` does)."""
+    return prompt + target_text(prompt, target_new)
+
+
+def build_demos(cases: Sequence[EditCase]) -> list[Demo]:
+    """The pool, in a fixed order: for each case its copy, then one update per rephrase, then one retain per locality
+    probe."""
+    demos: list[Demo] = []
+    for case in cases:
+        fact = fact_of(case.prompt, case.target_new)
+        demos.append(Demo("copy", fact, case.prompt, case.target_new, case.case_id))
+        demos += [Demo("update", fact, r, case.target_new, case.case_id) for r in case.rephrases if r.strip()]
+        demos += [Demo("retain", fact, p.prompt, p.answer, case.case_id) for p in case.locality
+                  if p.prompt.strip() and p.answer.strip()]
+    return demos
+
+
+class DemoPool:
+    """The demonstrations and a FAISS index over their embeddings (ids are positions in ``demos``)."""
+
+    def __init__(self, demos: Sequence[Demo], encoder: Any, index: Any, source: str = ""):
+        if len(demos) != len(index):
+            raise EditmemError(f"demonstration index holds {len(index)} vectors for {len(demos)} demonstrations")
+        self.demos = list(demos)
+        self.encoder = encoder
+        self.index = index
+        self.source = source
+
+    @classmethod
+    def build(cls, demos: Sequence[Demo], encoder: Any, *, cache_key: str | None = None,
+              source: str = "") -> "DemoPool":
+        """Encode ``demos`` and index them; with ``cache_key`` the index is read from / written to the cache."""
+        from memory.index import IndexHeader, VectorIndex
+
+        path = None
+        uid = f"ike-demos-{cache_key or 'uncached'}-n{len(demos)}"
+        if cache_key is not None:
+            slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", encoder.name)[-60:]
+            path = cache_root() / f"{cache_key}-n{len(demos)}-{slug}.faiss"
+            index = VectorIndex.load(path)
+            if index is not None and index.store_uid == uid and index.encoder == encoder.name \
+                    and index.dim == encoder.dim and len(index) == len(demos):
+                log.info("IKE demonstrations: %d from the cache %s", len(demos), path)
+                return cls(demos, encoder, index, source)
+        index = VectorIndex(IndexHeader(store_uid=uid, encoder=encoder.name, dim=encoder.dim, kind="flat", seq=0))
+        if demos:
+            log.info("IKE demonstrations: encoding %d with %s", len(demos), encoder.name)
+            vectors = np.concatenate([encoder.encode([d.text for d in demos[i:i + 512]])
+                                      for i in range(0, len(demos), 512)])
+            index.add(np.arange(len(demos), dtype=np.int64), vectors)
+        if path is not None:
+            index.save(path)
+        return cls(demos, encoder, index, source)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike | None, encoder: Any, *, format: str = "auto",
+                  limit: int | None = None) -> "DemoPool":
+        """The pool of a data file of edit cases (CounterFact, zsRE, ... as :mod:`memory.formats` reads them)."""
+        from memory.formats import read_cases
+
+        file = Path(path).expanduser() if path is not None else default_demo_file()
+        if not file.is_file():
+            how = "give ike.demos=FILE" if path is not None else \
+                "set EDITMEM_DATA to the data folder or give ike.demos=FILE"
+            raise EditmemError(f"IKE demonstration file not found: {file} ({how}; the default is "
+                               f"{DEFAULT_DEMO_FILE} under the data folder)")
+        digest = hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+        cases = read_cases(file, format)
+        if limit is not None:
+            cases = cases[:limit]
+        demos = build_demos(cases)
+        if not demos:
+            raise EditmemError(f"{file}: no demonstrations could be built (no edit cases)")
+        key = f"{digest}-l{POOL_LAYOUT}"
+        return cls.build(demos, encoder, cache_key=key, source=str(file))
+
+    def __len__(self) -> int:
+        return len(self.demos)
+
+    def nearest(self, texts: Sequence[str], k: int) -> list[list[tuple[int, float]]]:
+        """For each text the ``k`` nearest demonstrations, as (position, cosine), nearest first."""
+        if k <= 0 or not texts:
+            return [[] for _ in texts]
+        scores, ids = self.index.search(self.encoder.encode(list(texts)), k)
+        return [[(int(i), float(s)) for i, s in zip(row_ids, row_scores) if i >= 0]
+                for row_ids, row_scores in zip(ids, scores)]
+
+
+# --- the wrapper ------------------------------------------------------------------------------------------------------
+class IkeModel(AugmentedModel):
+    """:class:`AugmentedModel` whose context for an in-scope row is the retrieved demonstrations plus the edit's own.
+
+    After every call ``last_demos`` holds, per row, the (position, cosine) of the demonstrations put in its context
+    (empty for rows the base model answered); ``demo(i)`` is the demonstration at a position.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, memory: Any, scope: Any, pool: DemoPool, *,
+                 n_demos: int, retrieve: str = "query", k: int = 5, context: str = "demo"):
+        super().__init__(model, tokenizer, memory, scope, k=k, context=context)
+        self.pool = pool
+        self.n_demos = n_demos
+        self.retrieve = retrieve
+        self.last_demos: list[tuple[tuple[int, float], ...]] = []
+        self._planned: dict[tuple[tuple[int, ...], int, int], tuple[int, ...]] = {}
+        self._ctx_cache: OrderedDict[tuple[tuple[int, ...], int, int], list[int]] = OrderedDict()
+
+    def demo(self, position: int) -> Demo:
+        return self.pool.demos[position]
+
+    def _retrieval_texts(self, decisions: Sequence[Decision]) -> list[str]:
+        if self.retrieve == "fact":
+            return [Demo("copy", fact_of(d.edit.prompt, d.edit.target_new), d.edit.prompt, d.edit.target_new).text
+                    for d in decisions]
+        return [d.query for d in decisions]
+
+    def route_rows(self, rows: Sequence[Sequence[int]]) -> list[Decision]:
+        decisions = super().route_rows(rows)
+        inside = [b for b, d in enumerate(decisions) if d.in_scope]
+        found = self.pool.nearest(self._retrieval_texts([decisions[b] for b in inside]), self.n_demos)
+        self.last_demos = [() for _ in rows]
+        self._planned = {}
+        for b, hits in zip(inside, found):
+            self.last_demos[b] = tuple(hits)
+            edit = decisions[b].edit
+            self._planned[(tuple(rows[b]), edit.id, edit.version)] = tuple(i for i, _ in hits)
+        return decisions
+
+    def _demo_ids(self, row: list[int], edit: EditRecord) -> tuple[int, ...]:
+        planned = self._planned.get((tuple(row), edit.id, edit.version))
+        if planned is not None:
+            return planned
+        text = self.tokenizer.decode(list(row), skip_special_tokens=True)
+        decision = Decision(text, edit, None, self.scope.threshold)
+        return tuple(i for i, _ in self.pool.nearest(self._retrieval_texts([decision]), self.n_demos)[0])
+
+    def prompt_text(self, demo_ids: Sequence[int], edit: EditRecord) -> str:
+        """The context put before a query: the demonstrations (nearest last) and then the edit's own context."""
+        return "".join(self.pool.demos[i].text for i in reversed(demo_ids)) + edit_context(edit, self.template)
+
+    def _conditioned(self, row: list[int], edit: EditRecord) -> tuple[list[int], int]:
+        demo_ids = self._demo_ids(row, edit)
+        key = (demo_ids, edit.id, edit.version)
+        ctx = self._ctx_cache.get(key)
+        if ctx is None:
+            ctx = list(self.tokenizer(self.prompt_text(demo_ids, edit), add_special_tokens=False)["input_ids"])
+            self._ctx_cache[key] = ctx
+            while len(self._ctx_cache) > 4096:
+                self._ctx_cache.popitem(last=False)
+        lead = len(self._lead) if self._lead and row[:len(self._lead)] == self._lead else 0
+        return row[:lead] + ctx + row[lead:], lead
+
+
+@register_editor
+class IkeEditor(Editor):
+    """Edits go into a store; queries get the edit and its nearest demonstrations in context (module docstring)."""
+
+    name = "ike"
+    Settings = IkeSettings
+    settings: IkeSettings
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, settings: IkeSettings | None = None):
+        super().__init__(model, tokenizer, settings)
+        from memory.encoder import get_encoder
+        from memory.store import EditMemory
+        from scope.classifier import CosineScope
+        from scope.router import CachingEncoder
+
+        s = self.settings
+        if s.mode == "gated":
+            clf = load_classifier(s.scope, threshold=s.threshold)
+            encoder_name = s.encoder or clf.encoder or DEFAULT_ENCODER
+            candidates = s.candidates
+        else:
+            clf = CosineScope(_ALWAYS, None, {"name": "ike-classic"})
+            encoder_name = s.encoder or DEFAULT_ENCODER
+            candidates = 1  # the nearest stored edit is the best-scoring candidate
+        encoder = CachingEncoder(get_encoder(encoder_name))
+        clf.check_encoder(encoder.name)
+        self.pool = DemoPool.from_file(s.demos, encoder, format=s.demo_format, limit=s.demo_limit)
+        self.memory = EditMemory.open(s.store, encoder=encoder)
+        self._wrapper = IkeModel(model, tokenizer, self.memory, clf, self.pool, n_demos=s.k, retrieve=s.retrieve,
+                                 k=candidates, context=s.context)
+
+    @property
+    def model(self) -> IkeModel:
+        return self._wrapper
+
+    def apply(self, requests: Sequence[EditRequest]) -> MemoryEditHandle:
+        requests = check_requests(requests, "IKE")
+        records = self.memory.add_many([{"prompt": r.prompt, "target_new": r.target_new, "subject": r.subject,
+                                         "ground_truth": r.ground_truth} for r in requests])
+        return MemoryEditHandle(self.memory, [(rec.id, rec.version) for rec in records])
