@@ -233,3 +233,29 @@ def test_gated_ike_through_the_harness_keeps_locality_exact(pool_file, tmp_path)
                        metric_settings=MetricSettings(fluency_tokens=0), progress=False, plots=False)
     ike = summary["methods"]["ike"]
     assert ike["n"] == 3 and ike["locality"] == 1.0
+
+
+def test_cli_ask_with_ike_names_the_edit_and_the_demonstrations(pool_file, tmp_path, capsys, monkeypatch):
+    from serve.cli import main
+
+    monkeypatch.delenv("EDITMEM_STORE", raising=False)
+    model, tok = tiny_model("llama")
+    folder = tmp_path / "tiny-llama"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    store = f"sqlite:///{tmp_path / 'ask.db'}"
+    assert main(["--store", store, "init", "--encoder", "hashing-256"]) == 0
+    assert main(["--store", store, "add", "--prompt", "The capital of Japan is", "--target", "Lima"]) == 0
+    capsys.readouterr()
+    common = ["--method", "ike", "--model", str(folder), "--demo-file", str(pool_file), "--demos", "2",
+              "--max-new-tokens", "2"]
+    assert main(["--store", store, "ask", "Marie Curie was born in", *common]) == 0
+    out = capsys.readouterr().out
+    assert "-- shaped by edit 1 v1" in out and "The capital of Japan is -> Lima" in out
+    assert "-- demonstration 1 (" in out and "-- demonstration 2 (" in out and "-- demonstration 3" not in out
+    gated = [*common, "--mode", "gated", "--scope", "cosine", "--threshold", "0.8"]
+    assert main(["--store", store, "ask", "Marie Curie was born in", *gated]) == 0
+    out = capsys.readouterr().out
+    assert "no edit in scope" in out and "demonstration" not in out
+    assert main(["--store", store, "ask", "The capital of Japan is", *gated]) == 0
+    assert "-- shaped by edit 1 v1" in capsys.readouterr().out

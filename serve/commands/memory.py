@@ -2,7 +2,8 @@
 
     editmem train-scope --data FILE [--name default] [--target-precision 0.98] [--encoder all-MiniLM-L6-v2]
                         [--from-store] [--limit N] [--epochs E] [--hidden H]
-    editmem ask "question" [--method serac] [--model smollm2-135m] [-k 5] [--scope default] [--max-new-tokens 32]
+    editmem ask "question" [--method serac|ike] [--model smollm2-135m] [-k 5] [--scope default] [--max-new-tokens 32]
+                [--mode classic|gated] [--demos N] [--demo-file FILE]                       (the last three: ike)
     editmem eval-scope --data FILE [--scope default] [--limit N] [-k 5]      (routing precision/recall at scale)
     editmem bench-overhead [--model smollm2-135m] [--scope default] [--new-tokens 16] [--repeats 5]
 
@@ -42,12 +43,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("ask", help="answer a question through the edit memory and say which edit shaped it")
     p.add_argument("question")
-    p.add_argument("--method", default="serac", choices=["serac"], help="memory method (default: %(default)s)")
+    p.add_argument("--method", default="serac", choices=["serac", "ike"], help="memory method (default: %(default)s)")
     p.add_argument("--model", default="smollm2-135m", help="model alias or local folder (default: %(default)s)")
     p.add_argument("-k", type=int, default=5, help="candidates retrieved (default: %(default)s)")
     p.add_argument("--scope", default="default", help="scope classifier name or 'cosine' (default: %(default)s)")
     p.add_argument("--threshold", type=float, default=None, help="override the classifier's threshold")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--mode", default="classic", choices=["classic", "gated"],
+                   help="ike: the nearest edit always in context (classic) or only when in scope (gated) "
+                        "(default: %(default)s)")
+    p.add_argument("--demos", type=int, default=None, help="ike: demonstrations in the prompt (default: ike's k)")
+    p.add_argument("--demo-file", default=None, help="ike: demonstration pool file (default: counterfact-train.json "
+                                                     "in $EDITMEM_DATA or ../shared/data)")
     p.set_defaults(func=_ask)
 
     p = sub.add_parser("eval-scope", help="routing precision/recall with every case of a file in one store")
@@ -129,6 +136,8 @@ def _ask(args: argparse.Namespace) -> int:
     if not args.question.strip():
         raise ValidationError("the question must not be empty")
     _positive(args.k, "-k")
+    if args.method == "ike":
+        return _ask_ike(args)
     from editors.augmented import AugmentedModel
     from editors.models import load_model
     from memory.encoder import get_encoder
@@ -143,6 +152,11 @@ def _ask(args: argparse.Namespace) -> int:
     with EditMemory.open(args.store, create=False, encoder=CachingEncoder(get_encoder(encoder_name))) as mem:
         wrapper = AugmentedModel(model, tok, mem, clf, k=args.k)
         answer = wrapper.ask(args.question, max_new_tokens=args.max_new_tokens)
+    _print_answer(answer)
+    return 0
+
+
+def _print_answer(answer: Any) -> None:
     print(answer.text.strip())
     d = answer.decision
     if d.edit is not None:
@@ -150,6 +164,32 @@ def _ask(args: argparse.Namespace) -> int:
               f"{d.edit.prompt} -> {d.edit.target_new}")
     else:
         print(f"-- no edit in scope; the base model answered ({d.describe()})")
+
+
+def _ask_ike(args: argparse.Namespace) -> int:
+    if args.demos is not None and args.demos < 0:
+        raise ValidationError(f"--demos must be >= 0, got {args.demos}")
+    from editors import get_editor
+    from editors.models import load_model
+    from memory.store import EditMemory
+
+    with EditMemory.open(args.store, create=False) as probe:
+        encoder_name = probe.encoder.name
+    settings: dict[str, Any] = {"store": args.store, "encoder": encoder_name, "mode": args.mode, "scope": args.scope,
+                                "threshold": args.threshold, "candidates": args.k, "demos": args.demo_file}
+    if args.demos is not None:
+        settings["k"] = args.demos
+    model, tok = load_model(args.model)
+    editor = get_editor("ike", model, tok, **settings)
+    try:
+        answer = editor.model.ask(args.question, max_new_tokens=args.max_new_tokens)
+        _print_answer(answer)
+        for rank, (position, cosine) in enumerate(editor.model.last_demos[0], 1):
+            demo = editor.model.demo(position)
+            print(f"-- demonstration {rank} ({demo.kind}, case {demo.case_id}, cosine {cosine:.3f}): "
+                  f"New Fact: {demo.fact} | Prompt: {demo.prompt} -> {demo.answer}")
+    finally:
+        editor.memory.close()
     return 0
 
 
