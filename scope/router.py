@@ -79,18 +79,23 @@ class CachingEncoder:
         return self.inner.dim
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
+        # The vectors of this call are gathered in `found` first: evicting to make room for the new ones must not
+        # drop a hit this same call still needs.
         with self._lock:
-            missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+            found = {t: self._cache[t] for t in dict.fromkeys(texts) if t in self._cache}
+            for text in found:
+                self._cache.move_to_end(text)
+        missing = [t for t in dict.fromkeys(texts) if t not in found]
         if missing:
             vectors = self.inner.encode(missing)
+            found.update(zip(missing, vectors))
             with self._lock:
                 for text, vec in zip(missing, vectors):
                     self._cache[text] = vec
                     self._cache.move_to_end(text)
-                while len(self._cache) > max(self.size, len(texts)):
+                while len(self._cache) > self.size:
                     self._cache.popitem(last=False)
-        with self._lock:
-            out = [self._cache[t] for t in texts]
+        out = [found[t] for t in texts]
         if not out:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.stack(out).astype(np.float32, copy=False)

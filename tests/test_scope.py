@@ -16,7 +16,7 @@ from scope import CosineScope, HeadScope, Router, ScopeError, calibrate_threshol
     save_scope
 from scope.classifier import list_scopes
 from scope.features import lexical
-from scope.train import TrainSettings, build_pairs, train_scope
+from scope.train import TrainSettings, build_pairs, query_decisions, train_scope
 
 
 
@@ -118,10 +118,23 @@ def test_trained_head_separates_rephrases_from_neighbours(trained):
     head, cosine, report = trained
     held = report["heldout"]["head"]
     assert held["calibration"]["met"]
-    assert held["recall"] > 0.5 and held["precision"] >= 0.98
+    assert held["queries"]["recall"] > 0.5 and held["queries"]["precision"] >= 0.98
+    assert 0 <= held["pairs"]["precision"] <= 1
     assert isinstance(head, HeadScope) and head.encoder == "hashing-256"
     assert isinstance(cosine, CosineScope) and "calibration" in cosine.info
     json.dumps(report)  # the report is JSON-serialisable
+
+
+def test_query_decisions_take_each_querys_best_candidate():
+    scores = np.array([0.9, 0.2, 0.6, 0.7, 0.95, 0.1])
+    q = np.array([0, 0, 1, 1, 2, 2])
+    label = np.array([0, 1, 1, 0, 0, 0])  # query 0's own edit loses to another; query 2 belongs to no edit
+    best, right, positive = query_decisions(scores, q, label, np.array([True, True, False]))
+    assert best.tolist() == [0.9, 0.7, 0.95]
+    assert right.tolist() == [False, False, False]
+    assert positive.tolist() == [True, True, False]
+    best, right, _ = query_decisions(np.array([0.3, 0.8]), np.array([4, 4]), np.array([0, 1]), np.ones(5, bool))
+    assert best.tolist() == [0.8] and right.tolist() == [True]
 
 
 def test_save_load_round_trip_versions_and_encoder_refusal(trained, tmp_path):
@@ -187,3 +200,15 @@ def test_router_follows_delete_update_and_rollback(trained):
             for rec in mem.list():
                 mem.delete(rec.id)
             assert router.route(["anything at all"]) [0].edit is None
+
+
+def test_caching_encoder_keeps_a_calls_hits_when_new_texts_evict_them():
+    from scope.router import CachingEncoder
+
+    inner = get_encoder("hashing-64")
+    enc = CachingEncoder(inner, size=4)
+    enc.encode(["old"])
+    batch = ["old"] + [f"new {i}" for i in range(8)] + ["old"]  # more new texts than the cache holds
+    out = enc.encode(batch)
+    np.testing.assert_array_equal(out, inner.encode(batch))
+    assert len(enc._cache) <= 4

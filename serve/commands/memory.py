@@ -118,10 +118,10 @@ def _train_scope(args: argparse.Namespace) -> int:
     print(f"pairs: {report['pairs']['train_pairs']} training, {report['pairs']['heldout_pairs']} held out "
           f"({report['pairs']['heldout_cases']} held-out cases)")
     for label, m in (("trained head", h), ("cosine baseline", c)):
-        cal = m["calibration"]
-        print(f"{label:16s} threshold {cal['threshold']:.4f}  held-out precision {m['precision']:.4f}  recall "
-              f"{m['recall']:.4f}  (rephrase recall {m.get('rephrase_recall', float('nan')):.4f}, locality FP "
-              f"rate {m.get('locality_false_positive_rate', float('nan')):.4f})"
+        cal, qm = m["calibration"], m["queries"]
+        print(f"{label:16s} threshold {cal['threshold']:.4f}  held-out queries: precision {qm['precision']:.4f}  "
+              f"recall {qm['recall']:.4f}  (wrong-edit rate {qm['wrong_edit_rate']:.4f}, locality FP rate "
+              f"{qm['locality_false_positive_rate']:.4f}; pairs: precision {m['pairs']['precision']:.4f})"
               + ("" if cal["met"] else "  TARGET PRECISION NOT MET"))
     return 0
 
