@@ -4,7 +4,9 @@ Memory: an :class:`memory.store.EditMemory` (default ``sqlite://``, a fresh in-m
 can use it as is; give ``store`` to attach a persistent one). Scope: a saved scope classifier (:mod:`scope`, default
 the one named ``default``; train it with ``editmem train-scope``), or ``scope="cosine"`` for the untrained cosine
 threshold. Counterfactual model: the base model itself, prompted with the retrieved edit
-(:mod:`editors.augmented`; the context format is a setting). ``editor.model`` is the :class:`AugmentedModel` wrapper.
+(:mod:`editors.augmented`; the context format is a setting), or a copy trained to use edits
+(``counterfactual=NAME``, made by ``editmem train-counterfactual``, :mod:`editors.counterfactual`), which then brings
+its own context format. ``editor.model`` is the :class:`AugmentedModel` wrapper.
 
 ``apply(requests)`` inserts the edits into the store (no training) and returns a :class:`MemoryEditHandle` holding
 their store ids; ``restore()`` deletes exactly those edits (tombstones, so the store's history keeps them). The base
@@ -38,8 +40,10 @@ class SeracSettings(EditorSettings):
     ``store``: store URL (default an in-memory SQLite store of the editor's own). ``scope``: a saved scope classifier
     (name or folder) or ``"cosine"``. ``threshold``: replaces the classifier's calibrated threshold (for ``cosine``
     without a saved calibration: default 0.8). ``encoder``: the store's encoder (default: the classifier's; MiniLM for
-    an uncalibrated cosine). ``k``: candidates retrieved per query. ``context``: a format name of
-    :data:`editors.augmented.CONTEXT_FORMATS` or a template.
+    an uncalibrated cosine). ``k``: candidates retrieved per query. ``counterfactual``: the name (or folder) of a
+    trained counterfactual model; None uses the base model. ``context``: a format name of
+    :data:`editors.augmented.CONTEXT_FORMATS` or a template; None means the trained counterfactual model's own
+    format, or :data:`editors.augmented.DEFAULT_CONTEXT` for the base model.
     """
 
     store: str = "sqlite://"
@@ -47,7 +51,8 @@ class SeracSettings(EditorSettings):
     threshold: float | None = None
     encoder: str | None = None
     k: int = 5
-    context: str = DEFAULT_CONTEXT
+    counterfactual: str | None = None
+    context: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.store, str) or not self.store:
@@ -62,7 +67,11 @@ class SeracSettings(EditorSettings):
             raise ValidationError(f"serac setting k must be a positive integer, got {self.k!r}")
         if self.encoder is not None and not isinstance(self.encoder, str):
             raise ValidationError(f"serac setting encoder must be an encoder name, got {self.encoder!r}")
-        context_template(self.context)
+        if self.counterfactual is not None and (not isinstance(self.counterfactual, str) or not self.counterfactual):
+            raise ValidationError(f"serac setting counterfactual must be a trained model's name, got "
+                                  f"{self.counterfactual!r}")
+        if self.context is not None:
+            context_template(self.context)
 
 
 def load_classifier(scope: str, *, threshold: float | None = None, encoder: str | None = None) -> Any:
@@ -134,8 +143,15 @@ class SeracEditor(Editor):
         encoder_name = s.encoder or clf.encoder
         encoder = CachingEncoder(get_encoder(encoder_name))
         clf.check_encoder(encoder.name)
+        counterfactual, context = None, s.context or DEFAULT_CONTEXT
+        if s.counterfactual is not None:
+            from editors.counterfactual import load_counterfactual
+
+            counterfactual, trained_context = load_counterfactual(s.counterfactual, model)
+            context = s.context or trained_context
         self.memory = EditMemory.open(s.store, encoder=encoder)
-        self._wrapper = AugmentedModel(model, tokenizer, self.memory, clf, k=s.k, context=s.context)
+        self._wrapper = AugmentedModel(model, tokenizer, self.memory, clf, k=s.k, context=context,
+                                       counterfactual=counterfactual)
 
     @property
     def model(self) -> AugmentedModel:

@@ -4,6 +4,7 @@
                         [--from-store] [--limit N] [--epochs E] [--hidden H]
     editmem ask "question" [--method serac|ike] [--model smollm2-135m] [-k 5] [--scope default] [--max-new-tokens 32]
                 [--mode classic|gated] [--demos N] [--demo-file FILE]                       (the last three: ike)
+    editmem train-counterfactual --data FILE [--name default] [--model smollm2-135m] [--steps N] [--train-layers L]
     editmem eval-scope --data FILE [--scope default] [--limit N] [-k 5]      (routing precision/recall at scale)
     editmem bench-overhead [--model smollm2-135m] [--scope default] [--new-tokens 16] [--repeats 5]
 
@@ -49,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scope", default="default", help="scope classifier name or 'cosine' (default: %(default)s)")
     p.add_argument("--threshold", type=float, default=None, help="override the classifier's threshold")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--counterfactual", default=None, help="serac: a trained counterfactual model's name (default: "
+                                                          "the base model prompted with the edit)")
     p.add_argument("--mode", default="classic", choices=["classic", "gated"],
                    help="ike: the nearest edit always in context (classic) or only when in scope (gated) "
                         "(default: %(default)s)")
@@ -56,6 +59,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--demo-file", default=None, help="ike: demonstration pool file (default: counterfact-train.json "
                                                      "in $EDITMEM_DATA or ../shared/data)")
     p.set_defaults(func=_ask)
+
+    p = sub.add_parser("train-counterfactual", help="fine-tune a copy of the model to answer from an edit in its "
+                                                    "context (SERAC's counterfactual model)",
+                       description="Fine-tune the top blocks of a copy of the model on edit cases (edit prompt, "
+                                   "rephrases, locality prompts, each with the edit in context); save it under "
+                                   "$EDITMEM_CACHE/counterfactual/NAME. Use it with `--set serac.counterfactual=NAME`.")
+    p.add_argument("--data", required=True, help="edit cases with rephrases (e.g. counterfact-train.json)")
+    p.add_argument("--format", default="auto")
+    p.add_argument("--name", default="default", help="name to save under (default: %(default)s)")
+    p.add_argument("--model", default="smollm2-135m", help="base model alias or local folder (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N cases")
+    for flag, kind, helptext in (("--steps", int, "optimizer steps"), ("--batch-size", int, "examples per step"),
+                                 ("--train-layers", int, "top blocks fine-tuned"), ("--lr", float, "peak learning rate"),
+                                 ("--val-cases", int, "held-out cases (the last ones)"),
+                                 ("--val-every", int, "steps between validations"),
+                                 ("--context", str, "context format the copy learns")):
+        p.add_argument(flag, type=kind, default=None, help=f"{helptext} (default: see editors.counterfactual)")
+    p.set_defaults(func=_train_counterfactual)
 
     p = sub.add_parser("eval-scope", help="routing precision/recall with every case of a file in one store")
     p.add_argument("--data", required=True)
@@ -138,7 +159,7 @@ def _ask(args: argparse.Namespace) -> int:
     _positive(args.k, "-k")
     if args.method == "ike":
         return _ask_ike(args)
-    from editors.augmented import AugmentedModel
+    from editors.augmented import DEFAULT_CONTEXT, AugmentedModel
     from editors.models import load_model
     from memory.encoder import get_encoder
     from memory.store import EditMemory
@@ -149,8 +170,13 @@ def _ask(args: argparse.Namespace) -> int:
         encoder_name = probe.encoder.name
     clf.check_encoder(encoder_name)
     model, tok = load_model(args.model)
+    counterfactual, context = None, DEFAULT_CONTEXT
+    if args.counterfactual:
+        from editors.counterfactual import load_counterfactual
+
+        counterfactual, context = load_counterfactual(args.counterfactual, model)
     with EditMemory.open(args.store, create=False, encoder=CachingEncoder(get_encoder(encoder_name))) as mem:
-        wrapper = AugmentedModel(model, tok, mem, clf, k=args.k)
+        wrapper = AugmentedModel(model, tok, mem, clf, k=args.k, context=context, counterfactual=counterfactual)
         answer = wrapper.ask(args.question, max_new_tokens=args.max_new_tokens)
     _print_answer(answer)
     return 0
@@ -190,6 +216,31 @@ def _ask_ike(args: argparse.Namespace) -> int:
                   f"New Fact: {demo.fact} | Prompt: {demo.prompt} -> {demo.answer}")
     finally:
         editor.memory.close()
+    return 0
+
+
+def _train_counterfactual(args: argparse.Namespace) -> int:
+    _positive(args.limit, "--limit")
+    from editors.counterfactual import CounterfactualSettings, save_counterfactual, train_counterfactual
+    from editors.models import load_model
+    from memory.formats import read_cases
+
+    names = {"steps": "steps", "batch_size": "batch_size", "train_layers": "train_layers", "lr": "lr",
+             "val_cases": "val_cases", "val_every": "val_every", "context": "context"}
+    settings = CounterfactualSettings(**{field: getattr(args, arg) for arg, field in names.items()
+                                         if getattr(args, arg) is not None})
+    cases = read_cases(args.data, args.format)[:args.limit]
+    model, tok = load_model(args.model)
+    cf, meta = train_counterfactual(model, tok, cases, settings, progress=True, data_name=args.data)
+    meta["command"] = " ".join(shlex.quote(a) for a in ["editmem", *sys.argv[1:]])
+    meta["model"] = args.model
+    folder = save_counterfactual(cf, meta, args.name)
+    print(f"counterfactual model {args.name!r} saved to {folder} ({meta['train_seconds']:.0f} s, best at step "
+          f"{meta['best_step']})")
+    for point in meta["curve"]:
+        scores = "  ".join(f"{k} {point[k]:.3f}" for k in ("copy", "update", "retain") if k in point)
+        loss = "" if point["train_loss"] is None else f"  train loss {point['train_loss']:.3f}"
+        print(f"  step {point['step']:5d}  {point['seconds']:7.1f} s  held-out accuracy: {scores}{loss}")
     return 0
 
 
