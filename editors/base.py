@@ -231,7 +231,7 @@ def get_editor(name: str, model: torch.nn.Module, tokenizer: Any, **overrides: A
 # Modules that register the editors shipped with editmem; imported on first use so that importing `editors`
 # does no work.
 BUILTIN_EDITOR_MODULES: tuple[str, ...] = ("editors.none", "editors.ft", "editors.serac", "editors.ike", "editors.rome",
-                                           "editors.memit")
+                                           "editors.memit", "editors.mend")
 
 
 def _load_builtin_editors() -> None:

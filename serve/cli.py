@@ -20,6 +20,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "serve.commands.demo",
     "serve.commands.bench",
     "serve.commands.memory",
+    "serve.commands.mend",
+    "serve.commands.consolidate",
 )
 
 DEFAULT_STORE = "sqlite:///editmem.db"
