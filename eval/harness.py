@@ -9,8 +9,10 @@ Modes
     ``sequential``  edits accumulate (``batch_size`` requests per apply) and are only restored at the end, newest
                     first. At each checkpoint (default 10, 100, 1000, clipped to the number of cases, always including
                     it) the edited-so-far cases are measured: all of them, or a fixed random sample of
-                    ``checkpoint_sample`` of them (seed ``seed``) when there are more; the last checkpoint always
-                    measures every case, and those are the per-case lines and the headline numbers.
+                    ``checkpoint_sample`` of them (seed ``seed``) when there are more; the last checkpoint
+                    measures every case (or, with ``sample_final``, a sample too, for runs to 10,000 edits), and
+                    those are the per-case lines and the headline numbers. The samples are drawn before any edit,
+                    and pre-edit values are measured only for the cases some checkpoint measures.
 
 Pre-edit values (and the locality reference predictions) are measured once per case on the unedited base model and
 shared by every method; that is sound because the harness checks, after each method, that a checksum of every
@@ -62,6 +64,7 @@ class EvalSettings:
     checkpoints: tuple[int, ...] | None = None
     protocol: str = TEACHER_FORCED
     checkpoint_sample: int = 200
+    sample_final: bool = False
     seed: int = 0
     metrics: MetricSettings = field(default_factory=MetricSettings)
 
@@ -85,6 +88,8 @@ class EvalSettings:
                 raise ValidationError(f"checkpoints must be positive integers (got {list(self.checkpoints)})")
         if self.checkpoint_sample < 1:
             raise ValidationError(f"checkpoint_sample must be >= 1 (got {self.checkpoint_sample})")
+        if self.sample_final and self.mode != "sequential":
+            raise ValidationError("sample_final only applies to mode 'sequential'")
 
     @property
     def protocols(self) -> tuple[str, ...]:
@@ -222,17 +227,30 @@ class _Runner:
                 bar.update(len(indices))
         return result
 
+    def _sample_plan(self, checkpoints: Sequence[int], n: int) -> dict[int, list[int]]:
+        """Which cases each checkpoint measures (the same for every method: drawn from ``seed`` alone)."""
+        rng = random.Random(self.settings.seed)
+        plan = {}
+        for checkpoint in checkpoints:
+            measured = list(range(checkpoint))
+            sampled = checkpoint < n or self.settings.sample_final
+            if sampled and len(measured) > self.settings.checkpoint_sample:
+                measured = sorted(rng.sample(measured, self.settings.checkpoint_sample))
+            plan[checkpoint] = measured
+        return plan
+
     def _sequential(self, method: str, editor: Any) -> _MethodResult:
         result = _MethodResult()
         n, size = len(self.cases), self.settings.batch_size
         checkpoints = self.settings.checkpoints_for(n)
-        missing = [i for i in range(n) if not self.pre.has(i)]
+        plan = self._sample_plan(checkpoints, n)
+        needed = sorted(set().union(*plan.values()))
+        missing = [i for i in needed if not self.pre.has(i)]
         if missing:
             with self._bar(method, len(missing), desc="pre-edit measurements") as bar:
                 for i in missing:
                     self.pre.get(i)
                     bar.update(1)
-        rng = random.Random(self.settings.seed)
         handles: list[Any] = []
         per_edit_seconds: dict[int, float] = {}
         done = 0
@@ -247,10 +265,8 @@ class _Runner:
                             per_edit_seconds[i] = per_edit
                         done = indices[-1] + 1
                         bar.update(len(indices))
-                    measured = list(range(done))
+                    measured = plan[checkpoint]
                     final = checkpoint == n
-                    if not final and len(measured) > self.settings.checkpoint_sample:
-                        measured = sorted(rng.sample(measured, self.settings.checkpoint_sample))
                     bar.set_postfix_str(f"measuring {len(measured)} at {checkpoint} edits")
                     posts = []
                     for i in measured:
@@ -273,8 +289,8 @@ def run_eval(model: Any, tokenizer: Any, cases: Sequence[EditCase], methods: Seq
              mode: str = "single", batch_size: int = 1, checkpoints: Sequence[int] | None = None,
              protocol: str = TEACHER_FORCED, out_dir: str | Path, model_name: str = "model",
              dataset_name: str = "dataset", editor_overrides: Mapping[str, Mapping[str, Any]] | None = None,
-             metric_settings: MetricSettings | None = None, checkpoint_sample: int = 200, seed: int = 0,
-             command: str | None = None, progress: bool = True, plots: bool = True) -> dict[str, Any]:
+             metric_settings: MetricSettings | None = None, checkpoint_sample: int = 200, sample_final: bool = False,
+             seed: int = 0, command: str | None = None, progress: bool = True, plots: bool = True) -> dict[str, Any]:
     """Evaluate every method in ``methods`` on ``cases`` and return the summary (also written to ``out_dir``).
 
     ``editor_overrides`` maps a method name to keyword overrides of its settings (``get_editor(name, ..., **o)``).
@@ -282,7 +298,7 @@ def run_eval(model: Any, tokenizer: Any, cases: Sequence[EditCase], methods: Seq
     """
     settings = EvalSettings(methods=tuple(methods), mode=mode, batch_size=batch_size,
                             checkpoints=tuple(checkpoints) if checkpoints is not None else None, protocol=protocol,
-                            checkpoint_sample=checkpoint_sample, seed=seed,
+                            checkpoint_sample=checkpoint_sample, sample_final=sample_final, seed=seed,
                             metrics=metric_settings if metric_settings is not None else MetricSettings())
     cases = list(cases)
     if not cases:

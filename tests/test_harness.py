@@ -140,6 +140,29 @@ def test_sequential_samples_intermediate_checkpoints(tiny, tmp_path):
     assert set(rows[0]["by_protocol"]) == {"teacher-forced", "generate"}
 
 
+def test_sequential_sample_final_measures_a_sample_at_the_end_and_pre_edit_only_where_needed(tiny, tmp_path,
+                                                                                             monkeypatch):
+    from eval import harness
+
+    measured_pre = []
+    real_get = harness._PreCache.get
+
+    def spy(self, i):
+        if not self.has(i):
+            measured_pre.append(i)
+        return real_get(self, i)
+
+    monkeypatch.setattr(harness._PreCache, "get", spy)
+    summary = _run(tiny, tmp_path, mode="sequential", checkpoints=[3], checkpoint_sample=2, sample_final=True)
+    rows = summary["methods"]["ft"]["checkpoints"]
+    assert [(r["n_edits"], r["n_measured"]) for r in rows] == [(3, 2), (5, 2)]
+    assert summary["methods"]["ft"]["n"] == 2 and summary["methods"]["none"]["n"] == 2
+    lines = [json.loads(x) for x in (tmp_path / "cases.jsonl").read_text().splitlines()]
+    final = sorted({x["index"] for x in lines})
+    assert len(final) == 2
+    assert len(measured_pre) == len(set(measured_pre)) <= 4  # two samples of two, never all five cases
+
+
 def test_metric_without_probes_is_null(tiny, tmp_path):
     model, tok = tiny
     cases = [EditCase(prompt="The capital of France is", target_new="Rome", case_id="x")]
@@ -153,7 +176,7 @@ def test_metric_without_probes_is_null(tiny, tmp_path):
 
 @pytest.mark.parametrize("kw", [dict(mode="stream"), dict(protocol="bleu"), dict(mode="batch", batch_size=0),
                                 dict(batch_size=2), dict(checkpoints=[10]),
-                                dict(mode="sequential", checkpoints=[0]), dict(methods=[]),
+                                dict(mode="sequential", checkpoints=[0]), dict(methods=[]), dict(sample_final=True),
                                 dict(methods=["none", "none"]), dict(methods=["nosuch"]),
                                 dict(editor_overrides={"rome": {}})])
 def test_bad_settings_are_refused(tiny, tmp_path, kw):

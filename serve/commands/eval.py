@@ -1,7 +1,7 @@
 """`editmem eval`: run editing methods on a data file through the one harness and print the results table.
 
     editmem eval --data FILE [--format auto] --methods none,ft --model smollm2-135m [--limit N]
-                 [--mode single|batch|sequential] [--batch-size B] [--checkpoints 10,100,1000]
+                 [--mode single|batch|sequential] [--batch-size B] [--checkpoints 10,100,1000] [--sample-final]
                  [--protocol teacher-forced|generate|both] [--fluency-tokens 50] [--set ft.lr=1e-3 ...] --out DIR
 
 Writes summary.json, cases.jsonl, report.md and PNG plots into DIR (see :mod:`eval.harness`). torch and transformers
@@ -39,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-sample", type=int, default=200,
                    help="sequential mode: measure at most this many edited cases (a fixed random sample) at each "
                         "checkpoint before the last, which measures all (default: %(default)s)")
+    p.add_argument("--sample-final", action="store_true",
+                   help="sequential mode: the last checkpoint measures a sample too (for runs to 10,000 edits)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="teacher-forced",
                    help="metric protocol (default: %(default)s)")
     p.add_argument("--fluency-tokens", type=int, default=50,
@@ -94,6 +96,8 @@ def _command_line(args: argparse.Namespace) -> str:
         parts += ["--checkpoints", args.checkpoints]
     if args.mode == "sequential":
         parts += ["--checkpoint-sample", str(args.checkpoint_sample)]
+    if args.sample_final:
+        parts += ["--sample-final"]
     if args.fluency_tokens != 50:
         parts += ["--fluency-tokens", str(args.fluency_tokens)]
     for item in args.overrides:
@@ -126,7 +130,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
     summary = run_eval(model, tokenizer, cases, methods, mode=args.mode, batch_size=args.batch_size,
                        checkpoints=checkpoints, protocol=args.protocol, out_dir=args.out, model_name=args.model,
                        dataset_name=data.name, editor_overrides=overrides, command=command,
-                       checkpoint_sample=args.checkpoint_sample, metric_settings=metric_settings,
+                       checkpoint_sample=args.checkpoint_sample, sample_final=args.sample_final,
+                       metric_settings=metric_settings,
                        plots=not args.no_plots)
     print(f"model {args.model} · data {data.name} ({summary['n_cases']} cases) · protocol {summary['protocol']} · "
           f"mode {summary['mode']}")
