@@ -295,39 +295,63 @@ class _Frozen:
         # Every pass runs on detached parameters, so no gradient ever reaches the model (its requires_grad flags
         # are not touched) and autograd records only what depends on the hooks' tensors.
         self.detached = {n: p.detach() for n, p in model.named_parameters()}
+        # Pass 2 of training can skip the blocks below the first edited one (their output is pass 1's): the blocks
+        # are swapped for stand-ins that return it, and only the other blocks' parameters are passed in.
+        self.blocks = get_module(model, spec.layers)
+        self.first = min(self.layers)
+        lower = tuple(f"{spec.layers}.{i}." for i in range(self.first))
+        self.upper_params = {n: p for n, p in self.detached.items() if not n.startswith(lower)} if lower else {}
         self.head_weight = self.lm_head.weight.detach()
         bias = getattr(self.lm_head, "bias", None)
         self.head_bias = bias.detach() if bias is not None else None
 
-    def logits_at(self, rows: _Rows, fns: Sequence[Callable] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def logits_at(self, rows: _Rows, fns: Sequence[Callable] | None, lower: Any = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the model over ``rows`` (with ``fns[i]`` rewriting edited layer i's output, if given) and return
-        the logits (P, V) at the scored positions and the label (P,) each predicts."""
+        the logits (P, V) at the scored positions and the label (P,) each predicts.
+
+        ``lower``: the output of the block below the first edited one for these same rows, from an earlier pass
+        (:attr:`_Pass1.lower`); the blocks below are then not run.
+        """
         batch = rows.batch
+        params = self.detached
         with ExitStack() as stack:
+            if lower is not None and self.first > 0:
+                stack.enter_context(self._skip_lower(lower))
+                params = self.upper_params
             if fns is not None:
                 for module, fn in zip(self.modules, fns):
                     stack.enter_context(_rewrite_output(module, fn))
             hidden = stack.enter_context(capture(self.final_norm, "output", detach=False))
             stack.enter_context(stop_after(self.final_norm))
-            forward(self.model, self.detached, **batch.model_inputs(), use_cache=False)
+            forward(self.model, params, **batch.model_inputs(), use_cache=False)
         r, p = rows.score_rows
         logits = F.linear(hidden.last[r, p], self.head_weight, self.head_bias).float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits, batch.labels[r, p + 1]
 
-    def gradient_factors(self, rows: _Rows, edit_row: torch.Tensor
-                         ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    @contextmanager
+    def _skip_lower(self, output: Any) -> Iterator[None]:
+        originals = [self.blocks[i] for i in range(self.first)]
+        try:
+            for i in range(self.first):
+                self.blocks[i] = _Recorded(output)
+            yield
+        finally:
+            for i, block in enumerate(originals):
+                self.blocks[i] = block
+
+    def gradient_factors(self, rows: _Rows, edit_row: torch.Tensor) -> "_Pass1":
         """Pass 1: the per-token gradient factors of the edit loss at every edited layer.
 
         ``edit_row`` (R,) bool marks the rows whose target NLL (mean over target tokens, summed over rows) is the edit
-        loss. Returns ``us`` and ``deltas`` (one (N, d) tensor per edited layer, the N tokens of the edit rows that
-        influence the loss), the owner (N,) of each token, and the detached logits (P, V) and labels (P,) at every
-        scored position of every row (the unedited model's predictions).
+        loss. See :class:`_Pass1` for what comes back.
         """
         batch = rows.batch
         inputs: list[torch.Tensor] = []
         zeros: list[torch.Tensor] = []
+        lower: list[Any] = []
 
         def tap(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             inputs.append(x.detach())
@@ -335,22 +359,64 @@ class _Frozen:
             zeros.append(z)
             return y + z
 
-        with torch.enable_grad():
-            logits, labels = self.logits_at(rows, [tap] * len(self.modules))
-            r, _ = rows.score_rows
-            nll = F.cross_entropy(logits, labels, reduction="none")
-            in_edit = edit_row[r]
-            n_target = torch.zeros(len(edit_row), device=nll.device).index_add_(0, r, torch.ones_like(nll))
-            loss = (nll * in_edit / n_target[r]).sum()
-            grads = torch.autograd.grad(loss, zeros)
+        def keep_lower(_module: torch.nn.Module, _args: tuple, output: Any) -> None:
+            lower.append(_detached(output))
+
+        handle = self.blocks[self.first - 1].register_forward_hook(keep_lower) if self.first > 0 else None
+        try:
+            with torch.enable_grad():
+                logits, labels = self.logits_at(rows, [tap] * len(self.modules))
+                r, _ = rows.score_rows
+                nll = F.cross_entropy(logits, labels, reduction="none")
+                in_edit = edit_row[r]
+                n_target = torch.zeros(len(edit_row), device=nll.device).index_add_(0, r, torch.ones_like(nll))
+                loss = (nll * in_edit / n_target[r]).sum()
+                grads = torch.autograd.grad(loss, zeros)
+        finally:
+            if handle is not None:
+                handle.remove()
         # tokens that can affect the loss: non-padding positions of edit rows before each row's last token
         t = torch.arange(batch.input_ids.shape[1], device=batch.input_ids.device)
         keep = (edit_row[:, None] & (t[None, :] >= batch.prompt_start[:, None])
                 & (t[None, :] < batch.target_end[:, None] - 1))
         tok_rows, tok_pos = keep.nonzero(as_tuple=True)
-        us = [x[tok_rows, tok_pos] for x in inputs]
-        deltas = [g[tok_rows, tok_pos] for g in grads]
-        return us, deltas, rows.owner[tok_rows], logits.detach(), labels
+        return _Pass1(us=[x[tok_rows, tok_pos] for x in inputs], deltas=[g[tok_rows, tok_pos] for g in grads],
+                      owner=rows.owner[tok_rows], logits=logits.detach(), labels=labels,
+                      lower=lower[-1] if lower else None)
+
+
+def _detached(output: Any) -> Any:
+    if isinstance(output, torch.Tensor):
+        return output.detach()
+    if isinstance(output, tuple):
+        return tuple(_detached(x) for x in output)
+    return output
+
+
+class _Recorded(torch.nn.Module):
+    """Stands in for a block below the edited ones: returns what that stack of blocks returned in pass 1."""
+
+    def __init__(self, output: Any):
+        super().__init__()
+        self.output = output
+
+    def forward(self, *_args: Any, **_kwargs: Any) -> Any:
+        return self.output
+
+
+@dataclass
+class _Pass1:
+    """What pass 1 gives: per edited layer the gradient factors ``us`` and ``deltas`` ((N, d) each, the N tokens
+    of the edit rows that influence the loss), the edit each token belongs to (``owner``, (N,)), the unedited
+    model's logits (P, V) and labels (P,) at every scored position of every row, and ``lower``, the output of the
+    block below the first edited one (None when that is block 0)."""
+
+    us: list[torch.Tensor]
+    deltas: list[torch.Tensor]
+    owner: torch.Tensor
+    logits: torch.Tensor
+    labels: torch.Tensor
+    lower: Any
 
 
 def _transform(net: MENDNet, us: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor]
@@ -433,16 +499,14 @@ def _edits_from_cases(cases: Sequence[EditCase], tokenizer: Any, max_tokens: int
     return edits
 
 
-def _batch_rows(tokenizer: Any, edits: Sequence[_Edit], device: torch.device) -> tuple[_Rows, _Rows, torch.Tensor]:
-    """Pass-1 rows (edits then locality probes), pass-2 rows (edits, rephrases, locality) and pass 1's edit mask."""
+def _batch_rows(tokenizer: Any, edits: Sequence[_Edit], device: torch.device) -> tuple[_Rows, torch.Tensor]:
+    """The rows of both passes (edits, then rephrases, then locality probes) and pass 1's edit-row mask."""
     n = len(edits)
-    first = _encode(tokenizer, [(e.prompt, e.target) for e in edits] + [(e.loc_prompt, e.loc_answer) for e in edits],
-                    list(range(n)) * 2, device)
-    second = _encode(tokenizer, [(e.prompt, e.target) for e in edits] + [(e.rephrase, e.target) for e in edits]
-                     + [(e.loc_prompt, e.loc_answer) for e in edits], list(range(n)) * 3, device)
-    edit_row = torch.zeros(2 * n, dtype=torch.bool, device=device)
+    rows = _encode(tokenizer, [(e.prompt, e.target) for e in edits] + [(e.rephrase, e.target) for e in edits]
+                   + [(e.loc_prompt, e.loc_answer) for e in edits], list(range(n)) * 3, device)
+    edit_row = torch.zeros(3 * n, dtype=torch.bool, device=device)
     edit_row[:n] = True
-    return first, second, edit_row
+    return rows, edit_row
 
 
 def _row_mean(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -456,23 +520,20 @@ def _step_losses(net: MENDNet, frozen: _Frozen, tokenizer: Any, edits: Sequence[
                  ) -> dict[str, torch.Tensor]:
     """The losses of one batch of independent edits (with a graph into ``net``) and detached accuracy figures."""
     n = len(edits)
-    first, second, edit_row = _batch_rows(tokenizer, edits, device)
-    us, deltas, owner, base_logits, _ = frozen.gradient_factors(first, edit_row)
-    ut, dt = _transform(net, us, deltas)
-    logits, labels = frozen.logits_at(second, _edit_hooks(net, ut, dt, owner, second.owner))
-    rows, _ = second.score_rows
-    kind = rows // n  # 0 edit, 1 rephrase, 2 locality
+    rows, edit_row = _batch_rows(tokenizer, edits, device)
+    first = frozen.gradient_factors(rows, edit_row)
+    ut, dt = _transform(net, first.us, first.deltas)
+    logits, labels = frozen.logits_at(rows, _edit_hooks(net, ut, dt, first.owner, rows.owner), lower=first.lower)
+    r, _ = rows.score_rows
+    kind = r // n  # 0 edit, 1 rephrase, 2 locality
     nll = F.cross_entropy(logits, labels, reduction="none")
-    per_row = _row_mean(nll, rows, 3 * n)
-    # base logits of the locality rows: pass 1 scored the same locality sequences, in the same order
-    first_rows, _ = first.score_rows
-    base_loc = base_logits[first_rows >= n]
-    loc_logits = logits[kind == 2]
+    per_row = _row_mean(nll, r, 3 * n)
+    base_loc, loc_logits = first.logits[kind == 2], logits[kind == 2]
     kl = (F.softmax(base_loc, -1) * (F.log_softmax(base_loc, -1) - F.log_softmax(loc_logits, -1))).sum(-1)
     correct = (logits.argmax(-1) == labels).float()
     same = (loc_logits.argmax(-1) == base_loc.argmax(-1)).float()
     return {"edit_nll": per_row[:n].mean(), "rephrase_nll": per_row[n:2 * n].mean(),
-            "loc_kl": _row_mean(kl, rows[kind == 2] - 2 * n, n).mean(),
+            "loc_kl": _row_mean(kl, r[kind == 2] - 2 * n, n).mean(),
             "edit_acc": correct[kind == 0].mean().detach(), "rephrase_acc": correct[kind == 1].mean().detach(),
             "loc_same": same.mean().detach()}
 
@@ -758,10 +819,10 @@ class MENDEditor(Editor):
         device = next(self.model.parameters()).device
         frozen = _Frozen(self.model, loaded.layers)
         rows = _encode(self.tokenizer, [(r.prompt, r.target_new) for r in requests], range(len(requests)), device)
-        us, deltas, _, _, _ = frozen.gradient_factors(rows, torch.ones(len(requests), dtype=torch.bool,
-                                                                       device=device))
+        first = frozen.gradient_factors(rows, torch.ones(len(requests), dtype=torch.bool, device=device))
+        us = first.us
         with torch.no_grad():
-            ut, dt = _transform(loaded.net, us, deltas)
+            ut, dt = _transform(loaded.net, us, first.deltas)
             out = weight_deltas(loaded.net, frozen, ut, dt, self.settings.edit_scale)
         log.debug("mend: %d request(s), %d tokens, %.3f s", len(requests), us[0].shape[0], time.perf_counter() - t0)
         return out

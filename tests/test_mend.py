@@ -130,10 +130,10 @@ def test_low_rank_training_edit_equals_the_written_delta(arch):
     model, tok, result = _trained(arch)
     frozen = _Frozen(model, result.layers)
     rows = _encode(tok, [(r.prompt, r.target_new) for r in REQUESTS[:1]], [0], torch.device("cpu"))
-    us, deltas, owner, _, _ = frozen.gradient_factors(rows, torch.ones(1, dtype=torch.bool))
+    first = frozen.gradient_factors(rows, torch.ones(1, dtype=torch.bool))
     with torch.no_grad():
-        ut, dt = _transform(result.net, us, deltas)
-        hooked, _ = frozen.logits_at(rows, _edit_hooks(result.net, ut, dt, owner, rows.owner))
+        ut, dt = _transform(result.net, first.us, first.deltas)
+        hooked, _ = frozen.logits_at(rows, _edit_hooks(result.net, ut, dt, first.owner, rows.owner))
         written = weight_deltas(result.net, frozen, ut, dt)
     original = snapshot(model)
     from editors.base import WeightEditHandle
@@ -189,3 +189,26 @@ def test_cli_train_mend_then_edit(tmp_path, capsys):
     code = main(["train-mend", "--model", str(tmp_path / "model"), "--data", str(data), "--out", str(out),
                  "--set", "rank=0"])
     assert code == 2 and "rank" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_pass_two_may_skip_the_blocks_below_the_edited_ones(arch):
+    """Training's second pass starts from pass 1's output below the first edited block; same logits as a full run,
+    and the model's blocks are all back afterwards."""
+    model, tok, result = _trained(arch)
+    frozen = _Frozen(model, (2, 3))
+    blocks = list(frozen.blocks)
+    rows = _encode(tok, [(r.prompt, r.target_new) for r in REQUESTS] + [("People in Peru speak", "Spanish")],
+                   [0, 1, 2, 3], torch.device("cpu"))
+    first = frozen.gradient_factors(rows, torch.tensor([True, True, False, False]))
+    assert first.lower is not None
+    net = result.net
+    with torch.no_grad():
+        ut, dt = _transform(net, [u[:, :] for u in first.us[:2]], first.deltas[:2])
+        fns = _edit_hooks(net, ut, dt, first.owner, rows.owner)
+        full, labels = frozen.logits_at(rows, fns)
+        skipped, labels2 = frozen.logits_at(rows, fns, lower=first.lower)
+    assert list(frozen.blocks) == blocks
+    assert torch.equal(labels, labels2)
+    assert torch.allclose(full, skipped, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(first.logits, frozen.logits_at(rows, None)[0].detach(), atol=1e-5, rtol=1e-5)
