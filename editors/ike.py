@@ -1,22 +1,28 @@
 """``ike``: in-context knowledge editing (Zheng et al. 2023, "Can We Edit Factual Knowledge by In-Context Learning?").
 
 Demonstrations. A pool built from a training file of edit cases (default ``counterfact-train.json``): for each case
-with new fact f (its prompt followed by its new target) three kinds, each rendered as
-``"New Fact: {f}\\nPrompt: {prompt} {answer}\\n\\n"``:
+with new fact f (its prompt followed by its new target) three kinds:
 
 - **copy**: the prompt is f's own prompt and the answer f's new target;
 - **update**: the prompt is a rephrase of f's prompt, the answer still the new target (one per rephrase);
 - **retain**: the prompt is one of the case's locality (neighbourhood) prompts and the answer its original answer, so
   the model sees that a new fact leaves unrelated facts alone.
 
-A FAISS index (:class:`memory.index.VectorIndex`, flat inner product) holds the pool's embeddings by the store's
-encoder; it is cached under ``$EDITMEM_CACHE/ike/`` keyed by the pool file's content hash, the pool layout version and
-the encoder, since encoding 30,000 demonstrations with MiniLM takes minutes on a CPU.
+A demonstration is written with a template (``demo_template``): ``paper`` is the paper's
+``"New Fact: {f}\\nPrompt: {prompt} {answer}\\n\\n"``; ``answer`` (default) adds the new target as a hint,
+``"New Fact: {f} (answer: {new target})\\n..."``, as the edit's own default context does, so that demonstrations and
+the edit read alike. Which kinds are retrieved is a setting (``kinds``); the default leaves retain demonstrations
+out: on SmolLM2-135M they cost reliability and bought no locality (notes/memory_editing.md, section IKE).
+
+A FAISS index (:class:`memory.index.VectorIndex`, flat inner product) holds the pool's embeddings (of the paper's
+rendering, whatever the template) by the store's encoder; it is cached under ``$EDITMEM_CACHE/ike/`` keyed by the pool
+file's content hash, the pool layout version and the encoder, since encoding 30,000 demonstrations with MiniLM takes
+minutes on a CPU.
 
 Prompt. For a query in the scope of a stored edit: the ``k`` demonstrations nearest to the query (``retrieve="query"``)
 or to the edit's new fact (``retrieve="fact"``, as EasyEdit's IKE does), farthest first so the nearest sits next to the
-query, then the edit's own context (a format of :data:`editors.augmented.CONTEXT_FORMATS`; default ``demo``: a copy
-demonstration of the edit and ``New Fact: {f}\\nPrompt: ``, the paper's query form), then the query. The wrapper, its
+query, then the edit's own context (a format of :data:`editors.augmented.CONTEXT_FORMATS`; default ``answer``: a copy
+demonstration of the edit and ``New Fact: {f} (answer: {new target})\\nPrompt: ``), then the query. The wrapper, its
 routing, the context insertion after BOS and the read-back of logits at the original positions are
 :class:`editors.augmented.AugmentedModel`'s; this module only decides what context a row gets.
 
@@ -57,6 +63,11 @@ log = logging.getLogger(__name__)
 MODES: tuple[str, ...] = ("classic", "gated")
 RETRIEVE: tuple[str, ...] = ("query", "fact")
 DEMO_KINDS: tuple[str, ...] = ("copy", "update", "retain")
+# Fields: {fact} (the new fact), {target_new} (its new target), {query} (the demonstration's prompt and answer).
+DEMO_TEMPLATES: dict[str, str] = {
+    "paper": "New Fact: {fact}\nPrompt: {query}\n\n",
+    "answer": "New Fact: {fact} (answer: {target_new})\nPrompt: {query}\n\n",
+}
 DEFAULT_DEMO_FILE = Path("counterfact") / "easyedit_split" / "counterfact-train.json"
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 # Bump when the pool's layout (which demonstrations, in which order, rendered how) changes: it keys the index cache.
@@ -81,23 +92,27 @@ def cache_root() -> Path:
 class IkeSettings(EditorSettings):
     """Settings of :class:`IkeEditor`.
 
-    ``mode``: ``classic`` or ``gated`` (module docstring). ``k``: demonstrations per prompt (0: none, only the edit's
-    context). ``demos``: the demonstration pool file (default :func:`default_demo_file`); ``demo_format``: its format
-    (:mod:`memory.formats`, default auto-detect); ``demo_limit``: use only its first N cases. ``retrieve``: what the
-    demonstrations are retrieved by, ``query`` or the edit's ``fact``. ``context``: the edit's own context, a format
-    name of :data:`editors.augmented.CONTEXT_FORMATS` or a template. ``store``: store URL (default an in-memory SQLite
-    store of the editor's own). ``scope``, ``threshold``: the scope classifier of ``gated`` mode, as SERAC's.
-    ``encoder``: the store's and the pool's encoder (default: the classifier's in gated mode, MiniLM in classic).
-    ``candidates``: stored edits retrieved per query for the scope classifier.
+    ``mode``: ``classic`` or ``gated`` (module docstring). ``k``: demonstrations per prompt (0: none, only the
+    edit's context). ``kinds``: which kinds are retrieved (of copy, update, retain). ``demo_template``: a name of
+    :data:`DEMO_TEMPLATES` or a template with ``{query}``. ``demos``: the demonstration pool file (default
+    :func:`default_demo_file`); ``demo_format``: its format (:mod:`memory.formats`, default auto-detect);
+    ``demo_limit``: use only its first N cases. ``retrieve``: what the demonstrations are retrieved by, ``query`` or
+    the edit's ``fact``. ``context``: the edit's own context, a format name of
+    :data:`editors.augmented.CONTEXT_FORMATS` or a template. ``store``: store URL (default an in-memory SQLite store
+    of the editor's own). ``scope``, ``threshold``: the scope classifier of ``gated`` mode, as SERAC's. ``encoder``:
+    the store's and the pool's encoder (default: the classifier's in gated mode, MiniLM in classic). ``candidates``:
+    stored edits retrieved per query for the scope classifier.
     """
 
     mode: str = "classic"
-    k: int = 4
+    k: int = 2
+    kinds: tuple[str, ...] = ("copy", "update")
+    demo_template: str = "answer"
     demos: str | None = None
     demo_format: str = "auto"
     demo_limit: int | None = None
     retrieve: str = "query"
-    context: str = "demo"
+    context: str = "answer"
     store: str = "sqlite://"
     scope: str = DEFAULT_SCOPE
     threshold: float | None = None
@@ -109,6 +124,13 @@ class IkeSettings(EditorSettings):
             raise ValidationError(f"ike setting mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 0:
             raise ValidationError(f"ike setting k (demonstrations per prompt) must be an integer >= 0, got {self.k!r}")
+        kinds = tuple(k.strip() for k in self.kinds.split(",")) if isinstance(self.kinds, str) else self.kinds
+        if not isinstance(kinds, (tuple, list)) or not kinds or any(k not in DEMO_KINDS for k in kinds) \
+                or len(set(kinds)) != len(kinds):
+            raise ValidationError(f"ike setting kinds must name demonstration kinds among {', '.join(DEMO_KINDS)} "
+                                  f"(each once), got {self.kinds!r}")
+        object.__setattr__(self, "kinds", tuple(kinds))
+        demo_template_text(self.demo_template)
         if self.demos is not None and (not isinstance(self.demos, (str, os.PathLike)) or not str(self.demos)):
             raise ValidationError(f"ike setting demos must be the path of a data file, got {self.demos!r}")
         if not isinstance(self.demo_format, str) or not self.demo_format:
@@ -136,19 +158,43 @@ class IkeSettings(EditorSettings):
 
 
 # --- demonstrations ---------------------------------------------------------------------------------------------------
+def demo_template_text(template: str) -> str:
+    """The template of a name in :data:`DEMO_TEMPLATES`, or ``template`` itself if it is one (has ``{query}``)."""
+    if template in DEMO_TEMPLATES:
+        return DEMO_TEMPLATES[template]
+    if not isinstance(template, str) or "{query}" not in template:
+        raise ValidationError(f"ike setting demo_template must be one of {', '.join(DEMO_TEMPLATES)} or a template "
+                              f"containing {{query}}, got {template!r}")
+    try:
+        template.format(fact="", target_new="", query="")
+    except (KeyError, IndexError, ValueError) as err:
+        raise ValidationError(f"ike setting demo_template {template!r} is malformed: {err}") from None
+    return template
+
+
 @dataclass(frozen=True)
 class Demo:
-    """One demonstration: under new fact ``fact``, ``prompt`` is completed by ``answer``."""
+    """One demonstration: under new fact ``fact`` (whose new target is ``target_new``), ``prompt`` is completed by
+    ``answer``."""
 
     kind: str  # one of DEMO_KINDS
     fact: str
+    target_new: str
     prompt: str
     answer: str
     case_id: str | None = None
 
     @property
+    def query(self) -> str:
+        return self.prompt + target_text(self.prompt, self.answer)
+
+    def render(self, template: str = DEMO_TEMPLATES["paper"]) -> str:
+        return template.format(fact=self.fact, target_new=self.target_new, query=self.query)
+
+    @property
     def text(self) -> str:
-        return f"New Fact: {self.fact}\nPrompt: {self.prompt}{target_text(self.prompt, self.answer)}\n\n"
+        """The paper's rendering; what the index embeds."""
+        return self.render()
 
 
 def fact_of(prompt: str, target_new: str) -> str:
@@ -162,9 +208,10 @@ def build_demos(cases: Sequence[EditCase]) -> list[Demo]:
     demos: list[Demo] = []
     for case in cases:
         fact = fact_of(case.prompt, case.target_new)
-        demos.append(Demo("copy", fact, case.prompt, case.target_new, case.case_id))
-        demos += [Demo("update", fact, r, case.target_new, case.case_id) for r in case.rephrases if r.strip()]
-        demos += [Demo("retain", fact, p.prompt, p.answer, case.case_id) for p in case.locality
+        new = case.target_new
+        demos.append(Demo("copy", fact, new, case.prompt, new, case.case_id))
+        demos += [Demo("update", fact, new, r, new, case.case_id) for r in case.rephrases if r.strip()]
+        demos += [Demo("retain", fact, new, p.prompt, p.answer, case.case_id) for p in case.locality
                   if p.prompt.strip() and p.answer.strip()]
     return demos
 
@@ -231,13 +278,21 @@ class DemoPool:
     def __len__(self) -> int:
         return len(self.demos)
 
-    def nearest(self, texts: Sequence[str], k: int) -> list[list[tuple[int, float]]]:
-        """For each text the ``k`` nearest demonstrations, as (position, cosine), nearest first."""
+    def nearest(self, texts: Sequence[str], k: int,
+                kinds: Sequence[str] = DEMO_KINDS) -> list[list[tuple[int, float]]]:
+        """For each text the ``k`` nearest demonstrations of ``kinds``, as (position, cosine), nearest first."""
         if k <= 0 or not texts:
             return [[] for _ in texts]
-        scores, ids = self.index.search(self.encoder.encode(list(texts)), k)
-        return [[(int(i), float(s)) for i, s in zip(row_ids, row_scores) if i >= 0]
-                for row_ids, row_scores in zip(ids, scores)]
+        wanted = set(kinds)
+        vectors = self.encoder.encode(list(texts))
+        depth = k if wanted >= set(DEMO_KINDS) else 4 * k
+        while True:  # search deeper until k of the wanted kinds are found (or the pool is exhausted)
+            scores, ids = self.index.search(vectors, depth)
+            rows = [[(int(i), float(s)) for i, s in zip(row_ids, row_scores)
+                     if i >= 0 and self.demos[int(i)].kind in wanted][:k] for row_ids, row_scores in zip(ids, scores)]
+            if depth >= len(self.demos) or all(len(r) == k for r in rows):
+                return rows
+            depth = min(len(self.demos), depth * 4)
 
 
 # --- the wrapper ------------------------------------------------------------------------------------------------------
@@ -249,10 +304,13 @@ class IkeModel(AugmentedModel):
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, memory: Any, scope: Any, pool: DemoPool, *,
-                 n_demos: int, retrieve: str = "query", k: int = 5, context: str = "demo"):
+                 n_demos: int, kinds: Sequence[str] = ("copy", "update"), demo_template: str = "answer",
+                 retrieve: str = "query", k: int = 5, context: str = "answer"):
         super().__init__(model, tokenizer, memory, scope, k=k, context=context)
         self.pool = pool
         self.n_demos = n_demos
+        self.kinds = tuple(kinds)
+        self.demo_template = demo_template_text(demo_template)
         self.retrieve = retrieve
         self.last_demos: list[tuple[tuple[int, float], ...]] = []
         self._planned: dict[tuple[tuple[int, ...], int, int], tuple[int, ...]] = {}
@@ -263,14 +321,14 @@ class IkeModel(AugmentedModel):
 
     def _retrieval_texts(self, decisions: Sequence[Decision]) -> list[str]:
         if self.retrieve == "fact":
-            return [Demo("copy", fact_of(d.edit.prompt, d.edit.target_new), d.edit.prompt, d.edit.target_new).text
-                    for d in decisions]
+            return [Demo("copy", fact_of(d.edit.prompt, d.edit.target_new), d.edit.target_new, d.edit.prompt,
+                         d.edit.target_new).text for d in decisions]
         return [d.query for d in decisions]
 
     def route_rows(self, rows: Sequence[Sequence[int]]) -> list[Decision]:
         decisions = super().route_rows(rows)
         inside = [b for b, d in enumerate(decisions) if d.in_scope]
-        found = self.pool.nearest(self._retrieval_texts([decisions[b] for b in inside]), self.n_demos)
+        found = self.pool.nearest(self._retrieval_texts([decisions[b] for b in inside]), self.n_demos, self.kinds)
         self.last_demos = [() for _ in rows]
         self._planned = {}
         for b, hits in zip(inside, found):
@@ -285,11 +343,12 @@ class IkeModel(AugmentedModel):
             return planned
         text = self.tokenizer.decode(list(row), skip_special_tokens=True)
         decision = Decision(text, edit, None, self.scope.threshold)
-        return tuple(i for i, _ in self.pool.nearest(self._retrieval_texts([decision]), self.n_demos)[0])
+        return tuple(i for i, _ in self.pool.nearest(self._retrieval_texts([decision]), self.n_demos, self.kinds)[0])
 
     def prompt_text(self, demo_ids: Sequence[int], edit: EditRecord) -> str:
         """The context put before a query: the demonstrations (nearest last) and then the edit's own context."""
-        return "".join(self.pool.demos[i].text for i in reversed(demo_ids)) + edit_context(edit, self.template)
+        return ("".join(self.pool.demos[i].render(self.demo_template) for i in reversed(demo_ids))
+                + edit_context(edit, self.template))
 
     def _conditioned(self, row: list[int], edit: EditRecord) -> tuple[list[int], int]:
         demo_ids = self._demo_ids(row, edit)
@@ -332,8 +391,9 @@ class IkeEditor(Editor):
         clf.check_encoder(encoder.name)
         self.pool = DemoPool.from_file(s.demos, encoder, format=s.demo_format, limit=s.demo_limit)
         self.memory = EditMemory.open(s.store, encoder=encoder)
-        self._wrapper = IkeModel(model, tokenizer, self.memory, clf, self.pool, n_demos=s.k, retrieve=s.retrieve,
-                                 k=candidates, context=s.context)
+        self._wrapper = IkeModel(model, tokenizer, self.memory, clf, self.pool, n_demos=s.k, kinds=s.kinds,
+                                 demo_template=s.demo_template, retrieve=s.retrieve, k=candidates,
+                                 context=s.context)
 
     @property
     def model(self) -> IkeModel:

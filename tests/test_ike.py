@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from editors import EditRequest, available_editors, get_editor
-from editors.ike import DemoPool, IkeModel, IkeSettings, build_demos
+from editors.ike import DEMO_TEMPLATES, DemoPool, IkeModel, IkeSettings, build_demos
 from editors.serac import MemoryEditHandle
 from eval.harness import run_eval
 from eval.metrics import MetricSettings
@@ -61,9 +61,11 @@ def test_ike_is_registered_and_settings_validate():
     assert "ike" in available_editors()
     for bad in ({"mode": "always"}, {"k": -1}, {"k": 1.5}, {"k": True}, {"retrieve": "edit"}, {"demo_limit": 0},
                 {"candidates": 0}, {"threshold": "high"}, {"context": "no fields"}, {"store": ""}, {"scope": ""},
-                {"demos": ""}, {"encoder": 3}):
+                {"demos": ""}, {"encoder": 3}, {"kinds": ()}, {"kinds": ("copy", "copy")},
+                {"kinds": "copy,forget"}, {"demo_template": "New Fact: {fact}"}, {"demo_template": "{query} {nope}"}):
         with pytest.raises(ValidationError, match="ike setting|context"):
             IkeSettings(**bad)
+    assert IkeSettings(kinds="copy,retain").kinds == ("copy", "retain")  # as `--set ike.kinds=copy,retain` gives it
     model, tok = tiny_model("llama")
     with pytest.raises(ValidationError, match="unknown setting"):
         get_editor("ike", model, tok, nope=1)
@@ -86,6 +88,8 @@ def test_pool_has_copy_update_retain_and_the_cache_is_reused(pool_file):
     demos = build_demos(cases)
     assert len(demos) == 3 * len(cases)
     copy, update, retain = demos[:3]
+    assert copy.render(DEMO_TEMPLATES["answer"]) == ("New Fact: The capital of France is Rome (answer: Rome)\n"
+                                                     "Prompt: The capital of France is Rome\n\n")
     assert (copy.kind, copy.prompt, copy.answer) == ("copy", "The capital of France is", "Rome")
     assert (update.kind, update.prompt, update.answer) == ("update", "The capital city of France is", "Rome")
     assert (retain.kind, retain.prompt, retain.answer) == ("retain", "People in France speak", "French")
@@ -106,8 +110,9 @@ def test_pool_has_copy_update_retain_and_the_cache_is_reused(pool_file):
     assert calls and sum(calls) == 6
 
 
-def test_retrieved_demonstrations_are_the_nearest(pool_file):
-    _, tok, editor = _ike("gpt2", pool_file, k=3)
+@pytest.mark.parametrize("kinds", [("copy", "update", "retain"), ("copy", "update"), ("retain",)])
+def test_retrieved_demonstrations_are_the_nearest(pool_file, kinds):
+    _, tok, editor = _ike("gpt2", pool_file, k=3, kinds=kinds)
     wrapper = editor.model
     assert isinstance(wrapper, IkeModel)
     editor.apply([EditRequest("The capital of Peru is", "Oslo", subject="Peru")])
@@ -115,19 +120,23 @@ def test_retrieved_demonstrations_are_the_nearest(pool_file):
     decisions = wrapper.route_rows([tok(q)["input_ids"] for q in queries])
     enc = HashingEncoder(256)
     pool_vecs = enc.encode([d.text for d in editor.pool.demos])
+    other = np.array([d.kind not in kinds for d in editor.pool.demos])
     for q, got in zip(queries, wrapper.last_demos):
         sims = pool_vecs @ enc.encode([q])[0]
+        sims[other] = -np.inf  # only the wanted kinds count
         assert len(got) == 3
         picked = np.array([i for i, _ in got])
         assert np.allclose([s for _, s in got], sims[picked], atol=1e-5)  # the scores are the cosines
         assert all(a >= b - 1e-6 for (_, a), (_, b) in zip(got, got[1:]))  # nearest first
         assert sims[picked].min() >= np.sort(sims)[-3] - 1e-6  # no demonstration outside is nearer
+    assert all(editor.pool.demos[i].kind in kinds for row in wrapper.last_demos for i, _ in row)
     spain = [editor.pool.demos[i] for i, _ in wrapper.last_demos[1]]
     assert any("Spain" in d.fact for d in spain)
     # the prompt: demonstrations farthest first, then the edit's own context, then the query
     ids = [i for i, _ in wrapper.last_demos[1]]
     text = wrapper.prompt_text(ids, decisions[1].edit)
-    assert text.index(editor.pool.demos[ids[-1]].text) < text.index(editor.pool.demos[ids[0]].text)
+    rendered = [editor.pool.demos[i].render(wrapper.demo_template) for i in ids]
+    assert text.index(rendered[-1]) < text.index(rendered[0])
     assert text.endswith("New Fact: The capital of Peru is Oslo\nPrompt: ")
 
 
