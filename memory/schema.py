@@ -12,6 +12,20 @@ Tables, all prefixed ``editmem_`` so a store can share a PostgreSQL database wit
 - ``editmem_embeddings``: the key embedding (float32 bytes) of a version row per encoder name.
 - ``editmem_changes``: the change log (seq, row_id, op): op ``add`` when a row becomes searchable, ``del`` when it
   stops being so. An index that reflects counter N catches up by applying the entries with seq > N.
+
+Weight edits (written by ``editors.weights``; the store keeps them as opaque blobs, see ``EditMemory.attach_weights``):
+
+- ``editmem_weight_models``: one row per edited model the store keeps records for: the base model's fingerprint, the
+  base model as the user named it, and the folder the edited model is saved in (if any).
+- ``editmem_weight_records``: one row per weight edit applied to such a model (one editor call, possibly a batch),
+  in the order applied (``record_id``): method, editor settings, the touched parameter names and a blob of their
+  deltas. ``applied`` turns false when it is removed; rows are never deleted.
+- ``editmem_weight_links``: which edit versions a record wrote into the weights.
+- ``editmem_weight_bases``: the base value (blob) of every parameter a record of a model touched, written the first
+  time one does, so the edited weights can be recomputed as base + the applied records in order.
+
+These tables were added after schema version 1 without changing it: a store made before them gets them when it is
+next opened (:func:`ensure_weight_tables`).
 """
 
 from __future__ import annotations
@@ -87,6 +101,50 @@ changes = Table(
     PrimaryKeyConstraint("seq", "row_id", name="pk_editmem_changes"),
 )
 
+weight_models = Table(
+    "editmem_weight_models", metadata,
+    Column("model_id", Integer, primary_key=True, autoincrement=True),
+    Column("fingerprint", String(200), nullable=False),
+    Column("base", Text, nullable=False),
+    Column("folder", Text, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("folder", name="uq_editmem_weight_models_folder"),
+)
+
+weight_records = Table(
+    "editmem_weight_records", metadata,
+    Column("record_id", Integer, primary_key=True, autoincrement=True),
+    Column("model_id", Integer, nullable=False),
+    Column("method", String(64), nullable=False),
+    Column("settings", Text, nullable=False),  # JSON object: the editor overrides used
+    Column("params", Text, nullable=False),  # JSON list of parameter names
+    Column("deltas", LargeBinary, nullable=False),  # opaque to the store
+    Column("applied", Boolean, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("removed_at", DateTime(timezone=True), nullable=True),
+    Column("note", Text, nullable=True),  # why it was removed
+    Index("ix_editmem_weight_records_model", "model_id", "record_id"),
+)
+
+weight_links = Table(
+    "editmem_weight_links", metadata,
+    Column("record_id", Integer, nullable=False),
+    Column("edit_id", BigInteger, nullable=False),
+    Column("version", Integer, nullable=False),
+    PrimaryKeyConstraint("record_id", "edit_id", name="pk_editmem_weight_links"),
+    Index("ix_editmem_weight_links_edit", "edit_id"),
+)
+
+weight_bases = Table(
+    "editmem_weight_bases", metadata,
+    Column("model_id", Integer, nullable=False),
+    Column("param", String(500), nullable=False),
+    Column("value", LargeBinary, nullable=False),  # opaque to the store
+    PrimaryKeyConstraint("model_id", "param", name="pk_editmem_weight_bases"),
+)
+
+WEIGHT_TABLES = (weight_models, weight_records, weight_links, weight_bases)
+
 OP_ADD = "add"
 OP_DEL = "del"
 
@@ -151,3 +209,16 @@ def describe_db_error(err: SQLAlchemyError, url: URL) -> str:
 
 def tables_exist(engine: Engine) -> bool:
     return inspect(engine).has_table(meta.name)
+
+
+def ensure_weight_tables(engine: Engine) -> None:
+    """Create the weight-edit tables if the store predates them (another process may do it at the same moment)."""
+    names = set(inspect(engine).get_table_names())
+    if all(t.name in names for t in WEIGHT_TABLES):
+        return
+    try:
+        metadata.create_all(engine, tables=list(WEIGHT_TABLES))
+    except SQLAlchemyError:
+        names = set(inspect(engine).get_table_names())
+        if not all(t.name in names for t in WEIGHT_TABLES):
+            raise

@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "serve.commands.bench",
     "serve.commands.memory",
     "serve.commands.mend",
+    "serve.commands.consolidate",
 )
 
 DEFAULT_STORE = "sqlite:///editmem.db"

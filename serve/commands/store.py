@@ -2,6 +2,9 @@
 
 The store URL comes from ``--store`` / ``$EDITMEM_STORE`` (serve/cli.py). The encoder is chosen once, at ``init``
 (``--encoder``), and recorded in the store; later commands use it. Commands that only read refuse to create a store.
+``delete``, ``rollback`` and ``update`` of an edit that ``editmem consolidate`` wrote into a saved model also take it
+out of that model's weights exactly (``serve.commands.consolidate.weights_follow``); ``list`` and ``show`` mark such
+edits ``consolidated``.
 """
 
 from __future__ import annotations
@@ -126,10 +129,16 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
 
 
-def _state(record: EditRecord) -> str:
+def _state(record: EditRecord, consolidated: dict[int, Any] | None = None) -> str:
     if record.deleted:
         return "deleted"
+    if record.valid_to is None and consolidated and record.id in consolidated:
+        return "consolidated"  # current, and written into the weights of a recorded model (editmem consolidate)
     return "current" if record.valid_to is None else "superseded"
+
+
+def _weights_json(records: Any) -> list[dict[str, Any]]:
+    return [{"record": r.id, "model": r.model_id, "method": r.method} for r in records]
 
 
 def _record_json(record: EditRecord) -> dict[str, Any]:
@@ -144,9 +153,10 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, ensure_ascii=False))
 
 
-def _print_record(record: EditRecord) -> None:
-    lines = [("id", record.id), ("version", record.version), ("state", _state(record)), ("prompt", record.prompt),
-             ("target_new", record.target_new), ("subject", record.subject), ("ground_truth", record.ground_truth)]
+def _print_record(record: EditRecord, consolidated: dict[int, Any] | None = None) -> None:
+    lines = [("id", record.id), ("version", record.version), ("state", _state(record, consolidated)),
+             ("prompt", record.prompt), ("target_new", record.target_new), ("subject", record.subject),
+             ("ground_truth", record.ground_truth)]
     lines += [("rephrase", r) for r in record.rephrases]
     if record.metadata:
         lines.append(("metadata", json.dumps(record.metadata, ensure_ascii=False)))
@@ -190,25 +200,38 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     with _open(args) as mem:
         records = mem.list(limit=args.limit, offset=args.offset, include_deleted=args.all)
+        consolidated = mem.consolidated()
     if args.json:
         for r in records:
-            _print_json(_record_json(r))
+            row = _record_json(r)
+            if r.id in consolidated:
+                row["weights"] = _weights_json(consolidated[r.id])
+            _print_json(row)
         return 0
     if not records:
         print("no edits")
         return 0
     _table(["ID", "VER", "STATE", "SUBJECT", "PROMPT", "TARGET"],
-           [[r.id, r.version, _state(r), r.subject, r.prompt, r.target_new] for r in records])
+           [[r.id, r.version, _state(r, consolidated), r.subject, r.prompt, r.target_new] for r in records])
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     with _open(args) as mem:
         record = mem.get(args.id, args.version)
+        consolidated = mem.consolidated()
+        weights = consolidated.get(record.id, []) if record.valid_to is None else []
+        folders = {r.model_id: mem.get_weight_model(r.model_id) for r in weights}
     if args.json:
-        _print_json(_record_json(record))
+        row = _record_json(record)
+        if weights:
+            row["weights"] = _weights_json(weights)
+        _print_json(row)
     else:
-        _print_record(record)
+        _print_record(record, consolidated)
+        for r in weights:
+            where = folders[r.model_id].folder or f"edited model {r.model_id}"
+            print(f"{'weights:':<13} consolidated by {r.method} into {where} (weight record {r.id})")
     return 0
 
 
@@ -234,7 +257,9 @@ def cmd_update(args: argparse.Namespace) -> int:
         print("editmem: error: nothing to update (give --prompt, --target, --subject, --ground-truth or --rephrase)",
               file=sys.stderr)
         return 2
-    with _open(args) as mem:
+    from serve.commands.consolidate import weights_follow
+
+    with _open(args) as mem, weights_follow(mem, args.id):
         before = mem.get(args.id)
         record = mem.update(args.id, **fields)
     if record.version == before.version:
@@ -245,7 +270,9 @@ def cmd_update(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    with _open(args) as mem:
+    from serve.commands.consolidate import weights_follow
+
+    with _open(args) as mem, weights_follow(mem, args.id):
         tombstone = mem.delete(args.id)
     print(f"deleted edit {tombstone.id} (version {tombstone.version} is the deletion; "
           f"`editmem rollback {tombstone.id} {tombstone.version - 1}` restores it)")
@@ -253,7 +280,9 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    with _open(args) as mem:
+    from serve.commands.consolidate import weights_follow
+
+    with _open(args) as mem, weights_follow(mem, args.id):
         record = mem.rollback(args.id, args.version)
     print(f"edit {record.id} now has the content of version {args.version} (as version {record.version})")
     return 0

@@ -1,0 +1,358 @@
+"""Weight edits recorded in the store: apply an intrinsic edit through the store, remove any one of them exactly,
+rebuild the edited model from its base, and consolidate the store's memory edits into the weights.
+
+The store keeps, per edited model (:class:`memory.store.WeightModel`, identified by the base model's
+:func:`~editors.models.model_fingerprint`):
+
+- one record per applied weight edit (one editor call, one edit or a batch), in the order applied, with the edit
+  versions it wrote, the method and settings, and the **delta** of every touched parameter;
+- the **base value** of every parameter any record touched, stored the first time one does.
+
+Exactness. Every delta is applied with one operation, ``value + delta`` in the parameter's dtype (:func:`_add`), both
+when the edit is made and when it is replayed, so the edited value of a parameter is always exactly
+``base + d_1 + d_2 + ...`` over the applied records touching it, in order (IEEE addition is correctly rounded: the
+same inputs give the same bits on any device). Removing a record, whichever its place, recomputes each parameter it
+touched as base plus the *remaining* applied deltas in order: bit-identical to applying just those records to the
+base model. Nothing ever subtracts a delta (``W + d - d`` need not be ``W``). The delta recorded for an edit is the
+editor's ``edited - original`` in the parameter's dtype; what the model holds afterwards is ``original + delta``, which
+for FT (an editor that writes values, not deltas) may differ from the editor's own value in the last bit.
+
+A record that wrote several edits at once (a MEMIT batch) is one joint update that cannot be split: removing one of
+its edits removes the whole record, then (given a tokenizer) writes the batch's other edits again as a new record
+with the same method and settings; without a tokenizer they are left for the next consolidation.
+
+The store only holds opaque blobs (safetensors bytes) and metadata; this module does the torch side.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+
+from editors.base import EditRequest, WeightEditHandle, get_editor
+from editors.models import model_fingerprint
+from memory.errors import EditmemError, NotFoundError, ValidationError
+
+log = logging.getLogger(__name__)
+
+
+class WeightMismatchError(EditmemError):
+    """The model is not the one the store's weight records were made for, or does not hold them."""
+
+
+def _pack(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+
+
+def _unpack(blob: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return load(blob)
+
+
+def _add(value: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The one way a recorded delta is applied (live and in replay), so both give the same bits."""
+    return value + delta.to(device=value.device, dtype=value.dtype)
+
+
+def edit_request(record: Any) -> EditRequest:
+    """The :class:`EditRequest` for a stored edit (an :class:`memory.records.EditRecord`)."""
+    return EditRequest(record.prompt, record.target_new, subject=record.subject, ground_truth=record.ground_truth)
+
+
+@dataclass
+class RemoveResult:
+    """What removing an edit's weight records did: the records removed, the records written again for their batch
+    mates, and the batch mates left unwritten (no tokenizer, or ``reapply=False``)."""
+
+    removed: list[Any] = field(default_factory=list)
+    reapplied: list[Any] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)
+
+
+class StoredWeights:
+    """A model whose weight edits are recorded in an :class:`~memory.store.EditMemory`.
+
+    Open with :meth:`open` (registers the model, or finds it by folder, and checks it); then :meth:`apply`,
+    :meth:`remove_record`, :meth:`sync_edit`, :meth:`consolidate`; :meth:`save` writes the model to its folder.
+    """
+
+    def __init__(self, mem: Any, model: torch.nn.Module, tokenizer: Any, record: Any):
+        self.mem = mem
+        self.model = model
+        self.tokenizer = tokenizer
+        self.record = record
+
+    # --- opening --------------------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, mem: Any, model: torch.nn.Module, tokenizer: Any = None, *, base: str | None = None,
+             folder: str | Path | None = None, model_id: int | None = None, verify: bool = True) -> StoredWeights:
+        """The store's record of ``model``: the registered model ``model_id``, or the one saved in ``folder``, or
+        (neither found) a new one for base model ``base`` (how the user names it: an alias or folder).
+
+        The model's fingerprint must match the record's. With ``verify`` the model must also hold exactly the
+        applied records (base + deltas in order on every touched parameter); otherwise :class:`WeightMismatchError`.
+        """
+        fingerprint = model_fingerprint(model)
+        folder_key = str(Path(folder).expanduser().resolve()) if folder is not None else None
+        if model_id is not None:
+            record = mem.get_weight_model(model_id)
+        else:
+            found = mem.weight_models(folder=folder_key) if folder_key is not None else []
+            if found:
+                record = found[0]
+            else:
+                if base is None:
+                    raise ValidationError("a new edited model needs the name of its base model (base=...)")
+                record = mem.add_weight_model(fingerprint, str(base), folder_key)
+                log.info("registered edited model %d (base %s, %s) in %s", record.id, base, fingerprint, mem.url)
+        if record.fingerprint != fingerprint:
+            raise WeightMismatchError(
+                f"model fingerprint {fingerprint} does not match the store's edited model {record.id} "
+                f"(base {record.base}, fingerprint {record.fingerprint}): the weight records were made for another "
+                "model")
+        stored = cls(mem, model, tokenizer, record)
+        if verify:
+            stored.verify()
+        return stored
+
+    # --- reading the records ----------------------------------------------------------------------------------------
+    def records(self, applied: bool | None = True) -> list[Any]:
+        return self.mem.weight_records(model_id=self.record.id, applied=applied)
+
+    def _params(self) -> dict[str, torch.nn.Parameter]:
+        return dict(self.model.named_parameters())
+
+    def expected(self, params: Iterable[str], *, without: int | None = None) -> dict[str, torch.Tensor]:
+        """What each of ``params`` should hold: its base value plus the applied records' deltas in order (leaving
+        out record ``without``), computed on the parameter's device and in its dtype."""
+        params = list(dict.fromkeys(params))
+        bases = self.mem.weight_bases(self.record.id, params)
+        missing = [p for p in params if p not in bases]
+        if missing:
+            raise NotFoundError(f"edited model {self.record.id} has no base value for {missing}")
+        live = self._params()
+        values: dict[str, torch.Tensor] = {}
+        for name in params:
+            if name not in live:
+                raise WeightMismatchError(f"the model has no parameter {name!r} recorded in the store")
+            p = live[name]
+            values[name] = _unpack(bases[name])["value"].to(device=p.device, dtype=p.dtype)
+        wanted = set(params)
+        for rec in self.records():
+            if rec.id == without or not wanted.intersection(rec.params):
+                continue
+            deltas = _unpack(self.mem.weight_deltas(rec.id))
+            for name in wanted.intersection(rec.params):
+                values[name] = _add(values[name], deltas[name])
+        return values
+
+    def touched(self) -> list[str]:
+        """Every parameter some record of this model touched (applied or removed)."""
+        return sorted(self.mem.weight_bases(self.record.id))
+
+    def verify(self) -> None:
+        """:class:`WeightMismatchError` unless every touched parameter holds exactly base + applied deltas."""
+        live = self._params()
+        wrong = [name for name, value in self.expected(self.touched()).items()
+                 if not torch.equal(live[name].detach(), value)]
+        if wrong:
+            raise WeightMismatchError(
+                f"the model does not hold the weight edits the store records for edited model {self.record.id} "
+                f"({len(wrong)} parameter(s) differ, e.g. {wrong[0]}): it is not that edited model, or was changed "
+                "outside the store; rebuild it from the base model (editors.weights.rebuild)")
+
+    def realize(self, params: Iterable[str] | None = None) -> None:
+        """Write base + applied deltas into ``params`` (default: every touched parameter)."""
+        values = self.expected(self.touched() if params is None else params)
+        live = self._params()
+        with torch.no_grad():
+            for name, value in values.items():
+                live[name].copy_(value)
+
+    # --- writing ------------------------------------------------------------------------------------------------
+    def apply(self, edit_ids: Sequence[int], method: str, **overrides: Any) -> Any:
+        """Write the current versions of ``edit_ids`` into the weights with editor ``method`` (``overrides`` adjust
+        its settings) in one editor call, record the deltas in the store, and return the :class:`WeightRecord`.
+        The store is written before the model: if recording fails, the model is unchanged."""
+        if self.tokenizer is None:
+            raise ValidationError("applying a weight edit needs the model's tokenizer")
+        records = [self.mem.get(i) for i in edit_ids]
+        for rec in records:
+            if rec.deleted:
+                raise NotFoundError(f"edit {rec.id} is deleted")
+        requests = [edit_request(r) for r in records]
+        editor = get_editor(method, self.model, self.tokenizer, **overrides)
+        handle = editor.apply(requests)
+        if not isinstance(handle, WeightEditHandle):
+            handle.restore()
+            raise ValidationError(f"{method} is not a weight editor: only editors that change the weights "
+                                  "(rome, memit, ft) can be recorded or consolidated")
+        originals = {k: v for k, v in handle.originals.items()}
+        deltas = {k: handle.edited[k].to(originals[k].dtype) - originals[k] for k in originals}
+        handle.restore()
+        bases = {k: _pack({"value": v}) for k, v in originals.items()}
+        record = self.mem.attach_weights(self.record.id, method, [(r.id, r.version) for r in records],
+                                         sorted(deltas), _pack(deltas), bases=bases, settings=overrides)
+        live = self._params()
+        with torch.no_grad():
+            for name, delta in deltas.items():
+                live[name].copy_(_add(originals[name].to(live[name].device), delta))
+        log.info("weight record %d: %s wrote edit(s) %s into %s", record.id, method, list(record.edit_ids),
+                 ", ".join(record.params))
+        return record
+
+    def remove_record(self, record_id: int, note: str | None = None) -> Any:
+        """Remove one applied record: its parameters become base + the other applied deltas in order, exactly."""
+        record = self.mem.weight_record(record_id)
+        if record.model_id != self.record.id:
+            raise ValidationError(f"weight record {record_id} belongs to edited model {record.model_id}, "
+                                  f"not {self.record.id}")
+        values = self.expected(record.params, without=record.id)
+        removed = self.mem.detach_weights(record.id, note)
+        live = self._params()
+        with torch.no_grad():
+            for name, value in values.items():
+                live[name].copy_(value)
+        log.info("removed weight record %d (edit(s) %s)", record.id, list(record.edit_ids))
+        return removed
+
+    def stale_records(self, edit_id: int) -> list[Any]:
+        """Applied records linked to ``edit_id`` at a version that is no longer its current live one."""
+        current = self.mem.get(edit_id)
+        out = []
+        for rec in self.mem.weight_records(model_id=self.record.id, edit_id=edit_id):
+            version = dict(rec.edits)[edit_id]
+            if current.deleted or current.version != version:
+                out.append(rec)
+        return out
+
+    def sync_edit(self, edit_id: int, *, reapply: bool = True, progress: bool = False) -> RemoveResult:
+        """After ``edit_id`` was deleted, rolled back or updated: remove every applied record that wrote a version of
+        it that is no longer current; write the other edits of those records again (when ``reapply`` and a
+        tokenizer is at hand, as one new record per removed one with the same method and settings)."""
+        return self._remove(self.stale_records(edit_id), edit_id, f"edit {edit_id} changed or was deleted",
+                            reapply=reapply)
+
+    def remove_edit(self, edit_id: int, *, reapply: bool = True) -> RemoveResult:
+        """Take ``edit_id`` out of the weights (every applied record linked to it), keeping everything else."""
+        return self._remove(self.mem.weight_records(model_id=self.record.id, edit_id=edit_id), edit_id,
+                            f"edit {edit_id} removed from the weights", reapply=reapply)
+
+    def _remove(self, records: Sequence[Any], edit_id: int, note: str, *, reapply: bool) -> RemoveResult:
+        result = RemoveResult()
+        for rec in records:
+            result.removed.append(self.remove_record(rec.id, note))
+            mates = [e for e, v in rec.edits if e != edit_id and self._is_current(e, v)]
+            if not mates:
+                continue
+            if reapply and self.tokenizer is not None:
+                result.reapplied.append(self.apply(mates, rec.method, **rec.settings))
+            else:
+                result.pending.extend(mates)
+        return result
+
+    def _is_current(self, edit_id: int, version: int) -> bool:
+        try:
+            current = self.mem.get(edit_id)
+        except NotFoundError:
+            return False
+        return not current.deleted and current.version == version
+
+    # --- consolidation --------------------------------------------------------------------------------------------
+    def pending(self) -> list[Any]:
+        """The store's live edits whose current version this model's weights do not hold yet, by id."""
+        return pending_edits(self.mem, self.record.id)
+
+    def consolidate(self, method: str, *, batch_size: int | None = None, progress: bool = False,
+                    **overrides: Any) -> list[Any]:
+        """Write every pending edit (:meth:`pending`) into the weights with ``method``, ``batch_size`` edits per
+        editor call (None: all in one), one record per batch. Returns the new records. Each batch is recorded
+        before the next starts, so an error leaves the earlier batches written and recorded."""
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                       or batch_size < 1):
+            raise ValidationError(f"batch size must be a positive integer, got {batch_size!r}")
+        get_editor(method, self.model, self.tokenizer, **overrides)  # unknown method or setting: fail before work
+        todo = self.pending()
+        if not todo:
+            raise ValidationError(f"no edits to consolidate: the store {self.mem.url} has no live edit that "
+                                  f"edited model {self.record.id} does not already hold")
+        for rec in todo:  # a bad edit fails here, before any weight changes
+            edit_request(rec)
+        size = batch_size or len(todo)
+        from tqdm.auto import tqdm
+
+        written = []
+        with tqdm(total=len(todo), desc=f"consolidating ({method})", unit="edit", disable=not progress) as bar:
+            for start in range(0, len(todo), size):
+                batch = todo[start:start + size]
+                written.append(self.apply([r.id for r in batch], method, **overrides))
+                bar.update(len(batch))
+        return written
+
+    # --- saving -----------------------------------------------------------------------------------------------------
+    def save(self, folder: str | Path | None = None) -> Path:
+        """Save the model (safetensors) and tokenizer to ``folder`` (default: the record's folder)."""
+        target = Path(folder) if folder is not None else (Path(self.record.folder) if self.record.folder else None)
+        if target is None:
+            raise ValidationError(f"edited model {self.record.id} has no folder; give one")
+        save_model(self.model, self.tokenizer, target)
+        return target
+
+
+def pending_edits(mem: Any, model_id: int) -> list[Any]:
+    """The store's live edits whose current version edited model ``model_id`` does not hold yet, by id."""
+    written = {(e, v) for rec in mem.weight_records(model_id=model_id) for e, v in rec.edits}
+    return [r for r in mem if (r.id, r.version) not in written]
+
+
+def save_model(model: torch.nn.Module, tokenizer: Any, folder: str | Path) -> None:
+    """Write a safetensors model folder (loadable with :func:`editors.models.load_model`), replacing its weights
+    file as a whole: the new folder is written beside it and swapped in."""
+    import os
+    import shutil
+    import tempfile
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is not secret
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        old = None
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}-old-", dir=folder.parent))
+            os.replace(folder, old / "old")
+        os.replace(tmp, folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def rebuild(mem: Any, base_model: torch.nn.Module, model_id: int) -> torch.nn.Module:
+    """Turn ``base_model`` (the unedited base) into edited model ``model_id``: every touched parameter becomes its
+    base value plus the applied records' deltas in order. Refuses a model with another fingerprint, or one whose
+    touched parameters are not exactly the recorded base values (an already edited copy, say)."""
+    stored = StoredWeights.open(mem, base_model, model_id=model_id, verify=False)
+    touched = stored.touched()
+    bases = mem.weight_bases(model_id, touched)
+    live = stored._params()
+    differ = [n for n in touched
+              if not torch.equal(live[n].detach().cpu(), _unpack(bases[n])["value"].to(live[n].dtype))]
+    if differ:
+        raise WeightMismatchError(
+            f"the model given as the base of edited model {model_id} is not its base: {len(differ)} touched "
+            f"parameter(s) differ from the recorded base values (e.g. {differ[0]}); load the unedited "
+            f"{stored.record.base}")
+    stored.realize(touched)
+    return base_model
+
