@@ -56,6 +56,11 @@ def lexical(query: str, edit_prompt: str, subject: str | None) -> tuple[float, f
     return 1.0, share, exact, jaccard
 
 
+def names_subject(query: str, subject: str | None) -> bool:
+    """Whether ``query`` names ``subject`` as a phrase (case-insensitive, word by word): ``subject_exact``."""
+    return bool(lexical(query, "", subject)[2])
+
+
 def lexical_many(queries: Sequence[str], prompts: Sequence[str], subjects: Sequence[str | None]) -> np.ndarray:
     """:func:`lexical` for many pairs, (n, 4) float32."""
     return np.asarray([lexical(q, p, s) for q, p, s in zip(queries, prompts, subjects)],

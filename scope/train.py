@@ -7,6 +7,12 @@ prompts, as the store's search would return them: the pair with the query's own 
 negative. The query's own edit (for a rephrase) and its anchor edit (for a locality prompt) are always paired, even when
 retrieval misses them, and each query also gets ``easy_negatives`` random edits.
 
+A locality prompt is about another subject than its anchor edit, but in a large file that other subject often has an
+edit of its own, sometimes with the same relation ("Margherita Buy was native to" is a neighbourhood prompt of one
+edit and a rephrase of another's "Margherita Buy originated from"). Its pairs with edits whose subject it names
+(other than its anchor) are therefore left out as ambiguous rather than labelled negative; ``stats["ambiguous"]``
+counts them.
+
 Teacher-forced evaluation routes on prompt + answer (see :mod:`editors.augmented`), so a share ``answer_augment`` of
 the queries get an answer appended (the new target or the old one for rephrases and prompts, the probe's answer for
 locality prompts), which teaches the head to ignore a trailing answer.
@@ -38,7 +44,7 @@ from memory.errors import ValidationError
 from memory.records import EditCase
 from scope.calibrate import calibrate_threshold, precision_recall
 from scope.classifier import CosineScope, HeadScope, ScopeHead
-from scope.features import lexical_many, pair_features
+from scope.features import lexical_many, names_subject, pair_features
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +183,7 @@ def build_pairs(cases: Sequence[EditCase], encoder: Encoder, settings: TrainSett
     e_idx: list[int] = []
     labels: list[int] = []
     kinds: list[str] = []
+    ambiguous = 0
     same_key = {}  # key text -> cases with that prompt (duplicates count as the query's own edit)
     for i, key in enumerate(keys):
         same_key.setdefault(key, set()).add(i)
@@ -189,6 +196,9 @@ def build_pairs(cases: Sequence[EditCase], encoder: Encoder, settings: TrainSett
             own_keys = same_key[keys[own]] if pos else set()
             paired = set()
             for ei in cands.tolist():
+                if not pos and ei != own and names_subject(texts[qi], cases[ei].subject):
+                    ambiguous += 1
+                    continue
                 is_pos = ei in own_keys
                 q_idx.append(qi), e_idx.append(int(ei)), labels.append(int(is_pos))
                 kinds.append(qkind[qi] if is_pos else ("locality" if ei == own else "retrieved"))
@@ -199,7 +209,7 @@ def build_pairs(cases: Sequence[EditCase], encoder: Encoder, settings: TrainSett
                 paired.add(own)
             for _ in range(settings.easy_negatives):
                 ei = rng.randrange(n)
-                if ei not in paired and ei not in own_keys:
+                if ei not in paired and ei not in own_keys and not names_subject(texts[qi], cases[ei].subject):
                     q_idx.append(qi), e_idx.append(ei), labels.append(0), kinds.append("random")
                     paired.add(ei)
     q_arr, e_arr = np.asarray(q_idx), np.asarray(e_idx)
@@ -211,7 +221,7 @@ def build_pairs(cases: Sequence[EditCase], encoder: Encoder, settings: TrainSett
                     np.asarray(kinds)[keep], held_q[keep], lex[keep], np.asarray(positive_of, dtype=bool))
     pairs.stats = {"cases": n, "heldout_cases": n_held, "queries": len(texts), "pairs": int(keep.sum()),
                    "train_pairs": int((~pairs.heldout).sum()), "heldout_pairs": int(pairs.heldout.sum()),
-                   "positives": int(pairs.label.sum()), "by_kind": {str(kd): int((pairs.kind == kd).sum())
+                   "positives": int(pairs.label.sum()), "ambiguous": ambiguous, "by_kind": {str(kd): int((pairs.kind == kd).sum())
                                                                   for kd in (*POSITIVE_KINDS, *NEGATIVE_KINDS)}}
     log.info("scope pairs: %s", pairs.stats)
     return pairs

@@ -212,3 +212,35 @@ def test_caching_encoder_keeps_a_calls_hits_when_new_texts_evict_them():
     out = enc.encode(batch)
     np.testing.assert_array_equal(out, inner.encode(batch))
     assert len(enc._cache) <= 4
+
+
+def test_locality_prompts_naming_another_edits_subject_are_not_its_negatives():
+    # Every locality probe here is another case's own prompt: in scope of that edit, so never labelled against it.
+    cases = _cases()
+    pairs = build_pairs(cases, get_encoder("hashing-64"), TrainSettings(k=3, holdout=0.25))
+    assert pairs.stats["ambiguous"] > 0
+    keys = [c.prompt for c in cases]
+    for q, e, label in zip(pairs.q, pairs.e, pairs.label):
+        if not pairs.query_positive[q]:
+            assert label == 0 and pairs.query_texts[q].split(" Klingon")[0] not in (keys[e],)
+
+
+def test_routing_report_counts_wrong_edits_locality_and_named_subjects():
+    from scope.evaluate import routing_report
+
+    cases = [EditCase("The mother tongue of Ada Lovelace is", "Klingon", subject="Ada Lovelace",
+                      rephrases=("Ada Lovelace's mother tongue is",),
+                      locality=(Probe("The mother tongue of Alan Turing is", "English"),)),
+             EditCase("The mother tongue of Alan Turing is", "Latin", subject="Alan Turing",
+                      rephrases=("Alan Turing grew up speaking",),
+                      locality=(Probe("Bananas are usually", "yellow"),))]
+    with EditMemory.open("sqlite://", encoder=get_encoder("hashing-256")) as mem:
+        ids = [mem.add(c.prompt, c.target_new, subject=c.subject).id for c in cases]
+        report = routing_report(Router(mem, CosineScope(0.5, "hashing-256")), cases, ids)
+    bare = report["bare"]
+    assert bare["rephrases"] == 2 and bare["locality"] == 2
+    # Ada's locality probe is Alan's own edit prompt: routed to it, a false positive that names its subject
+    assert bare["fp_locality_named_subject"] == 1 and bare["fp_locality"] >= 1
+    assert bare["precision_unambiguous"] >= bare["precision"]
+    tp, fp = bare["tp"], bare["fp_wrong_edit"] + bare["fp_locality"]
+    assert bare["precision"] == (tp / (tp + fp) if tp + fp else 1.0)
