@@ -151,7 +151,8 @@ def test_low_rank_training_edit_equals_the_written_delta(arch):
 def test_bad_settings_are_refused():
     model, tok = tiny_model("llama")
     for bad in (dict(rank=0), dict(layers=[-1]), dict(layers=[1, 1]), dict(c_loc=-1.0), dict(lr=float("nan")),
-                dict(batch_size=1.5), dict(patience=-1), dict(time_limit_s=0), dict(steps=True)):
+                dict(batch_size=1.5), dict(patience=-1), dict(time_limit_s=0), dict(steps=True),
+                dict(all_tokens="yes")):
         with pytest.raises(ValidationError):
             MENDTrainSettings(**bad)
     with pytest.raises(ValidationError, match="unknown MEND training setting"):
@@ -212,3 +213,18 @@ def test_pass_two_may_skip_the_blocks_below_the_edited_ones(arch):
     assert torch.equal(labels, labels2)
     assert torch.allclose(full, skipped, atol=1e-5, rtol=1e-5)
     assert torch.allclose(first.logits, frozen.logits_at(rows, None)[0].detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_update_tokens_all_or_only_those_predicting_the_target():
+    model, tok, result = _trained("llama")
+    rows = _encode(tok, [(r.prompt, r.target_new) for r in REQUESTS[:1]], [0], torch.device("cpu"))
+    batch = rows.batch
+    n_target = int(batch.target_end[0] - batch.target_start[0])
+    every = _Frozen(model, result.layers).gradient_factors(rows, torch.ones(1, dtype=torch.bool))
+    only = _Frozen(model, result.layers, all_tokens=False).gradient_factors(rows, torch.ones(1, dtype=torch.bool))
+    assert only.us[0].shape[0] == n_target  # the prompt's last token and every target token but the last
+    assert every.us[0].shape[0] == int(batch.target_end[0]) - 1
+    # the top layer's output gradient is zero at the positions that do not predict the target
+    top = every.deltas[-1]
+    assert top[:-n_target].abs().max() == 0 and top[-n_target:].abs().max() > 0
+    assert torch.equal(only.deltas[-1], top[-n_target:])
