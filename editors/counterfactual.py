@@ -40,7 +40,7 @@ from typing import Any, Sequence
 import torch
 
 from editors.augmented import context_template, edit_context, insert_context, lead_tokens
-from editors.models import cache_dir, model_fingerprint, module_path, num_layers
+from editors.models import cache_dir, logits_at, model_fingerprint, module_path, num_layers
 from editors.tokens import encode_prompt_target, pad_id
 from memory.errors import EditmemError, NotFoundError, ValidationError
 from memory.records import EditCase, EditRecord
@@ -157,11 +157,10 @@ class _Encoder:
 def _answer_logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
                    spans: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits at the positions that predict the answer tokens (only there: the vocabulary projection is the costly
-    part), and those answer tokens."""
-    hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    part, see :func:`editors.models.logits_at`), and those answer tokens."""
     rows = torch.cat([torch.full((end - start,), b, dtype=torch.long) for b, (start, end) in enumerate(spans)])
     cols = torch.cat([torch.arange(start, end, dtype=torch.long) for start, end in spans])
-    logits = model.get_output_embeddings()(hidden[rows, cols - 1])
+    logits = logits_at(model, rows, cols - 1, input_ids=ids, attention_mask=mask, use_cache=False)
     return logits, ids[rows, cols]
 
 

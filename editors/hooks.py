@@ -8,6 +8,8 @@ block (or inside the model) never leaves a hook behind:
 - :func:`add_at` adds vectors to a module's output at given (row, position) pairs; gradients flow into them.
 - :func:`stop_after` ends the forward pass once a module has run (the rest of the model is skipped, no error
   escapes the block), for when only early activations are wanted.
+- :func:`skip_blocks` stands recorded outputs in for the lower blocks of a model, so a forward pass runs only the
+  blocks above them (for repeated passes whose lower blocks' output cannot change).
 - :func:`forward` runs the model with some parameters replaced by other tensors through
   :func:`torch.func.functional_call`: nothing in the model is written, not even temporarily visible to other
   callers after it returns.
@@ -54,10 +56,15 @@ class Captured:
 
 @contextmanager
 def capture(module: torch.nn.Module, what: Literal["input", "output"] = "output", *,
-            detach: bool = True) -> Iterator[Captured]:
-    """Record ``module``'s first input (``what="input"``) or its output on every call inside the block."""
+            detach: bool = True, whole: bool = False) -> Iterator[Captured]:
+    """Record ``module``'s first input (``what="input"``) or its output on every call inside the block.
+
+    ``whole``: record the output as the module returned it (a tuple stays a tuple), not just its first tensor.
+    """
     if what not in ("input", "output"):
         raise ValueError(f"what must be 'input' or 'output', not {what!r}")
+    if whole and what != "output":
+        raise ValueError("whole=True records outputs only")
     record = Captured()
 
     def keep(t: torch.Tensor) -> None:
@@ -70,7 +77,10 @@ def capture(module: torch.nn.Module, what: Literal["input", "output"] = "output"
         handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
     else:
         def hook(_module: torch.nn.Module, _args: tuple, output: Any) -> None:
-            keep(_first(output))
+            if whole:
+                record.values.append(detach_output(output) if detach else output)
+            else:
+                keep(_first(output))
 
         handle = module.register_forward_hook(hook)
     try:
@@ -130,6 +140,50 @@ def stop_after(module: torch.nn.Module | None) -> Iterator[None]:
         pass
     finally:
         handle.remove()
+
+
+def detach_output(output: Any) -> Any:
+    """A module output (a tensor, or a tuple/list that may hold tensors) with every tensor in it detached."""
+    if isinstance(output, torch.Tensor):
+        return output.detach()
+    if isinstance(output, (tuple, list)):
+        return type(output)(detach_output(x) for x in output)
+    return output
+
+
+class _Replay(torch.nn.Module):
+    """Stands in for a block: returns a fixed output, whatever it is given."""
+
+    def __init__(self, output: Any):
+        super().__init__()
+        self.output = output
+
+    def forward(self, *_args: Any, **_kwargs: Any) -> Any:
+        return self.output
+
+
+@contextmanager
+def skip_blocks(blocks: torch.nn.ModuleList, count: int, output: Any) -> Iterator[None]:
+    """Inside the ``with`` block, ``blocks[0..count-1]`` do not run: each is replaced by a stand-in that returns
+    ``output``, so block ``count`` receives it as its input and the pass runs only the blocks from ``count`` up.
+
+    ``output`` must be what ``blocks[count - 1]`` returned for the very same inputs (recorded with
+    :func:`capture` and ``whole=True``); everything outside the blocks (embeddings, position embeddings, attention
+    masks) still runs as usual. The original blocks are put back in ``finally``. A forward pass with substituted
+    parameters (:func:`forward`) inside the block must leave out the skipped blocks' parameter names, since their
+    modules are not in the model while it runs.
+    """
+    if not 0 <= count <= len(blocks):
+        raise ValueError(f"cannot skip {count} of {len(blocks)} blocks")
+    originals = [blocks[i] for i in range(count)]
+    stand_in = _Replay(output)
+    try:
+        for i in range(count):
+            blocks[i] = stand_in
+        yield
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
 
 
 def forward(model: torch.nn.Module, overrides: Mapping[str, torch.Tensor] | None = None, **inputs: Any) -> Any:

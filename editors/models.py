@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import torch
 
@@ -187,6 +187,50 @@ def param_name(model: torch.nn.Module, layer: int, which: Which = "mlp_out", kin
     if getattr(layer_module(model, layer, which), kind, None) is None:
         raise UnsupportedArchitectureError(f"{name} does not exist in this model")
     return name
+
+
+def output_logits(model: torch.nn.Module, hidden: torch.Tensor,
+                  params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """The model's output head applied to final hidden states ``hidden`` (..., d): the output embeddings (with their
+    bias, if any), then the final logit soft cap where the config has one (gemma2).
+
+    ``params``: tensors to use instead of the model's own head weight and bias, by the name
+    ``model.named_parameters()`` gives them (a tied head weight under its embedding's name); others are the model's.
+    """
+    head = model.get_output_embeddings()
+    if head is None:
+        raise UnsupportedArchitectureError(f"{type(model).__name__} has no output embeddings (not a causal LM)")
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if params:
+        names = {id(p): n for n, p in model.named_parameters()}
+        weight = params.get(names.get(id(weight), ""), weight)
+        if bias is not None:
+            bias = params.get(names.get(id(bias), ""), bias)
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def logits_at(model: torch.nn.Module, rows: torch.Tensor, positions: torch.Tensor, *,
+              params: Mapping[str, torch.Tensor] | None = None, **inputs: Any) -> torch.Tensor:
+    """Logits (P, V) only at ``(rows[i], positions[i])``: the backbone (``model.base_model``) runs on ``inputs`` and
+    the output head (:func:`output_logits`) is applied at those positions alone, which saves the vocabulary projection
+    everywhere else (on a small model with a large vocabulary, a large share of a forward pass).
+
+    ``params``: tensors substituted for the model's parameters (full names, as ``model.named_parameters()`` gives
+    them) through :func:`torch.func.functional_call`; nothing in the model is written. Names of the backbone that no
+    longer exist as modules (e.g. blocks stood in for by :func:`editors.hooks.skip_blocks`) must be left out.
+    """
+    base = model.base_model
+    if params is None:
+        hidden = base(**inputs).last_hidden_state
+    else:
+        prefix = f"{model.base_model_prefix}."
+        inner = {n[len(prefix):]: p for n, p in params.items() if n.startswith(prefix)}
+        hidden = torch.func.functional_call(base, inner, args=(), kwargs=inputs, strict=False).last_hidden_state
+    return output_logits(model, hidden[rows, positions], params)
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

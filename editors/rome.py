@@ -21,7 +21,9 @@ Defaults (:func:`default_settings`):
   (notes/rome_memit.md), so an early layer with full locality; GPT-J's ROME layer is 5 of 28 and EasyEdit's
   Llama-2-7B one 5 of 32, about the same depth.
 - value optimisation as ROME's GPT-2 XL / GPT-J hyper-parameters: Adam lr 0.5, 20 passes, weight decay 0.5 (ROME's
-  ``||delta|| / ||v0||^2`` form), clamp factor 4, KL factor 0.0625, stop below loss 0.05.
+  ``||delta|| / ||v0||^2`` form), clamp factor 4, KL factor 0.0625, stop below loss 0.05. Its speed-ups
+  ``prefix_cache``, ``skip_lower`` and ``logits_at_targets`` are on; they leave the result unchanged up to float
+  rounding (:mod:`editors.values`).
 - 5 context prefixes of 10 sampled tokens plus the bare prompt (ROME: ``[(10, 5)]``), seed 0.
 - statistics: ``stats_tokens`` 20,000 tokens of ``stats_corpus`` (else ``$EDITMEM_STATS_CORPUS``; with neither, the
   identity fallback of :mod:`editors.stats`). ``editor.stats_source`` says which was used after the first edit.
@@ -78,6 +80,8 @@ class LocateSettings:
     stats_tokens: int = 20_000
     stats_seq_len: int = 128
     prefix_cache: bool = ValueOptions.prefix_cache
+    skip_lower: bool = ValueOptions.skip_lower
+    logits_at_targets: bool = ValueOptions.logits_at_targets
 
     def _check_shared(self, owner: str) -> None:
         check_positive(owner, "v_lr", self.v_lr)
@@ -93,7 +97,7 @@ class LocateSettings:
         check_positive(owner, "stats_seq_len", self.stats_seq_len, integer=True)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValidationError(f"{owner} setting seed must be an integer, not {self.seed!r}")
-        for flag in ("mom2_adjustment", "prefix_cache"):
+        for flag in ("mom2_adjustment", "prefix_cache", "skip_lower", "logits_at_targets"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValidationError(f"{owner} setting {flag} must be true or false, not {getattr(self, flag)!r}")
         if self.stats_corpus is not None and (not isinstance(self.stats_corpus, str) or not self.stats_corpus):
@@ -102,7 +106,8 @@ class LocateSettings:
     def value_options(self) -> ValueOptions:
         return ValueOptions(lr=self.v_lr, steps=self.v_steps, weight_decay=self.v_weight_decay,
                             clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor,
-                            early_stop_loss=self.early_stop_loss, prefix_cache=self.prefix_cache)
+                            early_stop_loss=self.early_stop_loss, prefix_cache=self.prefix_cache,
+                            skip_lower=self.skip_lower, logits_at_targets=self.logits_at_targets)
 
 
 @dataclass(frozen=True)

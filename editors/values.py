@@ -15,10 +15,25 @@ prefix must be ``""``), and after each step ``delta`` is scaled back into the ba
 last pass only measures). The KL term is taken at the last token of ``"{subject} is a"`` (the next-word distribution
 the paper describes); ROME's code takes it at the subject's last token instead.
 
-Speed (``prefix_cache=True``): ``delta`` only changes the subject's last token and what follows, so the tokens before
-it are run once, without gradients, into a key/value cache (left-padded, explicit position ids), and each step runs
-only the tail of every row. The result equals the plain forward pass up to float rounding (tests check it); set
-``prefix_cache=False`` for the plain pass.
+Speed. Each step is a forward and a backward pass; three things keep them small, each equal to the plain pass up to
+float rounding (tests check it on every tiny architecture) and each with a switch to turn it off:
+
+- ``prefix_cache``: ``delta`` only changes the subject's last token and what follows, so the tokens before it are run
+  once, without gradients, into a key/value cache (left-padded, explicit position ids), and each step runs only the
+  tail of every row.
+- ``skip_lower``: the blocks below the one holding the hooked module do not depend on ``delta``, so the first pass
+  records what the last of them returns (for the tail tokens) and later passes stand that in for them
+  (:func:`editors.hooks.skip_blocks`), running only the blocks from the edit layer up. Position embeddings, rotary
+  tables and attention masks are still made by the model itself, so this works for every architecture in the table.
+- ``logits_at_targets``: the output head (the vocabulary projection) is applied only at the positions the loss reads
+  (each target token's predecessor, and the KL position; :func:`editors.models.logits_at`), not at every position.
+
+The first step's forward pass also gives ``v0`` and the unedited KL distribution (``delta`` is zero then), so there is
+no separate pass for them.
+
+On SmolLM2-135M on a CPU these passes are bound by reading the weights, not by arithmetic (a matrix product over 7
+tokens takes as long as over 21): ``skip_lower`` (fewer weights read) is what saves time, ``logits_at_targets``
+saves little, since the whole vocabulary matrix is read either way (notes/rome_memit.md has the measurements).
 
 Nothing in the model is written: parameters are passed detached through :func:`editors.hooks.forward`, so no
 gradient reaches them (not even ``.grad``), and ``overrides`` lets a caller optimise against not-yet-applied edits.
@@ -29,13 +44,15 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from editors.hooks import add_at, capture, forward
+from editors.hooks import add_at, capture, forward, skip_blocks
 from editors.keys import Row, encode_row, model_device, pad_right
+from editors.models import arch_spec, get_module, logits_at
 from editors.tokens import pad_id
 from memory.errors import ValidationError
 
@@ -65,6 +82,8 @@ class ValueOptions:
     kl_factor: float = 0.0625
     early_stop_loss: float | None = 0.05
     prefix_cache: bool = True
+    skip_lower: bool = True
+    logits_at_targets: bool = True
 
 
 @dataclass(frozen=True)
@@ -114,12 +133,29 @@ def _plan(rows: Sequence[Row], starts: Sequence[int]) -> _Plan:
                  torch.tensor(weights, dtype=torch.float32), len(rows) - 1, len(kl.ids) - 1 + starts[-1])
 
 
+def _block_of(blocks: torch.nn.ModuleList, module: torch.nn.Module) -> int:
+    """Index of the block that is or contains ``module``."""
+    for i, block in enumerate(blocks):
+        if block is module or any(m is module for m in block.modules()):
+            return i
+    raise ValueError(f"{type(module).__name__} is not inside any transformer block of the model")
+
+
 class _Runner:
-    """Runs the rows with a given ``delta``: the plain way, or the prefix once into a cache and then the tails."""
+    """Runs the rows with a given ``delta`` added at ``module``'s output: the plain way, or the prefix once into a cache
+    and then the tails; with ``skip_lower``, calls after the first run only the blocks from ``module``'s up; with
+    ``at_targets``, the output head runs only where the loss reads."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row], params: Mapping[str, torch.Tensor],
-                 use_cache: bool):
-        self.model, self.params = model, params
+                 use_cache: bool, module: torch.nn.Module, *, skip_lower: bool = False, at_targets: bool = False):
+        self.model, self.params, self.module = model, params, module
+        self.at_targets = at_targets
+        spec = arch_spec(model)
+        self.blocks = get_module(model, spec.layers)
+        self.skip = _block_of(self.blocks, module) if skip_lower else 0
+        self.lower: Any = None  # what block skip - 1 returned on the first call (the same on every call)
+        skipped = tuple(f"{spec.layers}.{i}." for i in range(self.skip))
+        self.upper_params = {n: p for n, p in params.items() if not n.startswith(skipped)} if skipped else params
         self.device = model_device(model)
         pad = pad_id(tokenizer)
         cut = [r.subject_index for r in rows]
@@ -129,6 +165,7 @@ class _Runner:
             self.ids, self.mask = pad_right(rows, pad, self.device)
             self.position_ids = None
             self.plan = _plan(rows, [0] * len(rows))
+            self._read_positions()
             return
         p = self.width
         prefix = torch.full((len(rows), p), pad, dtype=torch.long)
@@ -151,18 +188,37 @@ class _Runner:
         self.ids = tail_ids.to(self.device)
         self.mask = torch.cat([prefix_mask, tail_mask], dim=1).to(self.device)
         self.position_ids = tail_pos.to(self.device)
+        self._read_positions()
 
-    def logits(self, module: torch.nn.Module, delta: torch.Tensor | None) -> torch.Tensor:
-        """Logits (B, T, V) of the call with ``delta`` added at every row's subject token (None: nothing added)."""
+    def _read_positions(self) -> None:
+        plan = self.plan
+        self.read_rows = torch.cat([plan.nll_rows, torch.tensor([plan.kl_row])]).to(self.device)
+        self.read_pos = torch.cat([plan.nll_pos, torch.tensor([plan.kl_pos])]).to(self.device)
+
+    def logits(self, delta: torch.Tensor | None) -> torch.Tensor:
+        """Logits (P + 1, V) where the loss reads them: at every NLL position of the plan, in its order, then at the KL
+        position; with ``delta`` added at every row's subject token (None: nothing added)."""
         kwargs: dict[str, Any] = {"input_ids": self.ids, "attention_mask": self.mask,
                                   "use_cache": self.cache is not None}
         if self.cache is not None:
             # a fresh copy each call: the model appends the tail to the cache it is given
             kwargs.update(position_ids=self.position_ids, past_key_values=copy.deepcopy(self.cache))
-        if delta is None:
-            return forward(self.model, self.params, **kwargs).logits
-        with add_at(module, delta, self.plan.delta_rows, self.plan.delta_pos):
-            return forward(self.model, self.params, **kwargs).logits
+        params = self.params
+        with ExitStack() as stack:
+            if self.skip and self.lower is not None:
+                stack.enter_context(skip_blocks(self.blocks, self.skip, self.lower))
+                params = self.upper_params
+            elif self.skip:
+                lower = stack.enter_context(capture(self.blocks[self.skip - 1], "output", whole=True))
+            if delta is not None:
+                stack.enter_context(add_at(self.module, delta, self.plan.delta_rows, self.plan.delta_pos))
+            if self.at_targets:
+                out = logits_at(self.model, self.read_rows, self.read_pos, params=params, **kwargs)
+            else:
+                out = forward(self.model, params, **kwargs).logits[self.read_rows, self.read_pos]
+        if self.skip and self.lower is None:
+            self.lower = lower.last
+        return out
 
 
 def value_rows(tokenizer: Any, request: Any, prefixes: Sequence[str]) -> list[Row]:
@@ -187,28 +243,34 @@ def optimize_value(model: torch.nn.Module, tokenizer: Any, request: Any, prefixe
     rows = value_rows(tokenizer, request, prefixes)
     params = {n: p.detach() for n, p in model.named_parameters()}
     params.update({n: v.detach() for n, v in (overrides or {}).items()})
-    runner = _Runner(model, tokenizer, rows, params, options.prefix_cache)
+    runner = _Runner(model, tokenizer, rows, params, options.prefix_cache, module, skip_lower=options.skip_lower,
+                     at_targets=options.logits_at_targets)
     plan = runner.plan
 
-    with torch.no_grad(), capture(module, "output") as seen:
-        logits = runner.logits(module, None)
-    v0 = seen.last[plan.delta_rows[0], plan.delta_pos[0]].float().clone()
-    kl_init = logits[plan.kl_row, plan.kl_pos].float().log_softmax(-1)
-
-    delta = torch.zeros_like(v0, requires_grad=True)
+    # the residual stream's width: what an MLP output projection and a block both return
+    delta = torch.zeros(model.config.hidden_size, device=runner.device, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=options.lr)
-    max_norm = options.clamp_norm_factor * v0.norm()
-    weights = plan.nll_weight.to(v0.device)
+    weights = plan.nll_weight.to(runner.device)
+    labels = plan.nll_labels.to(runner.device)
     loss_first = prob_first = loss_last = prob_last = float("nan")
     steps = 0
     with torch.enable_grad():
         for step in range(options.steps):
             optimizer.zero_grad(set_to_none=True)
-            logits = runner.logits(module, delta)
-            picked = logits[plan.nll_rows, plan.nll_pos].float().log_softmax(-1)
-            token_logp = picked.gather(-1, plan.nll_labels.to(picked.device).unsqueeze(-1)).squeeze(-1)
+            if step == 0:
+                # delta is zero: this pass is also the unedited one (capture's hook runs before add_at's, so it sees
+                # the module's own output)
+                with capture(module, "output") as seen:
+                    logits = runner.logits(delta)
+                v0 = seen.last[plan.delta_rows[0], plan.delta_pos[0]].float().clone()
+                kl_init = logits[-1].detach().float().log_softmax(-1)
+                max_norm = options.clamp_norm_factor * v0.norm()
+            else:
+                logits = runner.logits(delta)
+            picked = logits[:-1].float().log_softmax(-1)
+            token_logp = picked.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
             nll = -(token_logp * weights).sum()
-            kl_now = logits[plan.kl_row, plan.kl_pos].float().log_softmax(-1)
+            kl_now = logits[-1].float().log_softmax(-1)
             kl = torch.nn.functional.kl_div(kl_init.unsqueeze(0), kl_now.unsqueeze(0), log_target=True,
                                             reduction="batchmean")
             loss = nll + options.kl_factor * kl + options.weight_decay * delta.norm() / v0.norm() ** 2

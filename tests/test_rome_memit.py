@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from editors import EditRequest, WeightEditHandle, get_editor
-from editors.hooks import add_at, capture, forward, stop_after
+from editors.hooks import add_at, capture, forward, skip_blocks, stop_after
 from editors.keys import context_prefixes, encode_row, subject_last_index
 from editors.memit import MEMITSettings, default_layers, default_mom2_update_weight
-from editors.models import UnsupportedArchitectureError, param_name
+from editors.models import UnsupportedArchitectureError, layer_module, param_name
 from editors.rome import ROMESettings, default_layer
-from editors.values import ValueOptions, _Runner, value_rows
+from editors.values import ValueOptions, _Runner, optimize_value, value_rows
 from memory.errors import ValidationError
 from tests.tiny import TINY_ARCHS, same_weights, smollm2, snapshot, target_logprobs, tiny_model
 
@@ -104,25 +104,73 @@ def test_rome_conv1d_delta_is_transposed():
     assert singular[1] < 1e-5 * singular[0]  # rank one
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gptj", "gpt_neox", "qwen2"])
-def test_tail_pass_matches_plain_pass(arch):
-    """The cached-prefix pass of the value optimisation gives the logits of the plain pass."""
+SPEEDUPS = dict(prefix_cache=True, skip_lower=True, logits_at_targets=True)
+PLAIN = dict(prefix_cache=False, skip_lower=False, logits_at_targets=False)
+
+
+def _value_module(model, which):
+    """ROME's hooked module (an MLP output projection) or MEMIT's (a whole block), at layer 2 of 4."""
+    return model.get_submodule(param_name(model, 2, "mlp_out").removesuffix(".weight")) if which == "mlp_out" \
+        else layer_module(model, 2, "block")
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("which", ["mlp_out", "block"])
+@pytest.mark.parametrize("speedups", [dict(prefix_cache=True), dict(skip_lower=True), dict(logits_at_targets=True),
+                                      SPEEDUPS], ids=["cache", "skip", "head", "all"])
+def test_fast_passes_match_plain_pass(arch, which, speedups):
+    """Every speed-up of the value optimisation's pass, alone and together, gives the plain pass's logits where the
+    loss reads them, call after call (the first call records the lower blocks, later ones skip them)."""
     model, tok = tiny_model(arch)
     prefixes = context_prefixes(model, tok, 3, 5)
     rows = value_rows(tok, EditRequest("Marie Curie was born in", "Tokyo", subject="Marie Curie"), prefixes)
     params = {n: p.detach() for n, p in model.named_parameters()}
-    cached, plain = _Runner(model, tok, rows, params, True), _Runner(model, tok, rows, params, False)
-    assert cached.cache is not None and plain.cache is None
-    module = model.get_submodule(param_name(model, 1, "mlp_out").removesuffix(".weight"))
+    module = _value_module(model, which)
+    on = {**PLAIN, **speedups}
+    fast = _Runner(model, tok, rows, params, on["prefix_cache"], module, skip_lower=on["skip_lower"],
+                   at_targets=on["logits_at_targets"])
+    plain = _Runner(model, tok, rows, params, False, module)
+    assert (fast.cache is not None) == on["prefix_cache"] and plain.cache is None
+    assert fast.skip == (2 if on["skip_lower"] else 0)
     delta = torch.randn(64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        a, b = cached.logits(module, delta), plain.logits(module, delta)
-        again = cached.logits(module, delta)  # the cache is not consumed by a call
-    for x, y in ((a, b), (again, b)):
-        torch.testing.assert_close(x[cached.plan.nll_rows, cached.plan.nll_pos], y[plain.plan.nll_rows,
-                                   plain.plan.nll_pos], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(x[cached.plan.kl_row, cached.plan.kl_pos], y[plain.plan.kl_row, plain.plan.kl_pos],
-                                   rtol=1e-4, atol=1e-5)
+        reference = plain.logits(delta)
+        for d in (None, delta, delta, 2 * delta):  # the cache is not consumed; the recorded blocks are reused
+            expected = reference if d is delta else plain.logits(d)
+            torch.testing.assert_close(fast.logits(d), expected, rtol=1e-4, atol=1e-5)
+    assert on["skip_lower"] == (fast.lower is not None)
+    assert same_weights(model, snapshot(tiny_model(arch)[0]))  # the blocks are back in place
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("which", ["mlp_out", "block"])
+def test_fast_value_optimisation_matches_plain(arch, which):
+    """The optimised value (delta, v0, losses, number of passes) equals the one of the plain passes."""
+    model, tok = tiny_model(arch)
+    prefixes = context_prefixes(model, tok, 2, 4)
+    request = EditRequest("The capital city of France", "Rome", subject="France")
+    module = _value_module(model, which)
+    settings = dict(clamp_norm_factor=1000.0, weight_decay=0.0, steps=8, early_stop_loss=None)
+    fast = optimize_value(model, tok, request, prefixes, module, ValueOptions(**settings, **SPEEDUPS))
+    plain = optimize_value(model, tok, request, prefixes, module, ValueOptions(**settings, **PLAIN))
+    assert fast.steps == plain.steps == 8
+    assert plain.delta.norm() > 0 and plain.loss_last < plain.loss_first
+    torch.testing.assert_close(fast.v0, plain.v0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast.delta, plain.delta, rtol=1e-3, atol=1e-4)
+    for a, b in ((fast.loss_first, plain.loss_first), (fast.loss_last, plain.loss_last),
+                 (fast.target_prob_last, plain.target_prob_last)):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+
+
+def test_skip_blocks_puts_the_blocks_back_on_error():
+    model, _ = tiny_model("llama")
+    blocks = model.model.layers
+    originals = list(blocks)
+    with pytest.raises(RuntimeError, match="boom"):
+        with skip_blocks(blocks, 2, torch.zeros(1)):
+            assert blocks[0] is blocks[1] and blocks[0] is not originals[0]
+            raise RuntimeError("boom")
+    assert all(a is b for a, b in zip(blocks, originals))
 
 
 def test_rome_several_requests_are_sequential():
