@@ -5,6 +5,12 @@ search), scores every (query, candidate) pair with the scope classifier, and pic
 above the classifier's threshold. Every route reads the store's current state, so an update, delete or rollback takes
 effect on the next query.
 
+Two views of a query. A query of several sentences is also searched and scored by its last sentence, and each
+candidate keeps its better score of the two: CounterFact's rephrases (and real questions) often open with unrelated
+text ("One person killed. Heath Brothers plays"), which dilutes a sentence embedding of the whole. And a query that
+begins with an edit's own prompt (word for word, case and spacing aside; a teacher-forced row is the prompt followed
+by its answer) is in that edit's scope by definition: the pair scores the classifier's maximum (1.0).
+
 Edit-key embeddings for the trained head are re-encoded from the edit's prompt (the store keeps its own in SQL but does
 not expose them) and cached per (id, version). Query embeddings are needed twice (the store's search and the head's
 features): open the store with a :class:`CachingEncoder` (``Router.open`` does) and the second encode is a lookup.
@@ -13,6 +19,7 @@ features): open the store with a :class:`CachingEncoder` (``Router.open`` does) 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -26,6 +33,30 @@ from memory.records import EditRecord
 from scope.classifier import CosineScope, ScopeClassifier
 
 log = logging.getLogger(__name__)
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+MIN_VIEW_WORDS = 3
+EXACT_SCORE = 1.0
+
+
+def query_views(text: str) -> list[str]:
+    """The texts a query is searched and scored by: itself, and its last sentence when it has several (and that
+    sentence has at least :data:`MIN_VIEW_WORDS` words)."""
+    parts = [p for p in _SENTENCE_END.split(text.strip()) if p.strip()]
+    if len(parts) > 1 and len(parts[-1].split()) >= MIN_VIEW_WORDS:
+        return [text, parts[-1].strip()]
+    return [text]
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def starts_with_prompt(query: str, prompt: str) -> bool:
+    """Whether ``query`` begins with ``prompt`` word for word (case and spacing aside)."""
+    q, p = _norm(query), _norm(prompt)
+    return bool(p) and (q == p or q.startswith(p + " ") or (q.startswith(p) and not p[-1].isalnum()))
 
 
 @dataclass(frozen=True)
@@ -152,29 +183,38 @@ class Router:
         texts = list(texts)
         if not texts:
             return []
-        hits = self.memory.search_many(texts, self.k)
-        rows = [(q, h) for q, row in enumerate(hits) for h in row]
+        views: list[str] = []
+        owner: list[int] = []  # the text each view belongs to
+        for q, text in enumerate(texts):
+            for view in query_views(text):
+                views.append(view), owner.append(q)
+        hits = self.memory.search_many(views, self.k)
+        rows = [(w, h) for w, row in enumerate(hits) for h in row]
         threshold = self.classifier.threshold
         if not rows:
             return [Decision(t, None, None, threshold) for t in texts]
         if isinstance(self.classifier, CosineScope):
             scores = np.asarray([h.score for _, h in rows], dtype=np.float32)
         else:
-            u_all = self.memory.encoder.encode(texts)
-            u = u_all[[q for q, _ in rows]]
+            u_all = self.memory.encoder.encode(views)
+            u = u_all[[w for w, _ in rows]]
             v = self._key_vectors([h.edit for _, h in rows])
-            scores = self.classifier.score([texts[q] for q, _ in rows], u, [h.edit for _, h in rows], v)
+            scores = self.classifier.score([views[w] for w, _ in rows], u, [h.edit for _, h in rows], v)
+        # per text: each candidate edit once, with its best score over the text's views
+        merged: list[dict[int, tuple[Any, float, float]]] = [{} for _ in texts]
+        for (w, h), score in zip(rows, scores.tolist()):
+            if starts_with_prompt(views[w], h.edit.prompt):
+                score = max(score, EXACT_SCORE)
+            best = merged[owner[w]].get(h.edit.id)
+            if best is None or score > best[2]:
+                merged[owner[w]][h.edit.id] = (h.edit, float(h.score), float(score))
         decisions = []
-        i = 0
-        for q, row in enumerate(hits):
-            cands = []
-            for h in row:
-                cands.append(Candidate(h.edit.id, h.edit.version, float(h.score), float(scores[i])))
-                i += 1
-            if not cands:
+        for q, found in enumerate(merged):
+            if not found:
                 decisions.append(Decision(texts[q], None, None, threshold))
                 continue
-            best = max(range(len(cands)), key=lambda j: cands[j].score)
-            chosen = row[best].edit if cands[best].score >= threshold else None
-            decisions.append(Decision(texts[q], chosen, cands[best].score, threshold, tuple(cands)))
+            ranked = sorted(found.values(), key=lambda c: -c[2])
+            cands = tuple(Candidate(e.id, e.version, sim, score) for e, sim, score in ranked)
+            edit, _, top = ranked[0]
+            decisions.append(Decision(texts[q], edit if top >= threshold else None, top, threshold, cands))
         return decisions

@@ -244,3 +244,33 @@ def test_routing_report_counts_wrong_edits_locality_and_named_subjects():
     assert bare["precision_unambiguous"] >= bare["precision"]
     tp, fp = bare["tp"], bare["fp_wrong_edit"] + bare["fp_locality"]
     assert bare["precision"] == (tp / (tp + fp) if tp + fp else 1.0)
+
+
+def test_query_views_and_prompt_prefix():
+    from scope.router import query_views, starts_with_prompt
+
+    assert query_views("The capital of France is") == ["The capital of France is"]
+    long = "One person killed. Heath Brothers plays the"
+    assert query_views(long) == [long, "Heath Brothers plays the"]
+    assert query_views("It rained. Yes") == ["It rained. Yes"]  # too short a last sentence to stand alone
+    assert starts_with_prompt("the capital of  France is Rome", "The capital of France is")
+    assert starts_with_prompt("The capital of France is", "The capital of France is")
+    assert not starts_with_prompt("The capital of Frances is", "The capital of France is")
+    assert not starts_with_prompt("Paris: the capital of France is", "The capital of France is")
+
+
+def test_router_scores_the_last_sentence_and_own_prompt_queries():
+    with EditMemory.open("sqlite://", encoder=get_encoder("hashing-256")) as mem:
+        rec = mem.add("Heath Brothers plays", "opera", subject="Heath Brothers")
+        mem.add("The capital of France is", "Rome", subject="France")
+        strict = Router(mem, CosineScope(0.9, "hashing-256"))
+        noisy = "Six people were hurt and two cars burned on the bridge last night. Heath Brothers plays"
+        vecs = get_encoder("hashing-256").encode([noisy, "Heath Brothers plays"])
+        whole = float(vecs[0] @ vecs[1])
+        assert whole < 0.9  # the whole text alone would miss the edit
+        d = strict.route([noisy])[0]
+        assert d.in_scope and d.edit.id == rec.id
+        assert len({c.id for c in d.candidates}) == len(d.candidates)  # each edit once
+        picky = Router(mem, CosineScope(0.999, "hashing-256"))
+        own = picky.route(["Heath Brothers plays opera", "Heath Brothers is known for"])
+        assert own[0].in_scope and own[0].score == 1.0 and not own[1].in_scope
