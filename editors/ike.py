@@ -105,7 +105,7 @@ class IkeSettings(EditorSettings):
     """
 
     mode: str = "classic"
-    k: int = 2
+    k: int = 1
     kinds: tuple[str, ...] = ("copy", "update")
     demo_template: str = "answer"
     demos: str | None = None
