@@ -29,13 +29,17 @@ Here:
   accuracy 0.32 vs 0.44 after 100 steps, notes/mend.md): the subject's tokens, shared by the prompt and its
   rephrases, carry the edit.
 - **Training** (:func:`train_mend`): per step a batch of edits, each with its edit prompt, one rephrase and one
-  locality probe. Pass 1 runs the frozen model once over the edit and locality rows, with a zero tensor added to every
-  edited layer's output so that ``delta`` is its gradient; ``u`` is captured by the same hooks. Pass 2 runs the
+  locality probe. Pass 1 runs the frozen model once over all three kinds of row, with a zero tensor added to every
+  edited layer's output so that ``delta`` is the gradient of the edit rows' NLL there; ``u`` is captured by the same
+  hooks, and the locality rows' logits are the unedited reference. Pass 2 runs the
   model again with every row's own edit added by a forward hook in its low-rank form
   (``Delta W x = -alpha sum_t delta~_t (u~_t . x)``), so a batch holds independent single edits without ever building
-  ``Delta W``. Loss: ``c_edit * NLL(target | edit prompt) + c_rephrase * NLL(target | rephrase) + c_loc *
-  KL(base || edited)`` at the locality probe's answer positions. Logits are computed only at the positions a loss
-  reads (the forward stops at the final norm; the LM head runs on those positions alone). Only ``g`` gets gradients.
+  ``Delta W``; it starts from pass 1's output of the block below the first edited one (the lower blocks are not
+  run again: they are swapped, for that call only, for stand-ins returning that output). Loss: ``c_edit *
+  NLL(target | edit prompt) + c_rephrase * NLL(target | rephrase) + c_loc *
+  KL(base || edited)`` at the locality probe's answer positions (defaults 1, 1, 10). Logits are computed only at
+  the positions a loss reads (the forward stops at the final norm; the LM head runs on those positions alone). Only
+  ``g`` gets gradients.
   Validation on held-out cases every ``val_every`` steps; the best state by validation loss is kept, and training
   stops after ``patience`` validations without improvement, at ``steps``, or at ``time_limit_s``.
 - **Editing** (:class:`MENDEditor`): the same pass 1 on the requests (prompt + target_new), then ``Delta W`` is built
