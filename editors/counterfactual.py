@@ -48,7 +48,10 @@ from memory.records import EditCase, EditRecord
 log = logging.getLogger(__name__)
 
 KINDS = ("copy", "update", "retain")
-DEFAULT_CF_CONTEXT = "new-fact-prompt"
+# Both measured on SmolLM2-135M (notes/memory_editing.md): with the `answer` format (whose "(answer: X)" hint has the
+# base model at 1.000 copy accuracy already), 150 steps reach held-out rephrase accuracy 0.975; `new-fact-prompt` peaked
+# at 0.965 after 100 of 300 steps.
+DEFAULT_CF_CONTEXT = "answer"
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,7 @@ class CounterfactualSettings:
 
     context: str = DEFAULT_CF_CONTEXT
     train_layers: int = 8
-    steps: int = 300
+    steps: int = 150
     batch_size: int = 16
     lr: float = 1e-4
     warmup: int = 20
