@@ -50,7 +50,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from editors.augmented import AugmentedModel, context_template, edit_context
+from editors.augmented import AugmentedModel, context_template, edit_context, insert_context
 from editors.base import Editor, EditorSettings, EditRequest, check_requests, register_editor
 from editors.serac import DEFAULT_SCOPE, MemoryEditHandle, load_classifier
 from editors.tokens import target_text
@@ -359,8 +359,7 @@ class IkeModel(AugmentedModel):
             self._ctx_cache[key] = ctx
             while len(self._ctx_cache) > 4096:
                 self._ctx_cache.popitem(last=False)
-        lead = len(self._lead) if self._lead and row[:len(self._lead)] == self._lead else 0
-        return row[:lead] + ctx + row[lead:], lead
+        return insert_context(row, ctx, self._lead)
 
 
 @register_editor

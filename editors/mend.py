@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 
 from editors.base import Editor, EditorSettings, EditRequest, WeightEditHandle, check_requests, register_editor
-from editors.hooks import capture, forward, stop_after
+from editors.hooks import capture, detach_output, forward, skip_blocks, stop_after
 from editors.models import (arch_spec, cache_dir, check_layer, get_module, layer_module, model_fingerprint,
                             num_layers, param_name)
 from editors.tokens import IGNORE_INDEX, EncodedBatch, encode_batch
@@ -344,16 +344,9 @@ class _Frozen:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits, batch.labels[r, p + 1]
 
-    @contextmanager
-    def _skip_lower(self, output: Any) -> Iterator[None]:
-        originals = [self.blocks[i] for i in range(self.first)]
-        try:
-            for i in range(self.first):
-                self.blocks[i] = _Recorded(output)
-            yield
-        finally:
-            for i, block in enumerate(originals):
-                self.blocks[i] = block
+    def _skip_lower(self, output: Any) -> Any:
+        """The blocks below the edited ones stand in for by pass 1's recorded output (:func:`editors.hooks.skip_blocks`)."""
+        return skip_blocks(self.blocks, self.first, output)
 
     def gradient_factors(self, rows: _Rows, edit_row: torch.Tensor) -> "_Pass1":
         """Pass 1: the per-token gradient factors of the edit loss at every edited layer.
@@ -373,7 +366,7 @@ class _Frozen:
             return y + z
 
         def keep_lower(_module: torch.nn.Module, _args: tuple, output: Any) -> None:
-            lower.append(_detached(output))
+            lower.append(detach_output(output))
 
         handle = self.blocks[self.first - 1].register_forward_hook(keep_lower) if self.first > 0 else None
         try:
@@ -397,25 +390,6 @@ class _Frozen:
         return _Pass1(us=[x[tok_rows, tok_pos] for x in inputs], deltas=[g[tok_rows, tok_pos] for g in grads],
                       owner=rows.owner[tok_rows], logits=logits.detach(), labels=labels,
                       lower=lower[-1] if lower else None)
-
-
-def _detached(output: Any) -> Any:
-    if isinstance(output, torch.Tensor):
-        return output.detach()
-    if isinstance(output, tuple):
-        return tuple(_detached(x) for x in output)
-    return output
-
-
-class _Recorded(torch.nn.Module):
-    """Stands in for a block below the edited ones: returns what that stack of blocks returned in pass 1."""
-
-    def __init__(self, output: Any):
-        super().__init__()
-        self.output = output
-
-    def forward(self, *_args: Any, **_kwargs: Any) -> Any:
-        return self.output
 
 
 @dataclass
