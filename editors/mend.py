@@ -69,8 +69,8 @@ import torch
 import torch.nn.functional as F
 
 from editors.base import Editor, EditorSettings, EditRequest, WeightEditHandle, check_requests, register_editor
-from editors.hooks import capture, detach_output, forward, skip_blocks, stop_after
-from editors.models import (arch_spec, cache_dir, check_layer, get_module, layer_module, model_fingerprint,
+from editors.hooks import detach_output, skip_blocks
+from editors.models import (arch_spec, cache_dir, check_layer, get_module, layer_module, logits_at, model_fingerprint,
                             num_layers, param_name)
 from editors.tokens import IGNORE_INDEX, EncodedBatch, encode_batch
 from memory.errors import EditmemError, ValidationError
@@ -300,9 +300,6 @@ class _Frozen:
         self.all_tokens = all_tokens
         self.layers = tuple(layers)
         self.modules = [layer_module(model, layer, "mlp_out") for layer in self.layers]
-        self.final_norm = get_module(model, spec.final_norm)
-        self.lm_head = get_module(model, spec.lm_head)
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.params = [param_name(model, layer, "mlp_out") for layer in self.layers]
         self.conv1d = spec.conv1d
         # Every pass runs on detached parameters, so no gradient ever reaches the model (its requires_grad flags
@@ -314,9 +311,6 @@ class _Frozen:
         self.first = min(self.layers)
         lower = tuple(f"{spec.layers}.{i}." for i in range(self.first))
         self.upper_params = {n: p for n, p in self.detached.items() if not n.startswith(lower)} if lower else {}
-        self.head_weight = self.lm_head.weight.detach()
-        bias = getattr(self.lm_head, "bias", None)
-        self.head_bias = bias.detach() if bias is not None else None
 
     def logits_at(self, rows: _Rows, fns: Sequence[Callable] | None, lower: Any = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -335,17 +329,13 @@ class _Frozen:
             if fns is not None:
                 for module, fn in zip(self.modules, fns):
                     stack.enter_context(_rewrite_output(module, fn))
-            hidden = stack.enter_context(capture(self.final_norm, "output", detach=False))
-            stack.enter_context(stop_after(self.final_norm))
-            forward(self.model, params, **batch.model_inputs(), use_cache=False)
-        r, p = rows.score_rows
-        logits = F.linear(hidden.last[r, p], self.head_weight, self.head_bias).float()
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
+            r, p = rows.score_rows
+            logits = logits_at(self.model, r, p, params=params, **batch.model_inputs(), use_cache=False).float()
         return logits, batch.labels[r, p + 1]
 
     def _skip_lower(self, output: Any) -> Any:
-        """The blocks below the edited ones stand in for by pass 1's recorded output (:func:`editors.hooks.skip_blocks`)."""
+        """The blocks below the edited ones, stood in for by pass 1's recorded output
+        (:func:`editors.hooks.skip_blocks`)."""
         return skip_blocks(self.blocks, self.first, output)
 
     def gradient_factors(self, rows: _Rows, edit_row: torch.Tensor) -> "_Pass1":
