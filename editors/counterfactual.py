@@ -20,9 +20,9 @@ best state by held-out ``update`` accuracy is kept; training stops early after `
 improvement (a tie keeps the later state).
 
 A trained model is saved under ``$EDITMEM_CACHE/counterfactual/NAME`` (or a folder): the trained blocks' tensors
-(``weights.safetensors``) and ``meta.json`` (base model fingerprint, trained parameter names, context template, settings,
-validation curve). :func:`load_counterfactual` rebuilds it from the base model and refuses a checkpoint trained for
-another model.
+(``weights.safetensors``) and ``meta.json`` (base model fingerprint, trained parameter names, context template,
+settings, validation curve). :func:`load_counterfactual` rebuilds it from the base model and refuses a checkpoint
+trained for another model.
 """
 
 from __future__ import annotations

@@ -221,8 +221,8 @@ def build_pairs(cases: Sequence[EditCase], encoder: Encoder, settings: TrainSett
                     np.asarray(kinds)[keep], held_q[keep], lex[keep], np.asarray(positive_of, dtype=bool))
     pairs.stats = {"cases": n, "heldout_cases": n_held, "queries": len(texts), "pairs": int(keep.sum()),
                    "train_pairs": int((~pairs.heldout).sum()), "heldout_pairs": int(pairs.heldout.sum()),
-                   "positives": int(pairs.label.sum()), "ambiguous": ambiguous, "by_kind": {str(kd): int((pairs.kind == kd).sum())
-                                                                  for kd in (*POSITIVE_KINDS, *NEGATIVE_KINDS)}}
+                   "positives": int(pairs.label.sum()), "ambiguous": ambiguous,
+                   "by_kind": {str(kd): int((pairs.kind == kd).sum()) for kd in (*POSITIVE_KINDS, *NEGATIVE_KINDS)}}
     log.info("scope pairs: %s", pairs.stats)
     return pairs
 
