@@ -71,7 +71,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="smollm2-135m", help="base model alias or local folder (default: %(default)s)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N cases")
     for flag, kind, helptext in (("--steps", int, "optimizer steps"), ("--batch-size", int, "examples per step"),
-                                 ("--train-layers", int, "top blocks fine-tuned"), ("--lr", float, "peak learning rate"),
+                                 ("--train-layers", int, "top blocks fine-tuned"),
+                                 ("--lr", float, "peak learning rate"),
                                  ("--val-cases", int, "held-out cases (the last ones)"),
                                  ("--val-every", int, "steps between validations"),
                                  ("--context", str, "context format the copy learns")):
@@ -154,31 +155,37 @@ def _classifier(scope: str, threshold: float | None) -> Any:
 
 
 def _ask(args: argparse.Namespace) -> int:
+    """Answer through the memory editor ``args.method`` (serac or ike) on the store, with the store's encoder."""
     if not args.question.strip():
         raise ValidationError("the question must not be empty")
     _positive(args.k, "-k")
-    if args.method == "ike":
-        return _ask_ike(args)
-    from editors.augmented import DEFAULT_CONTEXT, AugmentedModel
+    if args.demos is not None and args.demos < 0:
+        raise ValidationError(f"--demos must be >= 0, got {args.demos}")
+    from editors import get_editor
     from editors.models import load_model
-    from memory.encoder import get_encoder
     from memory.store import EditMemory
-    from scope.router import CachingEncoder
 
-    clf = _classifier(args.scope, args.threshold)
     with EditMemory.open(args.store, create=False) as probe:
         encoder_name = probe.encoder.name
-    clf.check_encoder(encoder_name)
+    settings: dict[str, Any] = {"store": args.store, "encoder": encoder_name, "scope": args.scope,
+                                "threshold": args.threshold}
+    if args.method == "ike":
+        settings.update(mode=args.mode, candidates=args.k, demos=args.demo_file)
+        if args.demos is not None:
+            settings["k"] = args.demos
+    else:
+        settings.update(k=args.k, counterfactual=args.counterfactual)
     model, tok = load_model(args.model)
-    counterfactual, context = None, DEFAULT_CONTEXT
-    if args.counterfactual:
-        from editors.counterfactual import load_counterfactual
-
-        counterfactual, context = load_counterfactual(args.counterfactual, model)
-    with EditMemory.open(args.store, create=False, encoder=CachingEncoder(get_encoder(encoder_name))) as mem:
-        wrapper = AugmentedModel(model, tok, mem, clf, k=args.k, context=context, counterfactual=counterfactual)
-        answer = wrapper.ask(args.question, max_new_tokens=args.max_new_tokens)
-    _print_answer(answer)
+    editor = get_editor(args.method, model, tok, **settings)
+    try:
+        answer = editor.model.ask(args.question, max_new_tokens=args.max_new_tokens)
+        _print_answer(answer)
+        for rank, (position, cosine) in enumerate(editor.model.last_demos[0] if args.method == "ike" else [], 1):
+            demo = editor.model.demo(position)
+            print(f"-- demonstration {rank} ({demo.kind}, case {demo.case_id}, cosine {cosine:.3f}): "
+                  f"New Fact: {demo.fact} | Prompt: {demo.prompt} -> {demo.answer}")
+    finally:
+        editor.memory.close()
     return 0
 
 
@@ -192,43 +199,14 @@ def _print_answer(answer: Any) -> None:
         print(f"-- no edit in scope; the base model answered ({d.describe()})")
 
 
-def _ask_ike(args: argparse.Namespace) -> int:
-    if args.demos is not None and args.demos < 0:
-        raise ValidationError(f"--demos must be >= 0, got {args.demos}")
-    from editors import get_editor
-    from editors.models import load_model
-    from memory.store import EditMemory
-
-    with EditMemory.open(args.store, create=False) as probe:
-        encoder_name = probe.encoder.name
-    settings: dict[str, Any] = {"store": args.store, "encoder": encoder_name, "mode": args.mode, "scope": args.scope,
-                                "threshold": args.threshold, "candidates": args.k, "demos": args.demo_file}
-    if args.demos is not None:
-        settings["k"] = args.demos
-    model, tok = load_model(args.model)
-    editor = get_editor("ike", model, tok, **settings)
-    try:
-        answer = editor.model.ask(args.question, max_new_tokens=args.max_new_tokens)
-        _print_answer(answer)
-        for rank, (position, cosine) in enumerate(editor.model.last_demos[0], 1):
-            demo = editor.model.demo(position)
-            print(f"-- demonstration {rank} ({demo.kind}, case {demo.case_id}, cosine {cosine:.3f}): "
-                  f"New Fact: {demo.fact} | Prompt: {demo.prompt} -> {demo.answer}")
-    finally:
-        editor.memory.close()
-    return 0
-
-
 def _train_counterfactual(args: argparse.Namespace) -> int:
     _positive(args.limit, "--limit")
     from editors.counterfactual import CounterfactualSettings, save_counterfactual, train_counterfactual
     from editors.models import load_model
     from memory.formats import read_cases
 
-    names = {"steps": "steps", "batch_size": "batch_size", "train_layers": "train_layers", "lr": "lr",
-             "val_cases": "val_cases", "val_every": "val_every", "context": "context"}
-    settings = CounterfactualSettings(**{field: getattr(args, arg) for arg, field in names.items()
-                                         if getattr(args, arg) is not None})
+    fields = ("steps", "batch_size", "train_layers", "lr", "val_cases", "val_every", "context")
+    settings = CounterfactualSettings(**{f: getattr(args, f) for f in fields if getattr(args, f) is not None})
     cases = read_cases(args.data, args.format)[:args.limit]
     model, tok = load_model(args.model)
     cf, meta = train_counterfactual(model, tok, cases, settings, progress=True, data_name=args.data)
