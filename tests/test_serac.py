@@ -98,3 +98,25 @@ def test_smollm2_serac_on_counterfact(data_dir, tmp_path):
                        metric_settings=MetricSettings(fluency_tokens=4))
     serac = summary["methods"]["serac"]
     assert serac["reliability"] >= 0.9 and serac["locality"] == 1.0
+
+
+def test_cli_ask_with_serac_names_the_edit(tmp_path, capsys, monkeypatch):
+    from serve.cli import main
+
+    monkeypatch.delenv("EDITMEM_STORE", raising=False)
+    model, tok = tiny_model("llama")
+    folder = tmp_path / "tiny-llama"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    store = f"sqlite:///{tmp_path / 'ask.db'}"
+    assert main(["--store", store, "init", "--encoder", "hashing-256"]) == 0
+    assert main(["--store", store, "add", "--prompt", "The capital of Japan is", "--target", "Lima"]) == 0
+    capsys.readouterr()
+    common = ["--model", str(folder), "--scope", "cosine", "--threshold", "0.8", "--max-new-tokens", "2"]
+    assert main(["--store", store, "ask", "The capital of Japan is", *common]) == 0
+    out = capsys.readouterr().out
+    assert "-- shaped by edit 1 v1" in out and "The capital of Japan is -> Lima" in out and "demonstration" not in out
+    assert main(["--store", store, "ask", "Marie Curie was born in", *common]) == 0
+    assert "no edit in scope" in capsys.readouterr().out
+    assert main(["--store", store, "ask", "The capital of Japan is", *common, "--counterfactual", "nosuch"]) == 2
+    assert "train-counterfactual" in capsys.readouterr().err
