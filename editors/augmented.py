@@ -36,7 +36,7 @@ from typing import Any, Sequence
 
 import torch
 
-from editors.tokens import encode_prompt, pad_id, target_text
+from editors.tokens import encode_prompt, pad_id, pad_rows, target_text
 from memory.errors import ValidationError
 from memory.records import EditRecord
 from scope.classifier import ScopeClassifier
@@ -213,13 +213,8 @@ class AugmentedModel(torch.nn.Module):
             base_logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                                      **kwargs).logits
         seqs, leads = zip(*(self._conditioned(rows[b], decisions[b].edit) for b in inside))
-        width = max(len(s) for s in seqs)
         device = input_ids.device
-        cf_ids = torch.full((len(seqs), width), pad_id(self.tokenizer), dtype=torch.long)
-        cf_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for j, s in enumerate(seqs):
-            cf_ids[j, :len(s)] = torch.tensor(s, dtype=torch.long)
-            cf_mask[j, :len(s)] = 1
+        cf_ids, cf_mask = pad_rows(seqs, pad_id(self.tokenizer))
         cf_logits = self.counterfactual_model(input_ids=cf_ids.to(device), attention_mask=cf_mask.to(device),
                                               use_cache=False, **kwargs).logits
         if base_logits is not None:
@@ -262,12 +257,8 @@ class AugmentedModel(torch.nn.Module):
         if len(inside) < len(rows):
             base = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         seqs = [self._conditioned(rows[b], decisions[b].edit)[0] for b in inside]
-        cf_width = max(len(s) for s in seqs)
-        cf_ids = torch.full((len(seqs), cf_width), pad, dtype=torch.long)
-        cf_mask = torch.zeros((len(seqs), cf_width), dtype=torch.long)
-        for j, s in enumerate(seqs):
-            cf_ids[j, cf_width - len(s):] = torch.tensor(s, dtype=torch.long)
-            cf_mask[j, cf_width - len(s):] = 1
+        cf_ids, cf_mask = pad_rows(seqs, pad, side="left")
+        cf_width = cf_ids.shape[1]
         cf_kwargs = dict(kwargs)
         if "max_length" in cf_kwargs and "max_new_tokens" not in cf_kwargs:
             cf_kwargs["max_new_tokens"] = max(0, cf_kwargs.pop("max_length") - width)

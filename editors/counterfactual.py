@@ -41,7 +41,7 @@ import torch
 
 from editors.augmented import context_template, edit_context, insert_context, lead_tokens
 from editors.models import cache_dir, logits_at, model_fingerprint, module_path, num_layers
-from editors.tokens import encode_prompt_target, pad_id
+from editors.tokens import encode_prompt_target, pad_id, pad_rows
 from memory.errors import EditmemError, NotFoundError, ValidationError
 from memory.records import EditCase, EditRecord
 
@@ -146,15 +146,8 @@ class _Encoder:
 
     def batch(self, examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
         rows = [self.row(ex) for ex in examples]
-        width = max(len(r) for r, _ in rows)
-        ids = torch.full((len(rows), width), pad_id(self.tokenizer), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        spans = []
-        for b, (r, start) in enumerate(rows):
-            ids[b, :len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[b, :len(r)] = 1
-            spans.append((start, len(r)))
-        return ids, mask, spans
+        ids, mask = pad_rows([r for r, _ in rows], pad_id(self.tokenizer))
+        return ids, mask, [(start, len(r)) for r, start in rows]
 
 
 def _answer_logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,

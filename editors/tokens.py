@@ -112,6 +112,20 @@ def pad_id(tokenizer: Any) -> int:
     return 0
 
 
+def pad_rows(rows: Sequence[Sequence[int]], pad: int, *, side: Literal["right", "left"] = "right"
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths as one ``(input_ids, attention_mask)`` pair (B, T), padded with ``pad`` on
+    ``side``."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        at = width - len(row) if side == "left" else 0
+        ids[b, at:at + len(row)] = torch.tensor(list(row), dtype=torch.long)
+        mask[b, at:at + len(row)] = 1
+    return ids, mask
+
+
 def encode_batch(tokenizer: Any, prompts: Sequence[str], targets: Sequence[str], *,
                  padding_side: Literal["right", "left"] = "right",
                  device: torch.device | str | None = None) -> EncodedBatch:
