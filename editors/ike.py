@@ -54,6 +54,7 @@ from editors.augmented import AugmentedModel, context_template, edit_context, in
 from editors.base import Editor, EditorSettings, EditRequest, check_requests, register_editor
 from editors.serac import DEFAULT_SCOPE, MemoryEditHandle, load_classifier
 from editors.tokens import target_text
+from memory.encoder import encode_chunked
 from memory.errors import EditmemError, ValidationError
 from memory.records import EditCase, EditRecord
 from scope.router import Decision
@@ -246,8 +247,8 @@ class DemoPool:
         index = VectorIndex(IndexHeader(store_uid=uid, encoder=encoder.name, dim=encoder.dim, kind="flat", seq=0))
         if demos:
             log.info("IKE demonstrations: encoding %d with %s", len(demos), encoder.name)
-            vectors = np.concatenate([encoder.encode([d.text for d in demos[i:i + 512]])
-                                      for i in range(0, len(demos), 512)])
+            vectors = encode_chunked(encoder, [d.text for d in demos], progress=len(demos) > 5000,
+                                     desc="encoding IKE demonstrations")
             index.add(np.arange(len(demos), dtype=np.int64), vectors)
         if path is not None:
             index.save(path)

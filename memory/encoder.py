@@ -40,6 +40,20 @@ class Encoder(Protocol):
         ...
 
 
+def encode_chunked(encoder: Encoder, texts: Sequence[str], *, batch: int = 512, progress: bool = False,
+                   desc: str = "encoding") -> np.ndarray:
+    """``encoder.encode(texts)`` in chunks of ``batch`` texts, with a progress bar when ``progress``; (n, dim)."""
+    from tqdm.auto import tqdm
+
+    out = []
+    with tqdm(total=len(texts), desc=desc, unit="text", disable=not progress, leave=False) as bar:
+        for start in range(0, len(texts), batch):
+            chunk = list(texts[start:start + batch])
+            out.append(encoder.encode(chunk))
+            bar.update(len(chunk))
+    return np.concatenate(out) if out else np.zeros((0, encoder.dim), dtype=np.float32)
+
+
 def normalise(vectors: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm (zero rows stay zero), as contiguous float32."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)

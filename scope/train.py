@@ -39,7 +39,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from memory.encoder import Encoder
+from memory.encoder import Encoder, encode_chunked
 from memory.errors import ValidationError
 from memory.records import EditCase
 from scope.calibrate import calibrate_threshold, precision_recall
@@ -123,18 +123,6 @@ class PairSet:
                 "lex": self.lex[mask]}
 
 
-def _encode(encoder: Encoder, texts: Sequence[str], progress: bool, desc: str, batch: int = 512) -> np.ndarray:
-    from tqdm.auto import tqdm
-
-    out = []
-    with tqdm(total=len(texts), desc=desc, unit="text", disable=not progress, leave=False) as bar:
-        for start in range(0, len(texts), batch):
-            chunk = list(texts[start:start + batch])
-            out.append(encoder.encode(chunk))
-            bar.update(len(chunk))
-    return np.concatenate(out) if out else np.zeros((0, encoder.dim), dtype=np.float32)
-
-
 def _with_answer(text: str, answer: str | None) -> str:
     if not answer:
         return text
@@ -176,8 +164,8 @@ def build_pairs(cases: Sequence[EditCase], encoder: Encoder, settings: TrainSett
     if all(positive_of):
         log.warning("the cases have no locality prompts: the only negatives are other edits' prompts")
 
-    key_vecs = _encode(encoder, keys, progress, "encoding edit keys")
-    query_vecs = _encode(encoder, texts, progress, "encoding queries")
+    key_vecs = encode_chunked(encoder, keys, progress=progress, desc="encoding edit keys")
+    query_vecs = encode_chunked(encoder, texts, progress=progress, desc="encoding queries")
     k = min(settings.k, n)
     q_idx: list[int] = []
     e_idx: list[int] = []
