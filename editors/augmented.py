@@ -36,7 +36,7 @@ from typing import Any, Sequence
 
 import torch
 
-from editors.tokens import encode_prompt, pad_id, pad_rows, target_text
+from editors.tokens import completed, encode_prompt, pad_id, pad_rows
 from memory.errors import ValidationError
 from memory.records import EditRecord
 from scope.classifier import ScopeClassifier
@@ -78,7 +78,7 @@ def context_template(context: str) -> str:
 
 def edit_context(edit: EditRecord, template: str) -> str:
     """The text put in front of a query that falls in ``edit``'s scope."""
-    fact = edit.prompt + target_text(edit.prompt, edit.target_new)
+    fact = completed(edit.prompt, edit.target_new)
     return template.format(fact=fact, prompt=edit.prompt, target_new=edit.target_new, subject=edit.subject or "")
 
 

@@ -53,7 +53,7 @@ import torch
 from editors.augmented import AugmentedModel, context_template, edit_context, insert_context
 from editors.base import Editor, EditorSettings, EditRequest, check_requests, register_editor
 from editors.serac import DEFAULT_SCOPE, MemoryEditHandle, load_classifier
-from editors.tokens import target_text
+from editors.tokens import completed
 from memory.encoder import encode_chunked
 from memory.errors import EditmemError, ValidationError
 from memory.records import EditCase, EditRecord
@@ -187,7 +187,7 @@ class Demo:
 
     @property
     def query(self) -> str:
-        return self.prompt + target_text(self.prompt, self.answer)
+        return completed(self.prompt, self.answer)
 
     def render(self, template: str = DEMO_TEMPLATES["paper"]) -> str:
         return template.format(fact=self.fact, target_new=self.target_new, query=self.query)
@@ -198,17 +198,12 @@ class Demo:
         return self.render()
 
 
-def fact_of(prompt: str, target_new: str) -> str:
-    """The new fact as one sentence: the prompt followed by the new target (joined as :mod:`editors.tokens` does)."""
-    return prompt + target_text(prompt, target_new)
-
-
 def build_demos(cases: Sequence[EditCase]) -> list[Demo]:
     """The pool, in a fixed order: for each case its copy, then one update per rephrase, then one retain per locality
     probe."""
     demos: list[Demo] = []
     for case in cases:
-        fact = fact_of(case.prompt, case.target_new)
+        fact = completed(case.prompt, case.target_new)
         new = case.target_new
         demos.append(Demo("copy", fact, new, case.prompt, new, case.case_id))
         demos += [Demo("update", fact, new, r, new, case.case_id) for r in case.rephrases if r.strip()]
@@ -322,7 +317,7 @@ class IkeModel(AugmentedModel):
 
     def _retrieval_texts(self, decisions: Sequence[Decision]) -> list[str]:
         if self.retrieve == "fact":
-            return [Demo("copy", fact_of(d.edit.prompt, d.edit.target_new), d.edit.target_new, d.edit.prompt,
+            return [Demo("copy", completed(d.edit.prompt, d.edit.target_new), d.edit.target_new, d.edit.prompt,
                          d.edit.target_new).text for d in decisions]
         return [d.query for d in decisions]
 

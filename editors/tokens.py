@@ -32,6 +32,11 @@ def target_text(prompt: str, target: str) -> str:
     return " " + target
 
 
+def completed(prompt: str, target: str) -> str:
+    """``prompt`` followed by ``target`` as one text, joined by :func:`target_text` (e.g. a new fact as a sentence)."""
+    return prompt + target_text(prompt, target)
+
+
 def _leading_specials(tokenizer: Any, text: str, plain: list[int]) -> list[int]:
     """Special ids the tokenizer puts before ``text`` (e.g. BOS), found by comparing with the plain encoding."""
     full = tokenizer(text, add_special_tokens=True)["input_ids"]
