@@ -17,13 +17,13 @@ other edits of a batch again, and save the folder; edits with no weight records 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 from memory.errors import ValidationError
+from serve.options import key_values
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -52,19 +52,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_rebuild)
 
 
-def _settings(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ValidationError(f"--set takes KEY=VALUE (e.g. layers=[3,4]), got {item!r}")
-        try:
-            out[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key.strip()] = raw
-    return out
-
-
 def _folder_key(folder: str | Path) -> str:
     return str(Path(folder).expanduser().resolve())
 
@@ -74,7 +61,7 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
 
     if args.batch_size is not None and args.batch_size < 1:
         raise ValidationError(f"--batch-size must be >= 1, got {args.batch_size}")
-    overrides = _settings(args.overrides)
+    overrides = key_values(args.overrides, example="layers=[3,4]")
     out = Path(args.out).expanduser()
     with EditMemory.open(args.store, create=False) as mem:
         from editors.base import available_editors

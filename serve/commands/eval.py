@@ -11,12 +11,12 @@ are imported inside the handler, so ``editmem --help`` stays fast.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 from pathlib import Path
 from typing import Any
 
 from memory.errors import ValidationError
+from serve.options import key_values
 
 MODES = ("single", "batch", "sequential")
 PROTOCOLS = ("teacher-forced", "generate", "both")
@@ -71,16 +71,10 @@ def _checkpoints(text: str | None) -> list[int] | None:
 
 
 def _overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``--set METHOD.KEY=VALUE`` items as {method: {key: value}}."""
     out: dict[str, dict[str, Any]] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        method, dot, name = key.partition(".")
-        if not sep or not dot or not method or not name:
-            raise ValidationError(f"--set takes METHOD.KEY=VALUE (e.g. ft.lr=1e-3), got {item!r}")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
+    for key, value in key_values(items, form="METHOD.KEY=VALUE", example="ft.lr=1e-3", dotted=True).items():
+        method, _, name = key.partition(".")
         out.setdefault(method.strip(), {})[name.strip()] = value
     return out
 

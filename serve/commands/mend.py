@@ -11,11 +11,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from memory.errors import ValidationError
+from serve.options import key_values
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,20 +37,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "string); repeatable")
     p.add_argument("--out", required=True, help="checkpoint name (under $EDITMEM_CACHE/mend/) or folder")
     p.set_defaults(func=run_train_mend)
-
-
-def _overrides(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ValidationError(f"--set takes KEY=VALUE (e.g. c_loc=2), got {item!r}")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        out[key.strip()] = value
-    return out
 
 
 def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -80,7 +66,7 @@ def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def run_train_mend(args: argparse.Namespace) -> int:
-    overrides = _overrides(args.overrides)
+    overrides = key_values(args.overrides, example="c_loc=2")
     for flag, key in ((args.steps, "steps"), (args.batch_size, "batch_size"), (args.time_limit, "time_limit_s")):
         if flag is not None:
             overrides[key] = flag
