@@ -155,7 +155,7 @@ class StoredWeights:
 
     def touched(self) -> list[str]:
         """Every parameter some record of this model touched (applied or removed)."""
-        return sorted(self.mem.weight_bases(self.record.id))
+        return self.mem.weight_base_params(self.record.id)
 
     def verify(self) -> None:
         """:class:`WeightMismatchError` unless every touched parameter holds exactly base + applied deltas."""

@@ -656,6 +656,12 @@ class EditMemory:
                     out.update((p, bytes(v)) for p, v in conn.execute(query.where(weight_bases.c.param.in_(chunk))))
         return out
 
+    def weight_base_params(self, model_id: int) -> list[str]:
+        """The names of a model's touched parameters (those with a stored base value), sorted; no blobs are read."""
+        query = select(weight_bases.c.param).where(weight_bases.c.model_id == _check_id(model_id, "model id"))
+        with self._read() as conn:
+            return sorted(conn.execute(query).scalars())
+
     def detach_weights(self, record_id: int, note: str | None = None) -> WeightRecord:
         """Mark a weight record as removed (it stays in the table with ``note``); the caller restores the weights."""
         record_id = _check_id(record_id, "record id")

@@ -84,6 +84,8 @@ def test_rebuild_from_base_equals_the_live_model(mem):
     stored = StoredWeights.open(mem, model, tok, base="tiny-llama")
     stored.consolidate("memit", batch_size=2, **TINY["memit"])
     stored.remove_edit(3)
+    touched = stored.touched()
+    assert touched and touched == sorted(mem.weight_bases(stored.record.id))  # names only, the same set
     fresh, _ = tiny_model("llama")
     assert same_weights(rebuild(mem, fresh, stored.record.id), snapshot(model))
     edited, _ = tiny_model("llama")  # an already edited copy is not the base
