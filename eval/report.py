@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from memory.errors import ValidationError
+
 FRACTIONS: tuple[str, ...] = ("reliability", "generalization", "locality", "portability")
 SUMMARY_SHAPE = """\
 summary.json
@@ -92,9 +94,39 @@ def format_checkpoints(summary: Mapping[str, Any]) -> str:
     return "\n".join(out)
 
 
+def merge_summaries(runs: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
+    """One summary holding the methods of several runs (``(label, summary)`` pairs), for one table and one plot.
+
+    The runs must share model, dataset, protocol and mode, or the comparison would not be like for like; a method
+    name that occurs in more than one run is shown as ``name (label)``. ``n_cases`` is the largest of the runs', and
+    ``runs`` lists each run's label, methods and number of cases.
+    """
+    if not runs:
+        raise ValidationError("merging needs at least one run")
+    first_label, first = runs[0]
+    for label, summary in runs[1:]:
+        for key in ("model", "dataset", "protocol", "mode"):
+            if summary.get(key) != first.get(key):
+                raise ValidationError(f"runs {first_label} and {label} differ in {key} "
+                                      f"({first.get(key)!r} vs {summary.get(key)!r}); only like runs can be merged")
+    counts: dict[str, int] = {}
+    for _, summary in runs:
+        for name in summary["methods"]:
+            counts[name] = counts.get(name, 0) + 1
+    methods: dict[str, Any] = {}
+    for label, summary in runs:
+        for name, entry in summary["methods"].items():
+            methods[name if counts[name] == 1 else f"{name} ({label})"] = entry
+    return {"model": first["model"], "dataset": first["dataset"], "protocol": first["protocol"],
+            "mode": first["mode"], "n_cases": max(s["n_cases"] for _, s in runs), "methods": methods,
+            "runs": [{"label": label, "methods": list(s["methods"]), "n_cases": s["n_cases"]} for label, s in runs]}
+
+
 def write_report(out_dir: str | Path, summary: Mapping[str, Any], *, command: str | None = None,
-                 batch_size: int | None = None, fluency_tokens: int = 50, plots: bool = True) -> list[Path]:
-    """Write report.md (and the plots unless ``plots`` is false) into ``out_dir``; return the paths written."""
+                 batch_size: int | None = None, fluency_tokens: int | None = 50, plots: bool = True) -> list[Path]:
+    """Write report.md (and the plots unless ``plots`` is false) into ``out_dir``; return the paths written.
+
+    ``fluency_tokens`` None: not known (a merged report); the text then points to each run's own report."""
     out = Path(out_dir)
     written: list[Path] = []
     if plots and summary["methods"]:
@@ -111,6 +143,8 @@ def write_report(out_dir: str | Path, summary: Mapping[str, Any], *, command: st
     ]
     if command:
         lines.append(f"- Command: `{command}`")
+    for run in summary.get("runs", []):
+        lines.append(f"- Run `{run['label']}`: {', '.join(run['methods'])} ({run['n_cases']} cases)")
     lines += ["", "## Results", "", format_table(summary)]
     if summary["mode"] == "sequential":
         lines += ["## Metrics by number of edits", "", format_checkpoints(summary)]
@@ -123,7 +157,10 @@ def write_report(out_dir: str | Path, summary: Mapping[str, Any], *, command: st
         "(EasyEdit, Wang et al. 2024). Generate: greedy decoding, normalised match for the first three; locality is "
         "1 when the normalised generation is unchanged. "
         + (f"Fluency: weighted 2/3-gram entropy in bits of the edit prompt and {fluency_tokens} greedy new tokens "
-           "(ROME); the same number under either protocol. " if fluency_tokens else "Fluency: not measured. ")
+           "(ROME); the same number under either protocol. " if fluency_tokens
+           else "Fluency: weighted 2/3-gram entropy in bits of the edit prompt and its greedy continuation (ROME; "
+                "the number of tokens is in each run's own report); – where a run did not measure it. "
+           if fluency_tokens is None else "Fluency: not measured. ")
         + "Edit time: mean seconds of `apply` per edit.",
         "",
         "```",
@@ -207,7 +244,9 @@ def plot_sequential(summary: Mapping[str, Any], path: str | Path) -> Path:
         ax.set_title(HEADERS[metric], fontsize=10)
         ax.set_xlabel("edits")
         if not ax.lines or all(math.isnan(y) for line in ax.lines for y in line.get_ydata()):
-            ax.text(0.5, 0.5, "no probes", ha="center", va="center", transform=ax.transAxes, fontsize=9)
+            # a fraction is null when the data has no probes of its kind; fluency when it was switched off
+            ax.text(0.5, 0.5, "not measured" if metric == "fluency" else "no probes", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=9)
         if ticks and ticks[-1] / ticks[0] >= 20:
             ax.set_xscale("log")
         ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=8)

@@ -258,6 +258,43 @@ def test_cli_eval(model_folder, tmp_path, capsys):
     assert "5 greedy new tokens" in report
 
 
+def test_cli_report_merges_runs_into_one_table_and_plot(model_folder, tmp_path, capsys):
+    from serve.cli import main
+
+    data = tmp_path / "counterfact-mini.json"
+    data.write_text(json.dumps(CF_RECORDS))
+    common = ["--data", str(data), "--model", str(model_folder), "--mode", "sequential", "--checkpoints", "1",
+              "--fluency-tokens", "0", "--no-plots"]
+    assert main(["eval", *common, "--methods", "none", "--out", str(tmp_path / "a")]) == 0
+    assert main(["eval", *common, "--methods", "none,ft", "--set", "ft.steps=2", "--out", str(tmp_path / "b")]) == 0
+    single = tmp_path / "single"
+    assert main(["eval", "--data", str(data), "--model", str(model_folder), "--methods", "none", "--fluency-tokens",
+                 "0", "--no-plots", "--out", str(single)]) == 0
+    capsys.readouterr()
+
+    out = tmp_path / "merged"
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    merged = json.loads((out / "summary.json").read_text())
+    # "none" is in both runs, so it is labelled by run; "ft" only in one, so it keeps its name
+    assert list(merged["methods"]) == ["none (a)", "none (b)", "ft"]
+    b = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert merged["methods"]["ft"] == b["methods"]["ft"]
+    assert [r["label"] for r in merged["runs"]] == ["a", "b"]
+    assert "| none (a) |" in printed and "| ft |" in printed
+    report = (out / "report.md").read_text()
+    assert "Run `b`: none, ft" in report and "editmem report" in report and "#### ft" in report
+    assert (out / "sequential.png").stat().st_size > 1000 and (out / "metrics.png").stat().st_size > 1000
+
+    # unlike runs are refused in one line (exit 2), and nothing is written
+    refused = tmp_path / "refused"
+    assert main(["report", str(tmp_path / "a"), str(single), "--out", str(refused)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "differ in mode" in err and len(err.splitlines()) == 1 and not refused.exists()
+    assert main(["report", str(tmp_path / "nosuch"), "--out", str(refused)]) == 2
+    assert "no summary.json" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--methods", "none,nosuch"], "unknown editing method"),
     (["--methods", "none", "--checkpoints", "a,b", "--mode", "sequential"], "--checkpoints"),

@@ -4,13 +4,19 @@
                  [--mode single|batch|sequential] [--batch-size B] [--checkpoints 10,100,1000] [--sample-final]
                  [--protocol teacher-forced|generate|both] [--fluency-tokens 50] [--set ft.lr=1e-3 ...] --out DIR
 
-Writes summary.json, cases.jsonl, report.md and PNG plots into DIR (see :mod:`eval.harness`). torch and transformers
-are imported inside the handler, so ``editmem --help`` stays fast.
+Writes summary.json, cases.jsonl, report.md and PNG plots into DIR (see :mod:`eval.harness`).
+
+    editmem report RUN_DIR [RUN_DIR ...] --out DIR [--no-plots]
+
+merges several runs' summary.json (same model, data, protocol and mode) into one report and plot
+(:func:`eval.report.merge_summaries`). torch and transformers are imported inside the eval handler, so
+``editmem --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 from pathlib import Path
 from typing import Any
@@ -52,6 +58,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.set_defaults(func=run_eval_command)
+
+    r = sub.add_parser("report", help="one report and plot from several eval runs (e.g. one method per run)",
+                       description="Merge the summary.json of several `editmem eval` runs of the same model, data, "
+                                   "protocol and mode into one report.md, metrics.png and (sequential runs) "
+                                   "sequential.png, so methods run separately can be compared in one table and "
+                                   "plot.")
+    r.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output folders of `editmem eval` (with summary.json)")
+    r.add_argument("--out", required=True, help="output folder for the merged report")
+    r.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    r.set_defaults(func=run_report_command)
 
 
 def _split_names(text: str, what: str) -> list[str]:
@@ -131,4 +147,37 @@ def run_eval_command(args: argparse.Namespace) -> int:
           f"mode {summary['mode']}")
     print(format_table(summary), end="")
     print(f"written to {args.out}: summary.json, cases.jsonl, report.md" + ("" if args.no_plots else ", plots"))
+    return 0
+
+
+def _read_summary(folder: Path) -> dict[str, Any]:
+    path = folder / "summary.json"
+    if not path.is_file():
+        raise ValidationError(f"{folder}: no summary.json (is it an `editmem eval` output folder?)")
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValidationError(f"{path}: not readable as JSON ({err})") from None
+    missing = [k for k in ("model", "dataset", "protocol", "mode", "n_cases", "methods") if k not in summary]
+    if missing:
+        raise ValidationError(f"{path}: not an eval summary (missing {', '.join(missing)})")
+    return summary
+
+
+def run_report_command(args: argparse.Namespace) -> int:
+    from eval.report import format_table, merge_summaries, write_report
+
+    folders = [Path(r) for r in args.runs]
+    labels = [f.resolve().name for f in folders]
+    if len(set(labels)) != len(labels):
+        labels = [str(f) for f in folders]
+    summary = merge_summaries([(label, _read_summary(f)) for label, f in zip(labels, folders)])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    command = " ".join(shlex.quote(p) for p in ["editmem", "report", *args.runs, "--out", args.out]
+                       + (["--no-plots"] if args.no_plots else []))
+    write_report(out, summary, command=command, fluency_tokens=None, plots=not args.no_plots)
+    print(format_table(summary), end="")
+    print(f"written to {args.out}: summary.json, report.md" + ("" if args.no_plots else ", plots"))
     return 0
