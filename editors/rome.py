@@ -22,8 +22,8 @@ Defaults (:func:`default_settings`):
   Llama-2-7B one 5 of 32, about the same depth.
 - value optimisation as ROME's GPT-2 XL / GPT-J hyper-parameters: Adam lr 0.5, 20 passes, weight decay 0.5 (ROME's
   ``||delta|| / ||v0||^2`` form), clamp factor 4, KL factor 0.0625, stop below loss 0.05. Its speed-ups
-  ``prefix_cache``, ``skip_lower`` and ``logits_at_targets`` are on; they leave the result unchanged up to float
-  rounding (:mod:`editors.values`).
+  ``prefix_cache``, ``skip_lower``, ``logits_at_targets`` and ``drop_last_token`` are on; they leave the result
+  unchanged up to float rounding (:mod:`editors.values`).
 - 5 context prefixes of 10 sampled tokens plus the bare prompt (ROME: ``[(10, 5)]``), seed 0.
 - statistics: ``stats_tokens`` 20,000 tokens of ``stats_corpus`` (else ``$EDITMEM_STATS_CORPUS``; with neither, the
   identity fallback of :mod:`editors.stats`). ``editor.stats_source`` says which was used after the first edit.
@@ -82,6 +82,7 @@ class LocateSettings:
     prefix_cache: bool = ValueOptions.prefix_cache
     skip_lower: bool = ValueOptions.skip_lower
     logits_at_targets: bool = ValueOptions.logits_at_targets
+    drop_last_token: bool = ValueOptions.drop_last_token
 
     def _check_shared(self, owner: str) -> None:
         check_positive(owner, "v_lr", self.v_lr)
@@ -97,7 +98,7 @@ class LocateSettings:
         check_positive(owner, "stats_seq_len", self.stats_seq_len, integer=True)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValidationError(f"{owner} setting seed must be an integer, not {self.seed!r}")
-        for flag in ("mom2_adjustment", "prefix_cache", "skip_lower", "logits_at_targets"):
+        for flag in ("mom2_adjustment", "prefix_cache", "skip_lower", "logits_at_targets", "drop_last_token"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValidationError(f"{owner} setting {flag} must be true or false, not {getattr(self, flag)!r}")
         if self.stats_corpus is not None and (not isinstance(self.stats_corpus, str) or not self.stats_corpus):
@@ -107,7 +108,8 @@ class LocateSettings:
         return ValueOptions(lr=self.v_lr, steps=self.v_steps, weight_decay=self.v_weight_decay,
                             clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor,
                             early_stop_loss=self.early_stop_loss, prefix_cache=self.prefix_cache,
-                            skip_lower=self.skip_lower, logits_at_targets=self.logits_at_targets)
+                            skip_lower=self.skip_lower, logits_at_targets=self.logits_at_targets,
+                            drop_last_token=self.drop_last_token)
 
 
 @dataclass(frozen=True)

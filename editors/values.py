@@ -27,13 +27,18 @@ float rounding (tests check it on every tiny architecture) and each with a switc
   tables and attention masks are still made by the model itself, so this works for every architecture in the table.
 - ``logits_at_targets``: the output head (the vocabulary projection) is applied only at the positions the loss reads
   (each target token's predecessor, and the KL position; :func:`editors.models.logits_at`), not at every position.
+- ``drop_last_token``: a rewrite row's last token (the target's last) is only a label: no logit is read at its
+  position, and in a causal model it changes nothing before it, so it is not run. With the prefix cache, that is one
+  of the 4-8 tail tokens of every row.
 
 The first step's forward pass also gives ``v0`` and the unedited KL distribution (``delta`` is zero then), so there is
 no separate pass for them.
 
-On SmolLM2-135M on a CPU these passes are bound by reading the weights, not by arithmetic (a matrix product over 7
-tokens takes as long as over 21): ``skip_lower`` (fewer weights read) is what saves time, ``logits_at_targets``
-saves little, since the whole vocabulary matrix is read either way (notes/rome_memit.md has the measurements).
+On SmolLM2-135M on a 2-core CPU, matrix products were 64% of the time of a ROME edit in torch's profiler (1.85 of
+2.87 s), at roughly 200 GFLOP/s: seven rows of 5-8 tail tokens through the 26 blocks from layer 4 up are about
+18 GFLOP a forward and backward pass. So what saves time is running fewer blocks (``skip_lower``) and fewer tokens
+(``prefix_cache``, ``drop_last_token``); ``logits_at_targets`` saves the vocabulary projection at the other
+positions (notes/rome_memit.md has the measurements).
 
 Nothing in the model is written: parameters are passed detached through :func:`editors.hooks.forward`, so no
 gradient reaches them (not even ``.grad``), and ``overrides`` lets a caller optimise against not-yet-applied edits.
@@ -84,6 +89,7 @@ class ValueOptions:
     prefix_cache: bool = True
     skip_lower: bool = True
     logits_at_targets: bool = True
+    drop_last_token: bool = True
 
 
 @dataclass(frozen=True)
@@ -147,7 +153,8 @@ class _Runner:
     ``at_targets``, the output head runs only where the loss reads."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row], params: Mapping[str, torch.Tensor],
-                 use_cache: bool, module: torch.nn.Module, *, skip_lower: bool = False, at_targets: bool = False):
+                 use_cache: bool, module: torch.nn.Module, *, skip_lower: bool = False, at_targets: bool = False,
+                 drop_last: bool = False):
         self.model, self.params, self.module = model, params, module
         self.at_targets = at_targets
         spec = arch_spec(model)
@@ -158,13 +165,17 @@ class _Runner:
         self.upper_params = {n: p for n, p in params.items() if not n.startswith(skipped)} if skipped else params
         self.device = model_device(model)
         pad = pad_id(tokenizer)
+        plan_rows = rows  # the plan's positions and labels come from the whole rows
+        if drop_last:  # a target's last token is only a label (see the module docstring)
+            rows = [Row(r.ids[:-1], r.subject_index, r.target_start) if r.target_start is not None else r
+                    for r in rows]
         cut = [r.subject_index for r in rows]
         self.width = max(cut)
         self.cache = None
         if not use_cache or self.width == 0:
             self.ids, self.mask = pad_right(rows, pad, self.device)
             self.position_ids = None
-            self.plan = _plan(rows, [0] * len(rows))
+            self.plan = _plan(plan_rows, [0] * len(rows))
             self._read_positions()
             return
         p = self.width
@@ -180,7 +191,7 @@ class _Runner:
                 prefix_mask[i, p - c:] = 1
                 prefix_pos[i, p - c:] = torch.arange(c)
             tail_pos[i] = c + torch.arange(tail_ids.shape[1])
-        self.plan = _plan(rows, [-c for c in cut])
+        self.plan = _plan(plan_rows, [-c for c in cut])
         with torch.no_grad():
             out = forward(model, params, input_ids=prefix.to(self.device), attention_mask=prefix_mask.to(self.device),
                           position_ids=prefix_pos.to(self.device), use_cache=True)
@@ -244,7 +255,7 @@ def optimize_value(model: torch.nn.Module, tokenizer: Any, request: Any, prefixe
     params = {n: p.detach() for n, p in model.named_parameters()}
     params.update({n: v.detach() for n, v in (overrides or {}).items()})
     runner = _Runner(model, tokenizer, rows, params, options.prefix_cache, module, skip_lower=options.skip_lower,
-                     at_targets=options.logits_at_targets)
+                     at_targets=options.logits_at_targets, drop_last=options.drop_last_token)
     plan = runner.plan
 
     # the residual stream's width: what an MLP output projection and a block both return
