@@ -24,6 +24,8 @@ Defaults (:func:`default_settings`):
   (SmolLM2-135M: 1,400; on 10 CounterFact cases 15,000 gave reliability 0.5, 1,500 and 300 gave 1.0);
   ``clamp_norm_factor`` 0.75 (MEMIT; relative to the residual stream's norm, hence smaller than ROME's 4); the rest
   of the value optimisation, the context prefixes and the statistics as for ROME (:class:`editors.rome.LocateSettings`).
+- ``value_batch`` 8: requests whose values are optimised in one pass (:func:`editors.values.optimize_values`; the
+  values are the same as one at a time, up to float rounding); ``key_batch_rows`` 64: rows per key/activation pass.
 
 Compute, then apply: :meth:`MEMITEditor.compute` returns ``{parameter name: delta}`` for every window layer and writes
 nothing; :meth:`MEMITEditor.apply` adds them through :meth:`WeightEditHandle.add_deltas`.
@@ -42,7 +44,7 @@ from editors.base import EditorSettings, EditRequest, WeightEditHandle, check_re
 from editors.keys import activations_at, encode_row, mlp_keys
 from editors.models import arch_spec, layer_module, num_layers, param_name
 from editors.rome import LocateEditor, LocateSettings, as_weight_delta
-from editors.values import check_positive, optimize_value
+from editors.values import check_positive, optimize_values
 from memory.errors import ValidationError
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,7 @@ class MEMITSettings(LocateSettings, EditorSettings):
     mom2_update_weight: float = 15_000.0
     clamp_norm_factor: float = 0.75
     key_batch_rows: int = 64
+    value_batch: int = 8
 
     def __post_init__(self) -> None:
         if self.layers is not None:
@@ -97,6 +100,7 @@ class MEMITSettings(LocateSettings, EditorSettings):
             object.__setattr__(self, "layers", tuple(sorted(layers)))
         check_positive("MEMIT", "mom2_update_weight", self.mom2_update_weight, zero_ok=True)
         check_positive("MEMIT", "key_batch_rows", self.key_batch_rows, integer=True)
+        check_positive("MEMIT", "value_batch", self.value_batch, integer=True)
         self._check_shared("MEMIT")
 
 
@@ -128,7 +132,7 @@ class MEMITEditor(LocateEditor):
         t_ready = time.perf_counter()
 
         options = s.value_options()
-        values = [optimize_value(model, tok, r, prefixes, z_module, options) for r in requests]
+        values = optimize_values(model, tok, requests, prefixes, z_module, options, batch=s.value_batch)
         z = torch.stack([v.v0 + v.delta for v in values]).double()  # (n, d)
         t_values = time.perf_counter()
         bare = [encode_row(tok, "", r.prompt, r.subject) for r in requests]

@@ -107,36 +107,50 @@ class ValueResult:
 
 @dataclass
 class _Plan:
-    """Where things sit in the tensors of one call: delta sites, NLL predictions, the KL prediction."""
+    """Where things sit in the tensors of one call of B requests' rows: delta sites (and whose delta goes there), NLL
+    predictions (and whose loss they count for), each request's KL prediction and its bare-prompt row."""
 
     delta_rows: torch.Tensor
     delta_pos: torch.Tensor
+    delta_owner: torch.Tensor
     nll_rows: torch.Tensor
     nll_pos: torch.Tensor
     nll_labels: torch.Tensor
-    nll_weight: torch.Tensor  # 1 / (number of target tokens of the row) / (number of rewrite rows)
-    kl_row: int
-    kl_pos: int
+    nll_weight: torch.Tensor  # 1 / (number of target tokens of the row) / (number of rewrite rows of its request)
+    nll_owner: torch.Tensor
+    kl_rows: torch.Tensor  # (B,)
+    kl_pos: torch.Tensor  # (B,)
+    bare_rows: torch.Tensor  # (B,) each request's first row: the bare prompt (prefix "")
 
 
-def _plan(rows: Sequence[Row], starts: Sequence[int]) -> _Plan:
-    """``starts[i]``: where row i begins in the call's token axis (0 for the plain pass, -p_i for the tail pass)."""
-    d_rows, d_pos, n_rows, n_pos, labels, weights = [], [], [], [], [], []
-    rewrite = rows[:-1]
-    for i, (row, s) in enumerate(zip(rows, starts)):
+def _plan(rows: Sequence[Row], starts: Sequence[int], owners: Sequence[int]) -> _Plan:
+    """``starts[i]``: where row i begins in the call's token axis (0 for the plain pass, -p_i for the tail pass);
+    ``owners[i]``: the request row i belongs to (0..B-1, each request's rows together: rewrite rows, then its KL row,
+    as :func:`value_rows` makes them)."""
+    d_rows, d_pos, n_rows, n_pos, labels, weights, n_owner, kl_rows, kl_pos = [], [], [], [], [], [], [], [], []
+    bare: dict[int, int] = {}
+    rewrites: dict[int, int] = {}
+    for row, owner in zip(rows, owners):
+        rewrites[owner] = rewrites.get(owner, 0) + (row.target_start is not None)
+    for i, (row, s, owner) in enumerate(zip(rows, starts, owners)):
+        bare.setdefault(owner, i)
         d_rows.append(i)
         d_pos.append(row.subject_index + s)
-        if row.target_start is not None:
-            n_target = len(row.ids) - row.target_start
-            for t in range(row.target_start, len(row.ids)):
-                n_rows.append(i)
-                n_pos.append(t - 1 + s)
-                labels.append(row.ids[t])
-                weights.append(1.0 / n_target / len(rewrite))
-    kl = rows[-1]
+        if row.target_start is None:  # the KL row
+            kl_rows.append(i)
+            kl_pos.append(len(row.ids) - 1 + s)
+            continue
+        n_target = len(row.ids) - row.target_start
+        for t in range(row.target_start, len(row.ids)):
+            n_rows.append(i)
+            n_pos.append(t - 1 + s)
+            labels.append(row.ids[t])
+            weights.append(1.0 / n_target / rewrites[owner])
+            n_owner.append(owner)
     as_long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
-    return _Plan(as_long(d_rows), as_long(d_pos), as_long(n_rows), as_long(n_pos), as_long(labels),
-                 torch.tensor(weights, dtype=torch.float32), len(rows) - 1, len(kl.ids) - 1 + starts[-1])
+    return _Plan(as_long(d_rows), as_long(d_pos), as_long(list(owners)), as_long(n_rows), as_long(n_pos),
+                 as_long(labels), torch.tensor(weights, dtype=torch.float32), as_long(n_owner), as_long(kl_rows),
+                 as_long(kl_pos), as_long([bare[o] for o in sorted(bare)]))
 
 
 def _block_of(blocks: torch.nn.ModuleList, module: torch.nn.Module) -> int:
@@ -154,7 +168,8 @@ class _Runner:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row], params: Mapping[str, torch.Tensor],
                  use_cache: bool, module: torch.nn.Module, *, skip_lower: bool = False, at_targets: bool = False,
-                 drop_last: bool = False):
+                 drop_last: bool = False, owners: Sequence[int] | None = None):
+        owners = [0] * len(rows) if owners is None else list(owners)
         self.model, self.params, self.module = model, params, module
         self.at_targets = at_targets
         spec = arch_spec(model)
@@ -175,7 +190,7 @@ class _Runner:
         if not use_cache or self.width == 0:
             self.ids, self.mask = pad_right(rows, pad, self.device)
             self.position_ids = None
-            self.plan = _plan(plan_rows, [0] * len(rows))
+            self.plan = _plan(plan_rows, [0] * len(rows), owners)
             self._read_positions()
             return
         p = self.width
@@ -191,7 +206,7 @@ class _Runner:
                 prefix_mask[i, p - c:] = 1
                 prefix_pos[i, p - c:] = torch.arange(c)
             tail_pos[i] = c + torch.arange(tail_ids.shape[1])
-        self.plan = _plan(plan_rows, [-c for c in cut])
+        self.plan = _plan(plan_rows, [-c for c in cut], owners)
         with torch.no_grad():
             out = forward(model, params, input_ids=prefix.to(self.device), attention_mask=prefix_mask.to(self.device),
                           position_ids=prefix_pos.to(self.device), use_cache=True)
@@ -203,12 +218,13 @@ class _Runner:
 
     def _read_positions(self) -> None:
         plan = self.plan
-        self.read_rows = torch.cat([plan.nll_rows, torch.tensor([plan.kl_row])]).to(self.device)
-        self.read_pos = torch.cat([plan.nll_pos, torch.tensor([plan.kl_pos])]).to(self.device)
+        self.read_rows = torch.cat([plan.nll_rows, plan.kl_rows]).to(self.device)
+        self.read_pos = torch.cat([plan.nll_pos, plan.kl_pos]).to(self.device)
 
     def logits(self, delta: torch.Tensor | None) -> torch.Tensor:
-        """Logits (P + 1, V) where the loss reads them: at every NLL position of the plan, in its order, then at the KL
-        position; with ``delta`` added at every row's subject token (None: nothing added)."""
+        """Logits (P + B, V) where the loss reads them: at every NLL position of the plan, in its order, then at each
+        request's KL position; with ``delta`` ((B, d), or (d,) for one request) added at the subject token of each
+        request's rows (None: nothing added)."""
         kwargs: dict[str, Any] = {"input_ids": self.ids, "attention_mask": self.mask,
                                   "use_cache": self.cache is not None}
         if self.cache is not None:
@@ -222,7 +238,8 @@ class _Runner:
             elif self.skip:
                 lower = stack.enter_context(capture(self.blocks[self.skip - 1], "output", whole=True))
             if delta is not None:
-                stack.enter_context(add_at(self.module, delta, self.plan.delta_rows, self.plan.delta_pos))
+                vectors = (delta if delta.dim() == 2 else delta.unsqueeze(0))[self.plan.delta_owner.to(delta.device)]
+                stack.enter_context(add_at(self.module, vectors, self.plan.delta_rows, self.plan.delta_pos))
             if self.at_targets:
                 out = logits_at(self.model, self.read_rows, self.read_pos, params=params, **kwargs)
             else:
@@ -249,57 +266,103 @@ def optimize_value(model: torch.nn.Module, tokenizer: Any, request: Any, prefixe
     ``request`` needs ``prompt``, ``subject`` and ``target_new``; ``module`` is an MLP output projection (ROME) or a
     transformer block (MEMIT). The model is not changed.
     """
-    if not request.subject:
-        raise ValidationError(f"optimising a value needs the subject of {request.prompt!r}")
-    rows = value_rows(tokenizer, request, prefixes)
+    return optimize_values(model, tokenizer, [request], prefixes, module, options, overrides=overrides)[0]
+
+
+def optimize_values(model: torch.nn.Module, tokenizer: Any, requests: Sequence[Any], prefixes: Sequence[str],
+                    module: torch.nn.Module, options: ValueOptions, *,
+                    overrides: Mapping[str, torch.Tensor] | None = None, batch: int = 1) -> list[ValueResult]:
+    """:func:`optimize_value` for each request, ``batch`` requests per forward pass.
+
+    The requests' rows run together, but each request keeps its own ``delta``, its own Adam state, its own loss, norm
+    clamp and early stop (a request that has stopped is still run with its final ``delta``, which changes nothing for
+    the others: rows do not attend to each other). So the result is each request's :func:`optimize_value` result up
+    to float rounding; what batching saves is passes through the model (MEMIT values many requests against the same
+    weights; ROME's requests each see the previous ones' updates, so it optimises one at a time).
+    """
+    check_positive("value optimisation", "batch", batch, integer=True)
+    for request in requests:
+        if not request.subject:
+            raise ValidationError(f"optimising a value needs the subject of {request.prompt!r}")
     params = {n: p.detach() for n, p in model.named_parameters()}
     params.update({n: v.detach() for n, v in (overrides or {}).items()})
+    results: list[ValueResult] = []
+    for start in range(0, len(requests), batch):
+        results.extend(_optimize_chunk(model, tokenizer, requests[start:start + batch], prefixes, module, options,
+                                       params))
+    return results
+
+
+def _optimize_chunk(model: torch.nn.Module, tokenizer: Any, requests: Sequence[Any], prefixes: Sequence[str],
+                    module: torch.nn.Module, options: ValueOptions,
+                    params: Mapping[str, torch.Tensor]) -> list[ValueResult]:
+    rows: list[Row] = []
+    owners: list[int] = []
+    for i, request in enumerate(requests):
+        mine = value_rows(tokenizer, request, prefixes)
+        rows += mine
+        owners += [i] * len(mine)
     runner = _Runner(model, tokenizer, rows, params, options.prefix_cache, module, skip_lower=options.skip_lower,
-                     at_targets=options.logits_at_targets, drop_last=options.drop_last_token)
+                     at_targets=options.logits_at_targets, drop_last=options.drop_last_token, owners=owners)
     plan = runner.plan
+    n = len(requests)
+    n_nll = len(plan.nll_rows)
 
     # the residual stream's width: what an MLP output projection and a block both return
-    delta = torch.zeros(model.config.hidden_size, device=runner.device, requires_grad=True)
-    optimizer = torch.optim.Adam([delta], lr=options.lr)
+    deltas = [torch.zeros(model.config.hidden_size, device=runner.device, requires_grad=True) for _ in requests]
+    optimizers = [torch.optim.Adam([d], lr=options.lr) for d in deltas]
     weights = plan.nll_weight.to(runner.device)
     labels = plan.nll_labels.to(runner.device)
-    loss_first = prob_first = loss_last = prob_last = float("nan")
-    steps = 0
+    nll_owner = plan.nll_owner.to(runner.device)
+    active = [True] * n
+    steps = [0] * n
+    loss_first, prob_first, loss_last, prob_last = ([float("nan")] * n for _ in range(4))
     with torch.enable_grad():
         for step in range(options.steps):
-            optimizer.zero_grad(set_to_none=True)
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            stacked = torch.stack(deltas)
             if step == 0:
                 # delta is zero: this pass is also the unedited one (capture's hook runs before add_at's, so it sees
                 # the module's own output)
                 with capture(module, "output") as seen:
-                    logits = runner.logits(delta)
-                v0 = seen.last[plan.delta_rows[0], plan.delta_pos[0]].float().clone()
-                kl_init = logits[-1].detach().float().log_softmax(-1)
-                max_norm = options.clamp_norm_factor * v0.norm()
+                    logits = runner.logits(stacked)
+                bare = plan.bare_rows
+                v0 = seen.last[bare, plan.delta_pos[bare]].float().clone()  # (n, d)
+                kl_init = logits[n_nll:].detach().float().log_softmax(-1)
+                max_norm = options.clamp_norm_factor * v0.norm(dim=1)
             else:
-                logits = runner.logits(delta)
-            picked = logits[:-1].float().log_softmax(-1)
+                logits = runner.logits(stacked)
+            picked = logits[:n_nll].float().log_softmax(-1)
             token_logp = picked.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-            nll = -(token_logp * weights).sum()
-            kl_now = logits[-1].float().log_softmax(-1)
-            kl = torch.nn.functional.kl_div(kl_init.unsqueeze(0), kl_now.unsqueeze(0), log_target=True,
-                                            reduction="batchmean")
-            loss = nll + options.kl_factor * kl + options.weight_decay * delta.norm() / v0.norm() ** 2
-            loss_last, prob_last = loss.item(), math.exp(-nll.item())
-            steps = step + 1
-            if step == 0:
-                loss_first, prob_first = loss_last, prob_last
-            if options.early_stop_loss is not None and loss_last < options.early_stop_loss:
+            nll = torch.zeros(n, device=runner.device).index_add(0, nll_owner, -(token_logp * weights))
+            kl_now = logits[n_nll:].float().log_softmax(-1)
+            kl = (kl_now.exp() * (kl_now - kl_init)).sum(-1)  # KL(P_delta || P_0) per request
+            loss = nll + options.kl_factor * kl + options.weight_decay * stacked.norm(dim=1) / v0.norm(dim=1) ** 2
+            for i in range(n):
+                if not active[i]:
+                    continue
+                loss_last[i], prob_last[i] = loss[i].item(), math.exp(-nll[i].item())
+                steps[i] = step + 1
+                if step == 0:
+                    loss_first[i], prob_first[i] = loss_last[i], prob_last[i]
+                if options.early_stop_loss is not None and loss_last[i] < options.early_stop_loss:
+                    active[i] = False
+            if step == options.steps - 1 or not any(active):
                 break
-            if step == options.steps - 1:
-                break
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                norm = delta.norm()
-                if norm > max_norm:
-                    delta.mul_(max_norm / norm)
-    log.debug("value for %r -> %r: %d passes, loss %.3f -> %.3f, target prob %.3f -> %.3f, |delta| %.2f "
-              "(|v0| %.2f)", request.prompt, request.target_new, steps, loss_first, loss_last, prob_first,
-              prob_last, delta.norm().item(), v0.norm().item())
-    return ValueResult(delta.detach().clone(), v0, steps, loss_first, loss_last, prob_first, prob_last)
+            loss[[i for i in range(n) if active[i]]].sum().backward()
+            for i in range(n):
+                if active[i]:
+                    optimizers[i].step()
+                    with torch.no_grad():
+                        norm = deltas[i].norm()
+                        if norm > max_norm[i]:
+                            deltas[i].mul_(max_norm[i] / norm)
+    out = []
+    for i, request in enumerate(requests):
+        log.debug("value for %r -> %r: %d passes, loss %.3f -> %.3f, target prob %.3f -> %.3f, |delta| %.2f "
+                  "(|v0| %.2f)", request.prompt, request.target_new, steps[i], loss_first[i], loss_last[i],
+                  prob_first[i], prob_last[i], deltas[i].norm().item(), v0[i].norm().item())
+        out.append(ValueResult(deltas[i].detach().clone(), v0[i].clone(), steps[i], loss_first[i], loss_last[i],
+                               prob_first[i], prob_last[i]))
+    return out

@@ -19,7 +19,7 @@ from editors.keys import context_prefixes, encode_row, subject_last_index
 from editors.memit import MEMITSettings, default_layers, default_mom2_update_weight
 from editors.models import UnsupportedArchitectureError, layer_module, param_name
 from editors.rome import ROMESettings, default_layer
-from editors.values import ValueOptions, _Runner, optimize_value, value_rows
+from editors.values import ValueOptions, _Runner, optimize_value, optimize_values, value_rows
 from memory.errors import ValidationError
 from tests.tiny import TINY_ARCHS, same_weights, smollm2, snapshot, target_logprobs, tiny_model
 
@@ -163,6 +163,51 @@ def test_fast_value_optimisation_matches_plain(arch, which):
     for a, b in ((fast.loss_first, plain.loss_first), (fast.loss_last, plain.loss_last),
                  (fast.target_prob_last, plain.target_prob_last)):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+
+
+BATCH_REQUESTS = [EditRequest("The capital city of France", "Rome", subject="France"),
+                  EditRequest("Marie Curie was born in", "Tokyo Bay", subject="Marie Curie"),
+                  EditRequest("Danielle Darrieux speaks", "English", subject="Danielle Darrieux")]
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_batched_values_equal_one_at_a_time(arch):
+    """Requests optimised together (one pass for all their rows) get what each gets alone: delta, v0, losses and the
+    number of passes, also when they stop early at different steps and when the norm clamp holds them back."""
+    model, tok = tiny_model(arch)
+    prefixes = context_prefixes(model, tok, 2, 4)
+    module = _value_module(model, "block")
+    settings = dict(steps=8, clamp_norm_factor=0.6, weight_decay=0.05)
+    free = [optimize_value(model, tok, r, prefixes, module, ValueOptions(**settings, early_stop_loss=None))
+            for r in BATCH_REQUESTS]
+    # stop halfway down the request whose loss falls most, so that it stops early and the others run all 8 passes
+    first, last = max(((a.loss_first, a.loss_last) for a in free), key=lambda fl: fl[0] - fl[1])
+    options = ValueOptions(**settings, early_stop_loss=(first + last) / 2)
+    alone = [optimize_value(model, tok, r, prefixes, module, options) for r in BATCH_REQUESTS]
+    assert len({a.steps for a in alone}) > 1, "the test needs requests that stop at different passes"
+    assert any(a.delta.norm().item() == pytest.approx(0.6 * a.v0.norm().item(), rel=1e-4) for a in alone), \
+        "the clamp never bound"
+    together = optimize_values(model, tok, BATCH_REQUESTS, prefixes, module, options, batch=3)
+    pairs = optimize_values(model, tok, BATCH_REQUESTS, prefixes, module, options, batch=2)
+    for got in (together, pairs):
+        assert [g.steps for g in got] == [a.steps for a in alone]
+        for g, a in zip(got, alone):
+            torch.testing.assert_close(g.v0, a.v0, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(g.delta, a.delta, rtol=1e-3, atol=1e-4)
+            for x, y in ((g.loss_first, a.loss_first), (g.loss_last, a.loss_last),
+                         (g.target_prob_last, a.target_prob_last)):
+                assert x == pytest.approx(y, rel=1e-4, abs=1e-5)
+
+
+def test_memit_value_batch_gives_the_same_deltas():
+    model, tok = tiny_model("llama")
+    one = get_editor("memit", model, tok, **TINY["memit"], value_batch=1).compute(BATCH_REQUESTS)
+    three = get_editor("memit", model, tok, **TINY["memit"], value_batch=3).compute(BATCH_REQUESTS)
+    assert one.keys() == three.keys()
+    for name in one:
+        torch.testing.assert_close(three[name], one[name], rtol=1e-3, atol=1e-5)
+    with pytest.raises(ValidationError, match="value_batch"):
+        get_editor("memit", model, tok, value_batch=0)
 
 
 def test_skip_blocks_puts_the_blocks_back_on_error():
