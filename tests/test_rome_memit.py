@@ -292,7 +292,10 @@ def test_defaults_for_the_architecture():
     model, tok = tiny_model("llama")
     assert get_editor("rome", model, tok).settings == ROMESettings(layer=1)
     assert get_editor("memit", model, tok).settings == MEMITSettings(layers=(1, 2), mom2_update_weight=100.0)
-    assert default_mom2_update_weight(model) == 100.0  # 15000 * 128 / 16384 = 117 -> the floor of 100
+    assert default_mom2_update_weight(model) == 100.0  # 15000 * 128 / 16384 / 3 = 39 -> the floor of 100
+    wide, _ = tiny_model("gpt2")  # widen one MLP to SmolLM2-135M's key width: 15000 * 1536 / 16384 / 3 = 469 -> 500
+    wide.transformer.h[0].mlp.c_proj.weight = torch.nn.Parameter(torch.zeros(1536, 64))  # Conv1D: (in, out)
+    assert default_mom2_update_weight(wide) == 500.0
     s = get_editor("rome", model, tok).settings
     assert (s.v_lr, s.v_steps, s.v_weight_decay, s.clamp_norm_factor, s.kl_factor) == (0.5, 20, 0.5, 4.0, 0.0625)
     assert get_editor("memit", model, tok).settings.clamp_norm_factor == 0.75
