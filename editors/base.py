@@ -129,6 +129,20 @@ class WeightEditHandle(EditHandle):
             self._copy_in(self.originals)
             self.applied = False
 
+    def absorb(self, later: "WeightEditHandle") -> None:
+        """Become the handle of this edit followed by ``later`` (applied after it, to the same model): ``restore()``
+        then puts back what was there before this edit, exactly as restoring ``later`` and then this one would, and
+        ``reapply()`` writes the state after ``later``. Each parameter's original is kept once however many edits
+        touch it, which is what keeps a long sequential run's undo at the size of the touched weights."""
+        if later.model is not self.model:
+            raise ValueError("only a handle of the same model can be absorbed")
+        if not (self.applied and later.applied):
+            raise ValueError("both handles must be applied")
+        for name, value in later.originals.items():
+            self.originals.setdefault(name, value)
+        self.edited.update(later.edited)
+        later.applied = False  # its undo now lives here; restoring it as well would be wrong
+
     def state_dict(self) -> dict[str, Any]:
         return {"originals": {k: v.cpu() for k, v in self.originals.items()},
                 "edited": {k: v.cpu() for k, v in self.edited.items()}}

@@ -42,7 +42,7 @@ from typing import Any, Mapping, Sequence
 from memory.errors import EditmemError, ValidationError
 from memory.records import EditCase
 
-from editors.base import EditRequest, available_editors, get_editor
+from editors.base import EditRequest, WeightEditHandle, available_editors, get_editor
 from eval.metrics import GENERATE, PROTOCOLS, TEACHER_FORCED, CaseScores, MetricSettings, aggregate, measure_case
 from eval.report import write_report
 
@@ -260,7 +260,11 @@ class _Runner:
                     while done < checkpoint:
                         indices = list(range(done, min(done + size, checkpoint)))
                         handle, per_edit = self._apply(editor, indices, result)
-                        handles.append(handle)
+                        if handles and isinstance(handle, WeightEditHandle) \
+                                and isinstance(handles[-1], WeightEditHandle):
+                            handles[-1].absorb(handle)  # one original per touched weight, not one per edit
+                        else:
+                            handles.append(handle)
                         for i in indices:
                             per_edit_seconds[i] = per_edit
                         done = indices[-1] + 1

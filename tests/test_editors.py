@@ -147,3 +147,31 @@ def test_ft_on_smollm2():
     finally:
         handle.restore()
     assert same_weights(model, original)
+
+
+def test_absorbed_handles_restore_and_reapply_exactly():
+    """Three overlapping weight edits folded into the first handle (as the harness does in sequential mode): restore
+    gives the base weights bit for bit, reapply the state after the last edit, and the originals are kept once."""
+    model, _ = tiny_model("llama")
+    base = snapshot(model)
+    names = [n for n, _ in model.named_parameters() if "mlp" in n][:3]
+    params = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    steps = [{names[0]: None, names[1]: None}, {names[1]: None, names[2]: None}, {names[0]: None}]
+    handles = [WeightEditHandle.add_deltas(model, {n: torch.randn(params[n].shape, generator=g) for n in step})
+               for step in steps]
+    final = snapshot(model)
+    first = handles[0]
+    for later in handles[1:]:
+        first.absorb(later)
+        later.restore()  # a no-op now: its undo lives in `first`
+    assert same_weights(model, final)
+    assert set(first.originals) == set(names)
+    assert all(torch.equal(first.originals[n], base[n]) for n in names)
+    first.restore()
+    assert same_weights(model, base)
+    first.reapply()
+    assert same_weights(model, final)
+    other, _ = tiny_model("llama")
+    with pytest.raises(ValueError, match="same model"):
+        first.absorb(WeightEditHandle.add_deltas(other, {names[0]: torch.zeros(params[names[0]].shape)}))
