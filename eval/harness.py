@@ -24,6 +24,9 @@ edits of 1/B of its time each.
 
 Outputs, in ``out_dir``, written as the run goes:
     ``cases.jsonl``   one line per case and method (see :func:`_case_line`), flushed after each line;
+    ``checkpoints.jsonl``  sequential mode: one line per method and checkpoint (``{"method": ..., "n_edits": ...,
+                      "n_measured": ..., five metrics}``) as soon as it is measured, so a long run that is stopped
+                      keeps its curve so far;
     ``summary.json``  rewritten after each method; its shape is documented in :data:`eval.report.SUMMARY_SHAPE`;
     ``report.md`` and PNG plots (see :mod:`eval.report`), at the end.
 """
@@ -35,6 +38,7 @@ import json
 import logging
 import random
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -175,9 +179,10 @@ def _metric_block(values_by_protocol: Sequence[Mapping[str, Mapping[str, float |
 
 class _Runner:
     def __init__(self, model: Any, tokenizer: Any, cases: Sequence[EditCase], settings: EvalSettings,
-                 sink: Any, progress: bool):
+                 sink: Any, progress: bool, checkpoint_sink: Any = None):
         self.model, self.tokenizer, self.cases, self.settings = model, tokenizer, cases, settings
         self.sink = sink
+        self.checkpoint_sink = checkpoint_sink
         self.progress = progress
         self.pre = _PreCache(model, tokenizer, cases, settings)
 
@@ -283,6 +288,9 @@ class _Runner:
                     entry.update(_metric_block(posts, self.settings))
                     result.checkpoints.append(entry)
                     log.info("%s: %d edits, %s", method, checkpoint, entry)
+                    if self.checkpoint_sink is not None:
+                        self.checkpoint_sink.write(json.dumps({"method": method, **entry}) + "\n")
+                        self.checkpoint_sink.flush()
         finally:
             for handle in reversed(handles):
                 handle.restore()
@@ -323,8 +331,11 @@ def run_eval(model: Any, tokenizer: Any, cases: Sequence[EditCase], methods: Seq
     summary: dict[str, Any] = {"model": model_name, "dataset": dataset_name, "protocol": settings.protocol,
                                "mode": settings.mode, "n_cases": len(cases), "methods": {}}
     reference_checksum = _parameter_checksum(model)
-    with open(out / "cases.jsonl", "w", encoding="utf-8") as sink:
-        runner = _Runner(model, tokenizer, cases, settings, sink, progress)
+    with ExitStack() as files:
+        sink = files.enter_context(open(out / "cases.jsonl", "w", encoding="utf-8"))
+        checkpoint_sink = (files.enter_context(open(out / "checkpoints.jsonl", "w", encoding="utf-8"))
+                           if settings.mode == "sequential" else None)
+        runner = _Runner(model, tokenizer, cases, settings, sink, progress, checkpoint_sink)
         for method in settings.methods:
             editor = get_editor(method, model, tokenizer, **overrides.get(method, {}))
             started = time.perf_counter()

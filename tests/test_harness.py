@@ -138,6 +138,10 @@ def test_sequential_samples_intermediate_checkpoints(tiny, tmp_path):
     rows = summary["methods"]["ft"]["checkpoints"]
     assert [(r["n_edits"], r["n_measured"]) for r in rows] == [(3, 2), (5, 5)]
     assert set(rows[0]["by_protocol"]) == {"teacher-forced", "generate"}
+    # each checkpoint is also on disk as soon as it is measured (a stopped run keeps its curve)
+    written = [json.loads(line) for line in (tmp_path / "checkpoints.jsonl").read_text().splitlines()]
+    assert [w for w in written if w["method"] == "ft"] == [{"method": "ft", **r} for r in rows]
+    assert [w["method"] for w in written] == ["none", "none", "ft", "ft"]
 
 
 def test_sequential_sample_final_measures_a_sample_at_the_end_and_pre_edit_only_where_needed(tiny, tmp_path,
