@@ -48,7 +48,7 @@ from memory.records import EditCase
 
 from editors.base import EditRequest, WeightEditHandle, available_editors, get_editor
 from eval.metrics import GENERATE, PROTOCOLS, TEACHER_FORCED, CaseScores, MetricSettings, aggregate, measure_case
-from eval.report import write_report
+from eval.report import write_report, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,12 @@ def _metric_block(values_by_protocol: Sequence[Mapping[str, Mapping[str, float |
     return block
 
 
+def _write_line(sink: Any, record: Mapping[str, Any]) -> None:
+    """One JSON line, flushed at once (the .jsonl outputs are read while a run goes on)."""
+    sink.write(json.dumps(record) + "\n")
+    sink.flush()
+
+
 class _Runner:
     def __init__(self, model: Any, tokenizer: Any, cases: Sequence[EditCase], settings: EvalSettings,
                  sink: Any, progress: bool, checkpoint_sink: Any = None):
@@ -198,8 +204,7 @@ class _Runner:
 
     def _emit(self, result: _MethodResult, line: dict[str, Any]) -> None:
         result.lines.append(line)
-        self.sink.write(json.dumps(line) + "\n")
-        self.sink.flush()
+        _write_line(self.sink, line)
 
     def _apply(self, editor: Any, indices: Sequence[int], result: _MethodResult):
         requests = [_request(self.cases[i], i) for i in indices]
@@ -289,8 +294,7 @@ class _Runner:
                     result.checkpoints.append(entry)
                     log.info("%s: %d edits, %s", method, checkpoint, entry)
                     if self.checkpoint_sink is not None:
-                        self.checkpoint_sink.write(json.dumps({"method": method, **entry}) + "\n")
-                        self.checkpoint_sink.flush()
+                        _write_line(self.checkpoint_sink, {"method": method, **entry})
         finally:
             for handle in reversed(handles):
                 handle.restore()
@@ -352,13 +356,8 @@ def run_eval(model: Any, tokenizer: Any, cases: Sequence[EditCase], methods: Seq
                 entry["checkpoints"] = result.checkpoints
             summary["methods"][method] = entry
             log.info("%s done in %.1f s: %s", method, time.perf_counter() - started, entry)
-            _write_json(out / "summary.json", summary)
+            write_summary(out, summary)
     write_report(out, summary, command=command, batch_size=settings.batch_size,
                  fluency_tokens=settings.metrics.fluency_tokens, plots=plots)
     return summary
 
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)

@@ -9,6 +9,7 @@ number of edits, one line per method).
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -92,6 +93,15 @@ def format_checkpoints(summary: Mapping[str, Any]) -> str:
                            + f" | {_num(values.get('fluency'))} |")
         out.append("")
     return "\n".join(out)
+
+
+def write_summary(out_dir: str | Path, summary: Mapping[str, Any]) -> Path:
+    """Write ``summary.json`` into ``out_dir`` through a temporary file, so a reader never sees half of it."""
+    path = Path(out_dir) / "summary.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
 
 
 def merge_summaries(runs: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:

@@ -39,3 +39,17 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_edit_store(tmp_path, monkeypatch, capsys) -> str:
+    """URL of a fresh SQLite store (hashing encoder) holding one edit, "The capital of Japan is" -> "Lima", made with
+    the CLI; ``EDITMEM_STORE`` is unset and the CLI's output so far is discarded."""
+    from serve.cli import main
+
+    monkeypatch.delenv("EDITMEM_STORE", raising=False)
+    store = f"sqlite:///{tmp_path / 'ask.db'}"
+    assert main(["--store", store, "init", "--encoder", "hashing-256"]) == 0
+    assert main(["--store", store, "add", "--prompt", "The capital of Japan is", "--target", "Lima"]) == 0
+    capsys.readouterr()
+    return store

@@ -5,16 +5,13 @@ from __future__ import annotations
 import pytest
 
 from serve.cli import main
-from tests.tiny import tiny_model
+from tests.tiny import save_folder, tiny_model
 
 
 @pytest.mark.integration
 def test_demo_runs_and_answers_follow_the_store(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("EDITMEM_STORE", raising=False)
-    model, tok = tiny_model("llama")
-    folder = tmp_path / "tiny-llama"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    folder = save_folder(*tiny_model("llama"), tmp_path / "tiny-llama")
     assert main(["demo", "--model", str(folder), "--max-new-tokens", "3"]) == 0
     out = capsys.readouterr().out
     assert "base model: no edit in scope" in out          # before any edit, and for unrelated questions

@@ -14,7 +14,7 @@ from eval.harness import EvalSettings, run_eval
 from eval.metrics import MetricSettings
 from memory.errors import EditmemError, ValidationError
 from memory.records import EditCase, Probe
-from tests.tiny import snapshot, tiny_model
+from tests.tiny import save_folder, snapshot, tiny_model
 
 METRIC_KEYS = {"reliability", "generalization", "locality", "portability", "fluency"}
 METHOD_KEYS = METRIC_KEYS | {"edit_seconds", "n"}
@@ -232,11 +232,7 @@ CF_RECORDS = [
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory, tiny):
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    model, tok = tiny
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_folder(*tiny, tmp_path_factory.mktemp("tiny-gpt2"))
 
 
 def test_cli_eval(model_folder, tmp_path, capsys):

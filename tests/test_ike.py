@@ -20,7 +20,7 @@ from memory.encoder import HashingEncoder
 from memory.errors import EditmemError, ValidationError
 from memory.formats import read_cases
 from memory.records import EditCase, Probe
-from tests.tiny import same_weights, snapshot, tiny_model
+from tests.tiny import same_weights, save_folder, snapshot, tiny_model
 
 _POOL = [("France", "Rome", "French"), ("Italy", "Paris", "Italian"), ("Spain", "Tokyo", "Spanish"),
          ("Japan", "Madrid", "Japanese"), ("Greece", "Cairo", "Greek"), ("Kenya", "Lima", "Swahili")]
@@ -244,18 +244,11 @@ def test_gated_ike_through_the_harness_keeps_locality_exact(pool_file, tmp_path)
     assert ike["n"] == 3 and ike["locality"] == 1.0
 
 
-def test_cli_ask_with_ike_names_the_edit_and_the_demonstrations(pool_file, tmp_path, capsys, monkeypatch):
+def test_cli_ask_with_ike_names_the_edit_and_the_demonstrations(pool_file, one_edit_store, tmp_path, capsys):
     from serve.cli import main
 
-    monkeypatch.delenv("EDITMEM_STORE", raising=False)
-    model, tok = tiny_model("llama")
-    folder = tmp_path / "tiny-llama"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    store = f"sqlite:///{tmp_path / 'ask.db'}"
-    assert main(["--store", store, "init", "--encoder", "hashing-256"]) == 0
-    assert main(["--store", store, "add", "--prompt", "The capital of Japan is", "--target", "Lima"]) == 0
-    capsys.readouterr()
+    store = one_edit_store
+    folder = save_folder(*tiny_model("llama"), tmp_path / "tiny-llama")
     common = ["--method", "ike", "--model", str(folder), "--demo-file", str(pool_file), "--demos", "2",
               "--max-new-tokens", "2"]
     assert main(["--store", store, "ask", "Marie Curie was born in", *common]) == 0

@@ -15,7 +15,7 @@ from eval.metrics import MetricSettings
 from memory.errors import ValidationError
 from memory.records import EditCase, Probe
 from scope import ScopeError
-from tests.tiny import tiny_model
+from tests.tiny import save_folder, tiny_model
 
 TINY = {"scope": "cosine", "encoder": "hashing-256", "threshold": 0.8}
 
@@ -100,18 +100,11 @@ def test_smollm2_serac_on_counterfact(data_dir, tmp_path):
     assert serac["reliability"] >= 0.9 and serac["locality"] == 1.0
 
 
-def test_cli_ask_with_serac_names_the_edit(tmp_path, capsys, monkeypatch):
+def test_cli_ask_with_serac_names_the_edit(one_edit_store, tmp_path, capsys):
     from serve.cli import main
 
-    monkeypatch.delenv("EDITMEM_STORE", raising=False)
-    model, tok = tiny_model("llama")
-    folder = tmp_path / "tiny-llama"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    store = f"sqlite:///{tmp_path / 'ask.db'}"
-    assert main(["--store", store, "init", "--encoder", "hashing-256"]) == 0
-    assert main(["--store", store, "add", "--prompt", "The capital of Japan is", "--target", "Lima"]) == 0
-    capsys.readouterr()
+    store = one_edit_store
+    folder = save_folder(*tiny_model("llama"), tmp_path / "tiny-llama")
     common = ["--model", str(folder), "--scope", "cosine", "--threshold", "0.8", "--max-new-tokens", "2"]
     assert main(["--store", store, "ask", "The capital of Japan is", *common]) == 0
     out = capsys.readouterr().out

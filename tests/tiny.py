@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import itertools
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -145,6 +147,13 @@ def smollm2():
     from editors.models import load_model
 
     return load_model("smollm2-135m")
+
+
+def save_folder(model: torch.nn.Module, tokenizer: Any, folder: Path) -> Path:
+    """``model`` and ``tokenizer`` saved as a local Hugging Face folder (what ``--model`` accepts); returns it."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:

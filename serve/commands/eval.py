@@ -165,7 +165,7 @@ def _read_summary(folder: Path) -> dict[str, Any]:
 
 
 def run_report_command(args: argparse.Namespace) -> int:
-    from eval.report import format_table, merge_summaries, write_report
+    from eval.report import format_table, merge_summaries, write_report, write_summary
 
     folders = [Path(r) for r in args.runs]
     labels = [f.resolve().name for f in folders]
@@ -174,7 +174,7 @@ def run_report_command(args: argparse.Namespace) -> int:
     summary = merge_summaries([(label, _read_summary(f)) for label, f in zip(labels, folders)])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_summary(out, summary)
     command = " ".join(shlex.quote(p) for p in ["editmem", "report", *args.runs, "--out", args.out]
                        + (["--no-plots"] if args.no_plots else []))
     write_report(out, summary, command=command, fluency_tokens=None, plots=not args.no_plots)
