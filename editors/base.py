@@ -14,33 +14,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 
 from memory.errors import EditmemError, ValidationError
+from memory.records import EditRequest
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EditRequest:
-    """One requested edit: after it, ``prompt`` should be completed by ``target_new``."""
-
-    prompt: str
-    target_new: str
-    subject: str | None = None
-    ground_truth: str | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise ValidationError("an edit request needs a non-empty prompt")
-        if not isinstance(self.target_new, str) or not self.target_new.strip():
-            raise ValidationError(f"the edit request for {self.prompt!r} needs a non-empty target_new")
-        if self.subject is not None and self.subject not in self.prompt:
-            raise ValidationError(f"subject {self.subject!r} does not occur in prompt {self.prompt!r}")
 
 
 def check_requests(requests: Sequence[EditRequest], method: str, *, need_subject: bool = False) -> list[EditRequest]:
@@ -89,7 +73,7 @@ class WeightEditHandle(EditHandle):
         self.applied = False
 
     @classmethod
-    def write(cls, model: torch.nn.Module, new_values: Mapping[str, torch.Tensor]) -> "WeightEditHandle":
+    def write(cls, model: torch.nn.Module, new_values: Mapping[str, torch.Tensor]) -> WeightEditHandle:
         """Apply ``new_values`` (parameter name -> full new tensor) to ``model`` and return the handle undoing it."""
         params = dict(model.named_parameters())
         unknown = [k for k in new_values if k not in params]
@@ -101,7 +85,7 @@ class WeightEditHandle(EditHandle):
         return handle
 
     @classmethod
-    def add_deltas(cls, model: torch.nn.Module, deltas: Mapping[str, torch.Tensor]) -> "WeightEditHandle":
+    def add_deltas(cls, model: torch.nn.Module, deltas: Mapping[str, torch.Tensor]) -> WeightEditHandle:
         """Add ``deltas`` (parameter name -> tensor of the same shape) to ``model``; return the handle undoing it."""
         params = dict(model.named_parameters())
         new_values = {}
@@ -129,7 +113,7 @@ class WeightEditHandle(EditHandle):
             self._copy_in(self.originals)
             self.applied = False
 
-    def absorb(self, later: "WeightEditHandle") -> None:
+    def absorb(self, later: WeightEditHandle) -> None:
         """Become the handle of this edit followed by ``later`` (applied after it, to the same model): ``restore()``
         then puts back what was there before this edit, exactly as restoring ``later`` and then this one would, and
         ``reapply()`` writes the state after ``later``. Each parameter's original is kept once however many edits
@@ -148,7 +132,7 @@ class WeightEditHandle(EditHandle):
                 "edited": {k: v.cpu() for k, v in self.edited.items()}}
 
     @classmethod
-    def load(cls, path: str | Path, model: torch.nn.Module, *, apply: bool = True) -> "WeightEditHandle":
+    def load(cls, path: str | Path, model: torch.nn.Module, *, apply: bool = True) -> WeightEditHandle:
         """Rebuild a saved handle for ``model`` (by default writing the edit into it again)."""
         blob = torch.load(Path(path), map_location="cpu", weights_only=True)
         if blob.get("kind") != cls.__name__:
@@ -179,7 +163,7 @@ class EditorSettings:
     """Base for each editor's settings. Subclasses are frozen dataclasses that validate in ``__post_init__``."""
 
     @classmethod
-    def with_overrides(cls, base: "EditorSettings", overrides: Mapping[str, Any]) -> "EditorSettings":
+    def with_overrides(cls, base: EditorSettings, overrides: Mapping[str, Any]) -> EditorSettings:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(overrides) - names)
         if unknown:
@@ -232,24 +216,30 @@ def available_editors() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_editor(name: str, model: torch.nn.Module, tokenizer: Any, **overrides: Any) -> Editor:
-    """Build the editor registered as ``name`` for ``model``, its defaults adjusted by ``overrides``."""
+def editor_class(name: str) -> type[Editor]:
+    """The editor class registered as ``name``; :class:`ValidationError` naming the available ones otherwise."""
     _load_builtin_editors()
     if name not in _REGISTRY:
         raise ValidationError(f"unknown editing method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
-    cls = _REGISTRY[name]
+    return _REGISTRY[name]
+
+
+def get_editor(name: str, model: torch.nn.Module, tokenizer: Any, **overrides: Any) -> Editor:
+    """Build the editor registered as ``name`` for ``model``, its defaults adjusted by ``overrides``."""
+    cls = editor_class(name)
     settings = cls.Settings.with_overrides(cls.default_settings(model), overrides) if overrides else None
     return cls(model, tokenizer, settings)
 
 
-# Modules that register the editors shipped with editmem; imported on first use so that importing `editors`
-# does no work.
-BUILTIN_EDITOR_MODULES: tuple[str, ...] = ("editors.none", "editors.ft", "editors.serac", "editors.ike", "editors.rome",
-                                           "editors.memit", "editors.mend")
+METHODS_PACKAGE = "editors.methods"
 
 
 def _load_builtin_editors() -> None:
+    """Import every module and subpackage of :mod:`editors.methods` once, so each registers itself: a new editor is
+    one new file there, nothing else. Importing ``editors`` alone does no such work."""
     import importlib
+    import pkgutil
 
-    for module in BUILTIN_EDITOR_MODULES:
-        importlib.import_module(module)
+    package = importlib.import_module(METHODS_PACKAGE)
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{METHODS_PACKAGE}.{info.name}")

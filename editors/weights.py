@@ -2,7 +2,7 @@
 rebuild the edited model from its base, and consolidate the store's memory edits into the weights.
 
 The store keeps, per edited model (:class:`memory.store.WeightModel`, identified by the base model's
-:func:`~editors.models.model_fingerprint`):
+:func:`~editors.lm.architectures.model_fingerprint`):
 
 - one record per applied weight edit (one editor call, one edit or a batch), in the order applied, with the edit
   versions it wrote, the method and settings, and the **delta** of every touched parameter;
@@ -27,14 +27,15 @@ The store only holds opaque blobs (safetensors bytes) and metadata; this module 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
-from editors.base import EditRequest, WeightEditHandle, get_editor
-from editors.models import model_fingerprint
+from editors.base import WeightEditHandle, get_editor
+from editors.lm.architectures import model_fingerprint
 from memory.errors import EditmemError, NotFoundError, ValidationError
 
 log = logging.getLogger(__name__)
@@ -59,11 +60,6 @@ def _unpack(blob: bytes) -> dict[str, torch.Tensor]:
 def _add(value: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """The one way a recorded delta is applied (live and in replay), so both give the same bits."""
     return value + delta.to(device=value.device, dtype=value.dtype)
-
-
-def edit_request(record: Any) -> EditRequest:
-    """The :class:`EditRequest` for a stored edit (an :class:`memory.records.EditRecord`)."""
-    return EditRequest(record.prompt, record.target_new, subject=record.subject, ground_truth=record.ground_truth)
 
 
 @dataclass
@@ -187,7 +183,7 @@ class StoredWeights:
         for rec in records:
             if rec.deleted:
                 raise NotFoundError(f"edit {rec.id} is deleted")
-        requests = [edit_request(r) for r in records]
+        requests = [r.request() for r in records]
         editor = get_editor(method, self.model, self.tokenizer, **overrides)
         handle = editor.apply(requests)
         if not isinstance(handle, WeightEditHandle):
@@ -284,7 +280,7 @@ class StoredWeights:
             raise ValidationError(f"no edits to consolidate: the store {self.mem.url} has no live edit that "
                                   f"edited model {self.record.id} does not already hold")
         for rec in todo:  # a bad edit fails here, before any weight changes
-            edit_request(rec)
+            rec.request()
         size = batch_size or len(todo)
         from tqdm.auto import tqdm
 
@@ -313,7 +309,7 @@ def pending_edits(mem: Any, model_id: int) -> list[Any]:
 
 
 def save_model(model: torch.nn.Module, tokenizer: Any, folder: str | Path) -> None:
-    """Write a safetensors model folder (loadable with :func:`editors.models.load_model`), replacing its weights
+    """Write a safetensors model folder (loadable with :func:`editors.lm.loading.load_model`), replacing its weights
     file as a whole: the new folder is written beside it and swapped in."""
     import os
     import shutil

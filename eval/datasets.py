@@ -13,7 +13,7 @@ from memory.errors import ValidationError
 from memory.formats import FORMATS, detect_format, read_cases
 from memory.records import EditCase, Probe
 
-__all__ = ["EditCase", "FORMATS", "Probe", "detect_format", "load_cases"]
+__all__ = ["FORMATS", "EditCase", "Probe", "detect_format", "load_cases"]
 
 
 def load_cases(path: str | os.PathLike, format: str = "auto", limit: int | None = None, *,

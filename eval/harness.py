@@ -38,17 +38,25 @@ import json
 import logging
 import random
 import time
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
-
-from memory.errors import EditmemError, ValidationError
-from memory.records import EditCase
+from typing import Any
 
 from editors.base import EditRequest, WeightEditHandle, available_editors, get_editor
-from eval.metrics import GENERATE, PROTOCOLS, TEACHER_FORCED, CaseScores, MetricSettings, aggregate, measure_case
+from eval.metrics import (
+    GENERATE,
+    PROTOCOLS,
+    TEACHER_FORCED,
+    CaseScores,
+    MetricSettings,
+    aggregate,
+    measure_case,
+)
 from eval.report import write_report, write_summary
+from memory.errors import EditmemError, ValidationError
+from memory.records import EditCase
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +129,7 @@ def _parameter_checksum(model: Any) -> str:
 
 def _request(case: EditCase, index: int) -> EditRequest:
     try:
-        return EditRequest(prompt=case.prompt, target_new=case.target_new, subject=case.subject,
-                           ground_truth=case.ground_truth)
+        return case.request()
     except ValidationError as err:
         raise ValidationError(f"case {index} (id {case.case_id}): {err}") from None
 

@@ -38,12 +38,13 @@ import math
 import re
 import string
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
-from editors.tokens import encode_batch, encode_prompt, pad_id
+from editors.lm.tokens import encode_batch, encode_prompt, pad_id
 from memory.errors import ValidationError
 from memory.records import EditCase
 

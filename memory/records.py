@@ -1,10 +1,33 @@
-"""Plain data types shared by every layer: a stored edit, a search hit, and the normalised edit case."""
+"""Plain data types shared by every layer, one family for one fact: the edit request an editor applies, the
+normalised edit case a dataset gives (with its probes), the stored edit record (a version), and a search hit. A case
+and a record each give their request with ``.request()``."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+from memory.errors import ValidationError
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One requested edit: after it, ``prompt`` should be completed by ``target_new``."""
+
+    prompt: str
+    target_new: str
+    subject: str | None = None
+    ground_truth: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise ValidationError("an edit request needs a non-empty prompt")
+        if not isinstance(self.target_new, str) or not self.target_new.strip():
+            raise ValidationError(f"the edit request for {self.prompt!r} needs a non-empty target_new")
+        if self.subject is not None and self.subject not in self.prompt:
+            raise ValidationError(f"subject {self.subject!r} does not occur in prompt {self.prompt!r}")
+
 
 
 @dataclass(frozen=True)
@@ -38,6 +61,10 @@ class EditCase:
     # Left out of the hash so an EditCase stays hashable; it still takes part in ==.
     metadata: dict[str, Any] = field(default_factory=dict, hash=False)
 
+    def request(self) -> EditRequest:
+        """The edit this case asks for."""
+        return EditRequest(self.prompt, self.target_new, subject=self.subject, ground_truth=self.ground_truth)
+
 
 @dataclass(frozen=True)
 class EditRecord:
@@ -58,6 +85,10 @@ class EditRecord:
     @property
     def is_current(self) -> bool:
         return self.valid_to is None and not self.deleted
+
+    def request(self) -> EditRequest:
+        """The edit this version asks for (what a weight editor writes for it)."""
+        return EditRequest(self.prompt, self.target_new, subject=self.subject, ground_truth=self.ground_truth)
 
 
 @dataclass(frozen=True)

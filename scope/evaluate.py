@@ -4,7 +4,7 @@ its locality prompts (each should reach none).
 Counts, per query: a rephrase routed to its own edit is a true positive; routed to another edit, a false positive
 (and a miss); routed nowhere, a miss. A locality prompt routed to any edit is a false positive.
 ``precision = TP / (TP + FP)``, ``recall = TP / rephrases``. Both are given for the bare queries and for the queries
-with their answer appended (what teacher-forced evaluation routes on, see :mod:`editors.augmented`).
+with their answer appended (what teacher-forced evaluation routes on, see :mod:`editors.retrieval.augmented`).
 
 With every case's edit stored at once, a locality prompt is sometimes about a subject that has an edit of its own
 (CounterFact's neighbourhood prompts name other subjects, and some of those are edited too, at times with the same

@@ -13,7 +13,7 @@ edit and a rephrase of another's "Margherita Buy originated from"). Its pairs wi
 (other than its anchor) are therefore left out as ambiguous rather than labelled negative; ``stats["ambiguous"]``
 counts them.
 
-Teacher-forced evaluation routes on prompt + answer (see :mod:`editors.augmented`), so a share ``answer_augment`` of
+Teacher-forced evaluation routes on prompt + answer (see :mod:`editors.retrieval.augmented`), so a share ``answer_augment`` of
 the queries get an answer appended (the new target or the old one for rephrases and prompts, the probe's answer for
 locality prompts), which teaches the head to ignore a trailing answer.
 

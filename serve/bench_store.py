@@ -20,10 +20,11 @@ import platform
 import random
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -87,7 +88,7 @@ def machine_info() -> dict[str, Any]:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "platform": platform.platform(),
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -165,7 +166,13 @@ def bench_hnsw(n: int, n_queries: int, dim: int, seed: int, ef_sweep: Sequence[i
     """
     import faiss
 
-    from memory.index import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, IndexHeader, VectorIndex
+    from memory.index import (
+        HNSW_EF_CONSTRUCTION,
+        HNSW_EF_SEARCH,
+        HNSW_M,
+        IndexHeader,
+        VectorIndex,
+    )
 
     rng = np.random.default_rng(seed)
     vectors = _clustered_vectors(n, dim, rng)

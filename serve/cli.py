@@ -8,7 +8,7 @@ import importlib
 import logging
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from memory.errors import EditmemError
 

@@ -7,8 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editors.augmented import AugmentedModel, context_template, edit_context, measure_overhead
-from editors.tokens import encode_batch, encode_prompt
+from editors.lm.tokens import encode_batch, encode_prompt
+from editors.retrieval.augmented import (
+    AugmentedModel,
+    context_template,
+    edit_context,
+    measure_overhead,
+)
 from memory.errors import ValidationError
 from memory.store import EditMemory
 from scope import CosineScope

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from serve.bench_store import StoreBenchSettings, render_markdown, run_store_bench, write_section
+from serve.bench_store import (
+    StoreBenchSettings,
+    render_markdown,
+    run_store_bench,
+    write_section,
+)
 
 
 def test_store_bench_runs_and_writes_its_section(data_dir, tmp_path):

@@ -8,10 +8,23 @@ import pytest
 import torch
 
 from editors import EditRequest, get_editor
-from editors.augmented import AugmentedModel, insert_context, lead_tokens
-from editors.counterfactual import (CounterfactualSettings, _Encoder, build_examples, evaluate, load_counterfactual,
-                                    read_meta, save_counterfactual, train_counterfactual, trainable_names)
-from editors.augmented import context_template
+from editors.retrieval.augmented import (
+    AugmentedModel,
+    context_template,
+    insert_context,
+    lead_tokens,
+)
+from editors.retrieval.counterfactual import (
+    CounterfactualSettings,
+    _Encoder,
+    build_examples,
+    evaluate,
+    load_counterfactual,
+    read_meta,
+    save_counterfactual,
+    train_counterfactual,
+    trainable_names,
+)
 from memory.errors import NotFoundError, ValidationError
 from memory.records import EditCase, Probe
 from tests.tiny import same_weights, snapshot, tiny_model
@@ -61,7 +74,7 @@ def test_examples_are_rows_exactly_as_the_wrapper_builds_them():
     ex = examples["update"][0]
     seq, start = enc.row(ex)
     wrapper = AugmentedModel(model, tok, "sqlite://", _scope(), context="new-fact-prompt")
-    from editors.tokens import encode_prompt_target
+    from editors.lm.tokens import encode_prompt_target
 
     ids, t0 = encode_prompt_target(tok, ex.query, ex.answer)
     expected, _ = insert_context(ids, wrapper._context_ids(ex.edit), lead_tokens(tok))

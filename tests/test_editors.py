@@ -6,11 +6,24 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editors import EditRequest, NullHandle, WeightEditHandle, available_editors, get_editor
-from editors.ft import FTSettings, default_layer
-from editors.models import num_layers, param_name
+from editors import (
+    EditRequest,
+    NullHandle,
+    WeightEditHandle,
+    available_editors,
+    get_editor,
+)
+from editors.lm.architectures import num_layers, param_name
+from editors.methods.ft import FTSettings, ft_default_layer
 from memory.errors import ValidationError
-from tests.tiny import TINY_ARCHS, same_weights, smollm2, snapshot, target_logprobs, tiny_model
+from tests.tiny import (
+    TINY_ARCHS,
+    same_weights,
+    smollm2,
+    snapshot,
+    target_logprobs,
+    tiny_model,
+)
 
 EDITORS = ("none", "ft")
 REQUESTS = [EditRequest("The capital of France is", "Rome", subject="France"),
@@ -37,7 +50,7 @@ def test_editor_grid(arch, name, tmp_path):
 
     if name == "ft":  # compute leaves the model (weights and flags) untouched
         new = editor.compute(REQUESTS)
-        assert list(new) == [param_name(model, default_layer(model), "mlp_out")]
+        assert list(new) == [param_name(model, ft_default_layer(model), "mlp_out")]
         assert same_weights(model, original)
         assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
 

@@ -17,7 +17,7 @@ FT_STRONG = {"lr": 5e-3, "steps": 15, "norm_constraint": None}
 
 
 def test_smollm2_counterfact_none_and_ft(data_dir, tmp_path):
-    from editors.models import load_model
+    from editors.lm.loading import load_model
     from eval.datasets import load_cases
     from eval.harness import run_eval
 

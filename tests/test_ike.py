@@ -12,8 +12,14 @@ import pytest
 import torch
 
 from editors import EditRequest, available_editors, get_editor
-from editors.ike import DEMO_TEMPLATES, DemoPool, IkeModel, IkeSettings, build_demos
-from editors.serac import MemoryEditHandle
+from editors.methods.ike import (
+    DEMO_TEMPLATES,
+    DemoPool,
+    IkeModel,
+    IkeSettings,
+    build_demos,
+)
+from editors.retrieval.setup import MemoryEditHandle
 from eval.harness import run_eval
 from eval.metrics import MetricSettings
 from memory.encoder import HashingEncoder

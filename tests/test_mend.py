@@ -11,9 +11,20 @@ import pytest
 import torch
 
 from editors import EditRequest, get_editor
-from editors.mend import (MendCheckpointError, MENDSettings, MENDTrainSettings, _edit_hooks, _encode, _Frozen,
-                          _transform, load_checkpoint, save_checkpoint, train_mend, weight_deltas)
-from editors.models import num_layers, param_name
+from editors.lm.architectures import num_layers, param_name
+from editors.methods.mend import (
+    FrozenModel,
+    MendCheckpointError,
+    MENDSettings,
+    MENDTrainSettings,
+    edit_hooks,
+    encode_rows,
+    load_checkpoint,
+    save_checkpoint,
+    train_mend,
+    transform_factors,
+    weight_deltas,
+)
 from memory.errors import ValidationError
 from memory.records import EditCase, Probe
 from tests.tiny import TINY_ARCHS, same_weights, snapshot, target_logprobs, tiny_model
@@ -40,7 +51,7 @@ QUICK = MENDTrainSettings(steps=30, val_every=10, batch_size=4, val_cases=4, ran
 REQUESTS = [EditRequest(c.prompt, c.target_new, c.subject) for c in CASES[-3:]]  # the held-out validation cases
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _trained(arch: str):
     model, tok = tiny_model(arch)
     return model, tok, train_mend(model, tok, CASES, QUICK)
@@ -128,12 +139,12 @@ def test_checkpoint_for_another_model_is_refused(trained, tmp_path):
 def test_low_rank_training_edit_equals_the_written_delta(arch):
     """What training optimises (the edit added by hooks, per row) is exactly what the editor writes."""
     model, tok, result = _trained(arch)
-    frozen = _Frozen(model, result.layers)
-    rows = _encode(tok, [(r.prompt, r.target_new) for r in REQUESTS[:1]], [0], torch.device("cpu"))
+    frozen = FrozenModel(model, result.layers)
+    rows = encode_rows(tok, [(r.prompt, r.target_new) for r in REQUESTS[:1]], [0], torch.device("cpu"))
     first = frozen.gradient_factors(rows, torch.ones(1, dtype=torch.bool))
     with torch.no_grad():
-        ut, dt = _transform(result.net, first.us, first.deltas)
-        hooked, _ = frozen.logits_at(rows, _edit_hooks(result.net, ut, dt, first.owner, rows.owner))
+        ut, dt = transform_factors(result.net, first.us, first.deltas)
+        hooked, _ = frozen.logits_at(rows, edit_hooks(result.net, ut, dt, first.owner, rows.owner))
         written = weight_deltas(result.net, frozen, ut, dt)
     original = snapshot(model)
     from editors.base import WeightEditHandle
@@ -197,16 +208,16 @@ def test_pass_two_may_skip_the_blocks_below_the_edited_ones(arch):
     """Training's second pass starts from pass 1's output below the first edited block; same logits as a full run,
     and the model's blocks are all back afterwards."""
     model, tok, result = _trained(arch)
-    frozen = _Frozen(model, (2, 3))
+    frozen = FrozenModel(model, (2, 3))
     blocks = list(frozen.blocks)
-    rows = _encode(tok, [(r.prompt, r.target_new) for r in REQUESTS] + [("People in Peru speak", "Spanish")],
+    rows = encode_rows(tok, [(r.prompt, r.target_new) for r in REQUESTS] + [("People in Peru speak", "Spanish")],
                    [0, 1, 2, 3], torch.device("cpu"))
     first = frozen.gradient_factors(rows, torch.tensor([True, True, False, False]))
     assert first.lower is not None
     net = result.net
     with torch.no_grad():
-        ut, dt = _transform(net, [u[:, :] for u in first.us[:2]], first.deltas[:2])
-        fns = _edit_hooks(net, ut, dt, first.owner, rows.owner)
+        ut, dt = transform_factors(net, [u[:, :] for u in first.us[:2]], first.deltas[:2])
+        fns = edit_hooks(net, ut, dt, first.owner, rows.owner)
         full, labels = frozen.logits_at(rows, fns)
         skipped, labels2 = frozen.logits_at(rows, fns, lower=first.lower)
     assert list(frozen.blocks) == blocks
@@ -217,11 +228,11 @@ def test_pass_two_may_skip_the_blocks_below_the_edited_ones(arch):
 
 def test_update_tokens_all_or_only_those_predicting_the_target():
     model, tok, result = _trained("llama")
-    rows = _encode(tok, [(r.prompt, r.target_new) for r in REQUESTS[:1]], [0], torch.device("cpu"))
+    rows = encode_rows(tok, [(r.prompt, r.target_new) for r in REQUESTS[:1]], [0], torch.device("cpu"))
     batch = rows.batch
     n_target = int(batch.target_end[0] - batch.target_start[0])
-    every = _Frozen(model, result.layers).gradient_factors(rows, torch.ones(1, dtype=torch.bool))
-    only = _Frozen(model, result.layers, all_tokens=False).gradient_factors(rows, torch.ones(1, dtype=torch.bool))
+    every = FrozenModel(model, result.layers).gradient_factors(rows, torch.ones(1, dtype=torch.bool))
+    only = FrozenModel(model, result.layers, all_tokens=False).gradient_factors(rows, torch.ones(1, dtype=torch.bool))
     assert only.us[0].shape[0] == n_target  # the prompt's last token and every target token but the last
     assert every.us[0].shape[0] == int(batch.target_end[0]) - 1
     # the top layer's output gradient is zero at the positions that do not predict the target

@@ -8,15 +8,27 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from editors.tokens import encode_prompt_target
-from eval.metrics import (GENERATE, PROTOCOLS, TEACHER_FORCED, MetricSettings, aggregate, answer_predictions,
-                          generation_matches, greedy_generate, greedy_generate_ids, measure_case, n_gram_entropy,
-                          normalize_answer, text_ngram_entropy, token_accuracy, unchanged_share)
+from editors.lm.tokens import encode_prompt_target
+from eval.metrics import (
+    GENERATE,
+    PROTOCOLS,
+    TEACHER_FORCED,
+    MetricSettings,
+    aggregate,
+    answer_predictions,
+    generation_matches,
+    greedy_generate,
+    greedy_generate_ids,
+    measure_case,
+    n_gram_entropy,
+    normalize_answer,
+    text_ngram_entropy,
+    token_accuracy,
+    unchanged_share,
+)
 from memory.errors import ValidationError
 from memory.records import EditCase, Probe
 from tests.tiny import tiny_model, tiny_tokenizer
-
-
 
 
 class BigramLM(torch.nn.Module):
@@ -31,7 +43,7 @@ class BigramLM(torch.nn.Module):
         self.register_buffer("next_of", torch.full((vocab,), default, dtype=torch.long))
         self.dummy = torch.nn.Parameter(torch.zeros(1))
 
-    def set(self, token: int, nxt: int) -> "BigramLM":
+    def set(self, token: int, nxt: int) -> BigramLM:
         self.next_of[token] = nxt
         return self
 

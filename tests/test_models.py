@@ -8,15 +8,29 @@ import types
 import pytest
 import torch
 
-from editors.models import (ARCHITECTURES, UnknownModelError, UnsupportedArchitectureError, arch_spec, get_module,
-                            layer_module, load_model, model_fingerprint, module_path, num_layers, param_name,
-                            resolve_model)
-from editors.tokens import (IGNORE_INDEX, encode_batch, encode_prompt, encode_prompt_target, target_logprob,
-                            target_text, target_token_logprobs)
+from editors.lm.architectures import (
+    ARCHITECTURES,
+    UnsupportedArchitectureError,
+    arch_spec,
+    get_module,
+    layer_module,
+    model_fingerprint,
+    module_path,
+    num_layers,
+    param_name,
+)
+from editors.lm.loading import UnknownModelError, load_model, resolve_model
+from editors.lm.tokens import (
+    IGNORE_INDEX,
+    encode_batch,
+    encode_prompt,
+    encode_prompt_target,
+    target_logprob,
+    target_text,
+    target_token_logprobs,
+)
 from memory.errors import EditmemError, ValidationError
 from tests.tiny import TINY_ARCHS, smollm2, tiny_model, tiny_tokenizer
-
-
 
 
 def _extra_model(model_type: str):
@@ -211,7 +225,7 @@ def test_load_local_folder(tmp_path):
 
 
 def test_stale_conversion_is_detected(tmp_path, monkeypatch):
-    from editors import models
+    from editors.lm import loading as models
 
     gguf = tmp_path / "x.gguf"
     gguf.write_bytes(b"GGUF")

@@ -14,14 +14,35 @@ import pytest
 import torch
 
 from editors import EditRequest, WeightEditHandle, get_editor
-from editors.hooks import add_at, capture, forward, skip_blocks, stop_after
-from editors.keys import context_prefixes, encode_row, subject_last_index
-from editors.memit import MEMITSettings, default_layers, default_mom2_update_weight
-from editors.models import UnsupportedArchitectureError, layer_module, param_name
-from editors.rome import ROMESettings, default_layer
-from editors.values import ValueOptions, _Runner, optimize_value, optimize_values, value_rows
+from editors.lm.architectures import (
+    UnsupportedArchitectureError,
+    layer_module,
+    param_name,
+)
+from editors.lm.hooks import add_at, capture, forward, skip_blocks, stop_after
+from editors.locate.keys import context_prefixes, encode_row, subject_last_index
+from editors.locate.values import (
+    ValueOptions,
+    _Runner,
+    optimize_value,
+    optimize_values,
+    value_rows,
+)
+from editors.methods.memit import (
+    MEMITSettings,
+    default_layers,
+    default_mom2_update_weight,
+)
+from editors.methods.rome import ROMESettings, rome_default_layer
 from memory.errors import ValidationError
-from tests.tiny import TINY_ARCHS, same_weights, smollm2, snapshot, target_logprobs, tiny_model
+from tests.tiny import (
+    TINY_ARCHS,
+    same_weights,
+    smollm2,
+    snapshot,
+    target_logprobs,
+    tiny_model,
+)
 
 METHODS = ("rome", "memit")
 REQUESTS = [EditRequest("The mother tongue of Danielle Darrieux", "English", subject="Danielle Darrieux"),
@@ -48,7 +69,7 @@ def test_grid(arch, name, tmp_path):
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     before = target_logprobs(model, tok, REQUESTS)
     editor = get_editor(name, model, tok, **TINY[name])
-    layers = [default_layer(model)] if name == "rome" else list(default_layers(model))
+    layers = [rome_default_layer(model)] if name == "rome" else list(default_layers(model))
     expected = [param_name(model, layer, "mlp_out") for layer in layers]
 
     deltas = editor.compute(REQUESTS)  # compute writes nothing: weights, flags and grads untouched
@@ -214,10 +235,9 @@ def test_skip_blocks_puts_the_blocks_back_on_error():
     model, _ = tiny_model("llama")
     blocks = model.model.layers
     originals = list(blocks)
-    with pytest.raises(RuntimeError, match="boom"):
-        with skip_blocks(blocks, 2, torch.zeros(1)):
-            assert blocks[0] is blocks[1] and blocks[0] is not originals[0]
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), skip_blocks(blocks, 2, torch.zeros(1)):
+        assert blocks[0] is blocks[1] and blocks[0] is not originals[0]
+        raise RuntimeError("boom")
     assert all(a is b for a, b in zip(blocks, originals))
 
 
@@ -375,7 +395,7 @@ def test_rome_counterfact_edit_on_smollm2(monkeypatch, tmp_path, data_dir):
     try:
         editor = get_editor("rome", model, tok, stats_corpus=str(corpus), stats_tokens=2000, n_prefixes=3,
                             prefix_tokens=5)
-        assert editor.settings.layer == default_layer(model) == 4
+        assert editor.settings.layer == rome_default_layer(model) == 4
         original = snapshot(model)
         neighbour = [EditRequest("Michel Rocard is a native speaker of", "French")]
         before, other_before = target_logprobs(model, tok, request), target_logprobs(model, tok, neighbour)

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from editors import EditRequest, available_editors, get_editor
-from editors.augmented import AugmentedModel
-from editors.serac import MemoryEditHandle, SeracSettings
+from editors.methods.serac import SeracSettings
+from editors.retrieval.augmented import AugmentedModel
+from editors.retrieval.setup import MemoryEditHandle
 from eval.harness import run_eval
 from eval.metrics import MetricSettings
 from memory.errors import ValidationError

@@ -7,10 +7,16 @@ import pytest
 import torch
 
 from editors import get_editor
-from editors.hooks import capture
-from editors.models import layer_module
-from editors.stats import (corpus_identity, editor_stats, identity_stats, mlp_key_stats, resolve_corpus,
-                           stats_path)
+from editors.lm.architectures import layer_module
+from editors.lm.hooks import capture
+from editors.locate.stats import (
+    corpus_identity,
+    editor_stats,
+    identity_stats,
+    mlp_key_stats,
+    resolve_corpus,
+    stats_path,
+)
 from memory.errors import ValidationError
 from tests.tiny import _corpus, tiny_model
 

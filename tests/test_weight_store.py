@@ -150,7 +150,7 @@ def test_weight_tables_are_added_to_an_older_store(store_url):
 
 @pytest.mark.parametrize("method,batch", [("memit", "2"), ("rome", "1")])
 def test_cli_consolidate_then_delete_and_rollback(store_url, tmp_path, capsys, method, batch):
-    from editors.models import load_model
+    from editors.lm.loading import load_model
 
     base_dir, out = tmp_path / "tiny-llama", tmp_path / "edited"
     model, tok = tiny_model("llama")
@@ -213,7 +213,7 @@ def test_cli_consolidate_then_delete_and_rollback(store_url, tmp_path, capsys, m
 
 
 def _replay_from(base_dir, *, m_url, ids):
-    from editors.models import load_model
+    from editors.lm.loading import load_model
 
     model, _ = load_model(base_dir)
     with open_store(m_url) as m:
@@ -233,7 +233,7 @@ def test_cli_refuses_a_foreign_out_folder(store_url, tmp_path, capsys):
 
 
 def test_cli_failed_batch_keeps_folder_and_store_in_step(store_url, tmp_path, capsys):
-    from editors.models import load_model
+    from editors.lm.loading import load_model
 
     base_dir, out = tmp_path / "tiny-llama", tmp_path / "edited"
     model, tok = tiny_model("llama")

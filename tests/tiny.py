@@ -144,7 +144,7 @@ def smollm2():
     The first call on a machine converts the GGUF file into the editmem cache (about 15-20 s); later calls load the
     cached folder. The instance is shared: a test that edits it must restore it.
     """
-    from editors.models import load_model
+    from editors.lm.loading import load_model
 
     return load_model("smollm2-135m")
 
@@ -169,7 +169,7 @@ def same_weights(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> bool
 
 def target_logprobs(model: torch.nn.Module, tok, requests) -> torch.Tensor:
     """Log-probability of each request's target after its prompt (teacher-forced), one value per request."""
-    from editors.tokens import encode_batch, target_logprob
+    from editors.lm.tokens import encode_batch, target_logprob
 
     batch = encode_batch(tok, [r.prompt for r in requests], [r.target_new for r in requests])
     with torch.no_grad():

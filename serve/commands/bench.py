@@ -31,7 +31,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_store(args: argparse.Namespace) -> int:
     from memory.errors import ValidationError
-    from serve.bench_store import PARTS, SECTION, StoreBenchSettings, render_markdown, run_store_bench, write_section
+    from serve.bench_store import (
+        PARTS,
+        SECTION,
+        StoreBenchSettings,
+        render_markdown,
+        run_store_bench,
+        write_section,
+    )
 
     try:
         sizes = tuple(int(x) for x in args.sizes.split(","))

@@ -3,13 +3,11 @@ edit is deleted, rolled back or updated.
 
     editmem consolidate --method memit [--batch-size N] [--model NAME] --out DIR [--set KEY=VALUE ...]
 
-How the model is found. The store records every edited model it keeps weight edits for, with the folder it is
-saved in (``editors.weights``; tables ``editmem_weight_*``). The first ``consolidate --out DIR`` loads the base model
-``--model`` (default smollm2-135m), registers DIR with the store and saves the edited model there (a safetensors
-folder, loadable with ``editors.models.load_model(DIR)``). A later ``consolidate --out DIR`` continues from the
-edited model in DIR. ``editmem delete`` / ``rollback`` / ``update`` of an edit that some recorded folder holds load
-that folder, take the edit out of its weights exactly (base + the remaining recorded deltas, in order), write the
-other edits of a batch again, and save the folder; edits with no weight records never load a model.
+How the model is found. See :mod:`editors.consolidation`, which does the work
+(this module only parses and prints): the first ``consolidate --out DIR`` loads the base model ``--model`` (default
+smollm2-135m), registers DIR with the store and saves the edited model there; a later one continues from DIR.
+``editmem delete`` / ``rollback`` / ``update`` of an edit that some recorded folder holds take it out of that
+folder's weights exactly (:func:`editors.consolidation.weights_follow`).
 
 ``editmem rebuild-weights --out DIR [--model NAME]`` recomputes DIR from the base model and the store's records.
 """
@@ -17,15 +15,9 @@ other edits of a batch again, and save the folder; edits with no weight records 
 from __future__ import annotations
 
 import argparse
-import sys
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, Iterator
 
-from memory.errors import ValidationError
+from editors.consolidation import DEFAULT_MODEL
 from serve.options import key_values
-
-DEFAULT_MODEL = "smollm2-135m"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,124 +44,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_rebuild)
 
 
-def _folder_key(folder: str | Path) -> str:
-    return str(Path(folder).expanduser().resolve())
-
-
 def cmd_consolidate(args: argparse.Namespace) -> int:
+    from editors.consolidation import consolidate
     from memory import EditMemory
 
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ValidationError(f"--batch-size must be >= 1, got {args.batch_size}")
     overrides = key_values(args.overrides, example="layers=[3,4]")
-    out = Path(args.out).expanduser()
     with EditMemory.open(args.store, create=False) as mem:
-        from editors.base import available_editors
-
-        if args.method not in available_editors():
-            raise ValidationError(f"unknown editing method {args.method!r}; available: "
-                                  f"{', '.join(available_editors())}")
-        if len(mem) == 0:
-            raise ValidationError(f"no edits to consolidate: the store {mem.url} is empty")
-
-        from editors.weights import pending_edits
-
-        known = mem.weight_models(folder=_folder_key(out))
-        if known:
-            row = known[0]
-            if args.model is not None and args.model != row.base:
-                raise ValidationError(f"{out} holds edits of base model {row.base}, not {args.model}; "
-                                      "use another --out for another base model")
-            if not pending_edits(mem, row.id):  # say so before loading the model
-                raise ValidationError(f"no edits to consolidate: {out} already holds every live edit of the store")
-            source = out
-        else:
-            if out.exists() and (not out.is_dir() or any(out.iterdir())):
-                raise ValidationError(f"{out} exists and is not an edited model of this store; give a new or "
-                                      "empty folder as --out")
-            row = None
-            source = args.model or DEFAULT_MODEL
-
-        from editors.models import load_model
-        from editors.weights import StoredWeights
-
-        model, tokenizer = load_model(source)
-        stored = StoredWeights.open(mem, model, tokenizer, base=str(args.model or DEFAULT_MODEL), folder=out,
-                                    model_id=row.id if row else None)
-        held = len(stored.records())
-        written: list[Any] = []
-        try:
-            written = stored.consolidate(args.method, batch_size=args.batch_size, progress=True, **overrides)
-        finally:
-            # Save whatever SQL now records, also after a failed batch; a newly registered folder always holds its
-            # model, even with no edits yet.
-            if row is None or len(stored.records()) != held:
-                stored.save(out)
-    n = sum(len(r.edits) for r in written)
-    print(f"consolidated {n} edit(s) into {out} with {args.method} in {len(written)} weight record(s); "
-          f"edited model {stored.record.id}, base {stored.record.base}")
-    for r in written:
+        done = consolidate(mem, args.method, args.out, model=args.model, batch_size=args.batch_size,
+                           overrides=overrides, progress=True)
+    print(f"consolidated {done.n_edits} edit(s) into {done.folder} with {args.method} in {len(done.records)} weight "
+          f"record(s); edited model {done.model.id}, base {done.model.base}")
+    for r in done.records:
         print(f"  record {r.id}: edits {', '.join(str(e) for e in r.edit_ids)} -> {', '.join(r.params)}")
     return 0
 
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
+    from editors.consolidation import rebuild_folder
     from memory import EditMemory
 
-    out = Path(args.out).expanduser()
     with EditMemory.open(args.store, create=False) as mem:
-        known = mem.weight_models(folder=_folder_key(out))
-        if not known:
-            raise ValidationError(f"{out} is not an edited model of this store")
-        row = known[0]
-        from editors.models import load_model
-        from editors.weights import rebuild, save_model
-
-        model, tokenizer = load_model(args.model or row.base)
-        rebuild(mem, model, row.id)
-        save_model(model, tokenizer, out)
-        n = len(mem.weight_records(model_id=row.id))
-    print(f"rebuilt {out} from {args.model or row.base} and {n} applied weight record(s)")
+        base, n = rebuild_folder(mem, args.out, model=args.model)
+    print(f"rebuilt {args.out} from {base} and {n} applied weight record(s)")
     return 0
-
-
-@contextmanager
-def weights_follow(mem: Any, edit_id: int) -> Iterator[None]:
-    """Wrap a store change to ``edit_id`` (delete, rollback, update): every saved edited model that holds a version
-    of it is loaded and checked first (so a missing or changed folder stops the change before it is written), and
-    after the change the records it made stale are removed exactly, batch mates written again, and the folder saved.
-    Without weight records for the edit it does nothing (and imports no torch)."""
-    records = mem.weight_records(edit_id=edit_id)
-    if not records:
-        yield
-        return
-    from editors.models import load_model
-    from editors.weights import StoredWeights
-
-    opened = []
-    for model_id in sorted({r.model_id for r in records}):
-        row = mem.get_weight_model(model_id)
-        if row.folder is None:
-            print(f"editmem: warning: edited model {row.id} (base {row.base}) is saved nowhere; its weights are "
-                  "not updated here (use editors.weights.StoredWeights.sync_edit in Python)", file=sys.stderr)
-            continue
-        if not Path(row.folder).is_dir():
-            raise ValidationError(f"edit {edit_id} is written into the weights saved in {row.folder}, which is "
-                                  "missing; restore the folder (or rebuild it: editmem rebuild-weights --out "
-                                  f"{row.folder}) before changing the edit")
-        model, tokenizer = load_model(row.folder)
-        opened.append(StoredWeights.open(mem, model, tokenizer, model_id=row.id))
-    yield
-    for stored in opened:
-        result = stored.sync_edit(edit_id)
-        if not result.removed:
-            continue
-        stored.save()
-        removed = ", ".join(str(r.id) for r in result.removed)
-        line = f"weights in {stored.record.folder}: removed record {removed} (exact)"
-        if result.reapplied:
-            line += "; wrote batch mates again as record " + ", ".join(
-                f"{r.id} (edits {', '.join(str(e) for e in r.edit_ids)})" for r in result.reapplied)
-        if result.pending:
-            line += f"; edits {', '.join(map(str, result.pending))} are pending (run consolidate)"
-        print(line)

@@ -72,8 +72,8 @@ def _ask_all(wrapper, questions, max_new_tokens: int) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from editors.augmented import AugmentedModel
-    from editors.models import load_model
+    from editors.lm.loading import load_model
+    from editors.retrieval.augmented import AugmentedModel
     from memory import EditMemory
     from scope.classifier import CosineScope
 

@@ -125,7 +125,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
         raise ValidationError(f"--limit must be >= 1, got {args.limit}")
     data = Path(args.data)
 
-    from editors.models import load_model
+    from editors.lm.loading import load_model
     from eval.datasets import load_cases
     from eval.harness import run_eval
     from eval.metrics import MetricSettings

@@ -52,9 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--counterfactual", default=None, help="serac: a trained counterfactual model's name (default: "
                                                           "the base model prompted with the edit)")
-    p.add_argument("--mode", default="classic", choices=["classic", "gated"],
+    p.add_argument("--mode", default=None, choices=["classic", "gated"],
                    help="ike: the nearest edit always in context (classic) or only when in scope (gated) "
-                        "(default: %(default)s)")
+                        "(default: ike's, classic)")
     p.add_argument("--demos", type=int, default=None, help="ike: demonstrations in the prompt (default: ike's k)")
     p.add_argument("--demo-file", default=None, help="ike: demonstration pool file (default: counterfact-train.json "
                                                      "in $EDITMEM_DATA or ../shared/data)")
@@ -76,7 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                  ("--val-cases", int, "held-out cases (the last ones)"),
                                  ("--val-every", int, "steps between validations"),
                                  ("--context", str, "context format the copy learns")):
-        p.add_argument(flag, type=kind, default=None, help=f"{helptext} (default: see editors.counterfactual)")
+        p.add_argument(flag, type=kind, default=None, help=f"{helptext} (default: see editors.retrieval.counterfactual)")
     p.set_defaults(func=_train_counterfactual)
 
     p = sub.add_parser("eval-scope", help="routing precision/recall with every case of a file in one store")
@@ -149,7 +149,7 @@ def _train_scope(args: argparse.Namespace) -> int:
 
 
 def _classifier(scope: str, threshold: float | None) -> Any:
-    from editors.serac import load_classifier
+    from editors.retrieval.setup import load_classifier
 
     return load_classifier(scope, threshold=threshold)
 
@@ -161,29 +161,19 @@ def _ask(args: argparse.Namespace) -> int:
     _positive(args.k, "-k")
     if args.demos is not None and args.demos < 0:
         raise ValidationError(f"--demos must be >= 0, got {args.demos}")
-    from editors import get_editor
-    from editors.models import load_model
-    from memory.store import EditMemory
+    from editors.lm.loading import load_model
+    from editors.retrieval.session import open_memory_editor
 
-    with EditMemory.open(args.store, create=False) as probe:
-        encoder_name = probe.encoder.name
-    settings: dict[str, Any] = {"store": args.store, "encoder": encoder_name, "scope": args.scope,
-                                "threshold": args.threshold}
-    if args.method == "ike":
-        settings.update(mode=args.mode, candidates=args.k, demos=args.demo_file)
-        if args.demos is not None:
-            settings["k"] = args.demos
-    else:
-        settings.update(k=args.k, counterfactual=args.counterfactual)
+    options = {"counterfactual": args.counterfactual, "mode": args.mode, "demos": args.demos,
+               "demo_file": args.demo_file}  # None: the method's default; a method refuses options it lacks
     model, tok = load_model(args.model)
-    editor = get_editor(args.method, model, tok, **settings)
+    editor = open_memory_editor(args.method, args.store, model, tok, scope=args.scope, threshold=args.threshold,
+                                k=args.k, **options)
     try:
         answer = editor.model.ask(args.question, max_new_tokens=args.max_new_tokens)
         _print_answer(answer)
-        for rank, (position, cosine) in enumerate(editor.model.last_demos[0] if args.method == "ike" else [], 1):
-            demo = editor.model.demo(position)
-            print(f"-- demonstration {rank} ({demo.kind}, case {demo.case_id}, cosine {cosine:.3f}): "
-                  f"New Fact: {demo.fact} | Prompt: {demo.prompt} -> {demo.answer}")
+        for line in editor.model.explain(0):
+            print(f"-- {line}")
     finally:
         editor.memory.close()
     return 0
@@ -201,8 +191,12 @@ def _print_answer(answer: Any) -> None:
 
 def _train_counterfactual(args: argparse.Namespace) -> int:
     _positive(args.limit, "--limit")
-    from editors.counterfactual import CounterfactualSettings, save_counterfactual, train_counterfactual
-    from editors.models import load_model
+    from editors.lm.loading import load_model
+    from editors.retrieval.counterfactual import (
+        CounterfactualSettings,
+        save_counterfactual,
+        train_counterfactual,
+    )
     from memory.formats import read_cases
 
     fields = ("steps", "batch_size", "train_layers", "lr", "val_cases", "val_every", "context")
@@ -247,8 +241,8 @@ def _eval_scope(args: argparse.Namespace) -> int:
 
 
 def _bench_overhead(args: argparse.Namespace) -> int:
-    from editors.augmented import AugmentedModel, measure_overhead
-    from editors.models import load_model
+    from editors.lm.loading import load_model
+    from editors.retrieval.augmented import AugmentedModel, measure_overhead
     from memory.encoder import get_encoder
     from memory.store import EditMemory
     from scope.router import CachingEncoder

@@ -73,8 +73,13 @@ def run_train_mend(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ValidationError(f"--limit must be >= 1, got {args.limit}")
 
-    from editors.mend import MENDTrainSettings, checkpoint_folder, save_checkpoint, train_mend
-    from editors.models import load_model
+    from editors.lm.loading import load_model
+    from editors.methods.mend import (
+        MENDTrainSettings,
+        checkpoint_folder,
+        save_checkpoint,
+        train_mend,
+    )
     from eval.datasets import load_cases
 
     settings = MENDTrainSettings.from_overrides(overrides)

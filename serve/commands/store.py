@@ -3,7 +3,7 @@
 The store URL comes from ``--store`` / ``$EDITMEM_STORE`` (serve/cli.py). The encoder is chosen once, at ``init``
 (``--encoder``), and recorded in the store; later commands use it. Commands that only read refuse to create a store.
 ``delete``, ``rollback`` and ``update`` of an edit that ``editmem consolidate`` wrote into a saved model also take it
-out of that model's weights exactly (``serve.commands.consolidate.weights_follow``); ``list`` and ``show`` mark such
+out of that model's weights exactly (``editors.consolidation.weights_follow``); ``list`` and ``show`` mark such
 edits ``consolidated``.
 """
 
@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from memory.records import EditRecord, Hit
 
@@ -257,9 +258,9 @@ def cmd_update(args: argparse.Namespace) -> int:
         print("editmem: error: nothing to update (give --prompt, --target, --subject, --ground-truth or --rephrase)",
               file=sys.stderr)
         return 2
-    from serve.commands.consolidate import weights_follow
+    from editors.consolidation import weights_follow
 
-    with _open(args) as mem, weights_follow(mem, args.id):
+    with _open(args) as mem, weights_follow(mem, args.id, report=print):
         before = mem.get(args.id)
         record = mem.update(args.id, **fields)
     if record.version == before.version:
@@ -270,9 +271,9 @@ def cmd_update(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from serve.commands.consolidate import weights_follow
+    from editors.consolidation import weights_follow
 
-    with _open(args) as mem, weights_follow(mem, args.id):
+    with _open(args) as mem, weights_follow(mem, args.id, report=print):
         tombstone = mem.delete(args.id)
     print(f"deleted edit {tombstone.id} (version {tombstone.version} is the deletion; "
           f"`editmem rollback {tombstone.id} {tombstone.version - 1}` restores it)")
@@ -280,9 +281,9 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from serve.commands.consolidate import weights_follow
+    from editors.consolidation import weights_follow
 
-    with _open(args) as mem, weights_follow(mem, args.id):
+    with _open(args) as mem, weights_follow(mem, args.id, report=print):
         record = mem.rollback(args.id, args.version)
     print(f"edit {record.id} now has the content of version {args.version} (as version {record.version})")
     return 0

@@ -4,14 +4,14 @@ Many facts at once, spread over the MLP output projections of a window of consec
 (the paper's Algorithm 1, as its code computes it):
 
 1. For each request, the target hidden state ``z_i = h_i + delta_i`` of the residual stream at the output of the
-   last window layer ``l_m``, at the subject's last token: ``delta_i`` optimised as in :mod:`editors.values` with the
+   last window layer ``l_m``, at the subject's last token: ``delta_i`` optimised as in :mod:`editors.locate.values` with the
    vector added to the block output (not the MLP output as in ROME).
 2. For each window layer ``l_j`` in order, with the updates of the earlier window layers substituted (never written):
-   the keys ``K`` (d_in x n) at ``l_j`` (averaged over context prefixes, :func:`editors.keys.mlp_keys`); the residual
+   the keys ``K`` (d_in x n) at ``l_j`` (averaged over context prefixes, :func:`editors.locate.keys.mlp_keys`); the residual
    ``R = (Z - H) / (m - j + 1)`` where ``H`` is the current output of ``l_m`` at the subject's last token of each bare
    prompt, so that the remaining error is spread evenly over the remaining layers; and the update (eq. 14)::
 
-       Delta_j = R K^T (lambda * C_j + K K^T)^-1     C_j = E[k k^T] at l_j (editors.stats); lambda: mom2_update_weight
+       Delta_j = R K^T (lambda * C_j + K K^T)^-1     C_j = E[k k^T] at l_j (editors.locate.stats); lambda: mom2_update_weight
 
    solved in float64.
 
@@ -24,8 +24,8 @@ Defaults (:func:`default_settings`):
   key width (SmolLM2-135M: 500; on the first 200 CounterFact cases 1,400, GPT-J's balance, held 0.879 of single edits
   and 500 held 0.931, locality 0.976 both times; one batch of 100 at 500: reliability 0.902, locality 0.885);
   ``clamp_norm_factor`` 0.75 (MEMIT; relative to the residual stream's norm, hence smaller than ROME's 4); the rest
-  of the value optimisation, the context prefixes and the statistics as for ROME (:class:`editors.rome.LocateSettings`).
-- ``value_batch`` 8: requests whose values are optimised in one pass (:func:`editors.values.optimize_values`; the
+  of the value optimisation, the context prefixes and the statistics as for ROME (:class:`editors.methods.rome.LocateSettings`).
+- ``value_batch`` 8: requests whose values are optimised in one pass (:func:`editors.locate.values.optimize_values`; the
   values are the same as one at a time, up to float rounding); ``key_batch_rows`` 64: rows per key/activation pass.
 
 Compute, then apply: :meth:`MEMITEditor.compute` returns ``{parameter name: delta}`` for every window layer and writes
@@ -36,16 +36,23 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
-from editors.base import EditorSettings, EditRequest, WeightEditHandle, check_requests, register_editor
-from editors.keys import activations_at, encode_row, mlp_keys
-from editors.models import arch_spec, layer_module, num_layers, param_name
-from editors.rome import LocateEditor, LocateSettings, as_weight_delta
-from editors.values import check_positive, optimize_values
+from editors.base import (
+    EditorSettings,
+    EditRequest,
+    WeightEditHandle,
+    check_requests,
+    register_editor,
+)
+from editors.lm.architectures import arch_spec, layer_module, num_layers, param_name
+from editors.locate.base import LocateEditor, LocateSettings, as_weight_delta
+from editors.locate.keys import activations_at, encode_row, mlp_keys
+from editors.locate.values import optimize_values
+from memory.checks import check_number
 from memory.errors import ValidationError
 
 log = logging.getLogger(__name__)
@@ -104,9 +111,9 @@ class MEMITSettings(LocateSettings, EditorSettings):
                     or len(set(layers)) != len(layers)):
                 raise ValidationError(f"MEMIT setting layers must be distinct layer indices >= 0, not {self.layers!r}")
             object.__setattr__(self, "layers", tuple(sorted(layers)))
-        check_positive("MEMIT", "mom2_update_weight", self.mom2_update_weight, zero_ok=True)
-        check_positive("MEMIT", "key_batch_rows", self.key_batch_rows, integer=True)
-        check_positive("MEMIT", "value_batch", self.value_batch, integer=True)
+        check_number("MEMIT", "mom2_update_weight", self.mom2_update_weight, strict=False)
+        check_number("MEMIT", "key_batch_rows", self.key_batch_rows, integer=True)
+        check_number("MEMIT", "value_batch", self.value_batch, integer=True)
         self._check_shared("MEMIT")
 
 

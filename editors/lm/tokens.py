@@ -15,8 +15,9 @@ token ids at their own positions and ``-100`` elsewhere, exactly like Hugging Fa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -103,7 +104,7 @@ class EncodedBatch:
         """What to pass to the model: ``model(**batch.model_inputs())``."""
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
 
-    def to(self, device: torch.device | str) -> "EncodedBatch":
+    def to(self, device: torch.device | str) -> EncodedBatch:
         return EncodedBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels,
                                                        self.target_mask, self.prompt_start, self.target_start,
                                                        self.target_end)))

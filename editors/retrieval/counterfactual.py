@@ -1,13 +1,13 @@
 """SERAC's trained counterfactual model: a copy of the base model fine-tuned to answer from an edit in its context.
 
-The memory wrapper (:class:`editors.augmented.AugmentedModel`) sends an in-scope query to a counterfactual model with
+The memory wrapper (:class:`editors.retrieval.augmented.AugmentedModel`) sends an in-scope query to a counterfactual model with
 the retrieved edit's context put in front of it. By default that model is the base model itself, which copies the new
 target when the query is the edit's own prompt but often follows its prior on a rephrase (notes/memory_editing.md).
 SERAC (Mitchell et al. 2022, "Memory-Based Model Editing at Scale") trains the counterfactual model instead; this
 module does that on CPU by fine-tuning only the top ``train_layers`` blocks of a copy, with everything below frozen.
 
 Training examples are built from edit cases (any format :func:`eval.datasets.load_cases` reads) exactly as the wrapper
-builds its inputs (:func:`editors.augmented.insert_context` with the same context template), in three kinds:
+builds its inputs (:func:`editors.retrieval.augmented.insert_context` with the same context template), in three kinds:
 
 - ``copy``: the edit's own prompt -> its ``target_new``;
 - ``update``: a rephrase of the edit's prompt -> ``target_new`` (this is what generalization measures);
@@ -33,15 +33,27 @@ import logging
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from editors.augmented import context_template, edit_context, insert_context, lead_tokens
-from editors.models import cache_dir, logits_at, model_fingerprint, module_path, num_layers
-from editors.tokens import encode_prompt_target, pad_id, pad_rows
+from editors.lm.architectures import (
+    logits_at,
+    model_fingerprint,
+    module_path,
+    num_layers,
+)
+from editors.lm.loading import cache_dir
+from editors.lm.tokens import encode_prompt_target, pad_id, pad_rows
+from editors.retrieval.augmented import (
+    context_template,
+    edit_context,
+    insert_context,
+    lead_tokens,
+)
 from memory.errors import EditmemError, NotFoundError, ValidationError
 from memory.records import EditCase, EditRecord
 
@@ -58,7 +70,7 @@ DEFAULT_CF_CONTEXT = "answer"
 class CounterfactualSettings:
     """How the counterfactual copy is trained.
 
-    ``context``: the context format the copy learns to read (a name of :data:`editors.augmented.CONTEXT_FORMATS` or
+    ``context``: the context format the copy learns to read (a name of :data:`editors.retrieval.augmented.CONTEXT_FORMATS` or
     a template); the wrapper must use the same one, so it is saved with the weights. ``train_layers``: how many top
     blocks are fine-tuned. ``mix``: sampling weights of the ``copy``/``update``/``retain`` kinds. ``val_cases``:
     held-out cases (the last ones of the file). ``lr`` peaks after ``warmup`` steps and decays to zero (cosine).
@@ -153,7 +165,7 @@ class _Encoder:
 def _answer_logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
                    spans: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits at the positions that predict the answer tokens (only there: the vocabulary projection is the costly
-    part, see :func:`editors.models.logits_at`), and those answer tokens."""
+    part, see :func:`editors.lm.architectures.logits_at`), and those answer tokens."""
     rows = torch.cat([torch.full((end - start,), b, dtype=torch.long) for b, (start, end) in enumerate(spans)])
     cols = torch.cat([torch.arange(start, end, dtype=torch.long) for start, end in spans])
     logits = logits_at(model, rows, cols - 1, input_ids=ids, attention_mask=mask, use_cache=False)

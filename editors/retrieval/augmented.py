@@ -9,7 +9,7 @@ of a stored edit:
   generations are bit-for-bit the base model's (whenever any row of a batch is out of scope the base model runs on the
   whole original batch; in-scope rows are then computed twice, which keeps the out-of-scope rows exact).
 - **In scope**: the row is answered by the counterfactual model conditioned on the edit (the base model itself, or
-  a copy fine-tuned to use edits, ``counterfactual=``, see :mod:`editors.counterfactual`):
+  a copy fine-tuned to use edits, ``counterfactual=``, see :mod:`editors.retrieval.counterfactual`):
   the edit's context (``context``, default :data:`DEFAULT_CONTEXT`, e.g. ``"New fact: The mother tongue of Danielle
   Darrieux is English.\\n"``) is put in front of the row's tokens (after any leading BOS), all in-scope rows go through
   the model as one right-padded batch, and the logits at the original tokens' positions are returned at those same
@@ -31,12 +31,13 @@ import logging
 import statistics
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from editors.tokens import completed, encode_prompt, pad_id, pad_rows
+from editors.lm.tokens import completed, encode_prompt, pad_id, pad_rows
 from memory.errors import ValidationError
 from memory.records import EditRecord
 from scope.classifier import ScopeClassifier
@@ -45,7 +46,7 @@ from scope.router import Decision, Router
 log = logging.getLogger(__name__)
 
 # Picked by measurement on SmolLM2-135M (notes/memory_editing.md). Fields: {fact} = prompt + " " + target_new (joined
-# as editors.tokens joins them), {prompt}, {target_new}, {subject}.
+# as editors.lm.tokens joins them), {prompt}, {target_new}, {subject}.
 CONTEXT_FORMATS: dict[str, str] = {
     "new-fact": "New fact: {fact}.\n",
     "new-fact-prompt": "New Fact: {fact}\nPrompt: ",
@@ -92,7 +93,7 @@ def lead_tokens(tokenizer: Any) -> list[int]:
 def insert_context(row: Sequence[int], context_ids: Sequence[int], lead: Sequence[int]) -> tuple[list[int], int]:
     """``row`` with ``context_ids`` inserted after its leading special tokens ``lead`` (when the row starts with
     them), and where the context was inserted. Tokens before it keep their positions; tokens after it move by the
-    context's length. The trained counterfactual model (:mod:`editors.counterfactual`) is trained on exactly this."""
+    context's length. The trained counterfactual model (:mod:`editors.retrieval.counterfactual`) is trained on exactly this."""
     row, lead = list(row), list(lead)
     at = len(lead) if lead and row[:len(lead)] == lead else 0
     return row[:at] + list(context_ids) + row[at:], at
@@ -118,7 +119,7 @@ class AugmentedModel(torch.nn.Module):
                  context: str = DEFAULT_CONTEXT, counterfactual: torch.nn.Module | None = None):
         super().__init__()
         self.model = model
-        # In-scope rows go to this model (a trained copy, editors.counterfactual) or, when None, to the base model.
+        # In-scope rows go to this model (a trained copy, editors.retrieval.counterfactual) or, when None, to the base model.
         self.counterfactual = counterfactual
         self.tokenizer = tokenizer
         self.router = Router.open(memory, scope, k=k) if isinstance(memory, str) else Router(memory, scope, k=k)
@@ -207,11 +208,10 @@ class AugmentedModel(torch.nn.Module):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
-        kwargs = {k: v for k, v in kwargs.items() if k != "use_cache"}
         base_logits = None
-        if len(inside) < len(rows):
-            base_logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                                     **kwargs).logits
+        if len(inside) < len(rows):  # the very call the caller made, so out-of-scope rows are bit-identical
+            base_logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+        kwargs = {k: v for k, v in kwargs.items() if k != "use_cache"}
         seqs, leads = zip(*(self._conditioned(rows[b], decisions[b].edit) for b in inside))
         device = input_ids.device
         cf_ids, cf_mask = pad_rows(seqs, pad_id(self.tokenizer))
@@ -277,6 +277,10 @@ class AugmentedModel(torch.nn.Module):
         return out
 
     # --- asking -------------------------------------------------------------------------------------------------------
+    def explain(self, row: int = 0) -> list[str]:
+        """Lines that say what else (besides the edit) shaped row ``row`` of the last call; none here."""
+        return []
+
     def ask(self, question: str, *, max_new_tokens: int = 32) -> Answer:
         """Greedy answer to one question, and the decision that routed it (which edit shaped it, if any)."""
         if not isinstance(question, str) or not question.strip():

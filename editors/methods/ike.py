@@ -21,17 +21,17 @@ minutes on a CPU.
 
 Prompt. For a query in the scope of a stored edit: the ``k`` demonstrations nearest to the query (``retrieve="query"``)
 or to the edit's new fact (``retrieve="fact"``, as EasyEdit's IKE does), farthest first so the nearest sits next to the
-query, then the edit's own context (a format of :data:`editors.augmented.CONTEXT_FORMATS`; default ``answer``: a copy
+query, then the edit's own context (a format of :data:`editors.retrieval.augmented.CONTEXT_FORMATS`; default ``answer``: a copy
 demonstration of the edit and ``New Fact: {f} (answer: {new target})\\nPrompt: ``), then the query. The wrapper, its
 routing, the context insertion after BOS and the read-back of logits at the original positions are
-:class:`editors.augmented.AugmentedModel`'s; this module only decides what context a row gets.
+:class:`editors.retrieval.augmented.AugmentedModel`'s; this module only decides what context a row gets.
 
 Modes. ``classic`` (as in the paper): every query gets the context of the nearest stored edit by the store's search (a
 cosine scope whose threshold no similarity can miss), whatever it asks; only an empty store leaves the base model
-alone. ``gated``: the scope classifier (the same one SERAC uses, :func:`editors.serac.load_classifier`) decides; out of
+alone. ``gated``: the scope classifier (the same one SERAC uses, :func:`editors.methods.serac.load_classifier`) decides; out of
 scope queries are answered by the untouched base model, bit for bit.
 
-``apply(requests)`` inserts the edits into the store and returns SERAC's :class:`editors.serac.MemoryEditHandle`;
+``apply(requests)`` inserts the edits into the store and returns SERAC's :class:`editors.methods.serac.MemoryEditHandle`;
 ``restore()`` deletes exactly those edits. The base model's weights are never touched.
 """
 
@@ -43,17 +43,26 @@ import math
 import os
 import re
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from editors.augmented import AugmentedModel, context_template, edit_context, insert_context
-from editors.base import Editor, EditorSettings, EditRequest, check_requests, register_editor
-from editors.serac import DEFAULT_SCOPE, MemoryEditHandle, load_classifier
-from editors.tokens import completed
+from editors.base import (
+    EditorSettings,
+    register_editor,
+)
+from editors.lm.tokens import completed
+from editors.retrieval.augmented import (
+    AugmentedModel,
+    context_template,
+    edit_context,
+    insert_context,
+)
+from editors.retrieval.setup import DEFAULT_SCOPE, MemoryEditor, load_classifier
 from memory.encoder import encode_chunked
 from memory.errors import EditmemError, ValidationError
 from memory.records import EditCase, EditRecord
@@ -99,7 +108,7 @@ class IkeSettings(EditorSettings):
     :func:`default_demo_file`); ``demo_format``: its format (:mod:`memory.formats`, default auto-detect);
     ``demo_limit``: use only its first N cases. ``retrieve``: what the demonstrations are retrieved by, ``query`` or
     the edit's ``fact``. ``context``: the edit's own context, a format name of
-    :data:`editors.augmented.CONTEXT_FORMATS` or a template. ``store``: store URL (default an in-memory SQLite store
+    :data:`editors.retrieval.augmented.CONTEXT_FORMATS` or a template. ``store``: store URL (default an in-memory SQLite store
     of the editor's own). ``scope``, ``threshold``: the scope classifier of ``gated`` mode, as SERAC's. ``encoder``:
     the store's and the pool's encoder (default: the classifier's in gated mode, MiniLM in classic). ``candidates``:
     stored edits retrieved per query for the scope classifier.
@@ -225,7 +234,7 @@ class DemoPool:
 
     @classmethod
     def build(cls, demos: Sequence[Demo], encoder: Any, *, cache_key: str | None = None,
-              source: str = "") -> "DemoPool":
+              source: str = "") -> DemoPool:
         """Encode ``demos`` and index them; with ``cache_key`` the index is read from / written to the cache."""
         from memory.index import IndexHeader, VectorIndex
 
@@ -251,7 +260,7 @@ class DemoPool:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike | None, encoder: Any, *, format: str = "auto",
-                  limit: int | None = None) -> "DemoPool":
+                  limit: int | None = None) -> DemoPool:
         """The pool of a data file of edit cases (CounterFact, zsRE, ... as :mod:`memory.formats` reads them)."""
         from memory.formats import read_cases
 
@@ -315,6 +324,15 @@ class IkeModel(AugmentedModel):
     def demo(self, position: int) -> Demo:
         return self.pool.demos[position]
 
+    def explain(self, row: int = 0) -> list[str]:
+        """The demonstrations put before row ``row``'s edit in the last call, one line each."""
+        lines = []
+        for rank, (position, cosine) in enumerate(self.last_demos[row] if row < len(self.last_demos) else (), 1):
+            demo = self.demo(position)
+            lines.append(f"demonstration {rank} ({demo.kind}, case {demo.case_id}, cosine {cosine:.3f}): "
+                         f"New Fact: {demo.fact} | Prompt: {demo.prompt} -> {demo.answer}")
+        return lines
+
     def _retrieval_texts(self, decisions: Sequence[Decision]) -> list[str]:
         if self.retrieve == "fact":
             return [Demo("copy", completed(d.edit.prompt, d.edit.target_new), d.edit.target_new, d.edit.prompt,
@@ -359,17 +377,17 @@ class IkeModel(AugmentedModel):
 
 
 @register_editor
-class IkeEditor(Editor):
+class IkeEditor(MemoryEditor):
     """Edits go into a store; queries get the edit and its nearest demonstrations in context (module docstring)."""
 
     name = "ike"
+    label = "IKE"
     Settings = IkeSettings
     settings: IkeSettings
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, settings: IkeSettings | None = None):
         super().__init__(model, tokenizer, settings)
         from memory.encoder import get_encoder
-        from memory.store import EditMemory
         from scope.classifier import CosineScope
         from scope.router import CachingEncoder
 
@@ -385,17 +403,22 @@ class IkeEditor(Editor):
         encoder = CachingEncoder(get_encoder(encoder_name))
         clf.check_encoder(encoder.name)
         self.pool = DemoPool.from_file(s.demos, encoder, format=s.demo_format, limit=s.demo_limit)
-        self.memory = EditMemory.open(s.store, encoder=encoder)
+        self.open_memory(s.store, encoder)
         self._wrapper = IkeModel(model, tokenizer, self.memory, clf, self.pool, n_demos=s.k, kinds=s.kinds,
                                  demo_template=s.demo_template, retrieve=s.retrieve, k=candidates,
                                  context=s.context)
 
+    @classmethod
+    def query_settings(cls, *, store: str, encoder: str, scope: str, threshold: float | None, k: int,
+                       **options: Any) -> dict[str, Any]:
+        """``k`` is IKE's candidate count; ``demos`` its number of demonstrations (its own ``k``), ``demo_file`` its
+        pool file, ``mode`` classic or gated."""
+        settings: dict[str, Any] = {"store": store, "encoder": encoder, "scope": scope, "threshold": threshold,
+                                    "candidates": k}
+        renamed = {"demos": "k", "demo_file": "demos"}
+        settings.update({renamed.get(key, key): value for key, value in options.items() if value is not None})
+        return settings
+
     @property
     def model(self) -> IkeModel:
         return self._wrapper
-
-    def apply(self, requests: Sequence[EditRequest]) -> MemoryEditHandle:
-        requests = check_requests(requests, "IKE")
-        records = self.memory.add_many([{"prompt": r.prompt, "target_new": r.target_new, "subject": r.subject,
-                                         "ground_truth": r.ground_truth} for r in requests])
-        return MemoryEditHandle(self.memory, [(rec.id, rec.version) for rec in records])

@@ -4,8 +4,8 @@ Memory: an :class:`memory.store.EditMemory` (default ``sqlite://``, a fresh in-m
 can use it as is; give ``store`` to attach a persistent one). Scope: a saved scope classifier (:mod:`scope`, default
 the one named ``default``; train it with ``editmem train-scope``), or ``scope="cosine"`` for the untrained cosine
 threshold. Counterfactual model: the base model itself, prompted with the retrieved edit
-(:mod:`editors.augmented`; the context format is a setting), or a copy trained to use edits
-(``counterfactual=NAME``, made by ``editmem train-counterfactual``, :mod:`editors.counterfactual`), which then brings
+(:mod:`editors.retrieval.augmented`; the context format is a setting), or a copy trained to use edits
+(``counterfactual=NAME``, made by ``editmem train-counterfactual``, :mod:`editors.retrieval.counterfactual`), which then brings
 its own context format. ``editor.model`` is the :class:`AugmentedModel` wrapper.
 
 ``apply(requests)`` inserts the edits into the store (no training) and returns a :class:`MemoryEditHandle` holding
@@ -18,19 +18,21 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from editors.augmented import DEFAULT_CONTEXT, AugmentedModel, context_template
-from editors.base import EditHandle, Editor, EditorSettings, EditRequest, check_requests, register_editor
-from memory.errors import EditmemError, NotFoundError, ValidationError
+from editors.base import EditorSettings, register_editor
+from editors.retrieval.augmented import (
+    DEFAULT_CONTEXT,
+    AugmentedModel,
+    context_template,
+)
+from editors.retrieval.setup import DEFAULT_SCOPE, MemoryEditor, load_classifier
+from memory.errors import ValidationError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SCOPE = "default"
-DEFAULT_COSINE_THRESHOLD = 0.8
 
 
 @dataclass(frozen=True)
@@ -42,8 +44,8 @@ class SeracSettings(EditorSettings):
     without a saved calibration: default 0.8). ``encoder``: the store's encoder (default: the classifier's; MiniLM for
     an uncalibrated cosine). ``k``: candidates retrieved per query. ``counterfactual``: the name (or folder) of a
     trained counterfactual model; None uses the base model. ``context``: a format name of
-    :data:`editors.augmented.CONTEXT_FORMATS` or a template; None means the trained counterfactual model's own
-    format, or :data:`editors.augmented.DEFAULT_CONTEXT` for the base model.
+    :data:`editors.retrieval.augmented.CONTEXT_FORMATS` or a template; None means the trained counterfactual model's own
+    format, or :data:`editors.retrieval.augmented.DEFAULT_CONTEXT` for the base model.
     """
 
     store: str = "sqlite://"
@@ -74,68 +76,18 @@ class SeracSettings(EditorSettings):
             context_template(self.context)
 
 
-def load_classifier(scope: str, *, threshold: float | None = None, encoder: str | None = None) -> Any:
-    """The scope classifier a SERAC setting names: ``"cosine"`` or a saved one (name or folder)."""
-    from scope.classifier import CosineScope, load_scope
-
-    if scope == "cosine":
-        return CosineScope(DEFAULT_COSINE_THRESHOLD if threshold is None else threshold, None)
-    clf = load_scope(scope, encoder=encoder)
-    if threshold is not None:
-        clf.threshold = float(threshold)
-    return clf
-
-
-class MemoryEditHandle(EditHandle):
-    """Undo for memory editors: the store ids (and versions) of the edits one ``apply`` added."""
-
-    def __init__(self, memory: Any, edits: Sequence[tuple[int, int]]):
-        self.memory = memory
-        self.edits = [(int(i), int(v)) for i, v in edits]
-        self.applied = True
-
-    @property
-    def ids(self) -> list[int]:
-        return [i for i, _ in self.edits]
-
-    def restore(self) -> None:
-        """Delete this handle's edits from the store (those already deleted are left alone)."""
-        if not self.applied:
-            return
-        for edit_id, _ in self.edits:
-            try:
-                current = self.memory.get(edit_id)
-            except NotFoundError:
-                continue
-            if not current.deleted:
-                self.memory.delete(edit_id)
-        self.applied = False
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"store": self.memory.url, "edits": [list(e) for e in self.edits], "applied": self.applied}
-
-    @classmethod
-    def load(cls, path: str | Path, memory: Any) -> "MemoryEditHandle":
-        blob = torch.load(Path(path), map_location="cpu", weights_only=True)
-        if blob.get("kind") != cls.__name__:
-            raise EditmemError(f"{path}: not a saved memory edit (kind {blob.get('kind')!r})")
-        handle = cls(memory, [tuple(e) for e in blob["state"]["edits"]])
-        handle.applied = bool(blob["state"]["applied"])
-        return handle
-
-
 @register_editor
-class SeracEditor(Editor):
+class SeracEditor(MemoryEditor):
     """Edits go into a store; a scope classifier routes in-scope queries to the base model conditioned on the edit."""
 
     name = "serac"
+    label = "SERAC"
     Settings = SeracSettings
     settings: SeracSettings
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, settings: SeracSettings | None = None):
         super().__init__(model, tokenizer, settings)
         from memory.encoder import get_encoder
-        from memory.store import EditMemory
         from scope.router import CachingEncoder
 
         s = self.settings
@@ -145,20 +97,14 @@ class SeracEditor(Editor):
         clf.check_encoder(encoder.name)
         counterfactual, context = None, s.context or DEFAULT_CONTEXT
         if s.counterfactual is not None:
-            from editors.counterfactual import load_counterfactual
+            from editors.retrieval.counterfactual import load_counterfactual
 
             counterfactual, trained_context = load_counterfactual(s.counterfactual, model)
             context = s.context or trained_context
-        self.memory = EditMemory.open(s.store, encoder=encoder)
+        self.open_memory(s.store, encoder)
         self._wrapper = AugmentedModel(model, tokenizer, self.memory, clf, k=s.k, context=context,
                                        counterfactual=counterfactual)
 
     @property
     def model(self) -> AugmentedModel:
         return self._wrapper
-
-    def apply(self, requests: Sequence[EditRequest]) -> MemoryEditHandle:
-        requests = check_requests(requests, "SERAC")
-        records = self.memory.add_many([{"prompt": r.prompt, "target_new": r.target_new, "subject": r.subject,
-                                         "ground_truth": r.ground_truth} for r in requests])
-        return MemoryEditHandle(self.memory, [(rec.id, rec.version) for rec in records])

@@ -14,7 +14,7 @@ layers are measured in one pass, which ends after the deepest of them.
 
 Cache: one file per layer, ``$EDITMEM_CACHE/stats/<model fingerprint>/<corpus sha256[:16]>-n<n_tokens>-len<seq_len>-
 <dtype>/layer<L>.pt`` (``$EDITMEM_CACHE`` defaults to ``~/.cache/editmem``), written atomically. The corpus is
-identified by its content, the model by :func:`editors.models.model_fingerprint` (which weight edits to MLPs do not
+identified by its content, the model by :func:`editors.lm.architectures.model_fingerprint` (which weight edits to MLPs do not
 change), so a different corpus, sample count, layer or model means another file.
 
 Without a corpus (:func:`identity_stats`), ``C`` is taken as ``s * I`` with ``s`` the mean of ``||k||^2 / d`` over the
@@ -31,17 +31,19 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from editors.hooks import capture, forward, stop_after
-from editors.keys import model_device
-from editors.models import cache_dir, layer_module, model_fingerprint, num_layers
-from editors.tokens import encode_prompt, pad_id
+from editors.lm.architectures import layer_module, model_fingerprint, num_layers
+from editors.lm.hooks import capture, forward, stop_after
+from editors.lm.loading import cache_dir
+from editors.lm.tokens import encode_prompt, pad_id
+from editors.locate.keys import model_device
 from memory.errors import EditmemError, ValidationError
 
 log = logging.getLogger(__name__)
@@ -102,7 +104,7 @@ def _load(path: Path, layer: int) -> LayerStats | None:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         return None
-    except Exception as err:  # noqa: BLE001 - a damaged cache file is recomputed, not fatal
+    except Exception as err:
         log.warning("ignoring unreadable statistics cache %s (%s)", path, err)
         return None
     if blob.get("format") != STATS_FORMAT:
@@ -228,9 +230,8 @@ def identity_stats(model: torch.nn.Module, tokenizer: Any, layer: int, texts: Se
     total, count, dim = 0.0, 0, 0
     for text in texts:
         ids = torch.tensor([encode_prompt(tokenizer, text)], dtype=torch.long, device=device)
-        with torch.no_grad(), capture(module, "input") as seen:
-            with stop_after(module):
-                forward(model, None, input_ids=ids, use_cache=False)
+        with torch.no_grad(), capture(module, "input") as seen, stop_after(module):
+            forward(model, None, input_ids=ids, use_cache=False)
         k = seen.last[0].float()
         total += float((k * k).sum())
         count += k.shape[0]

@@ -1,7 +1,7 @@
 """``ft``: constrained fine-tuning of one MLP output projection (FT-L, the baseline of ROME and EasyEdit).
 
 The weight of one layer's MLP output projection (``mlp.down_proj`` / ``mlp.c_proj`` / ``mlp.fc_out`` /
-``mlp.dense_4h_to_h``, from :mod:`editors.models`) is trained with Adam to make every request's target likely after
+``mlp.dense_4h_to_h``, from :mod:`editors.lm.architectures`) is trained with Adam to make every request's target likely after
 its prompt; after each step the total change is clamped element-wise to ``[-norm_constraint, +norm_constraint]``
 around the original weight (an L-infinity ball). Nothing else changes.
 
@@ -9,10 +9,10 @@ Defaults, following ROME's FT-L baseline (``hparams/FT/*_constr.json``: lr 5e-4,
 weight decay 0, stop early when the loss falls below 1e-2) and EasyEdit's ``FT`` hyper-parameters (one MLP
 down-projection layer, lr 5e-4, 25 steps):
 
-- ``layer``: see :func:`default_layer` — about a third of the way up the stack (SmolLM2-135M, 30 layers: layer 10).
+- ``layer``: see :func:`ft_default_layer` — about a third of the way up the stack (SmolLM2-135M, 30 layers: layer 10).
 - ``lr`` 5e-4, ``steps`` 25, ``norm_constraint`` 5e-4, ``weight_decay`` 0, ``early_stop_loss`` 1e-2.
 - Loss: for each request, the mean negative log-likelihood of its target tokens given the prompt, teacher-forced
-  (only target positions count; tokenization from :func:`editors.tokens.encode_prompt_target`); the requests'
+  (only target positions count; tokenization from :func:`editors.lm.tokens.encode_prompt_target`); the requests'
   losses are summed. This is EasyEdit's ``objective_optimization: target_new`` loss (its "FT-M"); ROME's original
   ``prompt_last`` variant, which scores every target token at the last prompt position, is not implemented.
 - ``batch_size`` only splits the requests into chunks whose gradients are accumulated before each step, so it
@@ -26,38 +26,37 @@ Compute, then apply: :meth:`FTEditor.compute` trains a float32 copy of the one w
 from __future__ import annotations
 
 import logging
-import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
 
 import torch
 
-from editors.base import Editor, EditorSettings, EditRequest, WeightEditHandle, check_requests, register_editor
-from editors.models import check_layer, num_layers, param_name
-from editors.tokens import encode_batch, target_logprob
-from memory.errors import ValidationError
+from editors.base import (
+    Editor,
+    EditorSettings,
+    EditRequest,
+    WeightEditHandle,
+    check_requests,
+    register_editor,
+)
+from editors.lm.architectures import check_layer, num_layers, param_name
+from editors.lm.tokens import encode_batch, target_logprob
+from memory.checks import check_number
 
 log = logging.getLogger(__name__)
 
 
-def default_layer(model: torch.nn.Module) -> int:
+def ft_default_layer(model: torch.nn.Module) -> int:
     """The layer FT edits by default: ``num_layers // 3`` (SmolLM2-135M: 10 of 30; a 4-layer test model: 1)."""
     return num_layers(model) // 3
-
-
-def _positive(name: str, value: Any, *, integer: bool = False) -> None:
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value <= 0:
-        raise ValidationError(f"FT setting {name} must be a positive {'integer' if integer else 'number'}, "
-                              f"not {value!r}")
 
 
 @dataclass(frozen=True)
 class FTSettings(EditorSettings):
     """Settings of :class:`FTEditor`; see the module docstring for where the defaults come from."""
 
-    layer: int | None = None  # None: default_layer(model), resolved when editing
+    layer: int | None = None  # None: ft_default_layer(model), resolved when editing
     lr: float = 5e-4
     steps: int = 25
     norm_constraint: float | None = 5e-4  # L-inf bound on the total change; None: unconstrained
@@ -66,19 +65,13 @@ class FTSettings(EditorSettings):
     batch_size: int = 16
 
     def __post_init__(self) -> None:
-        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)
-                                       or self.layer < 0):
-            raise ValidationError(f"FT setting layer must be a layer index >= 0 or None, not {self.layer!r}")
-        _positive("lr", self.lr)
-        _positive("steps", self.steps, integer=True)
-        _positive("batch_size", self.batch_size, integer=True)
-        if self.norm_constraint is not None:
-            _positive("norm_constraint", self.norm_constraint)
-        if self.early_stop_loss is not None:
-            _positive("early_stop_loss", self.early_stop_loss)
-        if (isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, (int, float))
-                or not math.isfinite(self.weight_decay) or self.weight_decay < 0):
-            raise ValidationError(f"FT setting weight_decay must be a number >= 0, not {self.weight_decay!r}")
+        check_number("FT", "layer", self.layer, integer=True, strict=False, optional=True)
+        check_number("FT", "lr", self.lr)
+        check_number("FT", "steps", self.steps, integer=True)
+        check_number("FT", "batch_size", self.batch_size, integer=True)
+        check_number("FT", "norm_constraint", self.norm_constraint, optional=True)
+        check_number("FT", "early_stop_loss", self.early_stop_loss, optional=True)
+        check_number("FT", "weight_decay", self.weight_decay, strict=False)
 
 
 @register_editor
@@ -91,11 +84,11 @@ class FTEditor(Editor):
 
     @classmethod
     def default_settings(cls, model: torch.nn.Module) -> FTSettings:
-        return FTSettings(layer=default_layer(model))
+        return FTSettings(layer=ft_default_layer(model))
 
     def target_param(self) -> str:
         """Name of the parameter this editor trains, e.g. ``"model.layers.10.mlp.down_proj.weight"``."""
-        layer = self.settings.layer if self.settings.layer is not None else default_layer(self.model)
+        layer = self.settings.layer if self.settings.layer is not None else ft_default_layer(self.model)
         return param_name(self.model, check_layer(self.model, layer, "FT"), "mlp_out")
 
     def compute(self, requests: Sequence[EditRequest]) -> dict[str, torch.Tensor]:

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
-from editors.base import EditHandle, Editor, EditorSettings, EditRequest, NullHandle, register_editor
+from editors.base import (
+    EditHandle,
+    Editor,
+    EditorSettings,
+    EditRequest,
+    NullHandle,
+    register_editor,
+)
 from memory.errors import ValidationError
 
 

@@ -3,7 +3,7 @@
 ROME (Meng et al. 2022, "Locating and Editing Factual Associations in GPT", eq. 4) optimises a vector ``delta`` added
 to the output of the edit layer's MLP at the subject's last token; MEMIT (Meng et al. 2023, "Mass-Editing Memory in
 a Transformer", eq. 16) adds it to the residual stream (the output of the last layer of its window) instead. Both
-minimise, with Adam, over the prompt behind each context prefix (see :mod:`editors.keys`)::
+minimise, with Adam, over the prompt behind each context prefix (see :mod:`editors.locate.keys`)::
 
     mean NLL(target | prefix + prompt)                                      (per target token, mean over prefixes)
   + kl_factor * KL( P_delta(. | "{subject} is a") || P_0(. | "{subject} is a") )     (the subject's "essence")
@@ -23,10 +23,10 @@ float rounding (tests check it on every tiny architecture) and each with a switc
   tail of every row.
 - ``skip_lower``: the blocks below the one holding the hooked module do not depend on ``delta``, so the first pass
   records what the last of them returns (for the tail tokens) and later passes stand that in for them
-  (:func:`editors.hooks.skip_blocks`), running only the blocks from the edit layer up. Position embeddings, rotary
+  (:func:`editors.lm.hooks.skip_blocks`), running only the blocks from the edit layer up. Position embeddings, rotary
   tables and attention masks are still made by the model itself, so this works for every architecture in the table.
 - ``logits_at_targets``: the output head (the vocabulary projection) is applied only at the positions the loss reads
-  (each target token's predecessor, and the KL position; :func:`editors.models.logits_at`), not at every position.
+  (each target token's predecessor, and the KL position; :func:`editors.lm.architectures.logits_at`), not at every position.
 - ``drop_last_token``: a rewrite row's last token (the target's last) is only a label: no logit is read at its
   position, and in a causal model it changes nothing before it, so it is not run. With the prefix cache, that is one
   of the 4-8 tail tokens of every row.
@@ -39,7 +39,7 @@ On SmolLM2-135M on a 2-core CPU, matrix products were 64% of the time of a ROME 
 ``drop_last_token`` made ROME edits 1.04x faster (median of 16 interleaved pairs, 1 thread), and optimising 8 MEMIT
 values in one pass (:func:`optimize_values`) 1.19x faster than one at a time (notes/rome_memit.md).
 
-Nothing in the model is written: parameters are passed detached through :func:`editors.hooks.forward`, so no
+Nothing in the model is written: parameters are passed detached through :func:`editors.lm.hooks.forward`, so no
 gradient reaches them (not even ``.grad``), and ``overrides`` lets a caller optimise against not-yet-applied edits.
 """
 
@@ -48,31 +48,23 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
-from editors.hooks import add_at, capture, forward, skip_blocks
-from editors.keys import Row, encode_row, model_device, pad_right
-from editors.models import arch_spec, get_module, logits_at
-from editors.tokens import pad_id
+from editors.lm.architectures import arch_spec, get_module, logits_at
+from editors.lm.hooks import add_at, capture, forward, skip_blocks
+from editors.lm.tokens import pad_id
+from editors.locate.keys import Row, encode_row, model_device, pad_right
+from memory.checks import check_number
 from memory.errors import ValidationError
 
 log = logging.getLogger(__name__)
 
 KL_PROMPT = "{} is a"
-
-
-def check_positive(owner: str, name: str, value: Any, *, integer: bool = False, zero_ok: bool = False) -> None:
-    """Raise :class:`ValidationError` unless ``value`` is a finite positive number (or integer; ``>= 0`` with
-    ``zero_ok``)."""
-    kind = int if integer else (int, float)
-    bad = isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value)
-    if bad or value < 0 or (value == 0 and not zero_ok):
-        what = "an integer" if integer else "a number"
-        raise ValidationError(f"{owner} setting {name} must be {what} {'>= 0' if zero_ok else '> 0'}, not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -279,7 +271,7 @@ def optimize_values(model: torch.nn.Module, tokenizer: Any, requests: Sequence[A
     to float rounding; what batching saves is passes through the model (MEMIT values many requests against the same
     weights; ROME's requests each see the previous ones' updates, so it optimises one at a time).
     """
-    check_positive("value optimisation", "batch", batch, integer=True)
+    check_number("value optimisation", "batch", batch, integer=True)
     for request in requests:
         if not request.subject:
             raise ValidationError(f"optimising a value needs the subject of {request.prompt!r}")

@@ -2,7 +2,7 @@
 
 Following ROME (Meng et al. 2022, "Locating and Editing Factual Associations in GPT", section 3.1) and MEMIT (Meng et
 al. 2023, "Mass-Editing Memory in a Transformer", section 4.3), the *key* of an edit at layer ``l`` is the vector
-entering that layer's MLP output projection (``mlp_out`` of :mod:`editors.models`: the activation after the MLP's
+entering that layer's MLP output projection (``mlp_out`` of :mod:`editors.lm.architectures`: the activation after the MLP's
 non-linearity, of the intermediate width) at the **last token of the subject**. It is averaged over the prompt
 preceded by a few short random text prefixes, so that the edit holds whatever comes before the prompt.
 
@@ -12,22 +12,23 @@ model itself samples (top-5 sampling, one continuation each of the start words "
 a model and never touch the global RNG. Each is stripped, its braces and newlines replaced by spaces, and followed by
 ``". "``, then the prompt. ROME and MEMIT use 5 (ROME: ``[(10, 5)]``) or 10 prefixes of 10 tokens.
 
-Tokenization is :func:`editors.tokens.encode_prompt_target`'s, so the rows the editors optimise on are exactly the
+Tokenization is :func:`editors.lm.tokens.encode_prompt_target`'s, so the rows the editors optimise on are exactly the
 token sequences the metrics later score; the subject's last token is found from the fast tokenizer's character
 offsets (ROME's ``subject_last`` rule), or by tokenizing the text up to the end of the subject for a slow tokenizer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
-from editors.hooks import capture, forward, stop_after
-from editors.models import layer_module
-from editors.tokens import encode_prompt, encode_prompt_target, pad_id
+from editors.lm.architectures import layer_module
+from editors.lm.hooks import capture, forward, stop_after
+from editors.lm.tokens import encode_prompt, encode_prompt_target, pad_id
 from memory.errors import ValidationError
 
 START_WORDS: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You", "It", "In", "When", "A", "This")
@@ -126,7 +127,7 @@ def activations_at(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row],
     """For each site ``name -> (module, "input" | "output")``, the activation at each row's subject token, (R, d).
 
     One forward pass over the right-padded rows, with ``overrides`` substituted for parameters (see
-    :func:`editors.hooks.forward`) and ended after ``stop`` if given.
+    :func:`editors.lm.hooks.forward`) and ended after ``stop`` if given.
     """
     ids, mask = pad_right(rows, pad_id(tokenizer), model_device(model))
     index = torch.tensor([r.subject_index for r in rows], dtype=torch.long, device=ids.device)

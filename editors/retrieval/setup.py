@@ -1,0 +1,94 @@
+"""What the memory editors (SERAC, IKE) share: the scope classifier a setting names, the store they open, and the
+undo handle that holds the store ids one ``apply`` added."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from editors.base import EditHandle, Editor, EditRequest, check_requests
+from memory.errors import EditmemError, NotFoundError
+
+DEFAULT_SCOPE = "default"
+DEFAULT_COSINE_THRESHOLD = 0.8
+
+
+def load_classifier(scope: str, *, threshold: float | None = None, encoder: str | None = None) -> Any:
+    """The scope classifier a SERAC setting names: ``"cosine"`` or a saved one (name or folder)."""
+    from scope.classifier import CosineScope, load_scope
+
+    if scope == "cosine":
+        return CosineScope(DEFAULT_COSINE_THRESHOLD if threshold is None else threshold, None)
+    clf = load_scope(scope, encoder=encoder)
+    if threshold is not None:
+        clf.threshold = float(threshold)
+    return clf
+
+
+class MemoryEditHandle(EditHandle):
+    """Undo for memory editors: the store ids (and versions) of the edits one ``apply`` added."""
+
+    def __init__(self, memory: Any, edits: Sequence[tuple[int, int]]):
+        self.memory = memory
+        self.edits = [(int(i), int(v)) for i, v in edits]
+        self.applied = True
+
+    @property
+    def ids(self) -> list[int]:
+        return [i for i, _ in self.edits]
+
+    def restore(self) -> None:
+        """Delete this handle's edits from the store (those already deleted are left alone)."""
+        if not self.applied:
+            return
+        for edit_id, _ in self.edits:
+            try:
+                current = self.memory.get(edit_id)
+            except NotFoundError:
+                continue
+            if not current.deleted:
+                self.memory.delete(edit_id)
+        self.applied = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"store": self.memory.url, "edits": [list(e) for e in self.edits], "applied": self.applied}
+
+    @classmethod
+    def load(cls, path: str | Path, memory: Any) -> MemoryEditHandle:
+        blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+        if blob.get("kind") != cls.__name__:
+            raise EditmemError(f"{path}: not a saved memory edit (kind {blob.get('kind')!r})")
+        handle = cls(memory, [tuple(e) for e in blob["state"]["edits"]])
+        handle.applied = bool(blob["state"]["applied"])
+        return handle
+
+
+class MemoryEditor(Editor):
+    """Base of the editors whose edits live in a store: ``apply`` inserts them, the handle tombstones them."""
+
+    memory: Any
+    label = "memory"  # the method's name in error messages
+
+    @classmethod
+    def query_settings(cls, *, store: str, encoder: str, scope: str, threshold: float | None, k: int,
+                       **options: Any) -> dict[str, Any]:
+        """The settings that answer questions on ``store`` (encoded by ``encoder``) through this editor: ``k``
+        candidates per query, and the method's own ``options`` (those it does not know are refused by its
+        settings). Each memory editor maps the shared names onto its own settings."""
+        return {"store": store, "encoder": encoder, "scope": scope, "threshold": threshold, "k": k,
+                **{key: value for key, value in options.items() if value is not None}}
+
+    def open_memory(self, store: str, encoder: Any) -> Any:
+        from memory.store import EditMemory
+
+        self.memory = EditMemory.open(store, encoder=encoder)
+        return self.memory
+
+    def apply(self, requests: Sequence[EditRequest]) -> MemoryEditHandle:
+        requests = check_requests(requests, self.label)
+        records = self.memory.add_many([{"prompt": r.prompt, "target_new": r.target_new, "subject": r.subject,
+                                         "ground_truth": r.ground_truth} for r in requests])
+        return MemoryEditHandle(self.memory, [(rec.id, rec.version) for rec in records])
