@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.editmem-installed
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all lint bench clean
 
 install: $(STAMP)
 
@@ -23,6 +23,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# ruff (lint and format of imports/style) and mypy over the five packages; configured in pyproject.toml.
+lint: install
+	$(BIN)/ruff check memory scope editors eval serve tests
+	$(BIN)/mypy
 
 test-all: install
 	$(BIN)/python -m pytest -m ''
