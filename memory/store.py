@@ -38,6 +38,7 @@ from memory import schema
 from memory.encoder import DEFAULT_ENCODER, Encoder, get_encoder
 from memory.errors import FormatError, NotFoundError, StoreError, ValidationError
 from memory.index import KINDS, IndexHeader, VectorIndex
+from memory.paths import pg_index_file
 from memory.records import EditCase, EditRecord, Hit
 from memory.schema import (
     OP_ADD, OP_DEL, changes, edits, embeddings, meta, weight_bases, weight_links, weight_models, weight_records,
@@ -1100,5 +1101,4 @@ def _insert_meta(engine: Engine, encoder_name: str) -> Row:
 def _index_path(url: URL, store_uid: str) -> Path | None:
     if url.get_backend_name() == "sqlite":
         return None if schema.is_memory_sqlite(url) else Path(str(url.database) + ".faiss")
-    cache = Path(os.environ.get("EDITMEM_CACHE") or Path.home() / ".cache" / "editmem")
-    return cache / f"pg-{store_uid}.faiss"
+    return pg_index_file(store_uid)

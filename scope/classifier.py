@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from memory.errors import EditmemError, ValidationError
+from memory.paths import cache_subdir
 from memory.records import EditRecord
 from scope.features import FEATURE_SPEC, lexical_many, n_features, pair_features
 
@@ -39,7 +40,7 @@ class ScopeError(EditmemError):
 
 def scope_root() -> Path:
     """Where saved classifiers live: ``$EDITMEM_CACHE/scope`` (default ``~/.cache/editmem/scope``)."""
-    return Path(os.environ.get("EDITMEM_CACHE") or Path.home() / ".cache" / "editmem").expanduser() / "scope"
+    return cache_subdir("scope")
 
 
 class ScopeClassifier(ABC):
