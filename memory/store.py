@@ -17,7 +17,6 @@ processes share a store by each opening it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -43,6 +42,7 @@ from memory.records import EditCase, EditRecord, Hit
 from memory.schema import (
     OP_ADD, OP_DEL, changes, edits, embeddings, meta, weight_bases, weight_links, weight_models, weight_records,
 )
+from memory.validate import UPDATABLE, EditFields, InvalidField, check_id, edit_fields, fields_of
 
 log = logging.getLogger(__name__)
 
@@ -50,117 +50,9 @@ DEFAULT_URL = "sqlite:///editmem.db"
 HNSW_AUTO_THRESHOLD = 200_000
 ENCODE_BATCH = 256
 SQL_CHUNK = 5000
-UPDATABLE = ("prompt", "target_new", "subject", "ground_truth", "rephrases", "metadata")
 
 
-# --- values -----------------------------------------------------------------------------------------------------------
-class _Invalid(Exception):
-    """A bad field: converted to ValidationError by the API and to FormatError (with record number) by import."""
-
-    def __init__(self, field_name: str, message: str):
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
-        self.message = message
-
-
-@dataclass(frozen=True)
-class _Fields:
-    """The content of one edit version, validated."""
-
-    prompt: str
-    target_new: str
-    subject: str | None = None
-    ground_truth: str | None = None
-    rephrases: tuple[str, ...] = ()
-    metadata: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def content_key(self) -> str:
-        return content_key(self.prompt, self.target_new, self.subject)
-
-    def same_as(self, other: _Fields) -> bool:
-        return (self.prompt, self.target_new, self.subject, self.ground_truth, self.rephrases) == \
-            (other.prompt, other.target_new, other.subject, other.ground_truth, other.rephrases) and \
-            dict(self.metadata) == dict(other.metadata)
-
-
-def content_key(prompt: str, target_new: str, subject: str | None) -> str:
-    """sha256 of (prompt, target_new, subject): the key import uses to skip edits the store already holds."""
-    return hashlib.sha256(json.dumps([prompt, target_new, subject], ensure_ascii=False).encode("utf-8")).hexdigest()
-
-
-def _text(value: Any, name: str, *, required: bool) -> str | None:
-    if value is None:
-        if required:
-            raise _Invalid(name, "is required")
-        return None
-    if not isinstance(value, str):
-        raise _Invalid(name, f"must be a string, got {type(value).__name__}")
-    if not value.strip():
-        if required:
-            raise _Invalid(name, "must not be empty")
-        return None
-    return value
-
-
-def _rephrases(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise _Invalid("rephrases", f"must be a list of strings, got {type(value).__name__}")
-    out = []
-    for i, item in enumerate(value):
-        if not isinstance(item, str) or not item.strip():
-            raise _Invalid("rephrases", f"item {i} must be a non-empty string, got {item!r}")
-        out.append(item)
-    return tuple(out)
-
-
-def _metadata(value: Any) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-        raise _Invalid("metadata", f"must be a mapping with string keys, got {type(value).__name__}")
-    try:
-        return json.loads(json.dumps(dict(value)))
-    except (TypeError, ValueError) as err:
-        raise _Invalid("metadata", f"must be JSON-serialisable: {err}") from None
-
-
-def _fields(prompt: Any, target_new: Any, subject: Any = None, ground_truth: Any = None, rephrases: Any = (),
-            metadata: Any = None) -> _Fields:
-    return _Fields(prompt=_text(prompt, "prompt", required=True), target_new=_text(target_new, "target_new",
-                   required=True), subject=_text(subject, "subject", required=False),
-                   ground_truth=_text(ground_truth, "ground_truth", required=False), rephrases=_rephrases(rephrases),
-                   metadata=_metadata(metadata))
-
-
-def _fields_of(item: Any) -> _Fields:
-    """Validated fields of an EditCase, an EditRecord or a dict with the keyword arguments of ``add``."""
-    if isinstance(item, EditCase):
-        from memory.formats import case_to_metadata  # the one owner of the EditCase <-> metadata mapping
-
-        try:
-            metadata = case_to_metadata(item)
-        except ValidationError as err:
-            raise _Invalid("metadata", str(err)) from None
-        return _fields(item.prompt, item.target_new, item.subject, item.ground_truth, item.rephrases, metadata)
-    if isinstance(item, EditRecord):
-        return _fields(item.prompt, item.target_new, item.subject, item.ground_truth, item.rephrases, item.metadata)
-    if isinstance(item, Mapping):
-        unknown = set(item) - set(UPDATABLE)
-        if unknown:
-            raise _Invalid(sorted(unknown)[0], f"unknown field (known: {', '.join(UPDATABLE)})")
-        return _fields(**{k: item[k] for k in UPDATABLE if k in item})
-    raise _Invalid("item", f"must be an EditCase or a dict, got {type(item).__name__}")
-
-
-def _check_id(edit_id: Any, name: str = "id") -> int:
-    if isinstance(edit_id, bool) or not isinstance(edit_id, (int, np.integer)):
-        raise ValidationError(f"{name} must be an integer, got {edit_id!r}")
-    return int(edit_id)
-
-
+# --- rows -------------------------------------------------------------------------------------------------------------
 def _aware(value: datetime | None) -> datetime | None:
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=timezone.utc)
@@ -175,9 +67,9 @@ def _record(row: Row) -> EditRecord:
                       deleted=bool(m["deleted"]), valid_from=_aware(m["valid_from"]), valid_to=_aware(m["valid_to"]))
 
 
-def _fields_of_row(row: Row) -> _Fields:
+def _fields_of_row(row: Row) -> EditFields:
     rec = _record(row)
-    return _Fields(rec.prompt, rec.target_new, rec.subject, rec.ground_truth, rec.rephrases, rec.metadata)
+    return EditFields(rec.prompt, rec.target_new, rec.subject, rec.ground_truth, rec.rephrases, rec.metadata)
 
 
 def _chunks(items: Sequence[Any], size: int = SQL_CHUNK) -> Iterator[Sequence[Any]]:
@@ -362,14 +254,14 @@ class EditMemory:
 
     def get(self, id: int, version: int | None = None) -> EditRecord:
         """The current version of edit ``id`` (a tombstone if it is deleted), or the given version."""
-        edit_id = _check_id(id)
+        edit_id = check_id(id)
         with self._read() as conn:
             if version is None:
                 row = self._current_row(conn, edit_id)
                 if row is None:
                     raise NotFoundError(f"no edit with id {edit_id}")
                 return _record(row)
-            version = _check_id(version, "version")
+            version = check_id(version, "version")
             row = conn.execute(select(edits).where(edits.c.edit_id == edit_id, edits.c.version == version)).first()
             if row is None:
                 latest = self._current_row(conn, edit_id)
@@ -393,7 +285,7 @@ class EditMemory:
 
     def history(self, id: int) -> list[EditRecord]:
         """Every version of edit ``id``, oldest first."""
-        edit_id = _check_id(id)
+        edit_id = check_id(id)
         with self._read() as conn:
             rows = conn.execute(select(edits).where(edits.c.edit_id == edit_id).order_by(edits.c.version)).all()
         if not rows:
@@ -430,8 +322,8 @@ class EditMemory:
             rephrases: Iterable[str] = (), metadata: Mapping[str, Any] | None = None) -> EditRecord:
         """Store a new edit (version 1)."""
         try:
-            fields = _fields(prompt, target_new, subject, ground_truth, rephrases, metadata)
-        except _Invalid as err:
+            fields = edit_fields(prompt, target_new, subject, ground_truth, rephrases, metadata)
+        except InvalidField as err:
             raise ValidationError(str(err)) from None
         return self._add_fields([fields])[0]
 
@@ -441,15 +333,15 @@ class EditMemory:
         fields = []
         for i, item in enumerate(items):
             try:
-                fields.append(_fields_of(item))
-            except _Invalid as err:
+                fields.append(fields_of(item))
+            except InvalidField as err:
                 raise ValidationError(f"item {i}: {err}") from None
         return self._add_fields(fields, progress=progress)
 
     def update(self, id: int, **changes_: Any) -> EditRecord:
         """Write a new version of edit ``id`` with the given fields changed (prompt, target_new, subject, ground_truth,
         rephrases, metadata) and close the current one. If nothing changes, the current version is returned."""
-        edit_id = _check_id(id)
+        edit_id = check_id(id)
         unknown = set(changes_) - set(UPDATABLE)
         if unknown:
             raise ValidationError(f"cannot update {', '.join(sorted(unknown))}: updatable fields are "
@@ -471,7 +363,7 @@ class EditMemory:
 
     def delete(self, id: int) -> EditRecord:
         """Retract edit ``id``: close its current version and write a tombstone version. Returns the tombstone."""
-        edit_id = _check_id(id)
+        edit_id = check_id(id)
         with self._write() as tx:
             current = self._live_row(edit_id, tx.conn)
             self._close_row(tx, current)
@@ -484,7 +376,7 @@ class EditMemory:
         target = self.get(id, version)
         if target.deleted:
             raise ValidationError(f"version {target.version} of edit {target.id} is a deletion; use delete")
-        content = _Fields(target.prompt, target.target_new, target.subject, target.ground_truth, target.rephrases,
+        content = EditFields(target.prompt, target.target_new, target.subject, target.ground_truth, target.rephrases,
                           target.metadata)
         with self._read() as conn:
             target_row_id = conn.execute(select(edits.c.row_id).where(
@@ -514,8 +406,8 @@ class EditMemory:
         fields = []
         for number, case in enumerate(cases):
             try:
-                fields.append(_fields_of(case))
-            except _Invalid as err:
+                fields.append(fields_of(case))
+            except InvalidField as err:
                 raise FormatError(str(path), err.message, record=number, field=err.field) from None
         added = self._add_fields(fields, skip_existing=True, progress=progress)
         log.info("imported %d of %d edits from %s", len(added), len(fields), path)
@@ -560,7 +452,7 @@ class EditMemory:
             return [_weight_model(r) for r in conn.execute(query)]
 
     def get_weight_model(self, model_id: int) -> WeightModel:
-        model_id = _check_id(model_id, "model id")
+        model_id = check_id(model_id, "model id")
         with self._read() as conn:
             row = conn.execute(select(weight_models).where(weight_models.c.model_id == model_id)).first()
         if row is None:
@@ -577,7 +469,7 @@ class EditMemory:
         model = self.get_weight_model(model_id)
         if not isinstance(method, str) or not method.strip():
             raise ValidationError(f"method must be a non-empty string, got {method!r}")
-        pairs = [(_check_id(e, "edit id"), _check_id(v, "version")) for e, v in edits_]
+        pairs = [(check_id(e, "edit id"), check_id(v, "version")) for e, v in edits_]
         if not pairs or len({e for e, _ in pairs}) != len(pairs):
             raise ValidationError("a weight record needs at least one edit, each at most once")
         params = [str(p) for p in params]
@@ -618,12 +510,12 @@ class EditMemory:
         removed (``applied=False``) or both (``None``)."""
         query = select(*_RECORD_COLUMNS).order_by(weight_records.c.record_id)
         if model_id is not None:
-            query = query.where(weight_records.c.model_id == _check_id(model_id, "model id"))
+            query = query.where(weight_records.c.model_id == check_id(model_id, "model id"))
         if applied is not None:
             query = query.where(weight_records.c.applied.is_(bool(applied)))
         if edit_id is not None:
             query = query.where(weight_records.c.record_id.in_(
-                select(weight_links.c.record_id).where(weight_links.c.edit_id == _check_id(edit_id))))
+                select(weight_links.c.record_id).where(weight_links.c.edit_id == check_id(edit_id))))
         with self._read() as conn:
             rows = conn.execute(query).all()
             links: dict[int, list[tuple[int, int]]] = {}
@@ -636,7 +528,7 @@ class EditMemory:
 
     def weight_deltas(self, record_id: int) -> bytes:
         """The deltas blob of a weight record."""
-        record_id = _check_id(record_id, "record id")
+        record_id = check_id(record_id, "record id")
         with self._read() as conn:
             blob = conn.execute(select(weight_records.c.deltas).where(
                 weight_records.c.record_id == record_id)).scalar_one_or_none()
@@ -647,7 +539,7 @@ class EditMemory:
     def weight_bases(self, model_id: int, params: Sequence[str] | None = None) -> dict[str, bytes]:
         """The stored base value blobs of a model's touched parameters (those in ``params``, if given)."""
         query = select(weight_bases.c.param, weight_bases.c.value).where(
-            weight_bases.c.model_id == _check_id(model_id, "model id"))
+            weight_bases.c.model_id == check_id(model_id, "model id"))
         out: dict[str, bytes] = {}
         with self._read() as conn:
             if params is None:
@@ -659,13 +551,13 @@ class EditMemory:
 
     def weight_base_params(self, model_id: int) -> list[str]:
         """The names of a model's touched parameters (those with a stored base value), sorted; no blobs are read."""
-        query = select(weight_bases.c.param).where(weight_bases.c.model_id == _check_id(model_id, "model id"))
+        query = select(weight_bases.c.param).where(weight_bases.c.model_id == check_id(model_id, "model id"))
         with self._read() as conn:
             return sorted(conn.execute(query).scalars())
 
     def detach_weights(self, record_id: int, note: str | None = None) -> WeightRecord:
         """Mark a weight record as removed (it stays in the table with ``note``); the caller restores the weights."""
-        record_id = _check_id(record_id, "record id")
+        record_id = check_id(record_id, "record id")
         with self._write() as tx:
             done = tx.conn.execute(update(weight_records).where(
                 weight_records.c.record_id == record_id, weight_records.c.applied.is_(True)).values(
@@ -679,7 +571,7 @@ class EditMemory:
 
     def weight_record(self, record_id: int) -> WeightRecord:
         """One weight record by id, applied or removed."""
-        record_id = _check_id(record_id, "record id")
+        record_id = check_id(record_id, "record id")
         with self._read() as conn:
             row = conn.execute(select(*_RECORD_COLUMNS).where(weight_records.c.record_id == record_id)).first()
             if row is None:
@@ -778,12 +670,12 @@ class EditMemory:
         return row
 
     @staticmethod
-    def _merge(row: Row, changes_: Mapping[str, Any]) -> _Fields:
+    def _merge(row: Row, changes_: Mapping[str, Any]) -> EditFields:
         base = _fields_of_row(row)
         values = {name: changes_.get(name, getattr(base, name)) for name in UPDATABLE}
         try:
-            return _fields(**values)
-        except _Invalid as err:
+            return edit_fields(**values)
+        except InvalidField as err:
             raise ValidationError(str(err)) from None
 
     def _current_records(self, row_ids: Sequence[int]) -> dict[int, EditRecord]:
@@ -801,7 +693,7 @@ class EditMemory:
                 edits.c.content_key.in_(chunk), _CURRENT)).scalars())
         return found
 
-    def _new_only(self, fields: list[_Fields], conn: Connection) -> list[_Fields]:
+    def _new_only(self, fields: list[EditFields], conn: Connection) -> list[EditFields]:
         """Drop fields whose content key is already current in the store, or repeats an earlier item."""
         existing = self._existing_keys(conn, [f.content_key for f in fields])
         out = []
@@ -811,7 +703,7 @@ class EditMemory:
                 out.append(f)
         return out
 
-    def _add_fields(self, fields: list[_Fields], *, skip_existing: bool = False,
+    def _add_fields(self, fields: list[EditFields], *, skip_existing: bool = False,
                     progress: bool = False) -> list[EditRecord]:
         if skip_existing:
             with self._read() as conn:
@@ -836,7 +728,7 @@ class EditMemory:
         return [_record_from_values(r) for r in rows]
 
     @staticmethod
-    def _version_row(tx: _Tx, row_id: int, edit_id: int, version: int, f: _Fields, *,
+    def _version_row(tx: _Tx, row_id: int, edit_id: int, version: int, f: EditFields, *,
                      deleted: bool = False) -> dict[str, Any]:
         return {"row_id": row_id, "edit_id": edit_id, "version": version, "prompt": f.prompt,
                 "target_new": f.target_new, "subject": f.subject, "ground_truth": f.ground_truth,
@@ -844,7 +736,7 @@ class EditMemory:
                 "metadata": json.dumps(dict(f.metadata), ensure_ascii=False, sort_keys=True), "deleted": deleted,
                 "valid_from": tx.now, "valid_to": None, "content_key": f.content_key}
 
-    def _insert_version(self, tx: _Tx, edit_id: int, version: int, f: _Fields, vector: np.ndarray | None, *,
+    def _insert_version(self, tx: _Tx, edit_id: int, version: int, f: EditFields, vector: np.ndarray | None, *,
                         deleted: bool = False) -> EditRecord:
         row_id = tx.allocate("next_row_id", 1)
         values = self._version_row(tx, row_id, edit_id, version, f, deleted=deleted)
