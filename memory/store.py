@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import threading
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -29,18 +28,18 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
-from sqlalchemy import and_, func, insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection, Engine, Row, URL
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from memory import schema
 from memory.encoder import DEFAULT_ENCODER, Encoder, get_encoder
 from memory.errors import FormatError, NotFoundError, StoreError, ValidationError
 from memory.index import KINDS, IndexHeader, VectorIndex
+from memory.ledger import WeightLedger, WeightModel, WeightRecord
 from memory.paths import pg_index_file
 from memory.records import EditCase, EditRecord, Hit
 from memory.schema import (
-    OP_ADD, OP_DEL, changes, edits, embeddings, meta, weight_bases, weight_links, weight_models, weight_records,
+    CURRENT, OP_ADD, OP_DEL, aware, changes, chunks, db_errors, edits, embeddings, insert_ignore, meta,
 )
 from memory.validate import UPDATABLE, EditFields, InvalidField, check_id, edit_fields, fields_of
 
@@ -49,35 +48,20 @@ log = logging.getLogger(__name__)
 DEFAULT_URL = "sqlite:///editmem.db"
 HNSW_AUTO_THRESHOLD = 200_000
 ENCODE_BATCH = 256
-SQL_CHUNK = 5000
 
 
 # --- rows -------------------------------------------------------------------------------------------------------------
-def _aware(value: datetime | None) -> datetime | None:
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
-    return value
-
-
 def _record(row: Row) -> EditRecord:
     m = row._mapping
     return EditRecord(id=int(m["edit_id"]), version=int(m["version"]), prompt=m["prompt"],
                       target_new=m["target_new"], subject=m["subject"], ground_truth=m["ground_truth"],
                       rephrases=tuple(json.loads(m["rephrases"])), metadata=json.loads(m["metadata"]),
-                      deleted=bool(m["deleted"]), valid_from=_aware(m["valid_from"]), valid_to=_aware(m["valid_to"]))
+                      deleted=bool(m["deleted"]), valid_from=aware(m["valid_from"]), valid_to=aware(m["valid_to"]))
 
 
 def _fields_of_row(row: Row) -> EditFields:
     rec = _record(row)
     return EditFields(rec.prompt, rec.target_new, rec.subject, rec.ground_truth, rec.rephrases, rec.metadata)
-
-
-def _chunks(items: Sequence[Any], size: int = SQL_CHUNK) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
-_CURRENT = and_(edits.c.valid_to.is_(None), edits.c.deleted.is_(False))
 
 
 # --- transactions -----------------------------------------------------------------------------------------------------
@@ -98,58 +82,6 @@ class _Tx:
         return int(self.conn.execute(select(col).where(meta.c.id == 1)).scalar_one()) - n
 
 
-# --- weight edits -----------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class WeightModel:
-    """An edited model the store keeps weight records for: its base model's fingerprint, the base model as the user
-    named it (an alias or a folder), and the folder the edited model is saved in (None if it is kept nowhere)."""
-
-    id: int
-    fingerprint: str
-    base: str
-    folder: str | None
-    created_at: datetime | None = None
-
-
-@dataclass(frozen=True)
-class WeightRecord:
-    """One weight edit applied to a :class:`WeightModel`: which edit versions it wrote, by which method and settings,
-    and which parameters it touched. ``applied`` is false once it has been removed (``note`` says why). The deltas
-    themselves are an opaque blob (:meth:`EditMemory.weight_deltas`)."""
-
-    id: int
-    model_id: int
-    method: str
-    edits: tuple[tuple[int, int], ...]  # (edit id, version)
-    params: tuple[str, ...]
-    settings: dict[str, Any] = field(default_factory=dict)
-    applied: bool = True
-    created_at: datetime | None = None
-    removed_at: datetime | None = None
-    note: str | None = None
-
-    @property
-    def edit_ids(self) -> tuple[int, ...]:
-        return tuple(e for e, _ in self.edits)
-
-
-def _weight_model(row: Row) -> WeightModel:
-    m = row._mapping
-    return WeightModel(id=int(m["model_id"]), fingerprint=m["fingerprint"], base=m["base"], folder=m["folder"],
-                       created_at=_aware(m["created_at"]))
-
-
-def _weight_record(row: Row, links: Sequence[tuple[int, int]]) -> WeightRecord:
-    m = row._mapping
-    return WeightRecord(id=int(m["record_id"]), model_id=int(m["model_id"]), method=m["method"],
-                        edits=tuple(links), params=tuple(json.loads(m["params"])),
-                        settings=json.loads(m["settings"]), applied=bool(m["applied"]),
-                        created_at=_aware(m["created_at"]), removed_at=_aware(m["removed_at"]), note=m["note"])
-
-
-_RECORD_COLUMNS = [c for c in weight_records.c if c.name != "deltas"]
-
-
 # --- the store --------------------------------------------------------------------------------------------------------
 class EditMemory:
     """A versioned store of edits with similarity search. Open with ``EditMemory.open(url)``."""
@@ -165,6 +97,7 @@ class EditMemory:
         self._index: VectorIndex | None = None
         self._lock = threading.RLock()
         self._closed = False
+        self._ledger = WeightLedger(self)
 
     # --- opening and closing ------------------------------------------------------------------------------------------
     @classmethod
@@ -185,8 +118,8 @@ class EditMemory:
         enc = get_encoder(encoder) if encoder is not None else None
         engine = schema.make_engine(parsed)
         try:
-            with _db_errors(parsed):
-                uid, stored_encoder = _ensure_schema(engine, parsed, enc.name if enc else DEFAULT_ENCODER, create)
+            with db_errors(parsed):
+                uid, stored_encoder = schema.ensure_schema(engine, parsed, enc.name if enc else DEFAULT_ENCODER, create)
                 if enc is None:
                     enc = get_encoder(stored_encoder)
                 elif enc.name != stored_encoder:
@@ -241,7 +174,7 @@ class EditMemory:
     # --- reading ------------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
         with self._read() as conn:
-            return int(conn.execute(select(func.count()).select_from(edits).where(_CURRENT)).scalar_one())
+            return int(conn.execute(select(func.count()).select_from(edits).where(CURRENT)).scalar_one())
 
     def __iter__(self) -> Iterator[EditRecord]:
         offset = 0
@@ -276,7 +209,7 @@ class EditMemory:
             raise ValidationError(f"limit must be a non-negative integer, got {limit!r}")
         if not isinstance(offset, int) or offset < 0:
             raise ValidationError(f"offset must be a non-negative integer, got {offset!r}")
-        where = edits.c.valid_to.is_(None) if include_deleted else _CURRENT
+        where = edits.c.valid_to.is_(None) if include_deleted else CURRENT
         query = select(edits).where(where).order_by(edits.c.edit_id).offset(offset)
         if limit is not None:
             query = query.limit(limit)
@@ -426,171 +359,53 @@ class EditMemory:
         write_jsonl(records, path)
         return len(records)
 
-    # --- weight edits -------------------------------------------------------------------------------------------------
-    # The store keeps weight edits as opaque blobs with their metadata; editors.weights does the torch side.
+    # --- weight edits: the ledger (memory/ledger.py), under the same names ------------------------------------------
     def add_weight_model(self, fingerprint: str, base: str, folder: str | None = None) -> WeightModel:
-        """Register an edited model (see :class:`WeightModel`). A folder can belong to one model only."""
-        for name, value in (("fingerprint", fingerprint), ("base", base)):
-            if not isinstance(value, str) or not value.strip():
-                raise ValidationError(f"{name} must be a non-empty string, got {value!r}")
-        if folder is not None and (not isinstance(folder, str) or not folder.strip()):
-            raise ValidationError(f"folder must be a non-empty string or None, got {folder!r}")
-        with self._write() as tx:
-            if folder is not None and tx.conn.execute(
-                    select(weight_models.c.model_id).where(weight_models.c.folder == folder)).first() is not None:
-                raise ValidationError(f"folder {folder} already holds a model with weight edits in this store")
-            model_id = tx.conn.execute(insert(weight_models).values(
-                fingerprint=fingerprint, base=base, folder=folder, created_at=tx.now)).inserted_primary_key[0]
-        return WeightModel(int(model_id), fingerprint, base, folder, tx.now)
+        """Register an edited model: :meth:`WeightLedger.add_weight_model`."""
+        return self._ledger.add_weight_model(fingerprint, base, folder)
 
     def weight_models(self, *, folder: str | None = None) -> list[WeightModel]:
-        """The registered edited models (the one saved in ``folder``, if given), oldest first."""
-        query = select(weight_models).order_by(weight_models.c.model_id)
-        if folder is not None:
-            query = query.where(weight_models.c.folder == folder)
-        with self._read() as conn:
-            return [_weight_model(r) for r in conn.execute(query)]
+        """The registered edited models: :meth:`WeightLedger.weight_models`."""
+        return self._ledger.weight_models(folder=folder)
 
     def get_weight_model(self, model_id: int) -> WeightModel:
-        model_id = check_id(model_id, "model id")
-        with self._read() as conn:
-            row = conn.execute(select(weight_models).where(weight_models.c.model_id == model_id)).first()
-        if row is None:
-            raise NotFoundError(f"no model with weight edits has id {model_id}")
-        return _weight_model(row)
+        """One registered edited model by id: :meth:`WeightLedger.get_weight_model`."""
+        return self._ledger.get_weight_model(model_id)
 
     def attach_weights(self, model_id: int, method: str, edits_: Sequence[tuple[int, int]], params: Sequence[str],
                        deltas: bytes, *, bases: Mapping[str, bytes] | None = None,
                        settings: Mapping[str, Any] | None = None) -> WeightRecord:
-        """Record a weight edit of model ``model_id`` that wrote the edit versions ``edits_`` ((id, version) pairs,
-        each the current version of a live edit): the touched ``params``, an opaque ``deltas`` blob, and the base
-        value blob of each touched parameter the model has no base value for yet (``bases``; ones already stored are
-        kept). One transaction: all or nothing."""
-        model = self.get_weight_model(model_id)
-        if not isinstance(method, str) or not method.strip():
-            raise ValidationError(f"method must be a non-empty string, got {method!r}")
-        pairs = [(check_id(e, "edit id"), check_id(v, "version")) for e, v in edits_]
-        if not pairs or len({e for e, _ in pairs}) != len(pairs):
-            raise ValidationError("a weight record needs at least one edit, each at most once")
-        params = [str(p) for p in params]
-        if not params or len(set(params)) != len(params):
-            raise ValidationError("a weight record needs at least one parameter name, each at most once")
-        if not isinstance(deltas, (bytes, bytearray, memoryview)):
-            raise ValidationError(f"deltas must be bytes, got {type(deltas).__name__}")
-        try:
-            settings_json = json.dumps(dict(settings or {}), sort_keys=True)
-        except (TypeError, ValueError) as err:
-            raise ValidationError(f"settings must be JSON-serialisable: {err}") from None
-        with self._write() as tx:
-            for edit_id, version in pairs:
-                current = self._live_row(edit_id, tx.conn)
-                if current.version != version:
-                    raise ValidationError(f"edit {edit_id} is at version {current.version}, not {version}")
-            have = set(tx.conn.execute(select(weight_bases.c.param).where(
-                weight_bases.c.model_id == model.id, weight_bases.c.param.in_(params))).scalars())
-            missing = [p for p in params if p not in have]
-            lacking = [p for p in missing if p not in (bases or {})]
-            if lacking:
-                raise ValidationError(f"no base value given for parameter(s) {lacking} of model {model.id}")
-            if missing:
-                tx.conn.execute(insert(weight_bases), [{"model_id": model.id, "param": p, "value": bytes(bases[p])}
-                                                       for p in missing])
-            record_id = int(tx.conn.execute(insert(weight_records).values(
-                model_id=model.id, method=method, settings=settings_json, params=json.dumps(params),
-                deltas=bytes(deltas), applied=True, created_at=tx.now, removed_at=None,
-                note=None)).inserted_primary_key[0])
-            tx.conn.execute(insert(weight_links), [{"record_id": record_id, "edit_id": e, "version": v}
-                                                   for e, v in pairs])
-        return WeightRecord(record_id, model.id, method, tuple(pairs), tuple(params), json.loads(settings_json),
-                            True, tx.now)
+        """Record a weight edit: :meth:`WeightLedger.attach_weights`."""
+        return self._ledger.attach_weights(model_id, method, edits_, params, deltas, bases=bases, settings=settings)
 
     def weight_records(self, *, model_id: int | None = None, edit_id: int | None = None,
                        applied: bool | None = True) -> list[WeightRecord]:
-        """Weight records in the order they were applied: of one model, linked to one edit, applied (default),
-        removed (``applied=False``) or both (``None``)."""
-        query = select(*_RECORD_COLUMNS).order_by(weight_records.c.record_id)
-        if model_id is not None:
-            query = query.where(weight_records.c.model_id == check_id(model_id, "model id"))
-        if applied is not None:
-            query = query.where(weight_records.c.applied.is_(bool(applied)))
-        if edit_id is not None:
-            query = query.where(weight_records.c.record_id.in_(
-                select(weight_links.c.record_id).where(weight_links.c.edit_id == check_id(edit_id))))
-        with self._read() as conn:
-            rows = conn.execute(query).all()
-            links: dict[int, list[tuple[int, int]]] = {}
-            for chunk in _chunks([int(r.record_id) for r in rows]):
-                for rid, e, v in conn.execute(select(weight_links.c.record_id, weight_links.c.edit_id,
-                                                     weight_links.c.version).where(
-                        weight_links.c.record_id.in_(chunk)).order_by(weight_links.c.edit_id)):
-                    links.setdefault(int(rid), []).append((int(e), int(v)))
-        return [_weight_record(r, links.get(int(r.record_id), [])) for r in rows]
+        """Weight records in the order applied: :meth:`WeightLedger.weight_records`."""
+        return self._ledger.weight_records(model_id=model_id, edit_id=edit_id, applied=applied)
 
     def weight_deltas(self, record_id: int) -> bytes:
-        """The deltas blob of a weight record."""
-        record_id = check_id(record_id, "record id")
-        with self._read() as conn:
-            blob = conn.execute(select(weight_records.c.deltas).where(
-                weight_records.c.record_id == record_id)).scalar_one_or_none()
-        if blob is None:
-            raise NotFoundError(f"no weight record {record_id}")
-        return bytes(blob)
+        """The deltas blob of a weight record: :meth:`WeightLedger.weight_deltas`."""
+        return self._ledger.weight_deltas(record_id)
 
     def weight_bases(self, model_id: int, params: Sequence[str] | None = None) -> dict[str, bytes]:
-        """The stored base value blobs of a model's touched parameters (those in ``params``, if given)."""
-        query = select(weight_bases.c.param, weight_bases.c.value).where(
-            weight_bases.c.model_id == check_id(model_id, "model id"))
-        out: dict[str, bytes] = {}
-        with self._read() as conn:
-            if params is None:
-                out.update((p, bytes(v)) for p, v in conn.execute(query))
-            else:
-                for chunk in _chunks(list(params)):
-                    out.update((p, bytes(v)) for p, v in conn.execute(query.where(weight_bases.c.param.in_(chunk))))
-        return out
+        """A model's stored base value blobs: :meth:`WeightLedger.weight_bases`."""
+        return self._ledger.weight_bases(model_id, params)
 
     def weight_base_params(self, model_id: int) -> list[str]:
-        """The names of a model's touched parameters (those with a stored base value), sorted; no blobs are read."""
-        query = select(weight_bases.c.param).where(weight_bases.c.model_id == check_id(model_id, "model id"))
-        with self._read() as conn:
-            return sorted(conn.execute(query).scalars())
+        """The names of a model's touched parameters: :meth:`WeightLedger.weight_base_params`."""
+        return self._ledger.weight_base_params(model_id)
 
     def detach_weights(self, record_id: int, note: str | None = None) -> WeightRecord:
-        """Mark a weight record as removed (it stays in the table with ``note``); the caller restores the weights."""
-        record_id = check_id(record_id, "record id")
-        with self._write() as tx:
-            done = tx.conn.execute(update(weight_records).where(
-                weight_records.c.record_id == record_id, weight_records.c.applied.is_(True)).values(
-                applied=False, removed_at=tx.now, note=note))
-            if done.rowcount != 1:
-                exists = tx.conn.execute(select(weight_records.c.record_id).where(
-                    weight_records.c.record_id == record_id)).first()
-                raise NotFoundError(f"weight record {record_id} is already removed" if exists
-                                    else f"no weight record {record_id}")
-        return self.weight_record(record_id)
+        """Mark a weight record as removed: :meth:`WeightLedger.detach_weights`."""
+        return self._ledger.detach_weights(record_id, note)
 
     def weight_record(self, record_id: int) -> WeightRecord:
-        """One weight record by id, applied or removed."""
-        record_id = check_id(record_id, "record id")
-        with self._read() as conn:
-            row = conn.execute(select(*_RECORD_COLUMNS).where(weight_records.c.record_id == record_id)).first()
-            if row is None:
-                raise NotFoundError(f"no weight record {record_id}")
-            links = [(int(e), int(v)) for e, v in conn.execute(select(weight_links.c.edit_id, weight_links.c.version)
-                     .where(weight_links.c.record_id == record_id).order_by(weight_links.c.edit_id))]
-        return _weight_record(row, links)
+        """One weight record by id: :meth:`WeightLedger.weight_record`."""
+        return self._ledger.weight_record(record_id)
 
     def consolidated(self) -> dict[int, list[WeightRecord]]:
-        """Edit id -> the applied weight records that wrote its current version (edits with none are left out)."""
-        with self._read() as conn:
-            current = {int(e): int(v) for e, v in conn.execute(select(edits.c.edit_id, edits.c.version).where(
-                _CURRENT, edits.c.edit_id.in_(select(weight_links.c.edit_id))))}
-        out: dict[int, list[WeightRecord]] = {}
-        for record in self.weight_records(applied=True):
-            for edit_id, version in record.edits:
-                if current.get(edit_id) == version:
-                    out.setdefault(edit_id, []).append(record)
-        return out
+        """Edit id -> the applied weight records that wrote its current version: :meth:`WeightLedger.consolidated`."""
+        return self._ledger.consolidated()
 
     # --- consistency --------------------------------------------------------------------------------------------------
     def index_ids(self) -> set[int]:
@@ -602,7 +417,7 @@ class EditMemory:
     def current_row_ids(self) -> set[int]:
         """The version row ids of the current, non-deleted versions in SQL. Diagnostic."""
         with self._read() as conn:
-            return {int(r) for r in conn.execute(select(edits.c.row_id).where(_CURRENT)).scalars()}
+            return {int(r) for r in conn.execute(select(edits.c.row_id).where(CURRENT)).scalars()}
 
     def verify(self) -> None:
         """Raise StoreError if the index and SQL disagree on which versions are searchable."""
@@ -634,7 +449,7 @@ class EditMemory:
     @contextmanager
     def _read(self) -> Iterator[Connection]:
         self._check_open()
-        with _db_errors(self._url), self._engine.connect() as conn:
+        with db_errors(self._url), self._engine.connect() as conn:
             yield conn
 
     @contextmanager
@@ -642,7 +457,7 @@ class EditMemory:
         """A write transaction: bumps the change counter first (serialising writers), logs the changes, commits, then
         applies them to this process's index."""
         self._check_open()
-        with _db_errors(self._url):
+        with db_errors(self._url):
             with self._engine.begin() as conn:
                 conn.execute(update(meta).where(meta.c.id == 1).values(change_seq=meta.c.change_seq + 1))
                 seq = int(conn.execute(select(meta.c.change_seq).where(meta.c.id == 1)).scalar_one())
@@ -681,16 +496,16 @@ class EditMemory:
     def _current_records(self, row_ids: Sequence[int]) -> dict[int, EditRecord]:
         out: dict[int, EditRecord] = {}
         with self._read() as conn:
-            for chunk in _chunks(row_ids):
-                for row in conn.execute(select(edits).where(edits.c.row_id.in_(chunk), _CURRENT)):
+            for chunk in chunks(row_ids):
+                for row in conn.execute(select(edits).where(edits.c.row_id.in_(chunk), CURRENT)):
                     out[int(row.row_id)] = _record(row)
         return out
 
     def _existing_keys(self, conn: Connection, keys: Sequence[str]) -> set[str]:
         found: set[str] = set()
-        for chunk in _chunks(sorted(set(keys))):
+        for chunk in chunks(sorted(set(keys))):
             found.update(conn.execute(select(edits.c.content_key).where(
-                edits.c.content_key.in_(chunk), _CURRENT)).scalars())
+                edits.c.content_key.in_(chunk), CURRENT)).scalars())
         return found
 
     def _new_only(self, fields: list[EditFields], conn: Connection) -> list[EditFields]:
@@ -765,7 +580,7 @@ class EditMemory:
 
         parts = []
         with tqdm(total=len(texts), desc="encoding", unit="edit", disable=not progress, leave=False) as bar:
-            for chunk in _chunks(texts, ENCODE_BATCH):
+            for chunk in chunks(texts, ENCODE_BATCH):
                 parts.append(self._checked(self._encoder.encode(list(chunk)), len(chunk)))
                 bar.update(len(chunk))
         return np.concatenate(parts)
@@ -781,12 +596,12 @@ class EditMemory:
         name, dim = self._encoder.name, self._encoder.dim
         rows = [{"row_id": int(r), "encoder": name, "dim": dim, "vector": v.astype("<f4").tobytes()}
                 for r, v in zip(row_ids, vectors)]
-        conn.execute(_insert_ignore(conn, embeddings), rows)
+        conn.execute(insert_ignore(conn, embeddings), rows)
 
     def _load_vectors(self, conn: Connection, row_ids: Sequence[int]) -> dict[int, np.ndarray]:
         name, dim = self._encoder.name, self._encoder.dim
         out: dict[int, np.ndarray] = {}
-        for chunk in _chunks(row_ids):
+        for chunk in chunks(row_ids):
             query = select(embeddings.c.row_id, embeddings.c.dim, embeddings.c.vector).where(
                 embeddings.c.encoder == name, embeddings.c.row_id.in_(chunk))
             for row_id, row_dim, blob in conn.execute(query):
@@ -804,13 +619,13 @@ class EditMemory:
             found = self._load_vectors(conn, row_ids)
             missing = [r for r in row_ids if r not in found]
             prompts: dict[int, str] = {}
-            for chunk in _chunks(missing):
+            for chunk in chunks(missing):
                 prompts.update((int(r), p) for r, p in conn.execute(
                     select(edits.c.row_id, edits.c.prompt).where(edits.c.row_id.in_(chunk))))
         if missing:
             log.info("computing %d embeddings for encoder %s", len(missing), self._encoder.name)
             vectors = self._encode([prompts[r] for r in missing], progress=progress)
-            with _db_errors(self._url), self._engine.begin() as conn:
+            with db_errors(self._url), self._engine.begin() as conn:
                 self._insert_vectors(conn, missing, vectors)
             found.update(zip(missing, vectors))
         return np.stack([found[r] for r in row_ids])
@@ -900,12 +715,12 @@ class EditMemory:
         with self._read() as conn:
             seq = int(conn.execute(select(meta.c.change_seq).where(meta.c.id == 1)).scalar_one())
             row_ids = [int(r) for r in conn.execute(
-                select(edits.c.row_id).where(_CURRENT).order_by(edits.c.row_id)).scalars()]
+                select(edits.c.row_id).where(CURRENT).order_by(edits.c.row_id)).scalars()]
         kind = self._index_kind
         if kind == "auto":
             kind = "hnsw" if len(row_ids) >= HNSW_AUTO_THRESHOLD else "flat"
         index = VectorIndex(IndexHeader(self._uid, self._encoder.name, self._encoder.dim, kind, seq))
-        for chunk in _chunks(row_ids, 20_000):
+        for chunk in chunks(row_ids, 20_000):
             index.add(np.asarray(chunk, dtype=np.int64), self._vectors_for(chunk, progress=len(row_ids) > 20_000))
         self._index = index
         log.info("built %s index of %d vectors at change %d", kind, len(row_ids), seq)
@@ -925,26 +740,6 @@ def _record_from_values(values: Mapping[str, Any]) -> EditRecord:
                       valid_from=values["valid_from"], valid_to=None)
 
 
-def _insert_ignore(conn: Connection, table: Any) -> Any:
-    """INSERT ... ON CONFLICT DO NOTHING for SQLite and PostgreSQL."""
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        return pg_insert(table).on_conflict_do_nothing()
-    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-    return sqlite_insert(table).on_conflict_do_nothing()
-
-
-@contextmanager
-def _db_errors(url: URL) -> Iterator[None]:
-    """Turn a database error into StoreError with one line."""
-    try:
-        yield
-    except SQLAlchemyError as err:
-        raise StoreError(schema.describe_db_error(err, url)) from None
-
-
 def _check_sqlite_path(url: URL, create: bool) -> None:
     if url.get_backend_name() != "sqlite" or schema.is_memory_sqlite(url):
         return
@@ -953,41 +748,6 @@ def _check_sqlite_path(url: URL, create: bool) -> None:
         raise StoreError(f"cannot create store {path}: folder {path.parent} does not exist")
     if not create and not path.is_file():
         raise StoreError(f"no store at {path} (run `editmem init` to create one)")
-
-
-def _ensure_schema(engine: Engine, url: URL, encoder_name: str, create: bool) -> tuple[str, str]:
-    """Create the tables and the meta row if missing; return (store uid, stored encoder name)."""
-    if not schema.tables_exist(engine):
-        if not create:
-            raise StoreError(f"no editmem store at {url.render_as_string(hide_password=True)} "
-                             "(run `editmem init` to create one)")
-        try:
-            schema.metadata.create_all(engine)
-        except SQLAlchemyError:  # another process created them at the same moment
-            if not schema.tables_exist(engine):
-                raise
-    else:
-        schema.ensure_weight_tables(engine)
-    with engine.connect() as conn:
-        row = conn.execute(select(meta).where(meta.c.id == 1)).first()
-    if row is None:
-        row = _insert_meta(engine, encoder_name)
-    if row.schema_version > schema.SCHEMA_VERSION:
-        raise StoreError(f"store schema version {row.schema_version} is newer than this editmem supports "
-                         f"({schema.SCHEMA_VERSION}); upgrade editmem")
-    return row.store_uid, row.encoder
-
-
-def _insert_meta(engine: Engine, encoder_name: str) -> Row:
-    try:
-        with engine.begin() as conn:
-            conn.execute(insert(meta).values(id=1, schema_version=schema.SCHEMA_VERSION, store_uid=str(uuid.uuid4()),
-                                             encoder=encoder_name, change_seq=0, next_edit_id=1, next_row_id=1,
-                                             created_at=datetime.now(timezone.utc)))
-    except IntegrityError:
-        pass  # created concurrently
-    with engine.connect() as conn:
-        return conn.execute(select(meta).where(meta.c.id == 1)).one()
 
 
 def _index_path(url: URL, store_uid: str) -> Path | None:
