@@ -13,6 +13,11 @@ the store (uid, encoder, dimension) is rebuilt from the embeddings in SQL.
 
 An ``EditMemory`` may be shared between threads (a lock guards the index) but is meant for one process; several
 processes share a store by each opening it.
+
+This module holds the verbs (open, get/list/history, search, add/update/delete/rollback, import/export) and the write
+transaction; the rest of the store is split by job: field checks in :mod:`memory.validate`, embeddings and the index's
+catch-up in :mod:`memory.sync` (:class:`~memory.sync.IndexSync`), weight records in :mod:`memory.ledger` (whose
+methods ``EditMemory`` exposes under the same names), tables and SQL helpers in :mod:`memory.schema`.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -34,20 +38,19 @@ from sqlalchemy.engine import Connection, Engine, Row, URL
 from memory import schema
 from memory.encoder import DEFAULT_ENCODER, Encoder, get_encoder
 from memory.errors import FormatError, NotFoundError, StoreError, ValidationError
-from memory.index import KINDS, IndexHeader, VectorIndex
+from memory.index import KINDS, VectorIndex
 from memory.ledger import WeightLedger, WeightModel, WeightRecord
 from memory.paths import pg_index_file
+from memory.sync import IndexSync, encode, insert_vectors, load_vectors
 from memory.records import EditCase, EditRecord, Hit
 from memory.schema import (
-    CURRENT, OP_ADD, OP_DEL, aware, changes, chunks, db_errors, edits, embeddings, insert_ignore, meta,
+    CURRENT, OP_ADD, OP_DEL, aware, changes, chunks, db_errors, edits, meta,
 )
 from memory.validate import UPDATABLE, EditFields, InvalidField, check_id, edit_fields, fields_of
 
 log = logging.getLogger(__name__)
 
 DEFAULT_URL = "sqlite:///editmem.db"
-HNSW_AUTO_THRESHOLD = 200_000
-ENCODE_BATCH = 256
 
 
 # --- rows -------------------------------------------------------------------------------------------------------------
@@ -91,11 +94,7 @@ class EditMemory:
         self._engine = engine
         self._url = url
         self._encoder = encoder
-        self._uid = store_uid
-        self._index_kind = index_kind
-        self._index_path = index_path
-        self._index: VectorIndex | None = None
-        self._lock = threading.RLock()
+        self._index_sync = IndexSync(self, store_uid, index_kind, index_path)
         self._closed = False
         self._ledger = WeightLedger(self)
 
@@ -128,7 +127,7 @@ class EditMemory:
                     with engine.begin() as conn:
                         conn.execute(update(meta).where(meta.c.id == 1).values(encoder=enc.name))
             mem = cls(engine, parsed, enc, uid, index, _index_path(parsed, uid))
-            mem._load_index()
+            mem._index_sync.load()
         except BaseException:
             engine.dispose()
             raise
@@ -141,7 +140,7 @@ class EditMemory:
         try:
             self.save_index()
         except OSError as err:
-            log.warning("could not save index %s: %s", self._index_path, err)
+            log.warning("could not save index %s: %s", self.index_path, err)
         finally:
             self._closed = True
             self._engine.dispose()
@@ -165,11 +164,16 @@ class EditMemory:
 
     @property
     def index_path(self) -> Path | None:
-        return self._index_path
+        return self._index_sync.path
 
     @property
     def index_kind(self) -> str:
-        return self._vector_index().kind
+        return self._index_sync.index.kind
+
+    @property
+    def _index(self) -> VectorIndex | None:
+        """This process's FAISS index (None before it is loaded)."""
+        return self._index_sync.loaded
 
     # --- reading ------------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -239,9 +243,9 @@ class EditMemory:
             return []
         queries = self._encode(list(texts))
         for attempt in range(2):  # a second pass if another process removed a hit between catch-up and fetch
-            with self._lock:
-                self._sync()
-                scores, ids = self._vector_index().search(queries, k)
+            with self._index_sync.lock:
+                self._index_sync.catch_up()
+                scores, ids = self._index_sync.index.search(queries, k)
             wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
             records = self._current_records(wanted)
             if attempt == 0 and len(records) < len(wanted):
@@ -410,9 +414,9 @@ class EditMemory:
     # --- consistency --------------------------------------------------------------------------------------------------
     def index_ids(self) -> set[int]:
         """The version row ids a search can return (after catching up). Diagnostic."""
-        with self._lock:
-            self._sync()
-            return self._vector_index().ids()
+        with self._index_sync.lock:
+            self._index_sync.catch_up()
+            return self._index_sync.index.ids()
 
     def current_row_ids(self) -> set[int]:
         """The version row ids of the current, non-deleted versions in SQL. Diagnostic."""
@@ -431,15 +435,12 @@ class EditMemory:
         if index is not None:
             if index not in ("auto", *KINDS):
                 raise ValidationError(f"index must be one of auto, flat, hnsw; got {index!r}")
-            self._index_kind = index
-        with self._lock:
-            self._rebuild()
+            self._index_sync.kind = index
+        self._index_sync.rebuild()
 
     def save_index(self) -> None:
         """Write the index file now if it changed (a no-op for in-memory stores)."""
-        with self._lock:
-            if self._index is not None and self._index.dirty and self._index_path is not None:
-                self._index.save(self._index_path)
+        self._index_sync.save()
 
     # --- internals: SQL -----------------------------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -465,7 +466,7 @@ class EditMemory:
                 yield tx
                 if tx.changed:
                     conn.execute(insert(changes), [{"seq": seq, "row_id": r, "op": op} for r, op in tx.changed])
-        self._after_write(tx)
+        self._index_sync.after_write(tx)
 
     @staticmethod
     def _current_row(conn: Connection, edit_id: int) -> Row | None:
@@ -535,7 +536,7 @@ class EditMemory:
             rows = [self._version_row(tx, first_row + i, first_edit + i, 1, f) for i, f in enumerate(fields)]
             if rows:
                 tx.conn.execute(insert(edits), rows)
-                self._insert_vectors(tx.conn, [r["row_id"] for r in rows],
+                insert_vectors(tx.conn, self._encoder, [r["row_id"] for r in rows],
                                      np.stack([by_key[f.content_key] for f in fields]))
             for r, f in zip(rows, fields):
                 tx.changed.append((r["row_id"], OP_ADD))
@@ -558,7 +559,7 @@ class EditMemory:
         tx.conn.execute(insert(edits), [values])
         if not deleted:
             assert vector is not None
-            self._insert_vectors(tx.conn, [row_id], vector[None, :])
+            insert_vectors(tx.conn, self._encoder, [row_id], vector[None, :])
             tx.changed.append((row_id, OP_ADD))
             tx.vectors[row_id] = vector
         return _record_from_values(values)
@@ -573,162 +574,22 @@ class EditMemory:
             tx.changed.append((int(row.row_id), OP_DEL))
 
     # --- internals: embeddings ----------------------------------------------------------------------------------------
+    @contextmanager
+    def _embeddings_tx(self) -> Iterator[Connection]:
+        """A transaction that only stores embeddings: no change-counter bump (what is searchable stays the same)."""
+        with db_errors(self._url), self._engine.begin() as conn:
+            yield conn
+
     def _encode(self, texts: list[str], *, progress: bool = False) -> np.ndarray:
-        if len(texts) <= ENCODE_BATCH:
-            return self._checked(self._encoder.encode(texts), len(texts))
-        from tqdm.auto import tqdm
-
-        parts = []
-        with tqdm(total=len(texts), desc="encoding", unit="edit", disable=not progress, leave=False) as bar:
-            for chunk in chunks(texts, ENCODE_BATCH):
-                parts.append(self._checked(self._encoder.encode(list(chunk)), len(chunk)))
-                bar.update(len(chunk))
-        return np.concatenate(parts)
-
-    def _checked(self, vectors: np.ndarray, n: int) -> np.ndarray:
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if vectors.shape != (n, self._encoder.dim):
-            raise StoreError(f"encoder {self._encoder.name} returned shape {vectors.shape}, "
-                             f"expected {(n, self._encoder.dim)}")
-        return vectors
-
-    def _insert_vectors(self, conn: Connection, row_ids: Sequence[int], vectors: np.ndarray) -> None:
-        name, dim = self._encoder.name, self._encoder.dim
-        rows = [{"row_id": int(r), "encoder": name, "dim": dim, "vector": v.astype("<f4").tobytes()}
-                for r, v in zip(row_ids, vectors)]
-        conn.execute(insert_ignore(conn, embeddings), rows)
-
-    def _load_vectors(self, conn: Connection, row_ids: Sequence[int]) -> dict[int, np.ndarray]:
-        name, dim = self._encoder.name, self._encoder.dim
-        out: dict[int, np.ndarray] = {}
-        for chunk in chunks(row_ids):
-            query = select(embeddings.c.row_id, embeddings.c.dim, embeddings.c.vector).where(
-                embeddings.c.encoder == name, embeddings.c.row_id.in_(chunk))
-            for row_id, row_dim, blob in conn.execute(query):
-                if row_dim != dim or len(blob) != 4 * dim:
-                    raise StoreError(f"stored embedding of row {row_id} for encoder {name} has dimension {row_dim}, "
-                                     f"the encoder has {dim}")
-                out[int(row_id)] = np.frombuffer(blob, dtype="<f4").astype(np.float32)
-        return out
-
-    def _vectors_for(self, row_ids: Sequence[int], *, progress: bool = False) -> np.ndarray:
-        """Embeddings of version rows for this encoder, computing and storing the missing ones."""
-        if not row_ids:
-            return np.zeros((0, self._encoder.dim), dtype=np.float32)
-        with self._read() as conn:
-            found = self._load_vectors(conn, row_ids)
-            missing = [r for r in row_ids if r not in found]
-            prompts: dict[int, str] = {}
-            for chunk in chunks(missing):
-                prompts.update((int(r), p) for r, p in conn.execute(
-                    select(edits.c.row_id, edits.c.prompt).where(edits.c.row_id.in_(chunk))))
-        if missing:
-            log.info("computing %d embeddings for encoder %s", len(missing), self._encoder.name)
-            vectors = self._encode([prompts[r] for r in missing], progress=progress)
-            with db_errors(self._url), self._engine.begin() as conn:
-                self._insert_vectors(conn, missing, vectors)
-            found.update(zip(missing, vectors))
-        return np.stack([found[r] for r in row_ids])
+        return encode(self._encoder, texts, progress=progress)
 
     def _stored_vector(self, conn: Connection, row_id: int, prompt: str) -> np.ndarray:
-        found = self._load_vectors(conn, [row_id])
+        found = load_vectors(conn, self._encoder, [row_id])
         return found[row_id] if row_id in found else self._encode([prompt])[0]
 
     def _vector_outside_tx(self, row_id: int, prompt: str) -> np.ndarray:
         with self._read() as conn:
             return self._stored_vector(conn, row_id, prompt)
-
-    # --- internals: index ---------------------------------------------------------------------------------------------
-    def _vector_index(self) -> VectorIndex:
-        if self._index is None:
-            raise StoreError(f"store {self.url} has no index (closed?)")
-        return self._index
-
-    def _load_index(self) -> None:
-        with self._lock:
-            loaded = VectorIndex.load(self._index_path) if self._index_path is not None else None
-            if loaded is not None and self._index_fits(loaded):
-                self._index = loaded
-                self._sync()
-            else:
-                self._rebuild()
-
-    def _index_fits(self, index: VectorIndex) -> bool:
-        why = None
-        if index.store_uid != self._uid:
-            why = "belongs to another store"
-        elif index.encoder != self._encoder.name or index.dim != self._encoder.dim:
-            why = f"was built with encoder {index.encoder}"
-        elif self._index_kind != "auto" and index.kind != self._index_kind:
-            why = f"is {index.kind}, {self._index_kind} requested"
-        if why:
-            log.info("rebuilding index: file %s %s", self._index_path, why)
-        return why is None
-
-    def _sync(self) -> None:
-        """Bring the index up to SQL's change counter: apply the logged changes since the counter it reflects."""
-        index = self._vector_index()
-        with self._read() as conn:
-            seq = int(conn.execute(select(meta.c.change_seq).where(meta.c.id == 1)).scalar_one())
-            if seq == index.seq:
-                return
-            log_rows = [] if seq < index.seq else conn.execute(select(changes.c.row_id, changes.c.op).where(
-                changes.c.seq > index.seq, changes.c.seq <= seq).order_by(changes.c.seq)).all()
-        if seq < index.seq:
-            log.warning("index is ahead of the store (%d > %d): rebuilding", index.seq, seq)
-            self._rebuild()
-            return
-        adds: dict[int, None] = {}
-        removes: set[int] = set()
-        for row_id, op in log_rows:
-            if op == OP_ADD:
-                adds[int(row_id)] = None
-            else:
-                adds.pop(int(row_id), None)
-                removes.add(int(row_id))
-        self._apply(index, seq, list(adds), None, removes)
-
-    def _after_write(self, tx: _Tx) -> None:
-        with self._lock:
-            index = self._vector_index()
-            if index.seq != tx.seq - 1:  # another process wrote in between: replay the log instead
-                self._sync()
-                return
-            adds = [r for r, op in tx.changed if op == OP_ADD]
-            removes = {r for r, op in tx.changed if op == OP_DEL}
-            vectors = np.stack([tx.vectors[r] for r in adds]) if adds else None
-            self._apply(index, tx.seq, adds, vectors, removes)
-
-    def _apply(self, index: VectorIndex, seq: int, adds: list[int], vectors: np.ndarray | None,
-               removes: set[int]) -> None:
-        index.remove(removes)
-        if adds:
-            index.add(np.asarray(adds, dtype=np.int64), vectors if vectors is not None else self._vectors_for(adds))
-        index.seq = seq
-        index.dirty = True
-        if index.needs_rebuild:
-            log.info("rebuilding HNSW index: %d stale of %d vectors", index.n_stale, index.ntotal)
-            self._rebuild()
-
-    def _rebuild(self) -> None:
-        """Build the index from the current versions' embeddings in SQL (computing missing ones) and save it."""
-        with self._read() as conn:
-            seq = int(conn.execute(select(meta.c.change_seq).where(meta.c.id == 1)).scalar_one())
-            row_ids = [int(r) for r in conn.execute(
-                select(edits.c.row_id).where(CURRENT).order_by(edits.c.row_id)).scalars()]
-        kind = self._index_kind
-        if kind == "auto":
-            kind = "hnsw" if len(row_ids) >= HNSW_AUTO_THRESHOLD else "flat"
-        index = VectorIndex(IndexHeader(self._uid, self._encoder.name, self._encoder.dim, kind, seq))
-        for chunk in chunks(row_ids, 20_000):
-            index.add(np.asarray(chunk, dtype=np.int64), self._vectors_for(chunk, progress=len(row_ids) > 20_000))
-        self._index = index
-        log.info("built %s index of %d vectors at change %d", kind, len(row_ids), seq)
-        self._sync()  # changes committed while building (the log replay is idempotent)
-        try:
-            self.save_index()
-        except OSError as err:
-            log.warning("could not save index %s: %s", self._index_path, err)
 
 
 # --- module helpers ---------------------------------------------------------------------------------------------------

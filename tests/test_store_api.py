@@ -57,6 +57,8 @@ def test_add_many_is_one_transaction(store_url: str) -> None:
 
 
 def test_failure_inside_the_write_transaction_rolls_back(store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import memory.store
+
     with open_store(store_url) as mem:
         mem.add_many(FACTS[:2])
         before = snapshot(mem)
@@ -64,7 +66,7 @@ def test_failure_inside_the_write_transaction_rolls_back(store_url: str, monkeyp
         def boom(*args: object, **kwargs: object) -> None:
             raise RuntimeError("disk full")
 
-        monkeypatch.setattr(EditMemory, "_insert_vectors", boom)
+        monkeypatch.setattr(memory.store, "insert_vectors", boom)
         with pytest.raises(RuntimeError):
             mem.add_many(FACTS[2:])
         with pytest.raises(RuntimeError):
@@ -283,9 +285,9 @@ def test_hnsw_filters_removed_and_rebuilds_when_stale_piles_up(store_url: str,
 
 
 def test_auto_switches_to_hnsw_for_large_stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import memory.store
+    import memory.sync
 
-    monkeypatch.setattr(memory.store, "HNSW_AUTO_THRESHOLD", 3)
+    monkeypatch.setattr(memory.sync, "HNSW_AUTO_THRESHOLD", 3)
     with open_store(f"sqlite:///{tmp_path / 's.db'}") as mem:
         mem.add_many(FACTS)
         assert mem.index_kind == "flat"
