@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence, overload
 
 import numpy as np
 from sqlalchemy import func, insert, select, update
@@ -233,14 +233,26 @@ class EditMemory:
         """The ``k`` current edits whose prompts are closest to ``text`` (cosine), best first."""
         return self.search_many([text], k)[0]
 
-    def search_many(self, texts: Sequence[str], k: int = 5) -> list[list[Hit]]:
-        """``search`` for many texts at once: one batched encode, one index search, one SQL fetch."""
+    @overload
+    def search_many(self, texts: Sequence[str], k: int = 5, *,
+                    return_vectors: Literal[False] = False) -> list[list[Hit]]: ...
+
+    @overload
+    def search_many(self, texts: Sequence[str], k: int = 5, *,
+                    return_vectors: Literal[True]) -> tuple[list[list[Hit]], np.ndarray, list[np.ndarray]]: ...
+
+    def search_many(self, texts: Sequence[str], k: int = 5, *, return_vectors: bool = False) -> Any:
+        """``search`` for many texts at once: one batched encode, one index search, one SQL fetch.
+
+        With ``return_vectors``, also the vectors the search used, so a caller need not encode again: returns
+        ``(hits, queries, keys)`` where ``queries`` (len(texts), dim) are the texts' embeddings and ``keys[i]``
+        (len(hits[i]), dim) the stored key embeddings of the versions in ``hits[i]``, row for row."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise ValidationError("texts must be a list of strings")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValidationError(f"k must be a positive integer, got {k!r}")
         if not texts:
-            return []
+            return ([], np.zeros((0, self._encoder.dim), dtype=np.float32), []) if return_vectors else []
         queries = self._encode(list(texts))
         for attempt in range(2):  # a second pass if another process removed a hit between catch-up and fetch
             with self._index_sync.lock:
@@ -250,8 +262,15 @@ class EditMemory:
             records = self._current_records(wanted)
             if attempt == 0 and len(records) < len(wanted):
                 continue
-            return [[Hit(records[int(i)], float(s)) for s, i in zip(srow, irow) if int(i) in records]
+            kept = [[(int(i), float(s)) for s, i in zip(srow, irow) if int(i) in records]
                     for srow, irow in zip(scores, ids)]
+            hits = [[Hit(records[i], s) for i, s in row] for row in kept]
+            if not return_vectors:
+                return hits
+            found = dict(zip(records, self._index_sync.vectors_for(list(records))))
+            empty = np.zeros((0, self._encoder.dim), dtype=np.float32)
+            keys = [np.stack([found[i] for i, _ in row]) if row else empty for row in kept]
+            return hits, queries, keys
         raise AssertionError("unreachable")
 
     # --- writing ------------------------------------------------------------------------------------------------------

@@ -147,6 +147,25 @@ def test_search_many_matches_search(store_url: str) -> None:
         assert mem.search_many([], k=2) == []
 
 
+def test_search_many_can_return_the_vectors_it_used(store_url: str) -> None:
+    with open_store(store_url) as mem:
+        mem.add_many(FACTS)
+        mem.update(1, target_new="Nice")  # a second version: its key is the stored embedding of version 2
+        texts = ["capital of France", "who founded Apple", "Brazil language"]
+        hits, queries, keys = mem.search_many(texts, k=3, return_vectors=True)
+        assert [[(h.edit.id, h.edit.version) for h in row] for row in hits] == \
+               [[(h.edit.id, h.edit.version) for h in row] for row in mem.search_many(texts, k=3)]
+        np.testing.assert_allclose(queries, mem.encoder.encode(texts), atol=1e-6)
+        assert len(keys) == len(hits)
+        for row, block in zip(hits, keys):
+            assert block.shape == (len(row), mem.encoder.dim)
+            np.testing.assert_allclose(block, mem.encoder.encode([h.edit.prompt for h in row]), atol=1e-6)
+            np.testing.assert_allclose(np.einsum("nd,d->n", block, queries[hits.index(row)]),
+                                       [h.score for h in row], atol=1e-5)
+        hits, queries, keys = mem.search_many([], k=2, return_vectors=True)
+        assert hits == [] and keys == [] and queries.shape == (0, mem.encoder.dim)
+
+
 def test_empty_store_search(store_url: str) -> None:
     with open_store(store_url) as mem:
         assert mem.search("anything") == []
