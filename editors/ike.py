@@ -371,7 +371,6 @@ class IkeEditor(Editor):
         from memory.encoder import get_encoder
         from memory.store import EditMemory
         from scope.classifier import CosineScope
-        from scope.router import CachingEncoder
 
         s = self.settings
         if s.mode == "gated":
@@ -382,7 +381,7 @@ class IkeEditor(Editor):
             clf = CosineScope(_ALWAYS, None, {"name": "ike-classic"})
             encoder_name = s.encoder or DEFAULT_ENCODER
             candidates = 1  # the nearest stored edit is the best-scoring candidate
-        encoder = CachingEncoder(get_encoder(encoder_name))
+        encoder = get_encoder(encoder_name)
         clf.check_encoder(encoder.name)
         self.pool = DemoPool.from_file(s.demos, encoder, format=s.demo_format, limit=s.demo_limit)
         self.memory = EditMemory.open(s.store, encoder=encoder)

@@ -136,12 +136,11 @@ class SeracEditor(Editor):
         super().__init__(model, tokenizer, settings)
         from memory.encoder import get_encoder
         from memory.store import EditMemory
-        from scope.router import CachingEncoder
 
         s = self.settings
         clf = load_classifier(s.scope, threshold=s.threshold)
         encoder_name = s.encoder or clf.encoder
-        encoder = CachingEncoder(get_encoder(encoder_name))
+        encoder = get_encoder(encoder_name)
         clf.check_encoder(encoder.name)
         counterfactual, context = None, s.context or DEFAULT_CONTEXT
         if s.counterfactual is not None:

@@ -228,11 +228,11 @@ def _eval_scope(args: argparse.Namespace) -> int:
     from memory.formats import read_cases
     from memory.store import EditMemory
     from scope.evaluate import routing_report
-    from scope.router import CachingEncoder, Router
+    from scope.router import Router
 
     clf = _classifier(args.scope, args.threshold)
     cases = read_cases(args.data, args.format)[:args.limit]
-    encoder = CachingEncoder(get_encoder(clf.encoder or "all-MiniLM-L6-v2"))
+    encoder = get_encoder(clf.encoder or "all-MiniLM-L6-v2")
     with EditMemory.open("sqlite://", encoder=encoder) as mem:
         records = mem.add_many([{"prompt": c.prompt, "target_new": c.target_new, "subject": c.subject}
                                 for c in cases], progress=True)
@@ -251,11 +251,10 @@ def _bench_overhead(args: argparse.Namespace) -> int:
     from editors.models import load_model
     from memory.encoder import get_encoder
     from memory.store import EditMemory
-    from scope.router import CachingEncoder
 
     clf = _classifier(args.scope, None)
     model, tok = load_model(args.model)
-    encoder = CachingEncoder(get_encoder(clf.encoder or "all-MiniLM-L6-v2"))
+    encoder = get_encoder(clf.encoder or "all-MiniLM-L6-v2")
     prompts = ["The tallest mountain on Earth is", "Water boils at a temperature of", "The author of Hamlet is",
                "A popular programming language is", "The largest ocean in the world is"]
     with EditMemory.open("sqlite://", encoder=encoder) as mem:
