@@ -1,7 +1,7 @@
 """Weight edits recorded in the store: apply an intrinsic edit through the store, remove any one of them exactly,
 rebuild the edited model from its base, and consolidate the store's memory edits into the weights.
 
-The store keeps, per edited model (:class:`memory.store.WeightModel`, identified by the base model's
+The store keeps, per edited model (:class:`memory.ledger.WeightModel`, identified by the base model's
 :func:`~editors.lm.architectures.model_fingerprint`):
 
 - one record per applied weight edit (one editor call, one edit or a batch), in the order applied, with the edit

@@ -1,4 +1,5 @@
-"""The store's SQL schema (SQLAlchemy Core, SQLite and PostgreSQL) and how an engine is made from a URL.
+"""The store's SQL schema (SQLAlchemy Core, SQLite and PostgreSQL), how an engine is made from a URL, creating a
+store's tables, and the small SQL helpers the store's modules share (``CURRENT``, ``chunks``, ``db_errors``, ...).
 
 Tables, all prefixed ``editmem_`` so a store can share a PostgreSQL database with other applications:
 
@@ -31,14 +32,17 @@ next opened (:func:`ensure_weight_tables`).
 from __future__ import annotations
 
 import logging
-from typing import Any
+import uuid
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any, Iterator, Sequence
 
 from sqlalchemy import (
     BigInteger, Boolean, Column, DateTime, Index, Integer, LargeBinary, MetaData, PrimaryKeyConstraint, String, Table,
-    Text, UniqueConstraint, create_engine, event, inspect,
+    Text, UniqueConstraint, and_, create_engine, event, insert, inspect, select,
 )
-from sqlalchemy.engine import URL, Engine, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
+from sqlalchemy.engine import URL, Connection, Engine, Row, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, SQLAlchemyError
 
 from memory.errors import StoreError
 
@@ -222,3 +226,76 @@ def ensure_weight_tables(engine: Engine) -> None:
         names = set(inspect(engine).get_table_names())
         if not all(t.name in names for t in WEIGHT_TABLES):
             raise
+
+
+# --- reading and writing helpers shared by the store's modules --------------------------------------------------------
+CURRENT = and_(edits.c.valid_to.is_(None), edits.c.deleted.is_(False))  # the searchable version of each live edit
+SQL_CHUNK = 5000  # most values in one IN (...) list
+
+
+def chunks(items: Sequence[Any], size: int = SQL_CHUNK) -> Iterator[Sequence[Any]]:
+    """``items`` in consecutive slices of at most ``size``."""
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def aware(value: datetime | None) -> datetime | None:
+    """A timestamp read back from SQL, as UTC if the database dropped its zone (SQLite does)."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+def insert_ignore(conn: Connection, table: Any) -> Any:
+    """INSERT ... ON CONFLICT DO NOTHING for SQLite and PostgreSQL."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table).on_conflict_do_nothing()
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table).on_conflict_do_nothing()
+
+
+@contextmanager
+def db_errors(url: URL) -> Iterator[None]:
+    """Turn a database error into StoreError with one line."""
+    try:
+        yield
+    except SQLAlchemyError as err:
+        raise StoreError(describe_db_error(err, url)) from None
+
+
+def ensure_schema(engine: Engine, url: URL, encoder_name: str, create: bool) -> tuple[str, str]:
+    """Create the tables and the meta row if missing; return (store uid, stored encoder name)."""
+    if not tables_exist(engine):
+        if not create:
+            raise StoreError(f"no editmem store at {url.render_as_string(hide_password=True)} "
+                             "(run `editmem init` to create one)")
+        try:
+            metadata.create_all(engine)
+        except SQLAlchemyError:  # another process created them at the same moment
+            if not tables_exist(engine):
+                raise
+    else:
+        ensure_weight_tables(engine)
+    with engine.connect() as conn:
+        row = conn.execute(select(meta).where(meta.c.id == 1)).first()
+    if row is None:
+        row = _insert_meta(engine, encoder_name)
+    if row.schema_version > SCHEMA_VERSION:
+        raise StoreError(f"store schema version {row.schema_version} is newer than this editmem supports "
+                         f"({SCHEMA_VERSION}); upgrade editmem")
+    return row.store_uid, row.encoder
+
+
+def _insert_meta(engine: Engine, encoder_name: str) -> Row:
+    try:
+        with engine.begin() as conn:
+            conn.execute(insert(meta).values(id=1, schema_version=SCHEMA_VERSION, store_uid=str(uuid.uuid4()),
+                                             encoder=encoder_name, change_seq=0, next_edit_id=1, next_row_id=1,
+                                             created_at=datetime.now(timezone.utc)))
+    except IntegrityError:
+        pass  # created concurrently
+    with engine.connect() as conn:
+        return conn.execute(select(meta).where(meta.c.id == 1)).one()

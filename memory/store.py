@@ -13,178 +13,58 @@ the store (uid, encoder, dimension) is rebuilt from the embeddings in SQL.
 
 An ``EditMemory`` may be shared between threads (a lock guards the index) but is meant for one process; several
 processes share a store by each opening it.
+
+This module holds the verbs (open, get/list/history, search, add/update/delete/rollback, import/export) and the write
+transaction; the rest of the store is split by job: field checks in :mod:`memory.validate`, embeddings and the index's
+catch-up in :mod:`memory.sync` (:class:`~memory.sync.IndexSync`), weight records in :mod:`memory.ledger` (whose
+methods ``EditMemory`` exposes under the same names), tables and SQL helpers in :mod:`memory.schema`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import threading
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence, overload
 
 import numpy as np
-from sqlalchemy import and_, func, insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection, Engine, Row, URL
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from memory import schema
 from memory.encoder import DEFAULT_ENCODER, Encoder, get_encoder
 from memory.errors import FormatError, NotFoundError, StoreError, ValidationError
-from memory.index import KINDS, IndexHeader, VectorIndex
+from memory.index import KINDS, VectorIndex
+from memory.ledger import WeightLedger, WeightModel, WeightRecord
+from memory.paths import pg_index_file
+from memory.sync import IndexSync, encode, insert_vectors, load_vectors
 from memory.records import EditCase, EditRecord, Hit
 from memory.schema import (
-    OP_ADD, OP_DEL, changes, edits, embeddings, meta, weight_bases, weight_links, weight_models, weight_records,
+    CURRENT, OP_ADD, OP_DEL, aware, changes, chunks, db_errors, edits, meta,
 )
+from memory.validate import UPDATABLE, EditFields, InvalidField, check_id, edit_fields, fields_of
 
 log = logging.getLogger(__name__)
 
 DEFAULT_URL = "sqlite:///editmem.db"
-HNSW_AUTO_THRESHOLD = 200_000
-ENCODE_BATCH = 256
-SQL_CHUNK = 5000
-UPDATABLE = ("prompt", "target_new", "subject", "ground_truth", "rephrases", "metadata")
 
 
-# --- values -----------------------------------------------------------------------------------------------------------
-class _Invalid(Exception):
-    """A bad field: converted to ValidationError by the API and to FormatError (with record number) by import."""
-
-    def __init__(self, field_name: str, message: str):
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
-        self.message = message
-
-
-@dataclass(frozen=True)
-class _Fields:
-    """The content of one edit version, validated."""
-
-    prompt: str
-    target_new: str
-    subject: str | None = None
-    ground_truth: str | None = None
-    rephrases: tuple[str, ...] = ()
-    metadata: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def content_key(self) -> str:
-        return content_key(self.prompt, self.target_new, self.subject)
-
-    def same_as(self, other: _Fields) -> bool:
-        return (self.prompt, self.target_new, self.subject, self.ground_truth, self.rephrases) == \
-            (other.prompt, other.target_new, other.subject, other.ground_truth, other.rephrases) and \
-            dict(self.metadata) == dict(other.metadata)
-
-
-def content_key(prompt: str, target_new: str, subject: str | None) -> str:
-    """sha256 of (prompt, target_new, subject): the key import uses to skip edits the store already holds."""
-    return hashlib.sha256(json.dumps([prompt, target_new, subject], ensure_ascii=False).encode("utf-8")).hexdigest()
-
-
-def _text(value: Any, name: str, *, required: bool) -> str | None:
-    if value is None:
-        if required:
-            raise _Invalid(name, "is required")
-        return None
-    if not isinstance(value, str):
-        raise _Invalid(name, f"must be a string, got {type(value).__name__}")
-    if not value.strip():
-        if required:
-            raise _Invalid(name, "must not be empty")
-        return None
-    return value
-
-
-def _rephrases(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise _Invalid("rephrases", f"must be a list of strings, got {type(value).__name__}")
-    out = []
-    for i, item in enumerate(value):
-        if not isinstance(item, str) or not item.strip():
-            raise _Invalid("rephrases", f"item {i} must be a non-empty string, got {item!r}")
-        out.append(item)
-    return tuple(out)
-
-
-def _metadata(value: Any) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-        raise _Invalid("metadata", f"must be a mapping with string keys, got {type(value).__name__}")
-    try:
-        return json.loads(json.dumps(dict(value)))
-    except (TypeError, ValueError) as err:
-        raise _Invalid("metadata", f"must be JSON-serialisable: {err}") from None
-
-
-def _fields(prompt: Any, target_new: Any, subject: Any = None, ground_truth: Any = None, rephrases: Any = (),
-            metadata: Any = None) -> _Fields:
-    return _Fields(prompt=_text(prompt, "prompt", required=True), target_new=_text(target_new, "target_new",
-                   required=True), subject=_text(subject, "subject", required=False),
-                   ground_truth=_text(ground_truth, "ground_truth", required=False), rephrases=_rephrases(rephrases),
-                   metadata=_metadata(metadata))
-
-
-def _fields_of(item: Any) -> _Fields:
-    """Validated fields of an EditCase, an EditRecord or a dict with the keyword arguments of ``add``."""
-    if isinstance(item, EditCase):
-        from memory.formats import case_to_metadata  # the one owner of the EditCase <-> metadata mapping
-
-        try:
-            metadata = case_to_metadata(item)
-        except ValidationError as err:
-            raise _Invalid("metadata", str(err)) from None
-        return _fields(item.prompt, item.target_new, item.subject, item.ground_truth, item.rephrases, metadata)
-    if isinstance(item, EditRecord):
-        return _fields(item.prompt, item.target_new, item.subject, item.ground_truth, item.rephrases, item.metadata)
-    if isinstance(item, Mapping):
-        unknown = set(item) - set(UPDATABLE)
-        if unknown:
-            raise _Invalid(sorted(unknown)[0], f"unknown field (known: {', '.join(UPDATABLE)})")
-        return _fields(**{k: item[k] for k in UPDATABLE if k in item})
-    raise _Invalid("item", f"must be an EditCase or a dict, got {type(item).__name__}")
-
-
-def _check_id(edit_id: Any, name: str = "id") -> int:
-    if isinstance(edit_id, bool) or not isinstance(edit_id, (int, np.integer)):
-        raise ValidationError(f"{name} must be an integer, got {edit_id!r}")
-    return int(edit_id)
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
-    return value
-
-
+# --- rows -------------------------------------------------------------------------------------------------------------
 def _record(row: Row) -> EditRecord:
     m = row._mapping
     return EditRecord(id=int(m["edit_id"]), version=int(m["version"]), prompt=m["prompt"],
                       target_new=m["target_new"], subject=m["subject"], ground_truth=m["ground_truth"],
                       rephrases=tuple(json.loads(m["rephrases"])), metadata=json.loads(m["metadata"]),
-                      deleted=bool(m["deleted"]), valid_from=_aware(m["valid_from"]), valid_to=_aware(m["valid_to"]))
+                      deleted=bool(m["deleted"]), valid_from=aware(m["valid_from"]), valid_to=aware(m["valid_to"]))
 
 
-def _fields_of_row(row: Row) -> _Fields:
+def _fields_of_row(row: Row) -> EditFields:
     rec = _record(row)
-    return _Fields(rec.prompt, rec.target_new, rec.subject, rec.ground_truth, rec.rephrases, rec.metadata)
-
-
-def _chunks(items: Sequence[Any], size: int = SQL_CHUNK) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
-_CURRENT = and_(edits.c.valid_to.is_(None), edits.c.deleted.is_(False))
+    return EditFields(rec.prompt, rec.target_new, rec.subject, rec.ground_truth, rec.rephrases, rec.metadata)
 
 
 # --- transactions -----------------------------------------------------------------------------------------------------
@@ -205,58 +85,6 @@ class _Tx:
         return int(self.conn.execute(select(col).where(meta.c.id == 1)).scalar_one()) - n
 
 
-# --- weight edits -----------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class WeightModel:
-    """An edited model the store keeps weight records for: its base model's fingerprint, the base model as the user
-    named it (an alias or a folder), and the folder the edited model is saved in (None if it is kept nowhere)."""
-
-    id: int
-    fingerprint: str
-    base: str
-    folder: str | None
-    created_at: datetime | None = None
-
-
-@dataclass(frozen=True)
-class WeightRecord:
-    """One weight edit applied to a :class:`WeightModel`: which edit versions it wrote, by which method and settings,
-    and which parameters it touched. ``applied`` is false once it has been removed (``note`` says why). The deltas
-    themselves are an opaque blob (:meth:`EditMemory.weight_deltas`)."""
-
-    id: int
-    model_id: int
-    method: str
-    edits: tuple[tuple[int, int], ...]  # (edit id, version)
-    params: tuple[str, ...]
-    settings: dict[str, Any] = field(default_factory=dict)
-    applied: bool = True
-    created_at: datetime | None = None
-    removed_at: datetime | None = None
-    note: str | None = None
-
-    @property
-    def edit_ids(self) -> tuple[int, ...]:
-        return tuple(e for e, _ in self.edits)
-
-
-def _weight_model(row: Row) -> WeightModel:
-    m = row._mapping
-    return WeightModel(id=int(m["model_id"]), fingerprint=m["fingerprint"], base=m["base"], folder=m["folder"],
-                       created_at=_aware(m["created_at"]))
-
-
-def _weight_record(row: Row, links: Sequence[tuple[int, int]]) -> WeightRecord:
-    m = row._mapping
-    return WeightRecord(id=int(m["record_id"]), model_id=int(m["model_id"]), method=m["method"],
-                        edits=tuple(links), params=tuple(json.loads(m["params"])),
-                        settings=json.loads(m["settings"]), applied=bool(m["applied"]),
-                        created_at=_aware(m["created_at"]), removed_at=_aware(m["removed_at"]), note=m["note"])
-
-
-_RECORD_COLUMNS = [c for c in weight_records.c if c.name != "deltas"]
-
-
 # --- the store --------------------------------------------------------------------------------------------------------
 class EditMemory:
     """A versioned store of edits with similarity search. Open with ``EditMemory.open(url)``."""
@@ -266,12 +94,9 @@ class EditMemory:
         self._engine = engine
         self._url = url
         self._encoder = encoder
-        self._uid = store_uid
-        self._index_kind = index_kind
-        self._index_path = index_path
-        self._index: VectorIndex | None = None
-        self._lock = threading.RLock()
+        self._index_sync = IndexSync(self, store_uid, index_kind, index_path)
         self._closed = False
+        self._ledger = WeightLedger(self)
 
     # --- opening and closing ------------------------------------------------------------------------------------------
     @classmethod
@@ -292,8 +117,8 @@ class EditMemory:
         enc = get_encoder(encoder) if encoder is not None else None
         engine = schema.make_engine(parsed)
         try:
-            with _db_errors(parsed):
-                uid, stored_encoder = _ensure_schema(engine, parsed, enc.name if enc else DEFAULT_ENCODER, create)
+            with db_errors(parsed):
+                uid, stored_encoder = schema.ensure_schema(engine, parsed, enc.name if enc else DEFAULT_ENCODER, create)
                 if enc is None:
                     enc = get_encoder(stored_encoder)
                 elif enc.name != stored_encoder:
@@ -302,7 +127,7 @@ class EditMemory:
                     with engine.begin() as conn:
                         conn.execute(update(meta).where(meta.c.id == 1).values(encoder=enc.name))
             mem = cls(engine, parsed, enc, uid, index, _index_path(parsed, uid))
-            mem._load_index()
+            mem._index_sync.load()
         except BaseException:
             engine.dispose()
             raise
@@ -315,7 +140,7 @@ class EditMemory:
         try:
             self.save_index()
         except OSError as err:
-            log.warning("could not save index %s: %s", self._index_path, err)
+            log.warning("could not save index %s: %s", self.index_path, err)
         finally:
             self._closed = True
             self._engine.dispose()
@@ -339,16 +164,21 @@ class EditMemory:
 
     @property
     def index_path(self) -> Path | None:
-        return self._index_path
+        return self._index_sync.path
 
     @property
     def index_kind(self) -> str:
-        return self._vector_index().kind
+        return self._index_sync.index.kind
+
+    @property
+    def _index(self) -> VectorIndex | None:
+        """This process's FAISS index (None before it is loaded)."""
+        return self._index_sync.loaded
 
     # --- reading ------------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
         with self._read() as conn:
-            return int(conn.execute(select(func.count()).select_from(edits).where(_CURRENT)).scalar_one())
+            return int(conn.execute(select(func.count()).select_from(edits).where(CURRENT)).scalar_one())
 
     def __iter__(self) -> Iterator[EditRecord]:
         offset = 0
@@ -361,14 +191,14 @@ class EditMemory:
 
     def get(self, id: int, version: int | None = None) -> EditRecord:
         """The current version of edit ``id`` (a tombstone if it is deleted), or the given version."""
-        edit_id = _check_id(id)
+        edit_id = check_id(id)
         with self._read() as conn:
             if version is None:
                 row = self._current_row(conn, edit_id)
                 if row is None:
                     raise NotFoundError(f"no edit with id {edit_id}")
                 return _record(row)
-            version = _check_id(version, "version")
+            version = check_id(version, "version")
             row = conn.execute(select(edits).where(edits.c.edit_id == edit_id, edits.c.version == version)).first()
             if row is None:
                 latest = self._current_row(conn, edit_id)
@@ -383,7 +213,7 @@ class EditMemory:
             raise ValidationError(f"limit must be a non-negative integer, got {limit!r}")
         if not isinstance(offset, int) or offset < 0:
             raise ValidationError(f"offset must be a non-negative integer, got {offset!r}")
-        where = edits.c.valid_to.is_(None) if include_deleted else _CURRENT
+        where = edits.c.valid_to.is_(None) if include_deleted else CURRENT
         query = select(edits).where(where).order_by(edits.c.edit_id).offset(offset)
         if limit is not None:
             query = query.limit(limit)
@@ -392,7 +222,7 @@ class EditMemory:
 
     def history(self, id: int) -> list[EditRecord]:
         """Every version of edit ``id``, oldest first."""
-        edit_id = _check_id(id)
+        edit_id = check_id(id)
         with self._read() as conn:
             rows = conn.execute(select(edits).where(edits.c.edit_id == edit_id).order_by(edits.c.version)).all()
         if not rows:
@@ -403,25 +233,44 @@ class EditMemory:
         """The ``k`` current edits whose prompts are closest to ``text`` (cosine), best first."""
         return self.search_many([text], k)[0]
 
-    def search_many(self, texts: Sequence[str], k: int = 5) -> list[list[Hit]]:
-        """``search`` for many texts at once: one batched encode, one index search, one SQL fetch."""
+    @overload
+    def search_many(self, texts: Sequence[str], k: int = 5, *,
+                    return_vectors: Literal[False] = False) -> list[list[Hit]]: ...
+
+    @overload
+    def search_many(self, texts: Sequence[str], k: int = 5, *,
+                    return_vectors: Literal[True]) -> tuple[list[list[Hit]], np.ndarray, list[np.ndarray]]: ...
+
+    def search_many(self, texts: Sequence[str], k: int = 5, *, return_vectors: bool = False) -> Any:
+        """``search`` for many texts at once: one batched encode, one index search, one SQL fetch.
+
+        With ``return_vectors``, also the vectors the search used, so a caller need not encode again: returns
+        ``(hits, queries, keys)`` where ``queries`` (len(texts), dim) are the texts' embeddings and ``keys[i]``
+        (len(hits[i]), dim) the stored key embeddings of the versions in ``hits[i]``, row for row."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise ValidationError("texts must be a list of strings")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValidationError(f"k must be a positive integer, got {k!r}")
         if not texts:
-            return []
+            return ([], np.zeros((0, self._encoder.dim), dtype=np.float32), []) if return_vectors else []
         queries = self._encode(list(texts))
         for attempt in range(2):  # a second pass if another process removed a hit between catch-up and fetch
-            with self._lock:
-                self._sync()
-                scores, ids = self._vector_index().search(queries, k)
+            with self._index_sync.lock:
+                self._index_sync.catch_up()
+                scores, ids = self._index_sync.index.search(queries, k)
             wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
             records = self._current_records(wanted)
             if attempt == 0 and len(records) < len(wanted):
                 continue
-            return [[Hit(records[int(i)], float(s)) for s, i in zip(srow, irow) if int(i) in records]
+            kept = [[(int(i), float(s)) for s, i in zip(srow, irow) if int(i) in records]
                     for srow, irow in zip(scores, ids)]
+            hits = [[Hit(records[i], s) for i, s in row] for row in kept]
+            if not return_vectors:
+                return hits
+            found = dict(zip(records, self._index_sync.vectors_for(list(records))))
+            empty = np.zeros((0, self._encoder.dim), dtype=np.float32)
+            keys = [np.stack([found[i] for i, _ in row]) if row else empty for row in kept]
+            return hits, queries, keys
         raise AssertionError("unreachable")
 
     # --- writing ------------------------------------------------------------------------------------------------------
@@ -429,8 +278,8 @@ class EditMemory:
             rephrases: Iterable[str] = (), metadata: Mapping[str, Any] | None = None) -> EditRecord:
         """Store a new edit (version 1)."""
         try:
-            fields = _fields(prompt, target_new, subject, ground_truth, rephrases, metadata)
-        except _Invalid as err:
+            fields = edit_fields(prompt, target_new, subject, ground_truth, rephrases, metadata)
+        except InvalidField as err:
             raise ValidationError(str(err)) from None
         return self._add_fields([fields])[0]
 
@@ -440,15 +289,15 @@ class EditMemory:
         fields = []
         for i, item in enumerate(items):
             try:
-                fields.append(_fields_of(item))
-            except _Invalid as err:
+                fields.append(fields_of(item))
+            except InvalidField as err:
                 raise ValidationError(f"item {i}: {err}") from None
         return self._add_fields(fields, progress=progress)
 
     def update(self, id: int, **changes_: Any) -> EditRecord:
         """Write a new version of edit ``id`` with the given fields changed (prompt, target_new, subject, ground_truth,
         rephrases, metadata) and close the current one. If nothing changes, the current version is returned."""
-        edit_id = _check_id(id)
+        edit_id = check_id(id)
         unknown = set(changes_) - set(UPDATABLE)
         if unknown:
             raise ValidationError(f"cannot update {', '.join(sorted(unknown))}: updatable fields are "
@@ -470,7 +319,7 @@ class EditMemory:
 
     def delete(self, id: int) -> EditRecord:
         """Retract edit ``id``: close its current version and write a tombstone version. Returns the tombstone."""
-        edit_id = _check_id(id)
+        edit_id = check_id(id)
         with self._write() as tx:
             current = self._live_row(edit_id, tx.conn)
             self._close_row(tx, current)
@@ -483,7 +332,7 @@ class EditMemory:
         target = self.get(id, version)
         if target.deleted:
             raise ValidationError(f"version {target.version} of edit {target.id} is a deletion; use delete")
-        content = _Fields(target.prompt, target.target_new, target.subject, target.ground_truth, target.rephrases,
+        content = EditFields(target.prompt, target.target_new, target.subject, target.ground_truth, target.rephrases,
                           target.metadata)
         with self._read() as conn:
             target_row_id = conn.execute(select(edits.c.row_id).where(
@@ -513,8 +362,8 @@ class EditMemory:
         fields = []
         for number, case in enumerate(cases):
             try:
-                fields.append(_fields_of(case))
-            except _Invalid as err:
+                fields.append(fields_of(case))
+            except InvalidField as err:
                 raise FormatError(str(path), err.message, record=number, field=err.field) from None
         added = self._add_fields(fields, skip_existing=True, progress=progress)
         log.info("imported %d of %d edits from %s", len(added), len(fields), path)
@@ -533,183 +382,65 @@ class EditMemory:
         write_jsonl(records, path)
         return len(records)
 
-    # --- weight edits -------------------------------------------------------------------------------------------------
-    # The store keeps weight edits as opaque blobs with their metadata; editors.weights does the torch side.
+    # --- weight edits: the ledger (memory/ledger.py), under the same names ------------------------------------------
     def add_weight_model(self, fingerprint: str, base: str, folder: str | None = None) -> WeightModel:
-        """Register an edited model (see :class:`WeightModel`). A folder can belong to one model only."""
-        for name, value in (("fingerprint", fingerprint), ("base", base)):
-            if not isinstance(value, str) or not value.strip():
-                raise ValidationError(f"{name} must be a non-empty string, got {value!r}")
-        if folder is not None and (not isinstance(folder, str) or not folder.strip()):
-            raise ValidationError(f"folder must be a non-empty string or None, got {folder!r}")
-        with self._write() as tx:
-            if folder is not None and tx.conn.execute(
-                    select(weight_models.c.model_id).where(weight_models.c.folder == folder)).first() is not None:
-                raise ValidationError(f"folder {folder} already holds a model with weight edits in this store")
-            model_id = tx.conn.execute(insert(weight_models).values(
-                fingerprint=fingerprint, base=base, folder=folder, created_at=tx.now)).inserted_primary_key[0]
-        return WeightModel(int(model_id), fingerprint, base, folder, tx.now)
+        """Register an edited model: :meth:`WeightLedger.add_weight_model`."""
+        return self._ledger.add_weight_model(fingerprint, base, folder)
 
     def weight_models(self, *, folder: str | None = None) -> list[WeightModel]:
-        """The registered edited models (the one saved in ``folder``, if given), oldest first."""
-        query = select(weight_models).order_by(weight_models.c.model_id)
-        if folder is not None:
-            query = query.where(weight_models.c.folder == folder)
-        with self._read() as conn:
-            return [_weight_model(r) for r in conn.execute(query)]
+        """The registered edited models: :meth:`WeightLedger.weight_models`."""
+        return self._ledger.weight_models(folder=folder)
 
     def get_weight_model(self, model_id: int) -> WeightModel:
-        model_id = _check_id(model_id, "model id")
-        with self._read() as conn:
-            row = conn.execute(select(weight_models).where(weight_models.c.model_id == model_id)).first()
-        if row is None:
-            raise NotFoundError(f"no model with weight edits has id {model_id}")
-        return _weight_model(row)
+        """One registered edited model by id: :meth:`WeightLedger.get_weight_model`."""
+        return self._ledger.get_weight_model(model_id)
 
     def attach_weights(self, model_id: int, method: str, edits_: Sequence[tuple[int, int]], params: Sequence[str],
                        deltas: bytes, *, bases: Mapping[str, bytes] | None = None,
                        settings: Mapping[str, Any] | None = None) -> WeightRecord:
-        """Record a weight edit of model ``model_id`` that wrote the edit versions ``edits_`` ((id, version) pairs,
-        each the current version of a live edit): the touched ``params``, an opaque ``deltas`` blob, and the base
-        value blob of each touched parameter the model has no base value for yet (``bases``; ones already stored are
-        kept). One transaction: all or nothing."""
-        model = self.get_weight_model(model_id)
-        if not isinstance(method, str) or not method.strip():
-            raise ValidationError(f"method must be a non-empty string, got {method!r}")
-        pairs = [(_check_id(e, "edit id"), _check_id(v, "version")) for e, v in edits_]
-        if not pairs or len({e for e, _ in pairs}) != len(pairs):
-            raise ValidationError("a weight record needs at least one edit, each at most once")
-        params = [str(p) for p in params]
-        if not params or len(set(params)) != len(params):
-            raise ValidationError("a weight record needs at least one parameter name, each at most once")
-        if not isinstance(deltas, (bytes, bytearray, memoryview)):
-            raise ValidationError(f"deltas must be bytes, got {type(deltas).__name__}")
-        try:
-            settings_json = json.dumps(dict(settings or {}), sort_keys=True)
-        except (TypeError, ValueError) as err:
-            raise ValidationError(f"settings must be JSON-serialisable: {err}") from None
-        with self._write() as tx:
-            for edit_id, version in pairs:
-                current = self._live_row(edit_id, tx.conn)
-                if current.version != version:
-                    raise ValidationError(f"edit {edit_id} is at version {current.version}, not {version}")
-            have = set(tx.conn.execute(select(weight_bases.c.param).where(
-                weight_bases.c.model_id == model.id, weight_bases.c.param.in_(params))).scalars())
-            missing = [p for p in params if p not in have]
-            lacking = [p for p in missing if p not in (bases or {})]
-            if lacking:
-                raise ValidationError(f"no base value given for parameter(s) {lacking} of model {model.id}")
-            if missing:
-                tx.conn.execute(insert(weight_bases), [{"model_id": model.id, "param": p, "value": bytes(bases[p])}
-                                                       for p in missing])
-            record_id = int(tx.conn.execute(insert(weight_records).values(
-                model_id=model.id, method=method, settings=settings_json, params=json.dumps(params),
-                deltas=bytes(deltas), applied=True, created_at=tx.now, removed_at=None,
-                note=None)).inserted_primary_key[0])
-            tx.conn.execute(insert(weight_links), [{"record_id": record_id, "edit_id": e, "version": v}
-                                                   for e, v in pairs])
-        return WeightRecord(record_id, model.id, method, tuple(pairs), tuple(params), json.loads(settings_json),
-                            True, tx.now)
+        """Record a weight edit: :meth:`WeightLedger.attach_weights`."""
+        return self._ledger.attach_weights(model_id, method, edits_, params, deltas, bases=bases, settings=settings)
 
     def weight_records(self, *, model_id: int | None = None, edit_id: int | None = None,
                        applied: bool | None = True) -> list[WeightRecord]:
-        """Weight records in the order they were applied: of one model, linked to one edit, applied (default),
-        removed (``applied=False``) or both (``None``)."""
-        query = select(*_RECORD_COLUMNS).order_by(weight_records.c.record_id)
-        if model_id is not None:
-            query = query.where(weight_records.c.model_id == _check_id(model_id, "model id"))
-        if applied is not None:
-            query = query.where(weight_records.c.applied.is_(bool(applied)))
-        if edit_id is not None:
-            query = query.where(weight_records.c.record_id.in_(
-                select(weight_links.c.record_id).where(weight_links.c.edit_id == _check_id(edit_id))))
-        with self._read() as conn:
-            rows = conn.execute(query).all()
-            links: dict[int, list[tuple[int, int]]] = {}
-            for chunk in _chunks([int(r.record_id) for r in rows]):
-                for rid, e, v in conn.execute(select(weight_links.c.record_id, weight_links.c.edit_id,
-                                                     weight_links.c.version).where(
-                        weight_links.c.record_id.in_(chunk)).order_by(weight_links.c.edit_id)):
-                    links.setdefault(int(rid), []).append((int(e), int(v)))
-        return [_weight_record(r, links.get(int(r.record_id), [])) for r in rows]
+        """Weight records in the order applied: :meth:`WeightLedger.weight_records`."""
+        return self._ledger.weight_records(model_id=model_id, edit_id=edit_id, applied=applied)
 
     def weight_deltas(self, record_id: int) -> bytes:
-        """The deltas blob of a weight record."""
-        record_id = _check_id(record_id, "record id")
-        with self._read() as conn:
-            blob = conn.execute(select(weight_records.c.deltas).where(
-                weight_records.c.record_id == record_id)).scalar_one_or_none()
-        if blob is None:
-            raise NotFoundError(f"no weight record {record_id}")
-        return bytes(blob)
+        """The deltas blob of a weight record: :meth:`WeightLedger.weight_deltas`."""
+        return self._ledger.weight_deltas(record_id)
 
     def weight_bases(self, model_id: int, params: Sequence[str] | None = None) -> dict[str, bytes]:
-        """The stored base value blobs of a model's touched parameters (those in ``params``, if given)."""
-        query = select(weight_bases.c.param, weight_bases.c.value).where(
-            weight_bases.c.model_id == _check_id(model_id, "model id"))
-        out: dict[str, bytes] = {}
-        with self._read() as conn:
-            if params is None:
-                out.update((p, bytes(v)) for p, v in conn.execute(query))
-            else:
-                for chunk in _chunks(list(params)):
-                    out.update((p, bytes(v)) for p, v in conn.execute(query.where(weight_bases.c.param.in_(chunk))))
-        return out
+        """A model's stored base value blobs: :meth:`WeightLedger.weight_bases`."""
+        return self._ledger.weight_bases(model_id, params)
 
     def weight_base_params(self, model_id: int) -> list[str]:
-        """The names of a model's touched parameters (those with a stored base value), sorted; no blobs are read."""
-        query = select(weight_bases.c.param).where(weight_bases.c.model_id == _check_id(model_id, "model id"))
-        with self._read() as conn:
-            return sorted(conn.execute(query).scalars())
+        """The names of a model's touched parameters: :meth:`WeightLedger.weight_base_params`."""
+        return self._ledger.weight_base_params(model_id)
 
     def detach_weights(self, record_id: int, note: str | None = None) -> WeightRecord:
-        """Mark a weight record as removed (it stays in the table with ``note``); the caller restores the weights."""
-        record_id = _check_id(record_id, "record id")
-        with self._write() as tx:
-            done = tx.conn.execute(update(weight_records).where(
-                weight_records.c.record_id == record_id, weight_records.c.applied.is_(True)).values(
-                applied=False, removed_at=tx.now, note=note))
-            if done.rowcount != 1:
-                exists = tx.conn.execute(select(weight_records.c.record_id).where(
-                    weight_records.c.record_id == record_id)).first()
-                raise NotFoundError(f"weight record {record_id} is already removed" if exists
-                                    else f"no weight record {record_id}")
-        return self.weight_record(record_id)
+        """Mark a weight record as removed: :meth:`WeightLedger.detach_weights`."""
+        return self._ledger.detach_weights(record_id, note)
 
     def weight_record(self, record_id: int) -> WeightRecord:
-        """One weight record by id, applied or removed."""
-        record_id = _check_id(record_id, "record id")
-        with self._read() as conn:
-            row = conn.execute(select(*_RECORD_COLUMNS).where(weight_records.c.record_id == record_id)).first()
-            if row is None:
-                raise NotFoundError(f"no weight record {record_id}")
-            links = [(int(e), int(v)) for e, v in conn.execute(select(weight_links.c.edit_id, weight_links.c.version)
-                     .where(weight_links.c.record_id == record_id).order_by(weight_links.c.edit_id))]
-        return _weight_record(row, links)
+        """One weight record by id: :meth:`WeightLedger.weight_record`."""
+        return self._ledger.weight_record(record_id)
 
     def consolidated(self) -> dict[int, list[WeightRecord]]:
-        """Edit id -> the applied weight records that wrote its current version (edits with none are left out)."""
-        with self._read() as conn:
-            current = {int(e): int(v) for e, v in conn.execute(select(edits.c.edit_id, edits.c.version).where(
-                _CURRENT, edits.c.edit_id.in_(select(weight_links.c.edit_id))))}
-        out: dict[int, list[WeightRecord]] = {}
-        for record in self.weight_records(applied=True):
-            for edit_id, version in record.edits:
-                if current.get(edit_id) == version:
-                    out.setdefault(edit_id, []).append(record)
-        return out
+        """Edit id -> the applied weight records that wrote its current version: :meth:`WeightLedger.consolidated`."""
+        return self._ledger.consolidated()
 
     # --- consistency --------------------------------------------------------------------------------------------------
     def index_ids(self) -> set[int]:
         """The version row ids a search can return (after catching up). Diagnostic."""
-        with self._lock:
-            self._sync()
-            return self._vector_index().ids()
+        with self._index_sync.lock:
+            self._index_sync.catch_up()
+            return self._index_sync.index.ids()
 
     def current_row_ids(self) -> set[int]:
         """The version row ids of the current, non-deleted versions in SQL. Diagnostic."""
         with self._read() as conn:
-            return {int(r) for r in conn.execute(select(edits.c.row_id).where(_CURRENT)).scalars()}
+            return {int(r) for r in conn.execute(select(edits.c.row_id).where(CURRENT)).scalars()}
 
     def verify(self) -> None:
         """Raise StoreError if the index and SQL disagree on which versions are searchable."""
@@ -723,15 +454,12 @@ class EditMemory:
         if index is not None:
             if index not in ("auto", *KINDS):
                 raise ValidationError(f"index must be one of auto, flat, hnsw; got {index!r}")
-            self._index_kind = index
-        with self._lock:
-            self._rebuild()
+            self._index_sync.kind = index
+        self._index_sync.rebuild()
 
     def save_index(self) -> None:
         """Write the index file now if it changed (a no-op for in-memory stores)."""
-        with self._lock:
-            if self._index is not None and self._index.dirty and self._index_path is not None:
-                self._index.save(self._index_path)
+        self._index_sync.save()
 
     # --- internals: SQL -----------------------------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -741,7 +469,7 @@ class EditMemory:
     @contextmanager
     def _read(self) -> Iterator[Connection]:
         self._check_open()
-        with _db_errors(self._url), self._engine.connect() as conn:
+        with db_errors(self._url), self._engine.connect() as conn:
             yield conn
 
     @contextmanager
@@ -749,7 +477,7 @@ class EditMemory:
         """A write transaction: bumps the change counter first (serialising writers), logs the changes, commits, then
         applies them to this process's index."""
         self._check_open()
-        with _db_errors(self._url):
+        with db_errors(self._url):
             with self._engine.begin() as conn:
                 conn.execute(update(meta).where(meta.c.id == 1).values(change_seq=meta.c.change_seq + 1))
                 seq = int(conn.execute(select(meta.c.change_seq).where(meta.c.id == 1)).scalar_one())
@@ -757,7 +485,7 @@ class EditMemory:
                 yield tx
                 if tx.changed:
                     conn.execute(insert(changes), [{"seq": seq, "row_id": r, "op": op} for r, op in tx.changed])
-        self._after_write(tx)
+        self._index_sync.after_write(tx)
 
     @staticmethod
     def _current_row(conn: Connection, edit_id: int) -> Row | None:
@@ -777,30 +505,30 @@ class EditMemory:
         return row
 
     @staticmethod
-    def _merge(row: Row, changes_: Mapping[str, Any]) -> _Fields:
+    def _merge(row: Row, changes_: Mapping[str, Any]) -> EditFields:
         base = _fields_of_row(row)
         values = {name: changes_.get(name, getattr(base, name)) for name in UPDATABLE}
         try:
-            return _fields(**values)
-        except _Invalid as err:
+            return edit_fields(**values)
+        except InvalidField as err:
             raise ValidationError(str(err)) from None
 
     def _current_records(self, row_ids: Sequence[int]) -> dict[int, EditRecord]:
         out: dict[int, EditRecord] = {}
         with self._read() as conn:
-            for chunk in _chunks(row_ids):
-                for row in conn.execute(select(edits).where(edits.c.row_id.in_(chunk), _CURRENT)):
+            for chunk in chunks(row_ids):
+                for row in conn.execute(select(edits).where(edits.c.row_id.in_(chunk), CURRENT)):
                     out[int(row.row_id)] = _record(row)
         return out
 
     def _existing_keys(self, conn: Connection, keys: Sequence[str]) -> set[str]:
         found: set[str] = set()
-        for chunk in _chunks(sorted(set(keys))):
+        for chunk in chunks(sorted(set(keys))):
             found.update(conn.execute(select(edits.c.content_key).where(
-                edits.c.content_key.in_(chunk), _CURRENT)).scalars())
+                edits.c.content_key.in_(chunk), CURRENT)).scalars())
         return found
 
-    def _new_only(self, fields: list[_Fields], conn: Connection) -> list[_Fields]:
+    def _new_only(self, fields: list[EditFields], conn: Connection) -> list[EditFields]:
         """Drop fields whose content key is already current in the store, or repeats an earlier item."""
         existing = self._existing_keys(conn, [f.content_key for f in fields])
         out = []
@@ -810,7 +538,7 @@ class EditMemory:
                 out.append(f)
         return out
 
-    def _add_fields(self, fields: list[_Fields], *, skip_existing: bool = False,
+    def _add_fields(self, fields: list[EditFields], *, skip_existing: bool = False,
                     progress: bool = False) -> list[EditRecord]:
         if skip_existing:
             with self._read() as conn:
@@ -827,7 +555,7 @@ class EditMemory:
             rows = [self._version_row(tx, first_row + i, first_edit + i, 1, f) for i, f in enumerate(fields)]
             if rows:
                 tx.conn.execute(insert(edits), rows)
-                self._insert_vectors(tx.conn, [r["row_id"] for r in rows],
+                insert_vectors(tx.conn, self._encoder, [r["row_id"] for r in rows],
                                      np.stack([by_key[f.content_key] for f in fields]))
             for r, f in zip(rows, fields):
                 tx.changed.append((r["row_id"], OP_ADD))
@@ -835,7 +563,7 @@ class EditMemory:
         return [_record_from_values(r) for r in rows]
 
     @staticmethod
-    def _version_row(tx: _Tx, row_id: int, edit_id: int, version: int, f: _Fields, *,
+    def _version_row(tx: _Tx, row_id: int, edit_id: int, version: int, f: EditFields, *,
                      deleted: bool = False) -> dict[str, Any]:
         return {"row_id": row_id, "edit_id": edit_id, "version": version, "prompt": f.prompt,
                 "target_new": f.target_new, "subject": f.subject, "ground_truth": f.ground_truth,
@@ -843,14 +571,14 @@ class EditMemory:
                 "metadata": json.dumps(dict(f.metadata), ensure_ascii=False, sort_keys=True), "deleted": deleted,
                 "valid_from": tx.now, "valid_to": None, "content_key": f.content_key}
 
-    def _insert_version(self, tx: _Tx, edit_id: int, version: int, f: _Fields, vector: np.ndarray | None, *,
+    def _insert_version(self, tx: _Tx, edit_id: int, version: int, f: EditFields, vector: np.ndarray | None, *,
                         deleted: bool = False) -> EditRecord:
         row_id = tx.allocate("next_row_id", 1)
         values = self._version_row(tx, row_id, edit_id, version, f, deleted=deleted)
         tx.conn.execute(insert(edits), [values])
         if not deleted:
             assert vector is not None
-            self._insert_vectors(tx.conn, [row_id], vector[None, :])
+            insert_vectors(tx.conn, self._encoder, [row_id], vector[None, :])
             tx.changed.append((row_id, OP_ADD))
             tx.vectors[row_id] = vector
         return _record_from_values(values)
@@ -865,162 +593,22 @@ class EditMemory:
             tx.changed.append((int(row.row_id), OP_DEL))
 
     # --- internals: embeddings ----------------------------------------------------------------------------------------
+    @contextmanager
+    def _embeddings_tx(self) -> Iterator[Connection]:
+        """A transaction that only stores embeddings: no change-counter bump (what is searchable stays the same)."""
+        with db_errors(self._url), self._engine.begin() as conn:
+            yield conn
+
     def _encode(self, texts: list[str], *, progress: bool = False) -> np.ndarray:
-        if len(texts) <= ENCODE_BATCH:
-            return self._checked(self._encoder.encode(texts), len(texts))
-        from tqdm.auto import tqdm
-
-        parts = []
-        with tqdm(total=len(texts), desc="encoding", unit="edit", disable=not progress, leave=False) as bar:
-            for chunk in _chunks(texts, ENCODE_BATCH):
-                parts.append(self._checked(self._encoder.encode(list(chunk)), len(chunk)))
-                bar.update(len(chunk))
-        return np.concatenate(parts)
-
-    def _checked(self, vectors: np.ndarray, n: int) -> np.ndarray:
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if vectors.shape != (n, self._encoder.dim):
-            raise StoreError(f"encoder {self._encoder.name} returned shape {vectors.shape}, "
-                             f"expected {(n, self._encoder.dim)}")
-        return vectors
-
-    def _insert_vectors(self, conn: Connection, row_ids: Sequence[int], vectors: np.ndarray) -> None:
-        name, dim = self._encoder.name, self._encoder.dim
-        rows = [{"row_id": int(r), "encoder": name, "dim": dim, "vector": v.astype("<f4").tobytes()}
-                for r, v in zip(row_ids, vectors)]
-        conn.execute(_insert_ignore(conn, embeddings), rows)
-
-    def _load_vectors(self, conn: Connection, row_ids: Sequence[int]) -> dict[int, np.ndarray]:
-        name, dim = self._encoder.name, self._encoder.dim
-        out: dict[int, np.ndarray] = {}
-        for chunk in _chunks(row_ids):
-            query = select(embeddings.c.row_id, embeddings.c.dim, embeddings.c.vector).where(
-                embeddings.c.encoder == name, embeddings.c.row_id.in_(chunk))
-            for row_id, row_dim, blob in conn.execute(query):
-                if row_dim != dim or len(blob) != 4 * dim:
-                    raise StoreError(f"stored embedding of row {row_id} for encoder {name} has dimension {row_dim}, "
-                                     f"the encoder has {dim}")
-                out[int(row_id)] = np.frombuffer(blob, dtype="<f4").astype(np.float32)
-        return out
-
-    def _vectors_for(self, row_ids: Sequence[int], *, progress: bool = False) -> np.ndarray:
-        """Embeddings of version rows for this encoder, computing and storing the missing ones."""
-        if not row_ids:
-            return np.zeros((0, self._encoder.dim), dtype=np.float32)
-        with self._read() as conn:
-            found = self._load_vectors(conn, row_ids)
-            missing = [r for r in row_ids if r not in found]
-            prompts: dict[int, str] = {}
-            for chunk in _chunks(missing):
-                prompts.update((int(r), p) for r, p in conn.execute(
-                    select(edits.c.row_id, edits.c.prompt).where(edits.c.row_id.in_(chunk))))
-        if missing:
-            log.info("computing %d embeddings for encoder %s", len(missing), self._encoder.name)
-            vectors = self._encode([prompts[r] for r in missing], progress=progress)
-            with _db_errors(self._url), self._engine.begin() as conn:
-                self._insert_vectors(conn, missing, vectors)
-            found.update(zip(missing, vectors))
-        return np.stack([found[r] for r in row_ids])
+        return encode(self._encoder, texts, progress=progress)
 
     def _stored_vector(self, conn: Connection, row_id: int, prompt: str) -> np.ndarray:
-        found = self._load_vectors(conn, [row_id])
+        found = load_vectors(conn, self._encoder, [row_id])
         return found[row_id] if row_id in found else self._encode([prompt])[0]
 
     def _vector_outside_tx(self, row_id: int, prompt: str) -> np.ndarray:
         with self._read() as conn:
             return self._stored_vector(conn, row_id, prompt)
-
-    # --- internals: index ---------------------------------------------------------------------------------------------
-    def _vector_index(self) -> VectorIndex:
-        if self._index is None:
-            raise StoreError(f"store {self.url} has no index (closed?)")
-        return self._index
-
-    def _load_index(self) -> None:
-        with self._lock:
-            loaded = VectorIndex.load(self._index_path) if self._index_path is not None else None
-            if loaded is not None and self._index_fits(loaded):
-                self._index = loaded
-                self._sync()
-            else:
-                self._rebuild()
-
-    def _index_fits(self, index: VectorIndex) -> bool:
-        why = None
-        if index.store_uid != self._uid:
-            why = "belongs to another store"
-        elif index.encoder != self._encoder.name or index.dim != self._encoder.dim:
-            why = f"was built with encoder {index.encoder}"
-        elif self._index_kind != "auto" and index.kind != self._index_kind:
-            why = f"is {index.kind}, {self._index_kind} requested"
-        if why:
-            log.info("rebuilding index: file %s %s", self._index_path, why)
-        return why is None
-
-    def _sync(self) -> None:
-        """Bring the index up to SQL's change counter: apply the logged changes since the counter it reflects."""
-        index = self._vector_index()
-        with self._read() as conn:
-            seq = int(conn.execute(select(meta.c.change_seq).where(meta.c.id == 1)).scalar_one())
-            if seq == index.seq:
-                return
-            log_rows = [] if seq < index.seq else conn.execute(select(changes.c.row_id, changes.c.op).where(
-                changes.c.seq > index.seq, changes.c.seq <= seq).order_by(changes.c.seq)).all()
-        if seq < index.seq:
-            log.warning("index is ahead of the store (%d > %d): rebuilding", index.seq, seq)
-            self._rebuild()
-            return
-        adds: dict[int, None] = {}
-        removes: set[int] = set()
-        for row_id, op in log_rows:
-            if op == OP_ADD:
-                adds[int(row_id)] = None
-            else:
-                adds.pop(int(row_id), None)
-                removes.add(int(row_id))
-        self._apply(index, seq, list(adds), None, removes)
-
-    def _after_write(self, tx: _Tx) -> None:
-        with self._lock:
-            index = self._vector_index()
-            if index.seq != tx.seq - 1:  # another process wrote in between: replay the log instead
-                self._sync()
-                return
-            adds = [r for r, op in tx.changed if op == OP_ADD]
-            removes = {r for r, op in tx.changed if op == OP_DEL}
-            vectors = np.stack([tx.vectors[r] for r in adds]) if adds else None
-            self._apply(index, tx.seq, adds, vectors, removes)
-
-    def _apply(self, index: VectorIndex, seq: int, adds: list[int], vectors: np.ndarray | None,
-               removes: set[int]) -> None:
-        index.remove(removes)
-        if adds:
-            index.add(np.asarray(adds, dtype=np.int64), vectors if vectors is not None else self._vectors_for(adds))
-        index.seq = seq
-        index.dirty = True
-        if index.needs_rebuild:
-            log.info("rebuilding HNSW index: %d stale of %d vectors", index.n_stale, index.ntotal)
-            self._rebuild()
-
-    def _rebuild(self) -> None:
-        """Build the index from the current versions' embeddings in SQL (computing missing ones) and save it."""
-        with self._read() as conn:
-            seq = int(conn.execute(select(meta.c.change_seq).where(meta.c.id == 1)).scalar_one())
-            row_ids = [int(r) for r in conn.execute(
-                select(edits.c.row_id).where(_CURRENT).order_by(edits.c.row_id)).scalars()]
-        kind = self._index_kind
-        if kind == "auto":
-            kind = "hnsw" if len(row_ids) >= HNSW_AUTO_THRESHOLD else "flat"
-        index = VectorIndex(IndexHeader(self._uid, self._encoder.name, self._encoder.dim, kind, seq))
-        for chunk in _chunks(row_ids, 20_000):
-            index.add(np.asarray(chunk, dtype=np.int64), self._vectors_for(chunk, progress=len(row_ids) > 20_000))
-        self._index = index
-        log.info("built %s index of %d vectors at change %d", kind, len(row_ids), seq)
-        self._sync()  # changes committed while building (the log replay is idempotent)
-        try:
-            self.save_index()
-        except OSError as err:
-            log.warning("could not save index %s: %s", self._index_path, err)
 
 
 # --- module helpers ---------------------------------------------------------------------------------------------------
@@ -1030,26 +618,6 @@ def _record_from_values(values: Mapping[str, Any]) -> EditRecord:
                       ground_truth=values["ground_truth"], rephrases=tuple(json.loads(values["rephrases"])),
                       metadata=json.loads(values["metadata"]), deleted=values["deleted"],
                       valid_from=values["valid_from"], valid_to=None)
-
-
-def _insert_ignore(conn: Connection, table: Any) -> Any:
-    """INSERT ... ON CONFLICT DO NOTHING for SQLite and PostgreSQL."""
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        return pg_insert(table).on_conflict_do_nothing()
-    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-    return sqlite_insert(table).on_conflict_do_nothing()
-
-
-@contextmanager
-def _db_errors(url: URL) -> Iterator[None]:
-    """Turn a database error into StoreError with one line."""
-    try:
-        yield
-    except SQLAlchemyError as err:
-        raise StoreError(schema.describe_db_error(err, url)) from None
 
 
 def _check_sqlite_path(url: URL, create: bool) -> None:
@@ -1062,43 +630,7 @@ def _check_sqlite_path(url: URL, create: bool) -> None:
         raise StoreError(f"no store at {path} (run `editmem init` to create one)")
 
 
-def _ensure_schema(engine: Engine, url: URL, encoder_name: str, create: bool) -> tuple[str, str]:
-    """Create the tables and the meta row if missing; return (store uid, stored encoder name)."""
-    if not schema.tables_exist(engine):
-        if not create:
-            raise StoreError(f"no editmem store at {url.render_as_string(hide_password=True)} "
-                             "(run `editmem init` to create one)")
-        try:
-            schema.metadata.create_all(engine)
-        except SQLAlchemyError:  # another process created them at the same moment
-            if not schema.tables_exist(engine):
-                raise
-    else:
-        schema.ensure_weight_tables(engine)
-    with engine.connect() as conn:
-        row = conn.execute(select(meta).where(meta.c.id == 1)).first()
-    if row is None:
-        row = _insert_meta(engine, encoder_name)
-    if row.schema_version > schema.SCHEMA_VERSION:
-        raise StoreError(f"store schema version {row.schema_version} is newer than this editmem supports "
-                         f"({schema.SCHEMA_VERSION}); upgrade editmem")
-    return row.store_uid, row.encoder
-
-
-def _insert_meta(engine: Engine, encoder_name: str) -> Row:
-    try:
-        with engine.begin() as conn:
-            conn.execute(insert(meta).values(id=1, schema_version=schema.SCHEMA_VERSION, store_uid=str(uuid.uuid4()),
-                                             encoder=encoder_name, change_seq=0, next_edit_id=1, next_row_id=1,
-                                             created_at=datetime.now(timezone.utc)))
-    except IntegrityError:
-        pass  # created concurrently
-    with engine.connect() as conn:
-        return conn.execute(select(meta).where(meta.c.id == 1)).one()
-
-
 def _index_path(url: URL, store_uid: str) -> Path | None:
     if url.get_backend_name() == "sqlite":
         return None if schema.is_memory_sqlite(url) else Path(str(url.database) + ".faiss")
-    cache = Path(os.environ.get("EDITMEM_CACHE") or Path.home() / ".cache" / "editmem")
-    return cache / f"pg-{store_uid}.faiss"
+    return pg_index_file(store_uid)

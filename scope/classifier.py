@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from memory.errors import EditmemError, ValidationError
-from memory.records import EditRecord
+from memory.paths import cache_subdir
+from memory.records import EditRecord, Hit
 from scope.features import FEATURE_SPEC, lexical_many, n_features, pair_features
 
 log = logging.getLogger(__name__)
@@ -39,13 +40,14 @@ class ScopeError(EditmemError):
 
 def scope_root() -> Path:
     """Where saved classifiers live: ``$EDITMEM_CACHE/scope`` (default ``~/.cache/editmem/scope``)."""
-    return Path(os.environ.get("EDITMEM_CACHE") or Path.home() / ".cache" / "editmem").expanduser() / "scope"
+    return cache_subdir("scope")
 
 
 class ScopeClassifier(ABC):
     """Scores (query, edit) pairs; ``score >= threshold`` means the query is inside the edit's scope."""
 
     kind: str = ""
+    needs_vectors: bool = True  # whether score_hits reads the query and key embeddings
 
     def __init__(self, threshold: float, encoder: str | None, info: Mapping[str, Any] | None = None):
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not np.isfinite(threshold):
@@ -58,6 +60,12 @@ class ScopeClassifier(ABC):
     def score(self, queries: Sequence[str], u: np.ndarray, edits: Sequence[EditRecord], v: np.ndarray) -> np.ndarray:
         """Scores (n,) of n pairs: query texts and their embeddings ``u`` (n, dim), edits and their key embeddings
         ``v`` (n, dim), unit rows from the encoder this classifier was made for."""
+
+    def score_hits(self, queries: Sequence[str], hits: Sequence[Hit], u: np.ndarray | None,
+                   v: np.ndarray | None) -> np.ndarray:
+        """Scores (n,) of n (query, search hit) pairs. ``u`` and ``v`` are the queries' and the hits' key embeddings
+        as in :meth:`score`; they may be None for a classifier whose :attr:`needs_vectors` is false."""
+        return self.score(queries, u, [h.edit for h in hits], v)
 
     def check_encoder(self, encoder_name: str) -> None:
         """Raise :class:`ScopeError` unless this classifier can score embeddings of ``encoder_name``."""
@@ -79,12 +87,17 @@ class CosineScope(ScopeClassifier):
     """Level 1: the cosine similarity of query and edit key (no training)."""
 
     kind = "cosine"
+    needs_vectors = False  # a search hit's score is already the cosine of query and key
 
     def __init__(self, threshold: float = 0.8, encoder: str | None = None, info: Mapping[str, Any] | None = None):
         super().__init__(threshold, encoder, info)
 
     def score(self, queries: Sequence[str], u: np.ndarray, edits: Sequence[EditRecord], v: np.ndarray) -> np.ndarray:
         return np.einsum("nd,nd->n", np.asarray(u, dtype=np.float32), np.asarray(v, dtype=np.float32))
+
+    def score_hits(self, queries: Sequence[str], hits: Sequence[Hit], u: np.ndarray | None,
+                   v: np.ndarray | None) -> np.ndarray:
+        return np.asarray([h.score for h in hits], dtype=np.float32)
 
 
 class ScopeHead(torch.nn.Module):

@@ -11,26 +11,25 @@ text ("One person killed. Heath Brothers plays"), which dilutes a sentence embed
 begins with an edit's own prompt (word for word, case and spacing aside; a teacher-forced row is the prompt followed
 by its answer) is in that edit's scope by definition: the pair scores the classifier's maximum (1.0).
 
-Edit-key embeddings for the trained head are re-encoded from the edit's prompt (the store keeps its own in SQL but does
-not expose them) and cached per (id, version). Query embeddings are needed twice (the store's search and the head's
-features): open the store with a :class:`CachingEncoder` (``Router.open`` does) and the second encode is a lookup.
+A classifier that scores from embeddings (:attr:`ScopeClassifier.needs_vectors`, the trained head) gets the vectors
+the store's search already has: the queries' embeddings it encoded and the hits' key embeddings stored in SQL
+(``search_many(..., return_vectors=True)``), so each query view is encoded once and edit prompts never are. The cosine
+scope scores from the hits' similarities alone.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
-from memory.encoder import Encoder, get_encoder
+from memory.encoder import Encoder
 from memory.errors import ValidationError
 from memory.records import EditRecord
-from scope.classifier import CosineScope, ScopeClassifier
+from scope.classifier import ScopeClassifier
 
 log = logging.getLogger(__name__)
 
@@ -92,89 +91,25 @@ class Decision:
                 f"{self.edit.prompt} -> {self.edit.target_new}")
 
 
-class CachingEncoder:
-    """An encoder that remembers its last ``size`` texts: same name, dimension and vectors as the one it wraps."""
-
-    def __init__(self, inner: Encoder, size: int = 1024):
-        self.inner = inner
-        self.size = size
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
-
-    @property
-    def name(self) -> str:
-        return self.inner.name
-
-    @property
-    def dim(self) -> int:
-        return self.inner.dim
-
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        # The vectors of this call are gathered in `found` first: evicting to make room for the new ones must not
-        # drop a hit this same call still needs.
-        with self._lock:
-            found = {t: self._cache[t] for t in dict.fromkeys(texts) if t in self._cache}
-            for text in found:
-                self._cache.move_to_end(text)
-        missing = [t for t in dict.fromkeys(texts) if t not in found]
-        if missing:
-            vectors = self.inner.encode(missing)
-            found.update(zip(missing, vectors))
-            with self._lock:
-                for text, vec in zip(missing, vectors):
-                    self._cache[text] = vec
-                    self._cache.move_to_end(text)
-                while len(self._cache) > self.size:
-                    self._cache.popitem(last=False)
-        out = [found[t] for t in texts]
-        if not out:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        return np.stack(out).astype(np.float32, copy=False)
-
-    def __repr__(self) -> str:
-        return f"CachingEncoder({self.inner!r})"
-
-
 class Router:
     """Retrieval + scope for one store (see the module docstring)."""
 
-    def __init__(self, memory: Any, classifier: ScopeClassifier, *, k: int = 5, key_cache: int = 65536):
+    def __init__(self, memory: Any, classifier: ScopeClassifier, *, k: int = 5):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValidationError(f"k must be a positive integer, got {k!r}")
         classifier.check_encoder(memory.encoder.name)
         self.memory = memory
         self.classifier = classifier
         self.k = k
-        self._keys: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
-        self._key_cache = key_cache
 
     @classmethod
     def open(cls, url: str, classifier: ScopeClassifier, *, encoder: str | Encoder | None = None,
              k: int = 5) -> "Router":
-        """Open the store at ``url`` with a caching encoder (the classifier's encoder unless ``encoder`` is given)."""
+        """Open the store at ``url`` with ``encoder``, else the classifier's encoder, else the store's own."""
         from memory.store import EditMemory
 
-        name = encoder if encoder is not None else classifier.encoder
-        inner = get_encoder(name) if name is not None else None
-        memory = EditMemory.open(url, encoder=CachingEncoder(inner) if inner is not None else None)
-        if inner is None and not isinstance(memory.encoder, CachingEncoder):
-            memory.close()
-            memory = EditMemory.open(url, encoder=CachingEncoder(get_encoder(memory.encoder.name)))
-        return cls(memory, classifier, k=k)
-
-    def _key_vectors(self, edits: Sequence[EditRecord]) -> np.ndarray:
-        keys = [(e.id, e.version) for e in edits]
-        missing = {key: e.prompt for key, e in zip(keys, edits) if key not in self._keys}
-        if missing:
-            vectors = self.memory.encoder.encode(list(missing.values()))
-            for key, vec in zip(missing, vectors):
-                self._keys[key] = vec
-            while len(self._keys) > self._key_cache:
-                self._keys.popitem(last=False)
-        for key in keys:
-            self._keys.move_to_end(key)
-        return np.stack([self._keys[key] for key in keys]) if keys else np.zeros((0, self.memory.encoder.dim),
-                                                                                  dtype=np.float32)
+        return cls(EditMemory.open(url, encoder=encoder if encoder is not None else classifier.encoder), classifier,
+                   k=k)
 
     def route(self, texts: Sequence[str]) -> list[Decision]:
         """One :class:`Decision` per text."""
@@ -188,18 +123,19 @@ class Router:
         for q, text in enumerate(texts):
             for view in query_views(text):
                 views.append(view), owner.append(q)
-        hits = self.memory.search_many(views, self.k)
+        u = v = None
+        if self.classifier.needs_vectors:  # the vectors the search encoded and the hits' stored keys, not re-encoded
+            hits, queries, keys = self.memory.search_many(views, self.k, return_vectors=True)
+        else:
+            hits = self.memory.search_many(views, self.k)
         rows = [(w, h) for w, row in enumerate(hits) for h in row]
         threshold = self.classifier.threshold
         if not rows:
             return [Decision(t, None, None, threshold) for t in texts]
-        if isinstance(self.classifier, CosineScope):
-            scores = np.asarray([h.score for _, h in rows], dtype=np.float32)
-        else:
-            u_all = self.memory.encoder.encode(views)
-            u = u_all[[w for w, _ in rows]]
-            v = self._key_vectors([h.edit for _, h in rows])
-            scores = self.classifier.score([views[w] for w, _ in rows], u, [h.edit for _, h in rows], v)
+        if self.classifier.needs_vectors:
+            u = queries[[w for w, _ in rows]]
+            v = np.concatenate(keys)
+        scores = self.classifier.score_hits([views[w] for w, _ in rows], [h for _, h in rows], u, v)
         # per text: each candidate edit once, with its best score over the text's views
         merged: list[dict[int, tuple[Any, float, float]]] = [{} for _ in texts]
         for (w, h), score in zip(rows, scores.tolist()):

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from memory.encoder import DEFAULT_ENCODER
 from memory.errors import ValidationError
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ PARTS = ("import", "search", "recall", "hnsw")
 @dataclass(frozen=True)
 class StoreBenchSettings:
     data_dir: Path
-    encoder: str = "all-MiniLM-L6-v2"
+    encoder: str = DEFAULT_ENCODER
     import_n: int = 10_000  # CounterFact edit prompts imported for the throughput ratio (and the first store size)
     sizes: tuple[int, ...] = (10_000, 100_000)
     n_queries: int = 200

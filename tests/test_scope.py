@@ -16,6 +16,7 @@ from scope import CosineScope, HeadScope, Router, ScopeError, calibrate_threshol
     save_scope
 from scope.classifier import list_scopes
 from scope.features import lexical
+from scope.router import query_views
 from scope.train import TrainSettings, build_pairs, query_decisions, train_scope
 
 
@@ -202,16 +203,33 @@ def test_router_follows_delete_update_and_rollback(trained):
             assert router.route(["anything at all"]) [0].edit is None
 
 
-def test_caching_encoder_keeps_a_calls_hits_when_new_texts_evict_them():
-    from scope.router import CachingEncoder
+def test_router_encodes_each_query_once_and_no_edit_prompt(trained):
+    head, _, _ = trained
+    lenient = HeadScope(head.head, head.dim, head.hidden, 0.05, head.encoder)
 
-    inner = get_encoder("hashing-64")
-    enc = CachingEncoder(inner, size=4)
-    enc.encode(["old"])
-    batch = ["old"] + [f"new {i}" for i in range(8)] + ["old"]  # more new texts than the cache holds
-    out = enc.encode(batch)
-    np.testing.assert_array_equal(out, inner.encode(batch))
-    assert len(enc._cache) <= 4
+    class CountingEncoder:  # the hashing encoder, recording every text it is asked to encode
+        def __init__(self):
+            self.inner, self.texts = get_encoder("hashing-256"), []
+
+        name = property(lambda self: self.inner.name)
+        dim = property(lambda self: self.inner.dim)
+
+        def encode(self, texts):
+            self.texts.extend(texts)
+            return self.inner.encode(texts)
+
+    enc = CountingEncoder()
+    with EditMemory.open("sqlite://", encoder=enc) as mem:
+        a = mem.add("The mother tongue of Marie Curie is", "Klingon", subject="Marie Curie")
+        mem.add("The profession of Alan Turing is", "baker", subject="Alan Turing")
+        queries = ["The mother tongue of Marie Curie is", "Marie Curie was born in Warsaw. Her mother tongue was"]
+        views = [v for q in queries for v in query_views(q)]
+        assert len(views) == 3  # the second query is also searched by its last sentence
+        for clf in (lenient, CosineScope(0.5)):
+            enc.texts.clear()
+            decisions = Router(mem, clf, k=2).route(queries)
+            assert sorted(enc.texts) == sorted(views)  # once each; the edits' prompts are not encoded again
+            assert decisions[0].in_scope and decisions[0].edit.id == a.id
 
 
 def test_locality_prompts_naming_another_edits_subject_are_not_its_negatives():

@@ -57,6 +57,8 @@ def test_add_many_is_one_transaction(store_url: str) -> None:
 
 
 def test_failure_inside_the_write_transaction_rolls_back(store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import memory.store
+
     with open_store(store_url) as mem:
         mem.add_many(FACTS[:2])
         before = snapshot(mem)
@@ -64,7 +66,7 @@ def test_failure_inside_the_write_transaction_rolls_back(store_url: str, monkeyp
         def boom(*args: object, **kwargs: object) -> None:
             raise RuntimeError("disk full")
 
-        monkeypatch.setattr(EditMemory, "_insert_vectors", boom)
+        monkeypatch.setattr(memory.store, "insert_vectors", boom)
         with pytest.raises(RuntimeError):
             mem.add_many(FACTS[2:])
         with pytest.raises(RuntimeError):
@@ -143,6 +145,25 @@ def test_search_many_matches_search(store_url: str) -> None:
             assert [(h.edit.id, round(h.score, 5)) for h in hits] == \
                    [(h.edit.id, round(h.score, 5)) for h in mem.search(text, k=2)]
         assert mem.search_many([], k=2) == []
+
+
+def test_search_many_can_return_the_vectors_it_used(store_url: str) -> None:
+    with open_store(store_url) as mem:
+        mem.add_many(FACTS)
+        mem.update(1, target_new="Nice")  # a second version: its key is the stored embedding of version 2
+        texts = ["capital of France", "who founded Apple", "Brazil language"]
+        hits, queries, keys = mem.search_many(texts, k=3, return_vectors=True)
+        assert [[(h.edit.id, h.edit.version) for h in row] for row in hits] == \
+               [[(h.edit.id, h.edit.version) for h in row] for row in mem.search_many(texts, k=3)]
+        np.testing.assert_allclose(queries, mem.encoder.encode(texts), atol=1e-6)
+        assert len(keys) == len(hits)
+        for row, block in zip(hits, keys):
+            assert block.shape == (len(row), mem.encoder.dim)
+            np.testing.assert_allclose(block, mem.encoder.encode([h.edit.prompt for h in row]), atol=1e-6)
+            np.testing.assert_allclose(np.einsum("nd,d->n", block, queries[hits.index(row)]),
+                                       [h.score for h in row], atol=1e-5)
+        hits, queries, keys = mem.search_many([], k=2, return_vectors=True)
+        assert hits == [] and keys == [] and queries.shape == (0, mem.encoder.dim)
 
 
 def test_empty_store_search(store_url: str) -> None:
@@ -283,9 +304,9 @@ def test_hnsw_filters_removed_and_rebuilds_when_stale_piles_up(store_url: str,
 
 
 def test_auto_switches_to_hnsw_for_large_stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import memory.store
+    import memory.sync
 
-    monkeypatch.setattr(memory.store, "HNSW_AUTO_THRESHOLD", 3)
+    monkeypatch.setattr(memory.sync, "HNSW_AUTO_THRESHOLD", 3)
     with open_store(f"sqlite:///{tmp_path / 's.db'}") as mem:
         mem.add_many(FACTS)
         assert mem.index_kind == "flat"

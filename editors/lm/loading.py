@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from memory.errors import EditmemError
+from memory.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +33,6 @@ _CONVERSION_FORMAT = 1  # bump when the converted folder's layout changes, so ol
 
 class UnknownModelError(EditmemError):
     """A model name that is neither a known alias nor an existing local folder or GGUF file."""
-
-
-def cache_dir() -> Path:
-    """Where converted models live: ``$EDITMEM_CACHE`` or ``~/.cache/editmem``."""
-    return Path(os.environ.get("EDITMEM_CACHE") or Path.home() / ".cache" / "editmem").expanduser()
 
 
 def _smollm2_gguf() -> Path:

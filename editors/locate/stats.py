@@ -41,10 +41,10 @@ import torch
 
 from editors.lm.architectures import layer_module, model_fingerprint, num_layers
 from editors.lm.hooks import capture, forward, stop_after
-from editors.lm.loading import cache_dir
 from editors.lm.tokens import encode_prompt, pad_id
 from editors.locate.keys import model_device
 from memory.errors import EditmemError, ValidationError
+from memory.paths import cache_dir
 
 log = logging.getLogger(__name__)
 

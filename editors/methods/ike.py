@@ -63,8 +63,9 @@ from editors.retrieval.augmented import (
     insert_context,
 )
 from editors.retrieval.setup import DEFAULT_SCOPE, MemoryEditor, load_classifier
-from memory.encoder import encode_chunked
+from memory.encoder import DEFAULT_ENCODER, encode_chunked
 from memory.errors import EditmemError, ValidationError
+from memory.paths import cache_subdir
 from memory.records import EditCase, EditRecord
 from scope.router import Decision
 
@@ -79,7 +80,6 @@ DEMO_TEMPLATES: dict[str, str] = {
     "answer": "New Fact: {fact} (answer: {target_new})\nPrompt: {query}\n\n",
 }
 DEFAULT_DEMO_FILE = Path("counterfact") / "easyedit_split" / "counterfact-train.json"
-DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 # Bump when the pool's layout (which demonstrations, in which order, rendered how) changes: it keys the index cache.
 POOL_LAYOUT = 1
 # A cosine scope with this threshold takes the nearest stored edit for every query (cosines are >= -1).
@@ -95,7 +95,7 @@ def default_demo_file() -> Path:
 
 def cache_root() -> Path:
     """Where demonstration indexes are cached: ``$EDITMEM_CACHE/ike`` (default ``~/.cache/editmem/ike``)."""
-    return Path(os.environ.get("EDITMEM_CACHE") or Path.home() / ".cache" / "editmem").expanduser() / "ike"
+    return cache_subdir("ike")
 
 
 @dataclass(frozen=True)
@@ -387,9 +387,7 @@ class IkeEditor(MemoryEditor):
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, settings: IkeSettings | None = None):
         super().__init__(model, tokenizer, settings)
-        from memory.encoder import get_encoder
         from scope.classifier import CosineScope
-        from scope.router import CachingEncoder
 
         s = self.settings
         if s.mode == "gated":
@@ -400,10 +398,8 @@ class IkeEditor(MemoryEditor):
             clf = CosineScope(_ALWAYS, None, {"name": "ike-classic"})
             encoder_name = s.encoder or DEFAULT_ENCODER
             candidates = 1  # the nearest stored edit is the best-scoring candidate
-        encoder = CachingEncoder(get_encoder(encoder_name))
-        clf.check_encoder(encoder.name)
-        self.pool = DemoPool.from_file(s.demos, encoder, format=s.demo_format, limit=s.demo_limit)
-        self.open_memory(s.store, encoder)
+        self.open_memory(s.store, encoder_name, clf)
+        self.pool = DemoPool.from_file(s.demos, self.memory.encoder, format=s.demo_format, limit=s.demo_limit)
         self._wrapper = IkeModel(model, tokenizer, self.memory, clf, self.pool, n_demos=s.k, kinds=s.kinds,
                                  demo_template=s.demo_template, retrieve=s.retrieve, k=candidates,
                                  context=s.context)

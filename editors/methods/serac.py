@@ -87,21 +87,15 @@ class SeracEditor(MemoryEditor):
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, settings: SeracSettings | None = None):
         super().__init__(model, tokenizer, settings)
-        from memory.encoder import get_encoder
-        from scope.router import CachingEncoder
-
         s = self.settings
         clf = load_classifier(s.scope, threshold=s.threshold)
-        encoder_name = s.encoder or clf.encoder
-        encoder = CachingEncoder(get_encoder(encoder_name))
-        clf.check_encoder(encoder.name)
         counterfactual, context = None, s.context or DEFAULT_CONTEXT
         if s.counterfactual is not None:
             from editors.retrieval.counterfactual import load_counterfactual
 
             counterfactual, trained_context = load_counterfactual(s.counterfactual, model)
             context = s.context or trained_context
-        self.open_memory(s.store, encoder)
+        self.open_memory(s.store, s.encoder or clf.encoder, clf)
         self._wrapper = AugmentedModel(model, tokenizer, self.memory, clf, k=s.k, context=context,
                                        counterfactual=counterfactual)
 

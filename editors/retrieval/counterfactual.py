@@ -46,7 +46,6 @@ from editors.lm.architectures import (
     module_path,
     num_layers,
 )
-from editors.lm.loading import cache_dir
 from editors.lm.tokens import encode_prompt_target, pad_id, pad_rows
 from editors.retrieval.augmented import (
     context_template,
@@ -55,6 +54,7 @@ from editors.retrieval.augmented import (
     lead_tokens,
 )
 from memory.errors import EditmemError, NotFoundError, ValidationError
+from memory.paths import cache_dir
 from memory.records import EditCase, EditRecord
 
 log = logging.getLogger(__name__)

@@ -81,10 +81,15 @@ class MemoryEditor(Editor):
         return {"store": store, "encoder": encoder, "scope": scope, "threshold": threshold, "k": k,
                 **{key: value for key, value in options.items() if value is not None}}
 
-    def open_memory(self, store: str, encoder: Any) -> Any:
+    def open_memory(self, store: str, encoder: str | None, classifier: Any) -> Any:
+        """Open ``store`` with the encoder ``encoder`` (None: the store's own, or MiniLM for a new store), after
+        checking that ``classifier`` was trained on that encoder."""
+        from memory.encoder import DEFAULT_ENCODER, get_encoder
         from memory.store import EditMemory
 
-        self.memory = EditMemory.open(store, encoder=encoder)
+        embedder = get_encoder(encoder or DEFAULT_ENCODER)
+        classifier.check_encoder(embedder.name)
+        self.memory = EditMemory.open(store, encoder=embedder)
         return self.memory
 
     def apply(self, requests: Sequence[EditRequest]) -> MemoryEditHandle:

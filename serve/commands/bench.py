@@ -8,6 +8,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from memory.encoder import DEFAULT_ENCODER
+
 DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
@@ -17,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     bsub.required = True
     s = bsub.add_parser("store", help="import throughput, search latency, HNSW at scale, rephrase recall@1")
     s.add_argument("--data", type=Path, default=DEFAULT_DATA, help="benchmark data folder (default: %(default)s)")
-    s.add_argument("--encoder", default="all-MiniLM-L6-v2")
+    s.add_argument("--encoder", default=DEFAULT_ENCODER)
     s.add_argument("--sizes", default="10000,100000", help="store sizes for search latency (default: %(default)s)")
     s.add_argument("--queries", type=int, default=200)
     s.add_argument("--hnsw-n", type=int, default=1_000_000, help="synthetic vectors for HNSW; 0 skips")

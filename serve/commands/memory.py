@@ -19,6 +19,7 @@ import shlex
 import sys
 from typing import Any
 
+from memory.encoder import DEFAULT_ENCODER
 from memory.errors import ValidationError
 
 
@@ -34,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default="default", help="name to save under (default: %(default)s)")
     p.add_argument("--target-precision", type=float, default=0.98, help="held-out precision the threshold is "
                                                                           "chosen for (default: %(default)s)")
-    p.add_argument("--encoder", default="all-MiniLM-L6-v2", help="encoder (default: %(default)s)")
+    p.add_argument("--encoder", default=DEFAULT_ENCODER, help="encoder (default: %(default)s)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N cases")
     p.add_argument("--epochs", type=int, default=None, help="training epochs")
     p.add_argument("--hidden", type=int, default=None, help="hidden units of the head (0: logistic regression)")
@@ -222,11 +223,11 @@ def _eval_scope(args: argparse.Namespace) -> int:
     from memory.formats import read_cases
     from memory.store import EditMemory
     from scope.evaluate import routing_report
-    from scope.router import CachingEncoder, Router
+    from scope.router import Router
 
     clf = _classifier(args.scope, args.threshold)
     cases = read_cases(args.data, args.format)[:args.limit]
-    encoder = CachingEncoder(get_encoder(clf.encoder or "all-MiniLM-L6-v2"))
+    encoder = get_encoder(clf.encoder or DEFAULT_ENCODER)
     with EditMemory.open("sqlite://", encoder=encoder) as mem:
         records = mem.add_many([{"prompt": c.prompt, "target_new": c.target_new, "subject": c.subject}
                                 for c in cases], progress=True)
@@ -245,11 +246,10 @@ def _bench_overhead(args: argparse.Namespace) -> int:
     from editors.retrieval.augmented import AugmentedModel, measure_overhead
     from memory.encoder import get_encoder
     from memory.store import EditMemory
-    from scope.router import CachingEncoder
 
     clf = _classifier(args.scope, None)
     model, tok = load_model(args.model)
-    encoder = CachingEncoder(get_encoder(clf.encoder or "all-MiniLM-L6-v2"))
+    encoder = get_encoder(clf.encoder or DEFAULT_ENCODER)
     prompts = ["The tallest mountain on Earth is", "Water boils at a temperature of", "The author of Hamlet is",
                "A popular programming language is", "The largest ocean in the world is"]
     with EditMemory.open("sqlite://", encoder=encoder) as mem:

@@ -16,10 +16,10 @@ from editors.lm.architectures import (
     model_fingerprint,
     param_name,
 )
-from editors.lm.loading import cache_dir
 from editors.methods.mend.network import MENDNet
 from editors.methods.mend.training import MENDTrainSettings, TrainResult, new_network
 from memory.errors import EditmemError, ValidationError
+from memory.paths import cache_dir
 
 log = logging.getLogger(__name__)
 

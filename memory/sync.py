@@ -1,0 +1,224 @@
+"""The store's embeddings and the FAISS index that caches them: encoding, storing and loading key vectors, and keeping
+one process's index in step with SQL through the change log (see memory/schema.py).
+
+:class:`IndexSync` belongs to one :class:`memory.store.EditMemory` and reads through the store's connections. After a
+write commits, the store hands the transaction to :meth:`IndexSync.after_write`, which applies the writer's own changes
+without reading them back; before a search, :meth:`IndexSync.catch_up` applies what other processes logged since the
+counter the index reflects. An index file that does not fit the store (uid, encoder, dimension, kind) is rebuilt from
+the embeddings in SQL, computing only the missing ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.engine import Connection
+
+from memory.encoder import Encoder
+from memory.errors import StoreError
+from memory.index import IndexHeader, VectorIndex
+from memory.schema import CURRENT, OP_ADD, OP_DEL, changes, chunks, edits, embeddings, insert_ignore, meta
+
+if TYPE_CHECKING:
+    from memory.store import EditMemory, _Tx
+
+log = logging.getLogger(__name__)
+
+HNSW_AUTO_THRESHOLD = 200_000
+ENCODE_BATCH = 256
+
+
+# --- vectors ----------------------------------------------------------------------------------------------------------
+def encode(encoder: Encoder, texts: list[str], *, progress: bool = False) -> np.ndarray:
+    """``encoder.encode(texts)`` as contiguous float32 (n, dim), in batches of ENCODE_BATCH (with a progress bar when
+    ``progress``) if there are more; StoreError if the encoder returns another shape."""
+    if len(texts) <= ENCODE_BATCH:
+        return _checked(encoder, encoder.encode(texts), len(texts))
+    from tqdm.auto import tqdm
+
+    parts = []
+    with tqdm(total=len(texts), desc="encoding", unit="edit", disable=not progress, leave=False) as bar:
+        for chunk in chunks(texts, ENCODE_BATCH):
+            parts.append(_checked(encoder, encoder.encode(list(chunk)), len(chunk)))
+            bar.update(len(chunk))
+    return np.concatenate(parts)
+
+
+def _checked(encoder: Encoder, vectors: np.ndarray, n: int) -> np.ndarray:
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.shape != (n, encoder.dim):
+        raise StoreError(f"encoder {encoder.name} returned shape {vectors.shape}, expected {(n, encoder.dim)}")
+    return vectors
+
+
+def insert_vectors(conn: Connection, encoder: Encoder, row_ids: Sequence[int], vectors: np.ndarray) -> None:
+    """Store the embeddings of version rows for ``encoder`` (rows that already have one keep it)."""
+    name, dim = encoder.name, encoder.dim
+    rows = [{"row_id": int(r), "encoder": name, "dim": dim, "vector": v.astype("<f4").tobytes()}
+            for r, v in zip(row_ids, vectors)]
+    conn.execute(insert_ignore(conn, embeddings), rows)
+
+
+def load_vectors(conn: Connection, encoder: Encoder, row_ids: Sequence[int]) -> dict[int, np.ndarray]:
+    """Row id -> stored embedding for ``encoder``, for those of ``row_ids`` that have one; StoreError if a stored one
+    has another dimension than the encoder."""
+    name, dim = encoder.name, encoder.dim
+    out: dict[int, np.ndarray] = {}
+    for chunk in chunks(row_ids):
+        query = select(embeddings.c.row_id, embeddings.c.dim, embeddings.c.vector).where(
+            embeddings.c.encoder == name, embeddings.c.row_id.in_(chunk))
+        for row_id, row_dim, blob in conn.execute(query):
+            if row_dim != dim or len(blob) != 4 * dim:
+                raise StoreError(f"stored embedding of row {row_id} for encoder {name} has dimension {row_dim}, "
+                                 f"the encoder has {dim}")
+            out[int(row_id)] = np.frombuffer(blob, dtype="<f4").astype(np.float32)
+    return out
+
+
+# --- the index --------------------------------------------------------------------------------------------------------
+class IndexSync:
+    """One store's FAISS index in this process, and how it follows SQL (see the module docstring). ``lock`` guards
+    the index; hold it around a catch-up and the search that relies on it."""
+
+    def __init__(self, store: EditMemory, store_uid: str, kind: str, path: Path | None):
+        self._store = store
+        self.uid = store_uid
+        self.kind = kind  # "auto", "flat" or "hnsw": what a rebuild makes
+        self.path = path
+        self.lock = threading.RLock()
+        self._index: VectorIndex | None = None
+
+    @property
+    def loaded(self) -> VectorIndex | None:
+        """The index, or None before :meth:`load`."""
+        return self._index
+
+    @property
+    def index(self) -> VectorIndex:
+        """The index; StoreError if there is none."""
+        if self._index is None:
+            raise StoreError(f"store {self._store.url} has no index (closed?)")
+        return self._index
+
+    def load(self) -> None:
+        """Load the index file if it fits the store and catch it up; otherwise rebuild it from SQL."""
+        with self.lock:
+            loaded = VectorIndex.load(self.path) if self.path is not None else None
+            if loaded is not None and self._fits(loaded):
+                self._index = loaded
+                self.catch_up()
+            else:
+                self.rebuild()
+
+    def _fits(self, index: VectorIndex) -> bool:
+        encoder = self._store.encoder
+        why = None
+        if index.store_uid != self.uid:
+            why = "belongs to another store"
+        elif index.encoder != encoder.name or index.dim != encoder.dim:
+            why = f"was built with encoder {index.encoder}"
+        elif self.kind != "auto" and index.kind != self.kind:
+            why = f"is {index.kind}, {self.kind} requested"
+        if why:
+            log.info("rebuilding index: file %s %s", self.path, why)
+        return why is None
+
+    def save(self) -> None:
+        """Write the index file if the index changed since it was last written (no file for in-memory stores)."""
+        with self.lock:
+            if self._index is not None and self._index.dirty and self.path is not None:
+                self._index.save(self.path)
+
+    def catch_up(self) -> None:
+        """Bring the index up to SQL's change counter: apply the logged changes since the counter it reflects."""
+        with self.lock:
+            index = self.index
+            with self._store._read() as conn:
+                seq = int(conn.execute(select(meta.c.change_seq).where(meta.c.id == 1)).scalar_one())
+                if seq == index.seq:
+                    return
+                log_rows = [] if seq < index.seq else conn.execute(select(changes.c.row_id, changes.c.op).where(
+                    changes.c.seq > index.seq, changes.c.seq <= seq).order_by(changes.c.seq)).all()
+            if seq < index.seq:
+                log.warning("index is ahead of the store (%d > %d): rebuilding", index.seq, seq)
+                self.rebuild()
+                return
+            adds: dict[int, None] = {}
+            removes: set[int] = set()
+            for row_id, op in log_rows:
+                if op == OP_ADD:
+                    adds[int(row_id)] = None
+                else:
+                    adds.pop(int(row_id), None)
+                    removes.add(int(row_id))
+            self._apply(index, seq, list(adds), None, removes)
+
+    def after_write(self, tx: _Tx) -> None:
+        """Apply a committed write transaction of this process (replaying the log if another wrote in between)."""
+        with self.lock:
+            index = self.index
+            if index.seq != tx.seq - 1:  # another process wrote in between: replay the log instead
+                self.catch_up()
+                return
+            adds = [r for r, op in tx.changed if op == OP_ADD]
+            removes = {r for r, op in tx.changed if op == OP_DEL}
+            vectors = np.stack([tx.vectors[r] for r in adds]) if adds else None
+            self._apply(index, tx.seq, adds, vectors, removes)
+
+    def _apply(self, index: VectorIndex, seq: int, adds: list[int], vectors: np.ndarray | None,
+               removes: set[int]) -> None:
+        index.remove(removes)
+        if adds:
+            index.add(np.asarray(adds, dtype=np.int64), vectors if vectors is not None else self.vectors_for(adds))
+        index.seq = seq
+        index.dirty = True
+        if index.needs_rebuild:
+            log.info("rebuilding HNSW index: %d stale of %d vectors", index.n_stale, index.ntotal)
+            self.rebuild()
+
+    def rebuild(self) -> None:
+        """Build the index from the current versions' embeddings in SQL (computing missing ones) and save it."""
+        with self.lock:
+            encoder = self._store.encoder
+            with self._store._read() as conn:
+                seq = int(conn.execute(select(meta.c.change_seq).where(meta.c.id == 1)).scalar_one())
+                row_ids = [int(r) for r in conn.execute(
+                    select(edits.c.row_id).where(CURRENT).order_by(edits.c.row_id)).scalars()]
+            kind = self.kind
+            if kind == "auto":
+                kind = "hnsw" if len(row_ids) >= HNSW_AUTO_THRESHOLD else "flat"
+            index = VectorIndex(IndexHeader(self.uid, encoder.name, encoder.dim, kind, seq))
+            for chunk in chunks(row_ids, 20_000):
+                index.add(np.asarray(chunk, dtype=np.int64), self.vectors_for(chunk, progress=len(row_ids) > 20_000))
+            self._index = index
+            log.info("built %s index of %d vectors at change %d", kind, len(row_ids), seq)
+            self.catch_up()  # changes committed while building (the log replay is idempotent)
+            try:
+                self.save()
+            except OSError as err:
+                log.warning("could not save index %s: %s", self.path, err)
+
+    def vectors_for(self, row_ids: Sequence[int], *, progress: bool = False) -> np.ndarray:
+        """Embeddings of version rows for the store's encoder, computing and storing the missing ones."""
+        store, encoder = self._store, self._store.encoder
+        if not row_ids:
+            return np.zeros((0, encoder.dim), dtype=np.float32)
+        with store._read() as conn:
+            found = load_vectors(conn, encoder, row_ids)
+            missing = [r for r in row_ids if r not in found]
+            prompts: dict[int, str] = {}
+            for chunk in chunks(missing):
+                prompts.update((int(r), p) for r, p in conn.execute(
+                    select(edits.c.row_id, edits.c.prompt).where(edits.c.row_id.in_(chunk))))
+        if missing:
+            log.info("computing %d embeddings for encoder %s", len(missing), encoder.name)
+            vectors = encode(encoder, [prompts[r] for r in missing], progress=progress)
+            with store._embeddings_tx() as conn:
+                insert_vectors(conn, encoder, missing, vectors)
+            found.update(zip(missing, vectors))
+        return np.stack([found[r] for r in row_ids])
