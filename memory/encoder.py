@@ -147,8 +147,12 @@ class SentenceEncoder:
                 raise ValidationError(f"encoder model folder not found: {path}")
             device = self._device or ("cuda" if torch.cuda.is_available() else "cpu")
             log.info("loading encoder %s from %s on %s", self._name, path, device)
-            with _quiet_hf_progress():
-                self._model = SentenceTransformer(str(path), device=device)
+            try:
+                with _quiet_hf_progress():
+                    self._model = SentenceTransformer(str(path), device=device)
+            except (OSError, ValueError, KeyError, RuntimeError) as err:
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise ValidationError(f"encoder folder {path} is not a sentence-transformers model: {first}") from None
             get_dim = getattr(self._model, "get_embedding_dimension", None) or \
                 self._model.get_sentence_embedding_dimension  # renamed in sentence-transformers 5
             dim = get_dim()
@@ -200,6 +204,20 @@ def get_encoder(name: str | Encoder | None = None) -> Encoder:
     if match:
         return HashingEncoder(int(match.group(1)))
     if Path(name).is_dir():
-        return SentenceEncoder(name)
+        return folder_encoder(name)
     raise ValidationError(f"unknown encoder {name!r} (known: {DEFAULT_ENCODER}, hashing-<dim>, "
                           "or a local sentence-transformers folder)")
+
+
+# Files one of which a sentence-transformers (or plain transformers) model folder holds.
+_MODEL_MARKERS = ("modules.json", "config_sentence_transformers.json", "config.json")
+
+
+def folder_encoder(folder: str | os.PathLike[str]) -> SentenceEncoder:
+    """A SentenceEncoder for a local model folder, named by its absolute, resolved path, so that the store records
+    a name that opens it from any working directory. ValidationError if the folder holds no model."""
+    path = Path(folder).expanduser().resolve()
+    if not any((path / marker).is_file() for marker in _MODEL_MARKERS):
+        raise ValidationError(f"encoder folder {path} is not a sentence-transformers model (it has none of "
+                              f"{', '.join(_MODEL_MARKERS)}); use {DEFAULT_ENCODER}, hashing-<dim> or a model folder")
+    return SentenceEncoder(path, name=str(path))

@@ -41,12 +41,13 @@ from memory.errors import FormatError, NotFoundError, StoreError, ValidationErro
 from memory.index import KINDS, VectorIndex
 from memory.ledger import WeightLedger, WeightModel, WeightRecord
 from memory.paths import pg_index_file
+from memory.readonly import read_only_engine, refuse_write, wants_read_only
 from memory.sync import IndexSync, encode, insert_vectors, load_vectors
 from memory.records import EditCase, EditRecord, Hit
 from memory.schema import (
     CURRENT, OP_ADD, OP_DEL, aware, changes, chunks, db_errors, edits, meta,
 )
-from memory.validate import UPDATABLE, EditFields, InvalidField, check_id, edit_fields, fields_of
+from memory.validate import UPDATABLE, EditFields, InvalidField, check_id, edit_fields, fields_of, text_problem
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,8 @@ class EditMemory:
     """A versioned store of edits with similarity search. Open with ``EditMemory.open(url)``."""
 
     def __init__(self, engine: Engine, url: URL, encoder: Encoder, store_uid: str, index_kind: str,
-                 index_path: Path | None):
+                 index_path: Path | None, *, read_only: bool = False):
+        self._read_only = read_only
         self._engine = engine
         self._url = url
         self._encoder = encoder
@@ -101,7 +103,7 @@ class EditMemory:
     # --- opening and closing ------------------------------------------------------------------------------------------
     @classmethod
     def open(cls, url: str = DEFAULT_URL, *, encoder: str | Encoder | None = None, index: str = "auto",
-             create: bool = True) -> EditMemory:
+             create: bool = True, read_only: bool | None = None) -> EditMemory:
         """Open the store at ``url`` (``sqlite:///path.db``, ``sqlite://`` in memory, ``postgresql+psycopg://...``),
         creating it unless ``create`` is false.
 
@@ -109,24 +111,32 @@ class EditMemory:
         was created with (the default one for a new store). A different encoder than the store's is recorded as the
         store's encoder; embeddings for it are computed and stored as needed and the index is rebuilt.
         ``index``: ``"flat"`` (exact), ``"hnsw"`` (approximate, for large stores) or ``"auto"`` (HNSW from 200k edits).
+        ``read_only``: open a SQLite store without writing anything (writes raise StoreError; the index stays in
+        memory); None (default) does so when the store's file or folder cannot be written (:mod:`memory.readonly`).
         """
         if index not in ("auto", *KINDS):
             raise ValidationError(f"index must be one of auto, flat, hnsw; got {index!r}")
         parsed = schema.parse_url(url)
-        _check_sqlite_path(parsed, create)
+        ro = wants_read_only(parsed, read_only)
+        _check_sqlite_path(parsed, create and not ro)
         enc = get_encoder(encoder) if encoder is not None else None
-        engine = schema.make_engine(parsed)
+        if enc is not None:
+            _ = enc.dim  # a model folder loads here: a bad encoder fails before anything is written
+        engine = read_only_engine(parsed) if ro else schema.make_engine(parsed)
         try:
             with db_errors(parsed):
-                uid, stored_encoder = schema.ensure_schema(engine, parsed, enc.name if enc else DEFAULT_ENCODER, create)
+                uid, stored_encoder = _stored_meta(engine, parsed) if ro else schema.ensure_schema(
+                    engine, parsed, enc.name if enc else DEFAULT_ENCODER, create)
                 if enc is None:
-                    enc = get_encoder(stored_encoder)
+                    enc = _stored_encoder(stored_encoder)
+                elif enc.name != stored_encoder and ro:
+                    raise refuse_write(parsed.render_as_string(hide_password=True))
                 elif enc.name != stored_encoder:
                     log.warning("store encoder changes from %s to %s: embeddings are recomputed as needed",
                                 stored_encoder, enc.name)
                     with engine.begin() as conn:
                         conn.execute(update(meta).where(meta.c.id == 1).values(encoder=enc.name))
-            mem = cls(engine, parsed, enc, uid, index, _index_path(parsed, uid))
+            mem = cls(engine, parsed, enc, uid, index, _index_path(parsed, uid), read_only=ro)
             mem._index_sync.load()
         except BaseException:
             engine.dispose()
@@ -138,7 +148,8 @@ class EditMemory:
         if self._closed:
             return
         try:
-            self.save_index()
+            if not self._read_only:
+                self.save_index()
         except OSError as err:
             log.warning("could not save index %s: %s", self.index_path, err)
         finally:
@@ -157,6 +168,11 @@ class EditMemory:
     @property
     def url(self) -> str:
         return self._url.render_as_string(hide_password=True)
+
+    @property
+    def read_only(self) -> bool:
+        """Whether the store was opened read-only (every write raises StoreError)."""
+        return self._read_only
 
     @property
     def encoder(self) -> Encoder:
@@ -231,6 +247,8 @@ class EditMemory:
 
     def search(self, text: str, k: int = 5) -> list[Hit]:
         """The ``k`` current edits whose prompts are closest to ``text`` (cosine), best first."""
+        if not isinstance(text, str) or not text.strip():
+            raise ValidationError("the query text must not be empty")
         return self.search_many([text], k)[0]
 
     @overload
@@ -249,6 +267,10 @@ class EditMemory:
         (len(hits[i]), dim) the stored key embeddings of the versions in ``hits[i]``, row for row."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise ValidationError("texts must be a list of strings")
+        for i, t in enumerate(texts):
+            problem = text_problem(t)
+            if problem:
+                raise ValidationError(f"query text {i} {problem}")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValidationError(f"k must be a positive integer, got {k!r}")
         if not texts:
@@ -257,7 +279,8 @@ class EditMemory:
         for attempt in range(2):  # a second pass if another process removed a hit between catch-up and fetch
             with self._index_sync.lock:
                 self._index_sync.catch_up()
-                scores, ids = self._index_sync.index.search(queries, k)
+                index = self._index_sync.index
+                scores, ids = index.search(queries, max(1, min(k, len(index))))
             wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
             records = self._current_records(wanted)
             if attempt == 0 and len(records) < len(wanted):
@@ -272,6 +295,17 @@ class EditMemory:
             keys = [np.stack([found[i] for i, _ in row]) if row else empty for row in kept]
             return hits, queries, keys
         raise AssertionError("unreachable")
+
+    def find(self, prompt: str, target_new: str, subject: str | None = None) -> EditRecord | None:
+        """The current edit with this content (the key ``import_file`` skips by), or None."""
+        try:
+            key = edit_fields(prompt, target_new, subject).content_key
+        except InvalidField as err:
+            raise ValidationError(str(err)) from None
+        with self._read() as conn:
+            row = conn.execute(select(edits).where(edits.c.content_key == key, CURRENT)
+                               .order_by(edits.c.edit_id)).first()
+        return None if row is None else _record(row)
 
     # --- writing ------------------------------------------------------------------------------------------------------
     def add(self, prompt: str, target_new: str, *, subject: str | None = None, ground_truth: str | None = None,
@@ -379,7 +413,10 @@ class EditMemory:
                     select(edits).order_by(edits.c.edit_id, edits.c.version))]
         else:
             records = self.list()
-        write_jsonl(records, path)
+        try:
+            write_jsonl(records, path)
+        except OSError as err:
+            raise FormatError(str(path), f"cannot write file: {err.strerror or err}") from None
         return len(records)
 
     # --- weight edits: the ledger (memory/ledger.py), under the same names ------------------------------------------
@@ -477,6 +514,8 @@ class EditMemory:
         """A write transaction: bumps the change counter first (serialising writers), logs the changes, commits, then
         applies them to this process's index."""
         self._check_open()
+        if self._read_only:
+            raise refuse_write(self.url)
         with db_errors(self._url):
             with self._engine.begin() as conn:
                 conn.execute(update(meta).where(meta.c.id == 1).values(change_seq=meta.c.change_seq + 1))
@@ -554,13 +593,24 @@ class EditMemory:
             first_row = tx.allocate("next_row_id", len(fields))
             rows = [self._version_row(tx, first_row + i, first_edit + i, 1, f) for i, f in enumerate(fields)]
             if rows:
-                tx.conn.execute(insert(edits), rows)
-                insert_vectors(tx.conn, self._encoder, [r["row_id"] for r in rows],
-                                     np.stack([by_key[f.content_key] for f in fields]))
+                self._insert_rows(tx, rows, np.stack([by_key[f.content_key] for f in fields]), progress=progress)
             for r, f in zip(rows, fields):
                 tx.changed.append((r["row_id"], OP_ADD))
                 tx.vectors[r["row_id"]] = by_key[f.content_key]
         return [_record_from_values(r) for r in rows]
+
+    def _insert_rows(self, tx: _Tx, rows: list[dict[str, Any]], vectors: np.ndarray, *, progress: bool) -> None:
+        """Insert version rows and their embeddings in chunks, with a progress bar for a large write."""
+        from tqdm.auto import tqdm
+
+        size = schema.SQL_CHUNK
+        with tqdm(total=len(rows), desc="writing", unit="edit", disable=not progress or len(rows) <= size,
+                  leave=False) as bar:
+            for start in range(0, len(rows), size):
+                part = rows[start:start + size]
+                tx.conn.execute(insert(edits), part)
+                insert_vectors(tx.conn, self._encoder, [r["row_id"] for r in part], vectors[start:start + size])
+                bar.update(len(part))
 
     @staticmethod
     def _version_row(tx: _Tx, row_id: int, edit_id: int, version: int, f: EditFields, *,
@@ -596,6 +646,8 @@ class EditMemory:
     @contextmanager
     def _embeddings_tx(self) -> Iterator[Connection]:
         """A transaction that only stores embeddings: no change-counter bump (what is searchable stays the same)."""
+        if self._read_only:
+            raise refuse_write(self.url)
         with db_errors(self._url), self._engine.begin() as conn:
             yield conn
 
@@ -618,6 +670,26 @@ def _record_from_values(values: Mapping[str, Any]) -> EditRecord:
                       ground_truth=values["ground_truth"], rephrases=tuple(json.loads(values["rephrases"])),
                       metadata=json.loads(values["metadata"]), deleted=values["deleted"],
                       valid_from=values["valid_from"], valid_to=None)
+
+
+def _stored_encoder(name: str) -> Encoder:
+    """The encoder a store records, or StoreError saying how to switch it when it is not available here."""
+    try:
+        return get_encoder(name)
+    except ValidationError as err:
+        raise StoreError(f"the store's encoder is not available here: {err}; switch the store to one that is with "
+                         "`editmem init --encoder NAME` (embeddings are recomputed)") from None
+
+
+def _stored_meta(engine: Engine, url: URL) -> tuple[str, str]:
+    """(store uid, encoder name) of an existing store, read without writing anything."""
+    if not schema.tables_exist(engine):
+        raise StoreError(f"no editmem store at {url.render_as_string(hide_password=True)}")
+    with engine.connect() as conn:
+        row = conn.execute(select(meta.c.store_uid, meta.c.encoder).where(meta.c.id == 1)).first()
+    if row is None:
+        raise StoreError(f"store {url.render_as_string(hide_password=True)} is not initialised")
+    return row.store_uid, row.encoder
 
 
 def _check_sqlite_path(url: URL, create: bool) -> None:

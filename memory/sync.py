@@ -131,7 +131,7 @@ class IndexSync:
     def save(self) -> None:
         """Write the index file if the index changed since it was last written (no file for in-memory stores)."""
         with self.lock:
-            if self._index is not None and self._index.dirty and self.path is not None:
+            if self._index is not None and self._index.dirty and self.path is not None and not self._store.read_only:
                 self._index.save(self.path)
 
     def catch_up(self) -> None:
@@ -218,7 +218,8 @@ class IndexSync:
         if missing:
             log.info("computing %d embeddings for encoder %s", len(missing), encoder.name)
             vectors = encode(encoder, [prompts[r] for r in missing], progress=progress)
-            with store._embeddings_tx() as conn:
-                insert_vectors(conn, encoder, missing, vectors)
+            if not store.read_only:  # a read-only store computes them for this process only
+                with store._embeddings_tx() as conn:
+                    insert_vectors(conn, encoder, missing, vectors)
             found.update(zip(missing, vectors))
         return np.stack([found[r] for r in row_ids])

@@ -18,6 +18,19 @@ from memory.errors import ValidationError
 from memory.records import EditCase, EditRecord
 
 UPDATABLE = ("prompt", "target_new", "subject", "ground_truth", "rephrases", "metadata")
+MAX_ID = 2**63 - 1  # SQL BIGINT: the largest id or version either backend can hold
+
+
+def text_problem(value: str) -> str | None:
+    """Why ``value`` cannot be stored as text on both backends (a NUL byte, which PostgreSQL refuses; a lone
+    surrogate, i.e. invalid UTF-8 such as a stray byte in a shell argument), or None if it can."""
+    if "\x00" in value:
+        return "contains a NUL byte"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"is not valid UTF-8 (character {err.start}: a stray byte or lone surrogate)"
+    return None
 
 
 class InvalidField(Exception):
@@ -62,6 +75,9 @@ def _text(value: Any, name: str, *, required: bool) -> str | None:
         return None
     if not isinstance(value, str):
         raise InvalidField(name, f"must be a string, got {type(value).__name__}")
+    problem = text_problem(value)
+    if problem:
+        raise InvalidField(name, problem)
     if not value.strip():
         if required:
             raise InvalidField(name, "must not be empty")
@@ -78,6 +94,9 @@ def _rephrases(value: Any) -> tuple[str, ...]:
     for i, item in enumerate(value):
         if not isinstance(item, str) or not item.strip():
             raise InvalidField("rephrases", f"item {i} must be a non-empty string, got {item!r}")
+        problem = text_problem(item)
+        if problem:
+            raise InvalidField("rephrases", f"item {i} {problem}")
         out.append(item)
     return tuple(out)
 
@@ -88,9 +107,13 @@ def _metadata(value: Any) -> dict[str, Any]:
     if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
         raise InvalidField("metadata", f"must be a mapping with string keys, got {type(value).__name__}")
     try:
-        return json.loads(json.dumps(dict(value)))
+        text = json.dumps(dict(value), ensure_ascii=False)
     except (TypeError, ValueError) as err:
         raise InvalidField("metadata", f"must be JSON-serialisable: {err}") from None
+    problem = text_problem(text)
+    if problem:  # JSON escapes a NUL (\u0000), which both backends take; a lone surrogate cannot be encoded
+        raise InvalidField("metadata", problem)
+    return json.loads(text)
 
 
 def edit_fields(prompt: Any, target_new: Any, subject: Any = None, ground_truth: Any = None, rephrases: Any = (),
@@ -127,5 +150,7 @@ def check_id(edit_id: Any, name: str = "id") -> int:
     """``edit_id`` as an int; ValidationError (naming it ``name``) unless it is an integer (a bool is not)."""
     if isinstance(edit_id, bool) or not isinstance(edit_id, (int, np.integer)):
         raise ValidationError(f"{name} must be an integer, got {edit_id!r}")
+    if not -MAX_ID <= int(edit_id) <= MAX_ID:
+        raise ValidationError(f"{name} {edit_id} is out of range (at most {MAX_ID})")
     return int(edit_id)
 

@@ -147,6 +147,11 @@ class HeadScope(ScopeClassifier):
 
 
 # --- saving and loading -----------------------------------------------------------------------------------------------
+def check_name(name: str) -> str:
+    """``name`` if it can name a saved classifier (a folder name, no path); ValidationError otherwise."""
+    return _check_name(name)
+
+
 def _check_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValidationError(f"scope classifier name must be letters, digits, '_', '-' or '.', got {name!r}")
@@ -201,7 +206,8 @@ def load_scope(name: str, version: int | None = None, *, encoder: str | None = N
         if not versions:
             known = ", ".join(list_scopes(root=root)) or "none"
             raise ScopeError(f"no scope classifier named {name!r} in {base} (saved: {known}); train one with "
-                             f"editmem train-scope --name {name}")
+                             f"`editmem train-scope --data FILE --name {name}`, or use the untrained cosine scope "
+                             "(--scope cosine; in eval, --set METHOD.scope=cosine)")
         if version is None:
             version = versions[-1]
         elif version not in versions:

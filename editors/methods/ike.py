@@ -250,7 +250,10 @@ class DemoPool:
                 return cls(demos, encoder, index, source)
         index = VectorIndex(IndexHeader(store_uid=uid, encoder=encoder.name, dim=encoder.dim, kind="flat", seq=0))
         if demos:
-            log.info("IKE demonstrations: encoding %d with %s", len(demos), encoder.name)
+            # the first run on a pool encodes all of it (minutes for 30,000 with MiniLM on a CPU): say so up front
+            log.log(logging.WARNING if len(demos) > 1000 else logging.INFO,
+                    "IKE demonstrations: encoding %d with %s (once; cached as %s)", len(demos), encoder.name,
+                    path if path is not None else "nothing")
             vectors = encode_chunked(encoder, [d.text for d in demos], progress=len(demos) > 5000,
                                      desc="encoding IKE demonstrations")
             index.add(np.arange(len(demos), dtype=np.int64), vectors)
@@ -403,6 +406,11 @@ class IkeEditor(MemoryEditor):
         self._wrapper = IkeModel(model, tokenizer, self.memory, clf, self.pool, n_demos=s.k, kinds=s.kinds,
                                  demo_template=s.demo_template, retrieve=s.retrieve, k=candidates,
                                  context=s.context)
+
+    @classmethod
+    def scope_in_use(cls, settings: Any) -> str | None:
+        """Only ``gated`` mode loads a scope classifier."""
+        return settings.scope if settings.mode == "gated" else None
 
     @classmethod
     def query_settings(cls, *, store: str, encoder: str, scope: str, threshold: float | None, k: int,

@@ -3,7 +3,7 @@ undo handle that holds the store ids one ``apply`` added."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,21 @@ class MemoryEditor(Editor):
         settings). Each memory editor maps the shared names onto its own settings."""
         return {"store": store, "encoder": encoder, "scope": scope, "threshold": threshold, "k": k,
                 **{key: value for key, value in options.items() if value is not None}}
+
+    @classmethod
+    def scope_in_use(cls, settings: Any) -> str | None:
+        """The scope classifier name these settings route with (None: none is loaded). Memory editors that load one
+        only in some modes override this."""
+        return getattr(settings, "scope", None)
+
+    @classmethod
+    def check_ready(cls, overrides: Mapping[str, Any]) -> None:
+        """Before any model loads: validate the settings ``overrides`` and check that the scope classifier they
+        route with is saved (ScopeError saying what to run otherwise)."""
+        settings = cls.Settings.with_overrides(cls.Settings(), dict(overrides))
+        scope = cls.scope_in_use(settings)
+        if isinstance(scope, str) and scope != "cosine":
+            load_classifier(scope)
 
     def open_memory(self, store: str, encoder: str | None, classifier: Any) -> Any:
         """Open ``store`` with the encoder ``encoder`` (None: the store's own, or MiniLM for a new store), after

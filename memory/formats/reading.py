@@ -31,7 +31,7 @@ def _error(path: str, message: str, *, index: int | None = None, line: int | Non
     return FormatError(path, message, record=index, line=line, label=label, field=field)
 
 
-_SKIP_HINT = " (skip_incomplete=True leaves such records out)"
+_SKIP_HINT = " (--skip-incomplete, or skip_incomplete=True in the API, leaves such records out)"
 
 
 class _Skip(Exception):

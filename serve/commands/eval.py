@@ -126,11 +126,13 @@ def run_eval_command(args: argparse.Namespace) -> int:
     data = Path(args.data)
 
     from editors.lm.loading import load_model
+    from editors.retrieval.session import check_memory_editors
     from eval.datasets import load_cases
     from eval.harness import run_eval
     from eval.metrics import MetricSettings
     from eval.report import format_table
 
+    check_memory_editors(methods, overrides)  # a missing scope classifier is reported before the model loads
     metric_settings = MetricSettings(fluency_tokens=args.fluency_tokens)
     cases = load_cases(data, format=args.format, limit=args.limit)
     if not cases:

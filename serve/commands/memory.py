@@ -21,6 +21,7 @@ from typing import Any
 
 from memory.encoder import DEFAULT_ENCODER
 from memory.errors import ValidationError
+from serve.options import check_output_folder
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -77,7 +78,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                  ("--val-cases", int, "held-out cases (the last ones)"),
                                  ("--val-every", int, "steps between validations"),
                                  ("--context", str, "context format the copy learns")):
-        p.add_argument(flag, type=kind, default=None, help=f"{helptext} (default: see editors.retrieval.counterfactual)")
+        p.add_argument(flag, type=kind, default=None,
+                       help=f"{helptext} (default: see editors.retrieval.counterfactual)")
     p.set_defaults(func=_train_counterfactual)
 
     p = sub.add_parser("eval-scope", help="routing precision/recall with every case of a file in one store")
@@ -108,8 +110,15 @@ def _positive(value: Any, flag: str) -> None:
 def _train_scope(args: argparse.Namespace) -> int:
     _positive(args.limit, "--limit")
     from memory.encoder import get_encoder
-    from scope.classifier import save_scope
+    from scope.classifier import check_name, save_scope, scope_root
     from scope.train import TrainSettings, train_scope
+
+    # everything that can be wrong is checked before the data is read and the head trained
+    check_name(args.name)
+    if args.save_cosine:
+        check_name(f"{args.name}-cosine")
+    check_output_folder(scope_root(), "--name (the scope classifier folder)")
+    encoder = get_encoder(args.encoder)
 
     overrides: dict[str, Any] = {"target_precision": args.target_precision}
     if args.epochs is not None:
@@ -131,7 +140,7 @@ def _train_scope(args: argparse.Namespace) -> int:
         source = args.data
     if args.limit is not None:
         cases = cases[:args.limit]
-    head, cosine, report = train_scope(cases, get_encoder(args.encoder), settings, progress=True, source=source)
+    head, cosine, report = train_scope(cases, encoder, settings, progress=True, source=source)
     head.info["command"] = " ".join(shlex.quote(a) for a in ["editmem", *sys.argv[1:]])
     folder = save_scope(head, args.name)
     if args.save_cosine:
@@ -163,10 +172,12 @@ def _ask(args: argparse.Namespace) -> int:
     if args.demos is not None and args.demos < 0:
         raise ValidationError(f"--demos must be >= 0, got {args.demos}")
     from editors.lm.loading import load_model
-    from editors.retrieval.session import open_memory_editor
+    from editors.retrieval.session import memory_editor_settings, open_memory_editor
 
     options = {"counterfactual": args.counterfactual, "mode": args.mode, "demos": args.demos,
                "demo_file": args.demo_file}  # None: the method's default; a method refuses options it lacks
+    # the store, the settings and the scope classifier are checked before the model loads
+    memory_editor_settings(args.method, args.store, scope=args.scope, threshold=args.threshold, k=args.k, **options)
     model, tok = load_model(args.model)
     editor = open_memory_editor(args.method, args.store, model, tok, scope=args.scope, threshold=args.threshold,
                                 k=args.k, **options)
@@ -195,6 +206,7 @@ def _train_counterfactual(args: argparse.Namespace) -> int:
     from editors.lm.loading import load_model
     from editors.retrieval.counterfactual import (
         CounterfactualSettings,
+        counterfactual_dir,
         save_counterfactual,
         train_counterfactual,
     )
@@ -202,7 +214,10 @@ def _train_counterfactual(args: argparse.Namespace) -> int:
 
     fields = ("steps", "batch_size", "train_layers", "lr", "val_cases", "val_every", "context")
     settings = CounterfactualSettings(**{f: getattr(args, f) for f in fields if getattr(args, f) is not None})
+    check_output_folder(counterfactual_dir(args.name).parent, "--name")
     cases = read_cases(args.data, args.format)[:args.limit]
+    if not cases:
+        raise ValidationError(f"{args.data}: no cases to train on")
     model, tok = load_model(args.model)
     cf, meta = train_counterfactual(model, tok, cases, settings, progress=True, data_name=args.data)
     meta["command"] = " ".join(shlex.quote(a) for a in ["editmem", *sys.argv[1:]])

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from memory.errors import ValidationError
-from serve.options import key_values
+from serve.options import check_output_folder, key_values
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -84,6 +84,7 @@ def run_train_mend(args: argparse.Namespace) -> int:
 
     settings = MENDTrainSettings.from_overrides(overrides)
     folder = checkpoint_folder(args.out)
+    check_output_folder(folder, "--out")
     cases = load_cases(args.data, format=args.format, limit=args.limit, skip_incomplete=True)
     val_cases = load_cases(args.val_data, skip_incomplete=True) if args.val_data else None
     model, tokenizer = load_model(args.model)

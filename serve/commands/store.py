@@ -17,7 +17,9 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
+from memory.errors import ValidationError
 from memory.records import EditRecord, Hit
+from serve.options import bounded_int
 
 CELL = 48  # widest table cell before it is shortened
 
@@ -31,13 +33,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--index", choices=("auto", "flat", "hnsw"), default="auto", help="FAISS index kind")
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("add", help="add an edit")
+    p = sub.add_parser("add", help="add an edit (an edit with the same content is returned, not added again)")
     _content_args(p, required=True)
+    p.add_argument("--allow-duplicate", action="store_true",
+                   help="add a new edit even if one with the same prompt, target and subject is current")
     p.set_defaults(func=cmd_add)
+
+    from memory.formats import FORMATS
 
     p = sub.add_parser("import", help="import edits from a data file (zsRE, CounterFact, KnowEdit, MQuAKE, editmem)")
     p.add_argument("file")
-    p.add_argument("--format", default="auto", help="file layout (default: detect)")
+    p.add_argument("--format", default="auto", choices=("auto", *FORMATS), metavar="FORMAT",
+                   help=f"file layout: auto (detect, the default), {', '.join(FORMATS)}")
     p.add_argument("--skip-incomplete", action="store_true",
                    help="leave out records with an empty prompt or target instead of failing")
     p.set_defaults(func=cmd_import)
@@ -49,49 +56,42 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("list", help="list current edits")
     p.add_argument("--all", action="store_true", help="include deleted edits")
-    p.add_argument("--limit", type=_non_negative, default=None)
-    p.add_argument("--offset", type=_non_negative, default=0)
+    p.add_argument("--limit", type=bounded_int(1), default=None, help="at most this many edits (>= 1)")
+    p.add_argument("--offset", type=bounded_int(0), default=0, help="skip this many edits first")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("show", help="show one edit (current version, or --version)")
-    p.add_argument("id", type=int)
-    p.add_argument("--version", type=int, default=None)
+    p.add_argument("id", type=bounded_int())
+    p.add_argument("--version", type=bounded_int(), default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("history", help="every version of an edit, oldest first")
-    p.add_argument("id", type=int)
+    p.add_argument("id", type=bounded_int())
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_history)
 
     p = sub.add_parser("update", help="write a new version of an edit with some fields changed")
-    p.add_argument("id", type=int)
+    p.add_argument("id", type=bounded_int())
     _content_args(p, required=False)
     p.add_argument("--clear-rephrases", action="store_true", help="remove all rephrases")
     p.set_defaults(func=cmd_update)
 
     p = sub.add_parser("delete", help="retract an edit (a tombstone version; rollback restores it)")
-    p.add_argument("id", type=int)
+    p.add_argument("id", type=bounded_int())
     p.set_defaults(func=cmd_delete)
 
     p = sub.add_parser("rollback", help="write a new version equal to an earlier one (undeletes a deleted edit)")
-    p.add_argument("id", type=int)
-    p.add_argument("version", type=int)
+    p.add_argument("id", type=bounded_int())
+    p.add_argument("version", type=bounded_int())
     p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("query", help="the stored edits closest to a text")
     p.add_argument("text")
-    p.add_argument("-k", type=int, default=5, help="number of hits (default 5)")
+    p.add_argument("-k", type=bounded_int(1), default=5, help="number of hits (default 5)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_query)
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def _content_args(p: argparse.ArgumentParser, *, required: bool) -> None:
@@ -176,6 +176,11 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_add(args: argparse.Namespace) -> int:
     with _open(args, create=True) as mem:
+        existing = None if args.allow_duplicate else mem.find(args.prompt, args.target_new, args.subject)
+        if existing is not None:
+            print(f"edit {existing.id} (version {existing.version}) already holds this prompt, target and subject; "
+                  "nothing added (--allow-duplicate adds another)")
+            return 0
         record = mem.add(args.prompt, args.target_new, subject=args.subject, ground_truth=args.ground_truth,
                          rephrases=args.rephrases or ())
     print(f"added edit {record.id} (version {record.version})")
@@ -290,6 +295,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
+    if not args.text.strip():
+        raise ValidationError("the query text must not be empty")
     with _open(args) as mem:
         hits = mem.search(args.text, k=args.k)
     if args.json:
