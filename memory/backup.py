@@ -106,10 +106,10 @@ def dump(mem: EditMemory, path: str | os.PathLike[str], *, include_embeddings: b
 def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The header of a dump file (format, encoder, meta); FormatError if it is not one."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="replace") as f:
             first = f.readline()
-    except (OSError, UnicodeDecodeError) as err:
-        raise FormatError(str(path), f"cannot read file: {getattr(err, 'strerror', None) or err}") from None
+    except OSError as err:
+        raise FormatError(str(path), f"cannot read file: {err.strerror or err}") from None
     try:
         header = json.loads(first)
     except ValueError:
@@ -125,7 +125,7 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _rows(path: str | os.PathLike[str], tables: Mapping[str, Table]) -> Iterator[tuple[Table, dict[str, Any]]]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for number, line in enumerate(f, 1):
             if number == 1 or not line.strip():
                 continue
@@ -134,6 +134,9 @@ def _rows(path: str | os.PathLike[str], tables: Mapping[str, Table]) -> Iterator
                 table = tables[item["table"]]
                 raw = item["row"]
                 row = {c.name: _decode(c, raw[c.name]) for c in table.columns}
+                for value in row.values():
+                    if isinstance(value, str):
+                        value.encode("utf-8")  # a stray byte in the file: UnicodeEncodeError, a ValueError
             except (ValueError, KeyError, TypeError) as err:
                 raise FormatError(str(path), f"not a dump row: {type(err).__name__}: {err}", line=number) from None
             yield table, row
