@@ -49,7 +49,8 @@ def _encode(column: Column, value: Any) -> Any:
     if isinstance(column.type, LargeBinary):
         return base64.b64encode(bytes(value)).decode("ascii")
     if isinstance(column.type, DateTime):
-        return aware(value).isoformat()
+        when = aware(value)
+        return None if when is None else when.isoformat()
     return value
 
 
