@@ -85,9 +85,12 @@ class IndexSync:
     """One store's FAISS index in this process, and how it follows SQL (see the module docstring). ``lock`` guards
     the index; hold it around a catch-up and the search that relies on it."""
 
-    def __init__(self, store: EditMemory, store_uid: str, kind: str, path: Path | None):
+    def __init__(self, store: EditMemory, store_uid: str, kind: str, path: Path | None, namespace: str = "default"):
         self._store = store
-        self.uid = store_uid
+        self.namespace = namespace
+        # what the index file's header names: the store's uid (plus the namespace outside the default one), so that a
+        # file of another store or namespace never fits
+        self.uid = store_uid if namespace == "default" else f"{store_uid}/{namespace}"
         self.kind = kind  # "auto", "flat" or "hnsw": what a rebuild makes
         self.path = path
         self.lock = threading.RLock()
@@ -143,7 +146,8 @@ class IndexSync:
                 if seq == index.seq:
                     return
                 log_rows = [] if seq < index.seq else conn.execute(select(changes.c.row_id, changes.c.op).where(
-                    changes.c.seq > index.seq, changes.c.seq <= seq).order_by(changes.c.seq)).all()
+                    changes.c.seq > index.seq, changes.c.seq <= seq, changes.c.namespace == self.namespace)
+                    .order_by(changes.c.seq)).all()
             if seq < index.seq:
                 log.warning("index is ahead of the store (%d > %d): rebuilding", index.seq, seq)
                 self.rebuild()
@@ -188,7 +192,8 @@ class IndexSync:
             with self._store._read() as conn:
                 seq = int(conn.execute(select(meta.c.change_seq).where(meta.c.id == 1)).scalar_one())
                 row_ids = [int(r) for r in conn.execute(
-                    select(edits.c.row_id).where(CURRENT).order_by(edits.c.row_id)).scalars()]
+                    select(edits.c.row_id).where(CURRENT, edits.c.namespace == self.namespace)
+                    .order_by(edits.c.row_id)).scalars()]
             kind = self.kind
             if kind == "auto":
                 kind = "hnsw" if len(row_ids) >= HNSW_AUTO_THRESHOLD else "flat"

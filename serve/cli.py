@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--store", default=None,
                         help="store URL: sqlite:///path.db or postgresql+psycopg://user@host/db "
                              f"(default: $EDITMEM_STORE or {DEFAULT_STORE})")
+    parser.add_argument("--namespace", default=None,
+                        help="the store namespace every store command reads and writes "
+                             "(default: $EDITMEM_NAMESPACE or 'default')")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -46,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # `store_given` tells commands such as `demo` whether the user chose a store or gets the default.
     args.store_given = args.store is not None or bool(os.environ.get("EDITMEM_STORE"))
     args.store = args.store or os.environ.get("EDITMEM_STORE") or DEFAULT_STORE
+    args.namespace = args.namespace or os.environ.get("EDITMEM_NAMESPACE") or "default"
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:

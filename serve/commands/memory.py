@@ -121,7 +121,7 @@ def _train_scope(args: argparse.Namespace) -> int:
         from memory.formats import case_from_record
         from memory.store import EditMemory
 
-        with EditMemory.open(args.store, create=False) as mem:
+        with EditMemory.open(args.store, create=False, namespace=getattr(args, "namespace", "default")) as mem:
             cases = [case_from_record(r) for r in mem]
         source = f"store {args.store}"
     else:
