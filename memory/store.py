@@ -118,7 +118,9 @@ class EditMemory:
         ``encoder``: a name (``"all-MiniLM-L6-v2"``, ``"hashing-256"``) or an Encoder. None uses the encoder the store
         was created with (the default one for a new store). A different encoder than the store's is recorded as the
         store's encoder; embeddings for it are computed and stored as needed and the index is rebuilt.
-        ``index``: ``"flat"`` (exact), ``"hnsw"`` (approximate, for large stores) or ``"auto"`` (HNSW from 200k edits).
+        ``index``: ``"flat"`` (exact), ``"hnsw"`` (approximate, for large stores) or ``"auto"`` (HNSW from 20k
+        edits, by measurement: :data:`memory.sync.HNSW_AUTO_THRESHOLD`; chosen when the index is built, so a grown
+        store switches at its next ``rebuild_index()``).
         ``namespace``: the namespace this handle reads and writes (letters, digits, ``_.-``; see the module docstring).
         A store made by an older editmem is migrated in place first (:mod:`memory.migrate`).
         """
