@@ -14,7 +14,8 @@ and ``precision_unambiguous`` leaves them out.
 Relation-aware labels (``relation_aware``, when the cases' relations are given, see :mod:`scope.relations`): a locality
 prompt of case c asks c's relation. It is in the scope of a stored edit e exactly when it names e's subject and e's
 relation is c's: routed to such an e it is a true positive (``tp_locality_in_scope``), routed elsewhere a false
-positive, not routed a miss (``missed_locality_in_scope``). Locality prompts are split by whether they name the
+positive, not routed a miss (``missed_locality_in_scope``). Relations that may be the same (an ambiguous template,
+:func:`scope.relations.same_relation`) count as the same. Locality prompts are split by whether they name the
 subject of any stored edit (``named_subject``) or of none (``no_subject``), and precision is given for each group:
 ``TP / (TP + wrong-edit FP + that group's locality FP)``, the named group's TP including its in-scope routings.
 Subjects are matched as whole-word phrases, case-insensitively (``\\w+`` tokens).
@@ -29,6 +30,7 @@ from typing import Any
 
 from memory.records import EditCase
 from scope.features import names_subject
+from scope.relations import same_relation
 from scope.router import Router
 
 _WORD = re.compile(r"\w+")
@@ -123,7 +125,7 @@ def _count_locality(c: dict[str, int], text: str, rel: str | None, d: Any, subje
     c["fp_locality"] += int(d.in_scope)
     c["fp_locality_named_subject"] += int(d.in_scope and names_subject(text, d.edit.subject))
     named = subjects.named(text)
-    in_scope = {e for e in named if rel is not None and relation_of.get(e) == rel}
+    in_scope = {e for e in named if same_relation(relation_of.get(e), rel)}
     if not named:
         c["locality_no_subject"] += 1
         c["fp_locality_no_subject"] += int(d.in_scope)

@@ -4,9 +4,10 @@
 ROME-format CounterFact (``requested_rewrite.relation_id``, Wikidata ids such as ``P19``) gives each case's relation
 directly, and its prompt templates (``"{} originates from"``) map every other case with the same template to it.
 The EasyEdit split carries no relation ids but the same ``case_id`` numbering and templates, so a case's relation is:
-its ROME record's id when there is one, else its template's id when the template belongs to one relation only, else
-the template itself (``"tmpl:{} is a citizen of"``; a stand-in that is never equal to a Wikidata id). A CounterFact
-neighbourhood (locality) prompt asks the relation of its own case, about another subject.
+its ROME record's id when there is one, else its template's ids (a template such as ``"{} is developed by"`` asks P176
+or P178 in different cases: the relation is then ``"P176|P178"``, and :func:`same_relation` treats relations that
+share an id as the same), else the template itself (``"tmpl:{} ..."``, a stand-in equal only to itself). A
+CounterFact neighbourhood (locality) prompt asks the relation of its own case, about another subject.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ class RelationTable:
         tmpl = template_of(prompt, subject)
         if tmpl is None:
             return None
-        rels = self.by_template.get(tmpl, set())
-        return next(iter(rels)) if len(rels) == 1 else f"tmpl:{tmpl}"
+        rels = self.by_template.get(tmpl)
+        return "|".join(sorted(rels)) if rels else f"tmpl:{tmpl}"
 
     def case_relations(self, cases: Sequence[EditCase]) -> list[str | None]:
         """Each case's relation: its ``metadata["relation_id"]`` if set, else :meth:`relation` (its ``case_id`` read
@@ -74,6 +75,24 @@ class RelationTable:
         return out
 
 
+def same_relation(a: str | None, b: str | None) -> bool:
+    """Whether two relations (as :meth:`RelationTable.relation` gives them) may be the same: they share an id."""
+    if a is None or b is None:
+        return False
+    return a == b or bool(set(a.split("|")) & set(b.split("|")))
+
+
 def rome_files(data_dir: str | Path) -> list[Path]:
     """The ROME-format CounterFact files under ``data_dir`` (``counterfact/rome_format/*.json``)."""
     return sorted((Path(data_dir) / "counterfact" / "rome_format").glob("*.json"))
+
+
+def case_relations_for(cases: Sequence[EditCase], data_path: str | Path,
+                       rome_dir: str | Path | None = None) -> list[str | None] | None:
+    """Relations of ``cases`` read from ``data_path``: from the ROME-format files in ``rome_dir`` (default: a
+    ``rome_format`` folder beside the data file's folder) and the cases' own ``relation_id`` metadata; None when no
+    case has a relation (zsRE: its locality prompts are unrelated questions, so strict labels are right for it)."""
+    folder = Path(rome_dir) if rome_dir is not None else Path(data_path).resolve().parent.parent / "rome_format"
+    files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    relations = RelationTable.from_rome_files(files).case_relations(cases)
+    return relations if any(r is not None for r in relations) else None
