@@ -118,6 +118,7 @@ class IndexSync:
             if loaded is not None and self._fits(loaded):
                 self._index = loaded
                 self.catch_up()
+                self._maybe_grow(self.index)
             else:
                 self.rebuild()
 
@@ -186,6 +187,15 @@ class IndexSync:
         index.dirty = True
         if index.needs_rebuild:
             log.info("rebuilding HNSW index: %d stale of %d vectors", index.n_stale, index.ntotal)
+            self.rebuild()
+        else:
+            self._maybe_grow(index)
+
+    def _maybe_grow(self, index: VectorIndex) -> None:
+        """With ``auto``, a flat index that has grown to HNSW_AUTO_THRESHOLD live vectors is rebuilt as HNSW (once;
+        an HNSW index that shrinks stays HNSW until an explicit rebuild)."""
+        if self.kind == "auto" and index.kind == "flat" and len(index) >= HNSW_AUTO_THRESHOLD:
+            log.info("index grew to %d vectors: rebuilding it as HNSW", len(index))
             self.rebuild()
 
     def rebuild(self) -> None:
