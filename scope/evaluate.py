@@ -98,7 +98,7 @@ def routing_report(router: Router, cases: Sequence[EditCase], edit_ids: Sequence
                     _count_locality(c, text, rel, d, subjects, relation_of)
                 else:
                     c["rephrases"] += 1
-                    if d.in_scope and d.edit.id == expected:
+                    if d.edit is not None and d.edit.id == expected:
                         c["tp"] += 1
                     elif d.in_scope:
                         c["fp_wrong_edit"] += 1

@@ -103,7 +103,8 @@ def run(data_dir: Path, n_train: int, n_edit: int, cache: Path | None, powers: S
         if rel is None:
             continue
         for text in (case.prompt, *case.rephrases, *(p.prompt for p in case.locality)):
-            texts.append(text), labels.append(rel)
+            texts.append(text)
+            labels.append(rel)
     t = time.perf_counter()
     reranker = RelationReranker.train(texts, labels, enc, RerankSettings(), vectors=enc.encode(texts))
     out["reranker"] = {"train_texts": len(texts), "relations": len(reranker.relations),
