@@ -557,15 +557,18 @@ class EditMemory:
         out: dict[int, EditRecord] = {}
         with self._read() as conn:
             for chunk in chunks(row_ids):
-                for row in conn.execute(select(edits).where(edits.c.row_id.in_(chunk), CURRENT, self._ns)):
-                    out[int(row.row_id)] = _record(row)
+                # the namespace is checked here, not in SQL: with it in the WHERE clause SQLite plans the query
+                # through the namespace index and scans the whole namespace instead of looking up the row ids
+                for row in conn.execute(select(edits).where(edits.c.row_id.in_(chunk), CURRENT)):
+                    if row.namespace == self._namespace:
+                        out[int(row.row_id)] = _record(row)
         return out
 
     def _existing_keys(self, conn: Connection, keys: Sequence[str]) -> set[str]:
         found: set[str] = set()
         for chunk in chunks(sorted(set(keys))):
-            found.update(conn.execute(select(edits.c.content_key).where(
-                edits.c.content_key.in_(chunk), CURRENT, self._ns)).scalars())
+            found.update(key for key, ns in conn.execute(select(edits.c.content_key, edits.c.namespace).where(
+                edits.c.content_key.in_(chunk), CURRENT)) if ns == self._namespace)  # as in _current_records
         return found
 
     def _new_only(self, fields: list[EditFields], conn: Connection) -> list[EditFields]:
