@@ -16,6 +16,7 @@ once; the second finds it up to date.
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 from collections.abc import Iterator
@@ -48,14 +49,15 @@ def alembic_config(connection: Connection | None = None):  # -> alembic.config.C
     return cfg
 
 
-def known_revisions() -> tuple[set[str], str]:
-    """(every revision in the scripts, the newest)."""
+@functools.cache
+def known_revisions() -> tuple[frozenset[str], str]:
+    """(every revision in the scripts, the newest); read once per process (the scripts do not change)."""
     from alembic.script import ScriptDirectory
 
     script = ScriptDirectory.from_config(alembic_config())
     head = script.get_current_head()
     assert head is not None
-    return {r.revision for r in script.walk_revisions()}, head
+    return frozenset(r.revision for r in script.walk_revisions()), head
 
 
 def current_revision(conn: Connection) -> str | None:
@@ -101,7 +103,7 @@ def prepare_schema(engine: Engine, url: URL, encoder_name: str) -> None:
     log.warning("store %s migrated to schema revision %s", where, head)
 
 
-def _check_known(rev: str | None, known: set[str], head: str, where: str) -> None:
+def _check_known(rev: str | None, known: frozenset[str], head: str, where: str) -> None:
     if rev is not None and rev not in known:
         raise StoreError(f"store {where} has schema revision {rev!r}, which this editmem does not know (newest known: "
                          f"{head}); it was written by a newer editmem: upgrade editmem")
