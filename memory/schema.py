@@ -27,6 +27,11 @@ Weight edits (written by ``editors.weights``; the store keeps them as opaque blo
 
 These tables were added after schema version 1 without changing it: a store made before them gets them when it is
 next opened (:func:`ensure_weight_tables`).
+
+Namespaces (schema version 2, Alembic revision 0002): every version row and change-log entry has a ``namespace``
+(default ``"default"``). Edit and row ids stay global (allocated from the meta row), so an id names one edit in one
+namespace. Schema changes are Alembic revisions in ``memory/migrations``; :mod:`memory.migrate` creates, stamps and
+upgrades stores.
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ from memory.errors import StoreError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+DEFAULT_NAMESPACE = "default"
 CONNECT_TIMEOUT_S = 5
 
 metadata = MetaData()
@@ -80,12 +86,15 @@ edits = Table(
     Column("valid_from", DateTime(timezone=True), nullable=False),
     Column("valid_to", DateTime(timezone=True), nullable=True),
     Column("content_key", String(64), nullable=False),
+    Column("namespace", String(64), nullable=False, server_default=DEFAULT_NAMESPACE),
     UniqueConstraint("edit_id", "version", name="uq_editmem_edits_version"),
     Index("ix_editmem_edits_content_key", "content_key"),
 )
 # Current versions (valid_to IS NULL) by edit id: len, list and rebuild read only these. A partial index, so that a
 # query on content_key is not planned through it.
 Index("ix_editmem_edits_current", edits.c.edit_id, sqlite_where=edits.c.valid_to.is_(None),
+      postgresql_where=edits.c.valid_to.is_(None))
+Index("ix_editmem_edits_ns_current", edits.c.namespace, edits.c.edit_id, sqlite_where=edits.c.valid_to.is_(None),
       postgresql_where=edits.c.valid_to.is_(None))
 
 embeddings = Table(
@@ -102,7 +111,9 @@ changes = Table(
     Column("seq", BigInteger, nullable=False),
     Column("row_id", BigInteger, nullable=False),
     Column("op", String(8), nullable=False),
+    Column("namespace", String(64), nullable=False, server_default=DEFAULT_NAMESPACE),
     PrimaryKeyConstraint("seq", "row_id", name="pk_editmem_changes"),
+    Index("ix_editmem_changes_ns", "namespace", "seq"),
 )
 
 weight_models = Table(
@@ -267,18 +278,15 @@ def db_errors(url: URL) -> Iterator[None]:
 
 
 def ensure_schema(engine: Engine, url: URL, encoder_name: str, create: bool) -> tuple[str, str]:
-    """Create the tables and the meta row if missing; return (store uid, stored encoder name)."""
-    if not tables_exist(engine):
-        if not create:
-            raise StoreError(f"no editmem store at {url.render_as_string(hide_password=True)} "
-                             "(run `editmem init` to create one)")
-        try:
-            metadata.create_all(engine)
-        except SQLAlchemyError:  # another process created them at the same moment
-            if not tables_exist(engine):
-                raise
-    else:
-        ensure_weight_tables(engine)
+    """Create the store (tables, meta row, Alembic stamp) or bring an older one up to date (:mod:`memory.migrate`);
+    return (store uid, stored encoder name). StoreError for a schema newer than this code knows."""
+    from memory.migrate import prepare_schema
+
+    if not create and not tables_exist(engine):
+        raise StoreError(f"no editmem store at {url.render_as_string(hide_password=True)} "
+                         "(run `editmem init` to create one)")
+    prepare_schema(engine, url, encoder_name)
+    ensure_weight_tables(engine)  # a store whose weight tables were lost or never made
     with engine.connect() as conn:
         row = conn.execute(select(meta).where(meta.c.id == 1)).first()
     if row is None:

@@ -11,6 +11,11 @@ created; an in-memory SQLite store keeps its index in memory only. The file is w
 rebuild, and by ``save_index()``; a file that is behind is caught up from the change log, one that does not match
 the store (uid, encoder, dimension) is rebuilt from the embeddings in SQL.
 
+Namespaces: a handle belongs to one namespace (``EditMemory.open(url, namespace=...)``, default ``"default"``). Every
+verb reads and writes that namespace only: an id of another namespace's edit is NotFoundError, search never returns
+another namespace's edits (each namespace has its own index; other namespaces' files are named
+``path.db.ns-<namespace>.faiss``), import skips only what this namespace holds, export writes this namespace.
+
 An ``EditMemory`` may be shared between threads (a lock guards the index) but is meant for one process; several
 processes share a store by each opening it.
 
@@ -44,10 +49,13 @@ from memory.paths import pg_index_file
 from memory.readonly import read_only_engine, refuse_write, wants_read_only
 from memory.sync import IndexSync, encode, insert_vectors, load_vectors
 from memory.records import EditCase, EditRecord, Hit
+from memory.namespaces import check_namespace
 from memory.schema import (
     CURRENT, OP_ADD, OP_DEL, aware, changes, chunks, db_errors, edits, meta,
 )
 from memory.validate import UPDATABLE, EditFields, InvalidField, check_id, edit_fields, fields_of, text_problem
+
+DEFAULT_NAMESPACE = schema.DEFAULT_NAMESPACE
 
 log = logging.getLogger(__name__)
 
@@ -91,29 +99,36 @@ class EditMemory:
     """A versioned store of edits with similarity search. Open with ``EditMemory.open(url)``."""
 
     def __init__(self, engine: Engine, url: URL, encoder: Encoder, store_uid: str, index_kind: str,
-                 index_path: Path | None, *, read_only: bool = False):
+                 index_path: Path | None, namespace: str = DEFAULT_NAMESPACE, *, read_only: bool = False):
         self._read_only = read_only
         self._engine = engine
         self._url = url
         self._encoder = encoder
-        self._index_sync = IndexSync(self, store_uid, index_kind, index_path)
+        self._namespace = check_namespace(namespace)
+        self._ns = edits.c.namespace == self._namespace  # every query of this handle's rows carries it
+        self._index_sync = IndexSync(self, store_uid, index_kind, index_path, self._namespace)
         self._closed = False
         self._ledger = WeightLedger(self)
 
     # --- opening and closing ------------------------------------------------------------------------------------------
     @classmethod
     def open(cls, url: str = DEFAULT_URL, *, encoder: str | Encoder | None = None, index: str = "auto",
-             create: bool = True, read_only: bool | None = None) -> EditMemory:
+             create: bool = True, namespace: str = DEFAULT_NAMESPACE, read_only: bool | None = None) -> EditMemory:
         """Open the store at ``url`` (``sqlite:///path.db``, ``sqlite://`` in memory, ``postgresql+psycopg://...``),
         creating it unless ``create`` is false.
 
         ``encoder``: a name (``"all-MiniLM-L6-v2"``, ``"hashing-256"``) or an Encoder. None uses the encoder the store
         was created with (the default one for a new store). A different encoder than the store's is recorded as the
         store's encoder; embeddings for it are computed and stored as needed and the index is rebuilt.
-        ``index``: ``"flat"`` (exact), ``"hnsw"`` (approximate, for large stores) or ``"auto"`` (HNSW from 200k edits).
+        ``index``: ``"flat"`` (exact), ``"hnsw"`` (approximate, for large stores) or ``"auto"`` (HNSW from 20k
+        edits, by measurement: :data:`memory.sync.HNSW_AUTO_THRESHOLD`; chosen when the index is built, so a grown
+        store switches at its next ``rebuild_index()``).
+        ``namespace``: the namespace this handle reads and writes (letters, digits, ``_.-``; see the module docstring).
+        A store made by an older editmem is migrated in place first (:mod:`memory.migrate`).
         ``read_only``: open a SQLite store without writing anything (writes raise StoreError; the index stays in
         memory); None (default) does so when the store's file or folder cannot be written (:mod:`memory.readonly`).
         """
+        namespace = check_namespace(namespace)
         if index not in ("auto", *KINDS):
             raise ValidationError(f"index must be one of auto, flat, hnsw; got {index!r}")
         parsed = schema.parse_url(url)
@@ -136,7 +151,7 @@ class EditMemory:
                                 stored_encoder, enc.name)
                     with engine.begin() as conn:
                         conn.execute(update(meta).where(meta.c.id == 1).values(encoder=enc.name))
-            mem = cls(engine, parsed, enc, uid, index, _index_path(parsed, uid), read_only=ro)
+            mem = cls(engine, parsed, enc, uid, index, _index_path(parsed, uid, namespace), namespace, read_only=ro)
             mem._index_sync.load()
         except BaseException:
             engine.dispose()
@@ -179,6 +194,28 @@ class EditMemory:
         return self._encoder
 
     @property
+    def namespace(self) -> str:
+        return self._namespace
+
+    def namespaces(self) -> list[str]:
+        """Every namespace that holds at least one edit version, sorted (this handle's own included)."""
+        with self._read() as conn:
+            found = set(conn.execute(select(edits.c.namespace).distinct()).scalars())
+        return sorted(found | {self._namespace})
+
+    def changes(self, since: int = 0, limit: int | None = None) -> list[tuple[int, int, str]]:
+        """This namespace's change feed: ``(seq, row_id, op)`` for each change-log entry after counter ``since``, in
+        order; op is ``add`` (a version became searchable) or ``del`` (it stopped being so)."""
+        if isinstance(since, bool) or not isinstance(since, int) or since < 0:
+            raise ValidationError(f"since must be a non-negative integer, got {since!r}")
+        query = select(changes.c.seq, changes.c.row_id, changes.c.op).where(
+            changes.c.namespace == self._namespace, changes.c.seq > since).order_by(changes.c.seq, changes.c.row_id)
+        if limit is not None:
+            query = query.limit(limit)
+        with self._read() as conn:
+            return [(int(a), int(b), str(c)) for a, b, c in conn.execute(query)]
+
+    @property
     def index_path(self) -> Path | None:
         return self._index_sync.path
 
@@ -194,7 +231,7 @@ class EditMemory:
     # --- reading ------------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
         with self._read() as conn:
-            return int(conn.execute(select(func.count()).select_from(edits).where(CURRENT)).scalar_one())
+            return int(conn.execute(select(func.count()).select_from(edits).where(CURRENT, self._ns)).scalar_one())
 
     def __iter__(self) -> Iterator[EditRecord]:
         offset = 0
@@ -215,7 +252,8 @@ class EditMemory:
                     raise NotFoundError(f"no edit with id {edit_id}")
                 return _record(row)
             version = check_id(version, "version")
-            row = conn.execute(select(edits).where(edits.c.edit_id == edit_id, edits.c.version == version)).first()
+            row = conn.execute(select(edits).where(edits.c.edit_id == edit_id, edits.c.version == version,
+                                                   self._ns)).first()
             if row is None:
                 latest = self._current_row(conn, edit_id)
                 if latest is None:
@@ -230,7 +268,7 @@ class EditMemory:
         if not isinstance(offset, int) or offset < 0:
             raise ValidationError(f"offset must be a non-negative integer, got {offset!r}")
         where = edits.c.valid_to.is_(None) if include_deleted else CURRENT
-        query = select(edits).where(where).order_by(edits.c.edit_id).offset(offset)
+        query = select(edits).where(where, self._ns).order_by(edits.c.edit_id).offset(offset)
         if limit is not None:
             query = query.limit(limit)
         with self._read() as conn:
@@ -240,7 +278,8 @@ class EditMemory:
         """Every version of edit ``id``, oldest first."""
         edit_id = check_id(id)
         with self._read() as conn:
-            rows = conn.execute(select(edits).where(edits.c.edit_id == edit_id).order_by(edits.c.version)).all()
+            rows = conn.execute(select(edits).where(edits.c.edit_id == edit_id, self._ns)
+                                .order_by(edits.c.version)).all()
         if not rows:
             raise NotFoundError(f"no edit with id {edit_id}")
         return [_record(r) for r in rows]
@@ -370,7 +409,7 @@ class EditMemory:
                           target.metadata)
         with self._read() as conn:
             target_row_id = conn.execute(select(edits.c.row_id).where(
-                edits.c.edit_id == target.id, edits.c.version == target.version)).scalar_one()
+                edits.c.edit_id == target.id, edits.c.version == target.version, self._ns)).scalar_one()
         vector = self._vector_outside_tx(target_row_id, target.prompt)
         with self._write() as tx:
             current = self._current_row(tx.conn, target.id)
@@ -410,7 +449,7 @@ class EditMemory:
         if include_history:
             with self._read() as conn:
                 records = [_record(r) for r in conn.execute(
-                    select(edits).order_by(edits.c.edit_id, edits.c.version))]
+                    select(edits).where(self._ns).order_by(edits.c.edit_id, edits.c.version))]
         else:
             records = self.list()
         try:
@@ -477,7 +516,7 @@ class EditMemory:
     def current_row_ids(self) -> set[int]:
         """The version row ids of the current, non-deleted versions in SQL. Diagnostic."""
         with self._read() as conn:
-            return {int(r) for r in conn.execute(select(edits.c.row_id).where(CURRENT)).scalars()}
+            return {int(r) for r in conn.execute(select(edits.c.row_id).where(CURRENT, self._ns)).scalars()}
 
     def verify(self) -> None:
         """Raise StoreError if the index and SQL disagree on which versions are searchable."""
@@ -523,12 +562,13 @@ class EditMemory:
                 tx = _Tx(conn, seq, datetime.now(timezone.utc))
                 yield tx
                 if tx.changed:
-                    conn.execute(insert(changes), [{"seq": seq, "row_id": r, "op": op} for r, op in tx.changed])
+                    conn.execute(insert(changes), [{"seq": seq, "row_id": r, "op": op, "namespace": self._namespace}
+                                                   for r, op in tx.changed])
         self._index_sync.after_write(tx)
 
-    @staticmethod
-    def _current_row(conn: Connection, edit_id: int) -> Row | None:
-        return conn.execute(select(edits).where(edits.c.edit_id == edit_id, edits.c.valid_to.is_(None))).first()
+    def _current_row(self, conn: Connection, edit_id: int) -> Row | None:
+        return conn.execute(select(edits).where(edits.c.edit_id == edit_id, edits.c.valid_to.is_(None),
+                                                self._ns)).first()
 
     def _live_row(self, edit_id: int, conn: Connection | None = None) -> Row:
         """The current version of a non-deleted edit, or NotFoundError."""
@@ -556,15 +596,18 @@ class EditMemory:
         out: dict[int, EditRecord] = {}
         with self._read() as conn:
             for chunk in chunks(row_ids):
+                # the namespace is checked here, not in SQL: with it in the WHERE clause SQLite plans the query
+                # through the namespace index and scans the whole namespace instead of looking up the row ids
                 for row in conn.execute(select(edits).where(edits.c.row_id.in_(chunk), CURRENT)):
-                    out[int(row.row_id)] = _record(row)
+                    if row.namespace == self._namespace:
+                        out[int(row.row_id)] = _record(row)
         return out
 
     def _existing_keys(self, conn: Connection, keys: Sequence[str]) -> set[str]:
         found: set[str] = set()
         for chunk in chunks(sorted(set(keys))):
-            found.update(conn.execute(select(edits.c.content_key).where(
-                edits.c.content_key.in_(chunk), CURRENT)).scalars())
+            found.update(key for key, ns in conn.execute(select(edits.c.content_key, edits.c.namespace).where(
+                edits.c.content_key.in_(chunk), CURRENT)) if ns == self._namespace)  # as in _current_records
         return found
 
     def _new_only(self, fields: list[EditFields], conn: Connection) -> list[EditFields]:
@@ -591,7 +634,8 @@ class EditMemory:
                 fields = self._new_only(fields, tx.conn)
             first_edit = tx.allocate("next_edit_id", len(fields))
             first_row = tx.allocate("next_row_id", len(fields))
-            rows = [self._version_row(tx, first_row + i, first_edit + i, 1, f) for i, f in enumerate(fields)]
+            rows = [self._version_row(tx, first_row + i, first_edit + i, 1, f, self._namespace)
+                    for i, f in enumerate(fields)]
             if rows:
                 self._insert_rows(tx, rows, np.stack([by_key[f.content_key] for f in fields]), progress=progress)
             for r, f in zip(rows, fields):
@@ -613,18 +657,18 @@ class EditMemory:
                 bar.update(len(part))
 
     @staticmethod
-    def _version_row(tx: _Tx, row_id: int, edit_id: int, version: int, f: EditFields, *,
+    def _version_row(tx: _Tx, row_id: int, edit_id: int, version: int, f: EditFields, namespace: str, *,
                      deleted: bool = False) -> dict[str, Any]:
         return {"row_id": row_id, "edit_id": edit_id, "version": version, "prompt": f.prompt,
                 "target_new": f.target_new, "subject": f.subject, "ground_truth": f.ground_truth,
                 "rephrases": json.dumps(list(f.rephrases), ensure_ascii=False),
                 "metadata": json.dumps(dict(f.metadata), ensure_ascii=False, sort_keys=True), "deleted": deleted,
-                "valid_from": tx.now, "valid_to": None, "content_key": f.content_key}
+                "valid_from": tx.now, "valid_to": None, "content_key": f.content_key, "namespace": namespace}
 
     def _insert_version(self, tx: _Tx, edit_id: int, version: int, f: EditFields, vector: np.ndarray | None, *,
                         deleted: bool = False) -> EditRecord:
         row_id = tx.allocate("next_row_id", 1)
-        values = self._version_row(tx, row_id, edit_id, version, f, deleted=deleted)
+        values = self._version_row(tx, row_id, edit_id, version, f, self._namespace, deleted=deleted)
         tx.conn.execute(insert(edits), [values])
         if not deleted:
             assert vector is not None
@@ -702,7 +746,10 @@ def _check_sqlite_path(url: URL, create: bool) -> None:
         raise StoreError(f"no store at {path} (run `editmem init` to create one)")
 
 
-def _index_path(url: URL, store_uid: str) -> Path | None:
+def _index_path(url: URL, store_uid: str, namespace: str = DEFAULT_NAMESPACE) -> Path | None:
+    """The index file of a namespace: the default one's keeps its name from before namespaces."""
+    suffix = ".faiss" if namespace == DEFAULT_NAMESPACE else f".ns-{namespace}.faiss"
     if url.get_backend_name() == "sqlite":
-        return None if schema.is_memory_sqlite(url) else Path(str(url.database) + ".faiss")
-    return pg_index_file(store_uid)
+        return None if schema.is_memory_sqlite(url) else Path(str(url.database) + suffix)
+    path = pg_index_file(store_uid)
+    return path if namespace == DEFAULT_NAMESPACE else path.with_name(path.name.removesuffix(".faiss") + suffix)

@@ -29,7 +29,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HNSW_AUTO_THRESHOLD = 200_000
+# `auto` builds HNSW from this many live edits. Measured (BENCHMARKS.md, "Store at scale", 384-dim clustered vectors,
+# loaded 2-core VM, one thread): flat single-query p50 0.31 ms at 10k, 1.73 ms at 30k, 17.7 ms at 100k; HNSW 0.59 /
+# 0.88 / 0.96 ms with recall@1 1.000. Flat stays within the 2 ms target to about 30k; 20k leaves a margin.
+HNSW_AUTO_THRESHOLD = 20_000
 ENCODE_BATCH = 256
 
 
@@ -85,9 +88,12 @@ class IndexSync:
     """One store's FAISS index in this process, and how it follows SQL (see the module docstring). ``lock`` guards
     the index; hold it around a catch-up and the search that relies on it."""
 
-    def __init__(self, store: EditMemory, store_uid: str, kind: str, path: Path | None):
+    def __init__(self, store: EditMemory, store_uid: str, kind: str, path: Path | None, namespace: str = "default"):
         self._store = store
-        self.uid = store_uid
+        self.namespace = namespace
+        # what the index file's header names: the store's uid (plus the namespace outside the default one), so that a
+        # file of another store or namespace never fits
+        self.uid = store_uid if namespace == "default" else f"{store_uid}/{namespace}"
         self.kind = kind  # "auto", "flat" or "hnsw": what a rebuild makes
         self.path = path
         self.lock = threading.RLock()
@@ -112,6 +118,7 @@ class IndexSync:
             if loaded is not None and self._fits(loaded):
                 self._index = loaded
                 self.catch_up()
+                self._maybe_grow(self.index)
             else:
                 self.rebuild()
 
@@ -143,7 +150,8 @@ class IndexSync:
                 if seq == index.seq:
                     return
                 log_rows = [] if seq < index.seq else conn.execute(select(changes.c.row_id, changes.c.op).where(
-                    changes.c.seq > index.seq, changes.c.seq <= seq).order_by(changes.c.seq)).all()
+                    changes.c.seq > index.seq, changes.c.seq <= seq, changes.c.namespace == self.namespace)
+                    .order_by(changes.c.seq)).all()
             if seq < index.seq:
                 log.warning("index is ahead of the store (%d > %d): rebuilding", index.seq, seq)
                 self.rebuild()
@@ -180,6 +188,15 @@ class IndexSync:
         if index.needs_rebuild:
             log.info("rebuilding HNSW index: %d stale of %d vectors", index.n_stale, index.ntotal)
             self.rebuild()
+        else:
+            self._maybe_grow(index)
+
+    def _maybe_grow(self, index: VectorIndex) -> None:
+        """With ``auto``, a flat index that has grown to HNSW_AUTO_THRESHOLD live vectors is rebuilt as HNSW (once;
+        an HNSW index that shrinks stays HNSW until an explicit rebuild)."""
+        if self.kind == "auto" and index.kind == "flat" and len(index) >= HNSW_AUTO_THRESHOLD:
+            log.info("index grew to %d vectors: rebuilding it as HNSW", len(index))
+            self.rebuild()
 
     def rebuild(self) -> None:
         """Build the index from the current versions' embeddings in SQL (computing missing ones) and save it."""
@@ -188,7 +205,8 @@ class IndexSync:
             with self._store._read() as conn:
                 seq = int(conn.execute(select(meta.c.change_seq).where(meta.c.id == 1)).scalar_one())
                 row_ids = [int(r) for r in conn.execute(
-                    select(edits.c.row_id).where(CURRENT).order_by(edits.c.row_id)).scalars()]
+                    select(edits.c.row_id).where(CURRENT, edits.c.namespace == self.namespace)
+                    .order_by(edits.c.row_id)).scalars()]
             kind = self.kind
             if kind == "auto":
                 kind = "hnsw" if len(row_ids) >= HNSW_AUTO_THRESHOLD else "flat"

@@ -15,6 +15,9 @@ A classifier that scores from embeddings (:attr:`ScopeClassifier.needs_vectors`,
 the store's search already has: the queries' embeddings it encoded and the hits' key embeddings stored in SQL
 (``search_many(..., return_vectors=True)``), so each query view is encoded once and edit prompts never are. The cosine
 scope scores from the hits' similarities alone.
+
+An optional reranker (:class:`scope.rerank.RelationReranker`) rescales each candidate's score by how well what the
+query asks agrees with what the edit asks, from the same vectors; the exact-prompt rule still applies after it.
 """
 
 from __future__ import annotations
@@ -94,13 +97,17 @@ class Decision:
 class Router:
     """Retrieval + scope for one store (see the module docstring)."""
 
-    def __init__(self, memory: Any, classifier: ScopeClassifier, *, k: int = 5):
+    def __init__(self, memory: Any, classifier: ScopeClassifier, *, k: int = 5, reranker: Any = None):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValidationError(f"k must be a positive integer, got {k!r}")
         classifier.check_encoder(memory.encoder.name)
         self.memory = memory
         self.classifier = classifier
         self.k = k
+        if reranker is not None and reranker.encoder != memory.encoder.name:
+            raise ValidationError(f"reranker was trained on {reranker.encoder} embeddings, the store's encoder is "
+                                  f"{memory.encoder.name}")
+        self.reranker = reranker
 
     @classmethod
     def open(cls, url: str, classifier: ScopeClassifier, *, encoder: str | Encoder | None = None,
@@ -124,7 +131,8 @@ class Router:
             for view in query_views(text):
                 views.append(view), owner.append(q)
         u = v = None
-        if self.classifier.needs_vectors:  # the vectors the search encoded and the hits' stored keys, not re-encoded
+        wants_vectors = self.classifier.needs_vectors or self.reranker is not None
+        if wants_vectors:  # the vectors the search encoded and the hits' stored keys, not re-encoded
             hits, queries, keys = self.memory.search_many(views, self.k, return_vectors=True)
         else:
             hits = self.memory.search_many(views, self.k)
@@ -132,10 +140,12 @@ class Router:
         threshold = self.classifier.threshold
         if not rows:
             return [Decision(t, None, None, threshold) for t in texts]
-        if self.classifier.needs_vectors:
+        if wants_vectors:
             u = queries[[w for w, _ in rows]]
             v = np.concatenate(keys)
         scores = self.classifier.score_hits([views[w] for w, _ in rows], [h for _, h in rows], u, v)
+        if self.reranker is not None:
+            scores = self.reranker.rerank(scores, u, v)
         # per text: each candidate edit once, with its best score over the text's views
         merged: list[dict[int, tuple[Any, float, float]]] = [{} for _ in texts]
         for (w, h), score in zip(rows, scores.tolist()):

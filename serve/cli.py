@@ -34,6 +34,9 @@ STORE_HELP = f"store URL: sqlite:///path.db or postgresql+psycopg://user@host/db
              f"{DEFAULT_STORE})"
 
 
+NAMESPACE_HELP = "the store namespace every store command reads and writes (default: $EDITMEM_NAMESPACE or 'default')"
+
+
 class Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line (``editmem list: error: ...``), exit status 2."""
 
@@ -44,6 +47,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="editmem", description="A versioned editing memory for language models.")
     parser.add_argument("--store", default=None, help=STORE_HELP)
+    parser.add_argument("--namespace", default=None, help=NAMESPACE_HELP)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     parser.add_argument("--json", action="store_true", default=False,
                         help="machine-readable output, for the commands that have it")
@@ -57,11 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _accept_common_options(command: argparse.ArgumentParser) -> None:
-    """Let ``--store``, ``-v`` and ``--json`` follow the subcommand too. Their defaults are SUPPRESS here, so that a
+    """Let ``--store``, ``--namespace``, ``-v`` and ``--json`` follow the subcommand too. Their defaults are SUPPRESS here, so that a
     value given before the subcommand is not overwritten by the subcommand's default."""
     known = command._option_string_actions
     if "--store" not in known:
         command.add_argument("--store", default=argparse.SUPPRESS, help=STORE_HELP)
+    if "--namespace" not in known:
+        command.add_argument("--namespace", default=argparse.SUPPRESS, help=NAMESPACE_HELP)
     if "-v" not in known and "--verbose" not in known:
         command.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more logging")
     action = known.get("--json")
@@ -95,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # `store_given` tells commands such as `demo` whether the user chose a store or gets the default.
     args.store_given = args.store is not None or bool(os.environ.get("EDITMEM_STORE"))
     args.store = args.store or os.environ.get("EDITMEM_STORE") or DEFAULT_STORE
+    args.namespace = args.namespace or os.environ.get("EDITMEM_NAMESPACE") or "default"
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -308,8 +308,11 @@ def test_auto_switches_to_hnsw_for_large_stores(tmp_path: Path, monkeypatch: pyt
 
     monkeypatch.setattr(memory.sync, "HNSW_AUTO_THRESHOLD", 3)
     with open_store(f"sqlite:///{tmp_path / 's.db'}") as mem:
-        mem.add_many(FACTS)
+        mem.add_many(FACTS[:1])
         assert mem.index_kind == "flat"
+        mem.add_many(FACTS[1:])  # grows past the threshold: rebuilt as HNSW on the spot
+        assert mem.index_kind == "hnsw"
+        mem.verify()
         mem.rebuild_index()
         assert mem.index_kind == "hnsw"
         mem.verify()

@@ -49,7 +49,7 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
     from memory import EditMemory
 
     overrides = key_values(args.overrides, example="layers=[3,4]")
-    with EditMemory.open(args.store, create=False) as mem:
+    with EditMemory.open(args.store, create=False, namespace=getattr(args, "namespace", "default")) as mem:
         done = consolidate(mem, args.method, args.out, model=args.model, batch_size=args.batch_size,
                            overrides=overrides, progress=True)
     print(f"consolidated {done.n_edits} edit(s) into {done.folder} with {args.method} in {len(done.records)} weight "
@@ -63,7 +63,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     from editors.consolidation import rebuild_folder
     from memory import EditMemory
 
-    with EditMemory.open(args.store, create=False) as mem:
+    with EditMemory.open(args.store, create=False, namespace=getattr(args, "namespace", "default")) as mem:
         base, n = rebuild_folder(mem, args.out, model=args.model)
     print(f"rebuilt {args.out} from {base} and {n} applied weight record(s)")
     return 0

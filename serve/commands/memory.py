@@ -90,6 +90,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--json", dest="json_out", default=None, help="also write the report to this file")
+    p.add_argument("--relations", default=None, metavar="DIR",
+                   help="folder of ROME-format CounterFact files giving relation ids, for relation-aware labels "
+                        "(default: counterfact/rome_format beside the data file's folder, when it exists)")
+    p.add_argument("--reranker", default=None, metavar="FILE", help="a relation reranker (.npz) to route with")
     p.set_defaults(func=_eval_scope)
 
     p = sub.add_parser("bench-overhead", help="latency the memory wrapper adds to generate on out-of-scope queries")
@@ -130,7 +134,7 @@ def _train_scope(args: argparse.Namespace) -> int:
         from memory.formats import case_from_record
         from memory.store import EditMemory
 
-        with EditMemory.open(args.store, create=False) as mem:
+        with EditMemory.open(args.store, create=False, namespace=getattr(args, "namespace", "default")) as mem:
             cases = [case_from_record(r) for r in mem]
         source = f"store {args.store}"
     else:
@@ -238,15 +242,20 @@ def _eval_scope(args: argparse.Namespace) -> int:
     from memory.formats import read_cases
     from memory.store import EditMemory
     from scope.evaluate import routing_report
+    from scope.relations import case_relations_for
+    from scope.rerank import RelationReranker
     from scope.router import Router
 
     clf = _classifier(args.scope, args.threshold)
     cases = read_cases(args.data, args.format)[:args.limit]
+    relations = case_relations_for(cases, args.data, args.relations)
+    reranker = RelationReranker.load(args.reranker) if args.reranker else None
     encoder = get_encoder(clf.encoder or DEFAULT_ENCODER)
     with EditMemory.open("sqlite://", encoder=encoder) as mem:
         records = mem.add_many([{"prompt": c.prompt, "target_new": c.target_new, "subject": c.subject}
                                 for c in cases], progress=True)
-        report = routing_report(Router(mem, clf, k=args.k), cases, [r.id for r in records], progress=True)
+        report = routing_report(Router(mem, clf, k=args.k, reranker=reranker), cases, [r.id for r in records],
+                                progress=True, relations=relations)
     report["scope"] = {"name": args.scope, "version": clf.info.get("version"), "kind": clf.kind}
     report["data"] = args.data
     print(json.dumps(report, indent=2))

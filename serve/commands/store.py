@@ -108,7 +108,8 @@ def _open(args: argparse.Namespace, *, create: bool = False, encoder: str | None
           index: str = "auto") -> Iterator[Any]:
     from memory import EditMemory
 
-    with EditMemory.open(args.store, encoder=encoder, index=index, create=create) as mem:
+    with EditMemory.open(args.store, encoder=encoder, index=index, create=create,
+                         namespace=getattr(args, "namespace", "default")) as mem:
         yield mem
 
 

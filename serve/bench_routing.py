@@ -1,0 +1,157 @@
+"""Routing precision/recall with relation-aware labels, with and without the relation reranker, on CounterFact
+(EasyEdit split) with the real MiniLM encoder: train the scope head and the reranker on the first ``--train`` cases of
+counterfact-train, store the first ``--edit`` cases of counterfact-edit, route their rephrases and locality prompts.
+
+Every text is encoded once (a memoising encoder; the cache is kept in ``--cache`` for reruns). Run::
+
+    python -m serve.bench_routing --data-dir ../shared/data --train 800 --edit 1000 --focus-named
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from memory.encoder import DEFAULT_ENCODER, Encoder, get_encoder
+
+log = logging.getLogger(__name__)
+
+
+class MemoEncoder:
+    """An encoder that remembers every text's vector (same name and vectors as the wrapped one)."""
+
+    def __init__(self, inner: Encoder, cache: Path | None = None):
+        self.inner, self.cache_path = inner, cache
+        self.memo: dict[str, np.ndarray] = {}
+        if cache is not None and cache.is_file():
+            with np.load(cache, allow_pickle=False) as data:
+                self.memo = dict(zip(data["texts"].tolist(), data["vectors"]))
+        self.encoded = 0
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    @property
+    def dim(self) -> int:
+        return self.inner.dim
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        missing = sorted({t for t in texts if t not in self.memo})
+        if missing:
+            self.memo.update(zip(missing, self.inner.encode(missing)))
+            self.encoded += len(missing)
+        return np.stack([self.memo[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
+
+    def save(self) -> None:
+        if self.cache_path is not None and self.memo:
+            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.cache_path.open("wb") as f:
+                np.savez(f, texts=np.asarray(list(self.memo)), vectors=np.stack(list(self.memo.values())))
+
+
+def focus_named(cases: list[Any], n: int) -> list[Any]:
+    """``n`` cases, first the pairs (c, c') where a locality prompt of c names the subject of c' (so that the
+    named-subject group is not empty at a small store size), then the remaining cases in file order."""
+    from scope.evaluate import SubjectIndex
+
+    subjects = SubjectIndex([c.subject for c in cases], list(range(len(cases))))
+    chosen: dict[int, None] = {}
+    for i, c in enumerate(cases):
+        for p in c.locality:
+            for j in sorted(subjects.named(p.prompt) - {i}):
+                if len(chosen) + 2 <= n // 2:
+                    chosen[i] = chosen[j] = None
+    for i in range(len(cases)):
+        if len(chosen) >= n:
+            break
+        chosen.setdefault(i, None)
+    return [cases[i] for i in sorted(chosen)]
+
+
+def run(data_dir: Path, n_train: int, n_edit: int, cache: Path | None, powers: Sequence[float], *,
+        focus: bool = False) -> dict[str, Any]:
+    from memory.formats import read_cases
+    from memory.store import EditMemory
+    from scope.evaluate import routing_report
+    from scope.relations import RelationTable, rome_files
+    from scope.rerank import RelationReranker, RerankSettings
+    from scope.router import Router
+    from scope.train import TrainSettings, train_scope
+
+    cf = data_dir / "counterfact" / "easyedit_split"
+    enc = MemoEncoder(get_encoder(DEFAULT_ENCODER), cache)
+    table = RelationTable.from_rome_files(rome_files(data_dir))
+    train = read_cases(cf / "counterfact-train.json")[:n_train]
+    edit = read_cases(cf / "counterfact-edit.json")
+    edit = focus_named(edit, n_edit) if focus else edit[:n_edit]
+    out: dict[str, Any] = {"n_train": len(train), "n_edit": len(edit), "encoder": enc.name, "focus_named": focus}
+    t = time.perf_counter()
+    head, _cosine, train_report = train_scope(train, enc, TrainSettings())
+    out["scope_train_seconds"] = round(time.perf_counter() - t, 1)
+    out["scope_heldout"] = train_report["heldout"]["head"]["queries"]
+    enc.save()
+    texts, labels = [], []
+    for case, rel in zip(train, table.case_relations(train)):
+        if rel is None:
+            continue
+        for text in (case.prompt, *case.rephrases, *(p.prompt for p in case.locality)):
+            texts.append(text)
+            labels.append(rel)
+    t = time.perf_counter()
+    reranker = RelationReranker.train(texts, labels, enc, RerankSettings(), vectors=enc.encode(texts))
+    out["reranker"] = {"train_texts": len(texts), "relations": len(reranker.relations),
+                       "seconds": round(time.perf_counter() - t, 1)}
+    relations = table.case_relations(edit)
+    out["edit_relations_known"] = sum(r is not None and not r.startswith("tmpl:") for r in relations)
+    with EditMemory.open("sqlite://", encoder=enc) as mem:
+        ids = [r.id for r in mem.add_many(edit)]
+        enc.save()
+        runs: dict[str, Any] = {}
+        for power in (0.0, *powers):
+            reranker.power = power
+            router = Router(mem, head, k=5, reranker=reranker if power else None)
+            name = "head" if not power else f"head+reranker(power={power:g})"
+            runs[name] = routing_report(router, edit, ids, relations=relations)
+            lat = []
+            for case in edit[:200]:
+                q = case.locality[0].prompt if case.locality else case.prompt
+                t = time.perf_counter()
+                router.route([q])
+                lat.append(time.perf_counter() - t)
+            runs[name]["route_p50_ms_excluding_encoder"] = round(1e3 * float(np.median(lat)), 3)
+            log.info("%s: %s", name, json.dumps(runs[name]["bare"].get("relation_aware")))
+            enc.save()
+        out["runs"] = runs
+    out["texts_encoded"] = enc.encoded
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
+    p.add_argument("--train", type=int, default=1000)
+    p.add_argument("--edit", type=int, default=1000)
+    p.add_argument("--powers", default="0.5,1")
+    p.add_argument("--focus-named", action="store_true",
+                   help="store first the pairs of cases whose locality prompts name each other's subjects")
+    p.add_argument("--cache", type=Path, default=Path("bench_out/routing_vectors.npz"))
+    p.add_argument("--json", type=Path, default=Path("bench_out/routing.json"))
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    result = run(a.data_dir, a.train, a.edit, a.cache, [float(x) for x in a.powers.split(",")],
+                 focus=a.focus_named)
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The live index: the file saved beside the store is loaded on open (not rebuilt) and answers exactly as a rebuild
+does; deleted edits never come back; HNSW's tombstones are compacted past the threshold and the compacted index
+answers as exact search over the live edits does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import memory.index as index_mod
+from memory import EditMemory
+from memory.sync import IndexSync
+
+ENC = "hashing-64"
+QUERIES = [f"fact {i} about topic {i % 7}" for i in range(0, 120, 3)] + ["topic 3", "fact about nothing"]
+
+
+def _fill(mem: EditMemory, n: int) -> list[int]:
+    return [r.id for r in mem.add_many({"prompt": f"fact {i} about topic {i % 7} and item {i * 13 % 29}",
+                                        "target_new": str(i)} for i in range(n))]
+
+
+def _results(mem: EditMemory, k: int = 5) -> list[list[tuple[int, float]]]:
+    return [[(h.edit.id, round(h.score, 5)) for h in row] for row in mem.search_many(QUERIES, k)]
+
+
+def _same(a: list[list[tuple[int, float]]], b: list[list[tuple[int, float]]]) -> bool:
+    """Equal scores row for row, and equal ids except among ties at a row's last score (either may be cut off)."""
+    for ra, rb in zip(a, b, strict=True):
+        if [s for _, s in ra] != [s for _, s in rb]:
+            return False
+        if ra and {i for i, s in ra if s > ra[-1][1]} != {i for i, s in rb if s > rb[-1][1]}:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_saved_index_is_loaded_and_equals_a_rebuild(tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    with EditMemory.open(url, encoder=ENC, index=kind) as mem:
+        ids = _fill(mem, 150)
+        for i in ids[:20]:
+            mem.delete(i)
+        for i in ids[20:30]:
+            mem.update(i, prompt=f"updated prompt {i}")
+    assert (tmp_path / "s.db.faiss").is_file()
+
+    def no_rebuild(self: IndexSync) -> None:
+        raise AssertionError("the saved index should have been loaded, not rebuilt")
+
+    with monkeypatch.context() as m:
+        m.setattr(IndexSync, "rebuild", no_rebuild)
+        mem = EditMemory.open(url, index=kind)
+    with mem:
+        assert mem.index_kind == kind
+        loaded = _results(mem)
+        mem.verify()
+        mem.rebuild_index()
+        assert _same(_results(mem), loaded)
+        assert not {i for row in loaded for i, _ in row} & set(ids[:20])
+
+
+def test_index_behind_the_store_catches_up_from_the_log(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    with EditMemory.open(url, encoder=ENC, index="flat") as mem:
+        ids = _fill(mem, 50)
+    saved = (tmp_path / "s.db.faiss").read_bytes()
+    with EditMemory.open(url, index="flat") as mem:
+        mem.delete(ids[0])
+        extra = mem.add("fact 0 about topic 0 and item 0 again", "new")
+    (tmp_path / "s.db.faiss").write_bytes(saved)  # an index file from before those two changes
+    with EditMemory.open(url, index="flat") as mem:
+        found = {h.edit.id for h in mem.search("fact 0 about topic 0 and item 0", k=50)}
+        assert ids[0] not in found and extra.id in found
+        mem.verify()
+
+
+def _exact(mem: EditMemory, k: int) -> list[list[tuple[int, float]]]:
+    """Brute force over the live edits' stored key vectors: (edit id, cosine) best first."""
+    from sqlalchemy import select
+
+    from memory.schema import CURRENT, edits
+
+    with mem._read() as conn:
+        query = select(edits.c.row_id, edits.c.edit_id).where(CURRENT)
+        pairs = sorted((int(r), int(e)) for r, e in conn.execute(query))
+    keys = mem._index_sync.vectors_for([r for r, _ in pairs])
+    scores = mem._encode(QUERIES) @ keys.T
+    return [[(pairs[j][1], round(float(row[j]), 5)) for j in np.argsort(-row, kind="stable")[:k]] for row in scores]
+
+
+def test_hnsw_tombstones_are_compacted_and_results_stay_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(index_mod, "STALE_MIN", 10)
+    monkeypatch.setattr(index_mod, "STALE_FRACTION", 0.1)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    rebuilds = []
+    real = IndexSync.rebuild
+
+    def counting(self: IndexSync) -> None:
+        rebuilds.append(self._index.n_stale if self._index is not None else None)
+        real(self)
+
+    monkeypatch.setattr(IndexSync, "rebuild", counting)
+    with EditMemory.open(url, encoder=ENC, index="hnsw") as mem:
+        ids = _fill(mem, 200)
+        rebuilds.clear()
+        deleted = ids[::3]
+        for i in deleted:
+            mem.delete(i)
+            assert mem._index.n_stale <= max(10, 0.1 * mem._index.ntotal) + 1
+        assert rebuilds and all(n is not None and n > 10 for n in rebuilds)  # compacted on the threshold
+        got = _results(mem)
+        assert not {i for row in got for i, _ in row} & set(deleted)
+        assert _same(got, _exact(mem, 5))
+        mem.verify()

@@ -1,0 +1,154 @@
+"""The relation reranker (scope/rerank.py) and relation-aware routing labels (scope/evaluate.py, scope/relations.py),
+on tiny synthetic pairs with the hashing encoder."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from memory import EditMemory
+from memory.encoder import get_encoder
+from memory.records import EditCase, Probe
+from scope.classifier import CosineScope
+from scope.evaluate import SubjectIndex, routing_report
+from scope.relations import RelationTable, same_relation, template_of
+from scope.rerank import RelationReranker
+from scope.router import Decision, Router
+
+ENC = "hashing-256"
+TEMPLATES = {
+    "P19": ["{} was born in", "{} is native to", "{} originates from"],
+    "P1303": ["{} plays the instrument", "{} performs on the", "The instrument {} plays is"],
+    "P103": ["The mother tongue of {} is", "{} speaks the language", "{} is a native speaker of"],
+}
+NAMES = ["Tom Fletcher", "Ada Berg", "Rui Costa", "Lena Park", "Omar Haddad", "Ivy Chen", "Max Weber", "Nia Long",
+         "Sam Reid", "Eva Ruiz", "Ken Ito", "Zoe Hart"]
+
+
+def _training_set(seed: int = 0) -> tuple[list[str], list[str]]:
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for rel, templates in TEMPLATES.items():
+        for t in templates:
+            for name in rng.sample(NAMES, 8):
+                texts.append(t.format(name))
+                labels.append(rel)
+    return texts, labels
+
+
+@pytest.fixture(scope="module")
+def reranker() -> RelationReranker:
+    texts, labels = _training_set()
+    return RelationReranker.train(texts, labels, get_encoder(ENC))
+
+
+def test_reranker_tells_relations_apart(reranker: RelationReranker, tmp_path: Path) -> None:
+    enc = get_encoder(ENC)
+    u = enc.encode(["Quinn Adams is native to", "Quinn Adams performs on the"])
+    v = enc.encode(["Quinn Adams was born in", "Quinn Adams plays the instrument"])
+    agree = reranker.agreement(np.repeat(u, 2, axis=0), np.tile(v, (2, 1)))  # (u0,v0) (u0,v1) (u1,v0) (u1,v1)
+    assert agree[0] > 0.8 and agree[3] > 0.8 and agree[1] < 0.3 and agree[2] < 0.3
+    assert reranker.predict(u) == ["P19", "P1303"]
+    loaded = RelationReranker.load(reranker.save(tmp_path / "r.npz"))
+    assert np.allclose(loaded.agreement(u, v), reranker.agreement(u, v)) and loaded.relations == reranker.relations
+
+
+def test_router_with_reranker_picks_the_edited_relation(reranker: RelationReranker) -> None:
+    with EditMemory.open("sqlite://", encoder=ENC) as mem:
+        born = mem.add("Tom Fletcher was born in", "Oslo", subject="Tom Fletcher")
+        plays = mem.add("Tom Fletcher plays the instrument", "violin", subject="Tom Fletcher")
+        mem.add("Ada Berg speaks the language", "Welsh", subject="Ada Berg")
+        scope = CosineScope(threshold=0.3, encoder=ENC)
+        plain, ranked = Router(mem, scope, k=3), Router(mem, scope, k=3, reranker=reranker)
+        query = "The instrument Tom Fletcher plays is"
+        assert ranked.route([query])[0].edit.id == plays.id
+        assert ranked.route(["Tom Fletcher originates from"])[0].edit.id == born.id
+        assert ranked.route(["The mother tongue of Tom Fletcher is"])[0].edit is None  # a relation no edit changed
+        assert plain.route(["The mother tongue of Tom Fletcher is"])[0].edit is not None  # what the reranker fixes
+        with pytest.raises(Exception, match="reranker was trained"):
+            Router(mem, scope, reranker=RelationReranker(reranker.weight[:, :8], reranker.bias, reranker.relations,
+                                                         "hashing-8"))
+
+
+def test_relation_table_and_subject_index() -> None:
+    table = RelationTable(by_case={7: "P19"}, by_template={"{} plays the instrument": {"P1303"},
+                                                           "{} is a citizen of": {"P27", "P17"}})
+    assert table.relation(7, "anything", None) == "P19"
+    assert table.relation(None, "Ken Ito plays the instrument", "Ken Ito") == "P1303"
+    assert table.relation(None, "Ken Ito is a citizen of", "Ken Ito") == "P17|P27"
+    assert table.relation(None, "Ken Ito sings", "Ken Ito") == "tmpl:{} sings"
+    assert same_relation("P17|P27", "P27") and not same_relation("P17|P27", "P19") and not same_relation(None, None)
+    assert table.relation(None, "no subject here", "Ken Ito") is None
+    assert template_of("Ken Ito was born in", "Ken Ito") == "{} was born in"
+    idx = SubjectIndex(["Ken Ito", "Ito", None], [1, 2, 3])
+    assert idx.named("Where was ken ito born?") == {1, 2} and idx.named("Kenito") == set()
+
+
+class _Scripted:
+    """A stand-in router that routes each text to the edit a script names (or to none)."""
+
+    def __init__(self, memory: EditMemory, script: dict[str, int]):
+        self.memory, self.script, self.k = memory, script, 3
+        self.classifier = CosineScope(threshold=0.5, encoder=ENC)
+
+    def route(self, texts: list[str]) -> list[Decision]:
+        out = []
+        for t in texts:
+            eid = next((e for q, e in self.script.items() if t.startswith(q)), None)
+            out.append(Decision(t, self.memory.get(eid) if eid else None, 0.9 if eid else None, 0.5))
+        return out
+
+
+def test_relation_aware_labels_count_in_scope_locality_as_correct() -> None:
+    """Case B's locality prompt asks B's relation (P19) about A's subject; A's edit has the same relation, so routing
+    it to A is correct under relation-aware labels (a false positive under strict ones). C's locality prompt names A's
+    subject with another relation: routing it to A is a false positive either way; C's other locality prompt names no
+    edited subject and is routed nowhere."""
+    a = EditCase("Tom Fletcher was born in", "Oslo", subject="Tom Fletcher", rephrases=("Tom Fletcher is native to",))
+    b = EditCase("Ada Berg was born in", "Rome", subject="Ada Berg",
+                 locality=(Probe("Tom Fletcher originates from", "Leeds"),))
+    c = EditCase("Rui Costa plays the instrument", "harp", subject="Rui Costa",
+                 locality=(Probe("Tom Fletcher plays the instrument", "guitar"), Probe("Nobody at all sings", "x")))
+    with EditMemory.open("sqlite://", encoder=ENC) as mem:
+        ids = [r.id for r in mem.add_many([a, b, c])]
+        script = {"Tom Fletcher is native to": ids[0], "Tom Fletcher originates from": ids[0],
+                  "Tom Fletcher plays the instrument": ids[0]}
+        report = routing_report(_Scripted(mem, script), [a, b, c], ids,  # type: ignore[arg-type]
+                                relations=["P19", "P19", "P1303"])
+    for variant in ("bare", "with_answer"):
+        r = report[variant]
+        ra = r["relation_aware"]
+        assert (r["tp"], r["rephrases"], r["locality"], r["fp_locality"]) == (1, 1, 3, 2)
+        assert r["precision"] == pytest.approx(1 / 3)
+        assert (ra["locality_no_subject"], ra["locality_named_subject"], ra["locality_in_scope"]) == (1, 2, 1)
+        assert (ra["tp_locality_in_scope"], ra["fp_locality_named_subject"], ra["fp_locality_no_subject"]) == (1, 1, 0)
+        assert ra["precision"] == pytest.approx(2 / 3)
+        assert ra["precision_no_subject"] == 1.0 and ra["precision_named_subject"] == pytest.approx(2 / 3)
+        assert ra["locality_fp_rate_named_subject"] == 1.0 and ra["locality_fp_rate_no_subject"] == 0.0
+
+
+def test_counterfact_relations_from_the_rome_files(data_dir: Path) -> None:
+    """The EasyEdit split's cases get relation ids through case ids and templates; ids agree with the ROME records."""
+    import json
+
+    from memory.formats import read_cases
+    from scope.relations import case_relations_for, rome_files
+
+    path = data_dir / "counterfact" / "easyedit_split" / "counterfact-edit.json"
+    if not path.is_file() or not rome_files(data_dir):
+        pytest.skip("CounterFact files not available")
+    cases = read_cases(path)[:300]
+    relations = case_relations_for(cases, path)
+    assert relations is not None
+    known = [r for r in relations if r is not None and r.startswith("P")]
+    assert len(known) >= 0.95 * len(cases)
+    rome = {int(r["case_id"]): r["requested_rewrite"]["relation_id"]
+            for f in rome_files(data_dir) for r in json.loads(f.read_text())}
+    for case, rel in zip(cases, relations):
+        if int(case.case_id) in rome:
+            assert rel == rome[int(case.case_id)]
+        elif rel is not None and rel.startswith("P"):
+            assert all(part.startswith("P") for part in rel.split("|"))
