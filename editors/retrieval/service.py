@@ -14,11 +14,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from editors.lm.tokens import encode_prompt, pad_id
+from editors.retrieval.augmented import AugmentedModel
 from editors.retrieval.setup import DEFAULT_SCOPE, MemoryEditor
 from memory.errors import ValidationError
 from memory.feed import change_number
@@ -171,9 +172,9 @@ class MemoryService:
                 shaping = Shaping("base", change)
             else:
                 editor = self.editor(method)
-                wrapper = editor.model
+                wrapper = cast(AugmentedModel, editor.model)
                 decision = wrapper.route([route_text or prompt])[0]
-                if decision.in_scope:
+                if decision.edit is not None:
                     seq, lm = wrapper.condition_row(row, decision.edit), wrapper.counterfactual_model
                 else:
                     seq, lm = row, self.model

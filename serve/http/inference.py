@@ -30,7 +30,8 @@ def _service(request: Request, model: str | None = None) -> MemoryService:
     if model is not None and model != ctx.model_name:
         raise ApiError(404, f"the model {model!r} does not exist; this server serves {ctx.model_name!r}",
                        param="model", code="model_not_found")
-    return ctx.service  # type: ignore[no-any-return]
+    service: MemoryService = ctx.service
+    return service
 
 
 @router.get("/models")
