@@ -3,6 +3,7 @@
     editmem serve [--store URL] [--model NAME|PATH|none] [--method serac|ike] [--scope NAME] [--threshold T] [-k K]
                   [--host 127.0.0.1] [--port 8000] [--api-keys FILE] [--threads N] [--max-body-bytes B]
                   [--max-tokens N] [--max-n N] [--max-prompt-tokens N] [--cors-origin URL ...]
+                  [--upstream URL [--upstream-key KEY]]
 
 Binds to loopback by default; any other address needs API keys (--api-keys or $EDITMEM_API_KEYS_FILE).
 """
@@ -37,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=512, help="cap on a request's max_tokens")
     p.add_argument("--max-n", type=int, default=8, help="cap on a request's n")
     p.add_argument("--max-prompt-tokens", type=int, default=2048)
+    p.add_argument("--upstream", default=None, help="proxy mode: the /v1 URL of an OpenAI-compatible server to "
+                                                    "forward to (no local model is loaded)")
+    p.add_argument("--upstream-key", default=None, help="key sent to the upstream (default: $EDITMEM_UPSTREAM_KEY)")
     p.add_argument("--cors-origin", action="append", default=[], help="allow this origin (CORS is off without)")
     p.set_defaults(func=_serve)
 
@@ -72,10 +76,12 @@ def _serve(args: argparse.Namespace) -> int:
                               max_body_bytes=args.max_body_bytes,
                               limits=Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                                             max_n=args.max_n),
-                              cors_origins=tuple(args.cors_origin))
+                              cors_origins=tuple(args.cors_origin), upstream=args.upstream,
+                              upstream_key=args.upstream_key)
     logging.getLogger("editmem.http").setLevel(logging.INFO)
     app = create_app(settings)
-    print(f"editmem: serving {args.store} with {args.model} on http://{args.host}:{args.port}/", flush=True)
+    front = f"in front of {args.upstream}" if args.upstream else f"with {args.model}"
+    print(f"editmem: serving {args.store} {front} on http://{args.host}:{args.port}/", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="warning",
                 timeout_graceful_shutdown=30)
     return 0

@@ -43,6 +43,9 @@ class ServerSettings:
     limits: Limits = field(default_factory=Limits)
     default_max_tokens: int = 16
     cors_origins: tuple[str, ...] = ()
+    upstream: str | None = None  # proxy mode: the OpenAI-compatible server to forward to (its /v1 URL)
+    upstream_key: str | None = None  # the key sent to the upstream (default: $EDITMEM_UPSTREAM_KEY)
+    upstream_timeout: float = 300.0
 
 
 @dataclass
@@ -53,6 +56,8 @@ class Context:
     keys: KeyRing | None
     metrics: Metrics
     model_name: str
+    proxy: Any = None  # proxy mode: the ContextRouter
+    upstream: Any = None  # proxy mode: the httpx.AsyncClient to the upstream
 
 
 def create_app(settings: ServerSettings, *, model: Any = None, tokenizer: Any = None) -> FastAPI:
@@ -61,9 +66,16 @@ def create_app(settings: ServerSettings, *, model: Any = None, tokenizer: Any = 
 
     keys = load_keys(settings.api_keys)
     memory = EditMemory.open(settings.store, create=False)
-    service = None
+    service, proxy = None, None
     try:
-        if model is None and settings.model != "none":
+        if settings.upstream:
+            from editors.retrieval.proxy import ContextRouter
+
+            if settings.method != "serac":
+                raise ValidationError("proxy mode puts SERAC's edit context in front of the upstream's prompt; "
+                                      f"--method {settings.method} needs the local model")
+            proxy = ContextRouter(settings.store, scope=settings.scope, threshold=settings.threshold, k=settings.k)
+        elif model is None and settings.model != "none":
             from editors.lm.loading import load_model
 
             model, tokenizer = load_model(settings.model)
@@ -76,7 +88,7 @@ def create_app(settings: ServerSettings, *, model: Any = None, tokenizer: Any = 
         memory.close()
         raise
     name = Path(settings.model).name if settings.model not in ("", "none") else "none"
-    ctx = Context(settings, memory, service, keys, Metrics(), name)
+    ctx = Context(settings, memory, service, keys, Metrics(), name, proxy, _upstream_client(settings))
 
     app = FastAPI(title="editmem", version="0.1.0", docs_url="/docs", redoc_url=None)
     app.state.ctx = ctx
@@ -84,8 +96,9 @@ def create_app(settings: ServerSettings, *, model: Any = None, tokenizer: Any = 
     _install_middleware(app, ctx)
 
     from serve.http import edits, inference, ops
+    from serve.http import proxy as proxy_routes
 
-    app.include_router(inference.router)
+    app.include_router(proxy_routes.router if ctx.proxy is not None else inference.router)
     app.include_router(edits.router)
     app.include_router(ops.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -95,12 +108,29 @@ def create_app(settings: ServerSettings, *, model: Any = None, tokenizer: Any = 
         return FileResponse(STATIC / "index.html")
 
     @app.on_event("shutdown")
-    def _close() -> None:
+    async def _close() -> None:
         if ctx.service is not None:
             ctx.service.close()
+        if ctx.proxy is not None:
+            ctx.proxy.close()
+        if ctx.upstream is not None:
+            await ctx.upstream.aclose()
         ctx.memory.close()
 
     return app
+
+
+def _upstream_client(settings: ServerSettings) -> Any:
+    if not settings.upstream:
+        return None
+    import os
+
+    import httpx
+
+    key = settings.upstream_key or os.environ.get("EDITMEM_UPSTREAM_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.AsyncClient(base_url=settings.upstream.rstrip("/") + "/", headers=headers,
+                             timeout=settings.upstream_timeout)
 
 
 def _install_middleware(app: FastAPI, ctx: Context) -> None:
