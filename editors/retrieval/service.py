@@ -5,8 +5,8 @@ service (``editmem serve``) calls, knowing nothing of HTTP.
 completion's prompt, a chat's last user message) through a memory editor opened with
 :func:`editors.retrieval.session.open_memory_editor` (SERAC or IKE, opened on first use and kept), and generates
 with the base model (out of scope, or ``disable``) or with the edit's context put in front (in scope), the same
-conditioning :class:`~editors.retrieval.augmented.AugmentedModel` applies. One model call runs at a time (a lock):
-concurrent requests queue; they are not batched together.
+conditioning :class:`~editors.retrieval.augmented.AugmentedModel` applies. Model calls run on one worker thread
+(:mod:`editors.retrieval.batching`): greedy requests that wait together share one batched generate call.
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-import torch
-
 from editors.lm.tokens import encode_prompt, pad_id
 from editors.retrieval.augmented import AugmentedModel
+from editors.retrieval.batching import MicroBatcher
 from editors.retrieval.setup import DEFAULT_SCOPE, MemoryEditor
 from memory.errors import ValidationError
 from memory.feed import change_number
@@ -98,6 +97,7 @@ class ServiceSettings:
     k: int = 5
     options: dict[str, Any] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
+    max_batch: int = 8  # greedy requests waiting together go through the model as one batch of at most this many
 
 
 class MemoryService:
@@ -111,7 +111,8 @@ class MemoryService:
         if self.settings.method not in ROUTES[1:]:
             raise ValidationError(f"method must be one of {', '.join(ROUTES[1:])}, got {self.settings.method!r}")
         self._editors: dict[str, MemoryEditor] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # routing (the editors' caches are not thread-safe)
+        self._batcher = MicroBatcher(pad_id(tokenizer), max_batch=self.settings.max_batch)
 
     # --- editors ------------------------------------------------------------------------------------------------------
     def editor(self, method: str | None = None) -> MemoryEditor:
@@ -129,7 +130,12 @@ class MemoryService:
             self._editors[method] = editor
         return editor
 
+    @property
+    def batcher(self) -> MicroBatcher:
+        return self._batcher
+
     def close(self) -> None:
+        self._batcher.close()
         for editor in self._editors.values():
             editor.memory.close()
         self._editors.clear()
@@ -180,7 +186,7 @@ class MemoryService:
                     seq, lm = row, self.model
                 shaping = _shaping(editor.name if decision.in_scope else "base", decision,
                                    change_number(editor.memory))
-            choices = self._generate(lm, seq, sampling)
+        choices = self._generate(lm, seq, sampling)
         return Completion(choices, len(row), shaping)
 
     def _check(self, s: Sampling) -> None:
@@ -200,21 +206,15 @@ class MemoryService:
         if len(s.stop) > 4 or not all(isinstance(x, str) and x for x in s.stop):
             raise ValidationError("stop takes at most 4 non-empty strings")
 
-    @torch.no_grad()
     def _generate(self, lm: Any, seq: list[int], s: Sampling) -> list[Choice]:
-        device = next(lm.parameters()).device
-        ids = torch.tensor([seq] * s.n, dtype=torch.long, device=device)
-        kwargs: dict[str, Any] = {"max_new_tokens": s.max_tokens, "pad_token_id": pad_id(self.tokenizer)}
+        sampling: dict[str, Any] = {}
         if s.temperature > 0:
-            kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0)
-            if s.seed is not None:
-                torch.manual_seed(s.seed)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        out = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)[:, len(seq):]
+            sampling = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p, "top_k": 0,
+                        "seed": s.seed}
+        rows = self._batcher.generate(lm, seq, s.max_tokens, s.n, sampling)
         eos = getattr(self.tokenizer, "eos_token_id", None)
         choices = []
-        for tokens in out.tolist():
+        for tokens in rows:
             finish = "length"
             if eos is not None and eos in tokens:
                 tokens, finish = tokens[:tokens.index(eos)], "stop"

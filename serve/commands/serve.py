@@ -2,7 +2,7 @@
 
     editmem serve [--store URL] [--model NAME|PATH|none] [--method serac|ike] [--scope NAME] [--threshold T] [-k K]
                   [--host 127.0.0.1] [--port 8000] [--api-keys FILE] [--threads N] [--max-body-bytes B]
-                  [--max-tokens N] [--max-n N] [--max-prompt-tokens N] [--cors-origin URL ...]
+                  [--max-tokens N] [--max-n N] [--max-batch N] [--max-prompt-tokens N] [--cors-origin URL ...]
                   [--upstream URL [--upstream-key KEY]]
 
 Binds to loopback by default; any other address needs API keys (--api-keys or $EDITMEM_API_KEYS_FILE).
@@ -34,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                    help="torch intra-op threads (default: %(default)s; a server shares its machine, and OpenMP "
                         "threads spinning against other jobs made a 2-core machine 15x slower)")
+    p.add_argument("--max-batch", type=int, default=8, help="greedy requests waiting together share one generate "
+                                                           "call of at most this many (1: no batching; default: "
+                                                           "%(default)s)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--max-tokens", type=int, default=512, help="cap on a request's max_tokens")
     p.add_argument("--max-n", type=int, default=8, help="cap on a request's n")
@@ -56,7 +59,7 @@ def is_loopback(host: str) -> bool:
 
 def _serve(args: argparse.Namespace) -> int:
     for flag, value in (("--port", args.port), ("--threads", args.threads), ("-k", args.k),
-                        ("--max-tokens", args.max_tokens), ("--max-n", args.max_n),
+                        ("--max-tokens", args.max_tokens), ("--max-n", args.max_n), ("--max-batch", args.max_batch),
                         ("--max-body-bytes", args.max_body_bytes), ("--max-prompt-tokens", args.max_prompt_tokens)):
         if value < 1:
             raise ValidationError(f"{flag} must be >= 1, got {value}")
@@ -73,7 +76,7 @@ def _serve(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     settings = ServerSettings(store=args.store, model=args.model, method=args.method, scope=args.scope,
                               threshold=args.threshold, k=args.k, api_keys=args.api_keys,
-                              max_body_bytes=args.max_body_bytes,
+                              max_body_bytes=args.max_body_bytes, max_batch=args.max_batch,
                               limits=Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                                             max_n=args.max_n),
                               cors_origins=tuple(args.cors_origin), upstream=args.upstream,

@@ -42,6 +42,7 @@ class ServerSettings:
     max_body_bytes: int = 1 << 20
     limits: Limits = field(default_factory=Limits)
     default_max_tokens: int = 16
+    max_batch: int = 8  # greedy requests waiting together share one generate call of at most this many (1: off)
     cors_origins: tuple[str, ...] = ()
     upstream: str | None = None  # proxy mode: the OpenAI-compatible server to forward to (its /v1 URL)
     upstream_key: str | None = None  # the key sent to the upstream (default: $EDITMEM_UPSTREAM_KEY)
@@ -82,7 +83,7 @@ def create_app(settings: ServerSettings, *, model: Any = None, tokenizer: Any = 
         if model is not None:
             service = MemoryService(model, tokenizer, settings.store, ServiceSettings(
                 method=settings.method, scope=settings.scope, threshold=settings.threshold, k=settings.k,
-                options=settings.options, limits=settings.limits))
+                options=settings.options, limits=settings.limits, max_batch=settings.max_batch))
             service.editor()  # open the default method now: a bad scope or option fails at start, not per request
     except BaseException:
         memory.close()
