@@ -5,6 +5,7 @@ servers on one store (SQLite here; PostgreSQL when EDITMEM_TEST_PG_URL is set)."
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -115,7 +116,8 @@ def test_every_error_path_is_a_clear_4xx(url):
     _error(c.post("/v1/completions", json={"model": "x", "prompt": "p"}), 503, "no model")
 
 
-def test_keys_roles_401_and_403(tmp_path):
+def test_keys_roles_401_and_403(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="editmem.http")
     keys = tmp_path / "keys"
     keys.write_text("# test keys\n" + "".join(f"{k} {r}\n" for k, r in KEYS.items()))
     with live_server(_app(new_store(tmp_path / "k.db", EDIT), api_keys=str(keys))) as url:
@@ -134,6 +136,9 @@ def test_keys_roles_401_and_403(tmp_path):
         assert _error(call("POST", "/v1/edits/import", "writer-key-0001", json={"records": [new]}), 403)
         assert call("POST", "/v1/edits/import", "admin-key-00001", json={"records": [new]}).status_code == 200
         assert call("GET", "/healthz").status_code == 200 and call("GET", "/").status_code == 200
+    lines = [r.getMessage() for r in caplog.records if r.name == "editmem.http"]
+    assert len(lines) == 11 and lines[0].startswith("GET /v1/edits 401 ") and lines[4].startswith("POST /v1/edits 403")
+    assert not any(key in line for line in lines for key in KEYS)
 
 
 def test_bad_keys_file_and_non_loopback_bind_are_refused(tmp_path, capsys):

@@ -6,7 +6,6 @@ counted in the metrics, and bodies are capped (413). Errors are OpenAI's error J
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,32 +134,9 @@ def _upstream_client(settings: ServerSettings) -> Any:
 
 
 def _install_middleware(app: FastAPI, ctx: Context) -> None:
-    limit = ctx.settings.max_body_bytes
+    from serve.http.middleware import RequestMiddleware
 
-    @app.middleware("http")
-    async def log_and_cap(request: Request, call_next: Any) -> Any:
-        t0 = time.perf_counter()
-        length = request.headers.get("content-length")
-        if request.method in ("POST", "PUT", "PATCH"):
-            too_big = length is not None and length.isdigit() and int(length) > limit
-            if length is None and request.headers.get("transfer-encoding"):
-                response: Any = JSONResponse(error_body("send the body with a Content-Length", "invalid_request_error",
-                                                        code="length_required"), status_code=411)
-            elif too_big:
-                response = JSONResponse(error_body(f"the request body is {length} bytes; this server takes at most "
-                                                   f"{limit}", "invalid_request_error", code="body_too_large"),
-                                        status_code=413)
-            else:
-                response = await call_next(request)
-        else:
-            response = await call_next(request)
-        seconds = time.perf_counter() - t0
-        route = request.scope.get("route")
-        path = getattr(route, "path", "other")
-        ctx.metrics.observe(request.method, path, response.status_code, seconds)
-        log.info("%s %s %d %.1f ms", request.method, request.url.path, response.status_code, seconds * 1e3)
-        return response
-
+    app.add_middleware(RequestMiddleware, ctx=ctx)
     if ctx.settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
