@@ -1,15 +1,18 @@
 """The store's change feed, read from the change log (memory/schema.py): the change number a store stands at, the
-changes after a number, and how far this process's index is behind. Kept beside ``EditMemory`` rather than inside
+changes after a number, the edits live at an earlier change number or time, and how far this process's index is
+behind. Kept beside ``EditMemory`` rather than inside
 it: it only reads the tables the store writes."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
 
 from memory.errors import ValidationError
+from memory.records import EditRecord
 from memory.schema import OP_ADD, changes, edits, meta
 
 
@@ -61,3 +64,44 @@ def catch_up(memory: Any) -> int:
     with memory._lock:
         memory._sync()
         return int(memory._vector_index().seq)
+
+
+def records_at(memory: Any, change: int | None = None, when: datetime | None = None) -> list[EditRecord]:
+    """The edits that were live (searchable) when the store stood at change number ``change``, or at time ``when``
+    (timezone-aware), ordered by id: nothing is overwritten, so any earlier state can be read back."""
+    from memory.store import _record
+
+    if (change is None) == (when is None):
+        raise ValidationError("give one of change or when")
+    if change is not None:
+        if isinstance(change, bool) or not isinstance(change, int) or change < 0:
+            raise ValidationError(f"as_of must be a change number >= 0 or an ISO time, got {change!r}")
+        added = select(changes.c.row_id).where(changes.c.op == OP_ADD, changes.c.seq <= change)
+        removed = select(changes.c.row_id).where(changes.c.op != OP_ADD, changes.c.seq <= change)
+        query = select(edits).where(edits.c.row_id.in_(added), edits.c.row_id.not_in(removed))
+    else:
+        assert when is not None
+        if when.tzinfo is None:
+            raise ValidationError("as_of times need a timezone (e.g. 2026-01-01T12:00:00Z)")
+        query = select(edits).where(edits.c.valid_from <= when, edits.c.deleted.is_(False),
+                                    (edits.c.valid_to.is_(None)) | (edits.c.valid_to > when))
+    with memory._read() as conn:
+        return [_record(r) for r in conn.execute(query.order_by(edits.c.edit_id))]
+
+
+def parse_as_of(value: int | str) -> tuple[int | None, datetime | None]:
+    """An ``as_of`` value as (change number, None) or (None, time): an integer, or an ISO 8601 time with a zone."""
+    if isinstance(value, bool):
+        raise ValidationError(f"as_of must be a change number or an ISO time, got {value!r}")
+    if isinstance(value, int):
+        return value, None
+    text = str(value).strip()
+    if text.isdigit():
+        return int(text), None
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValidationError(f"as_of must be a change number or an ISO time, got {value!r}") from None
+    if when.tzinfo is None:
+        raise ValidationError("as_of times need a timezone (e.g. 2026-01-01T12:00:00Z)")
+    return None, when

@@ -110,12 +110,14 @@ def test_errors_are_openai_shaped_with_the_right_status(client, server):
         client.completions.create(model="no-such-model", prompt=IN_SCOPE)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.completions.create(model=model, prompt=IN_SCOPE, max_tokens=100_000)
+    with pytest.raises(openai.BadRequestError, match="context of 128 tokens"):
+        client.completions.create(model=model, prompt=IN_SCOPE, max_tokens=500)
     with pytest.raises(openai.BadRequestError, match="n is 99"):
         client.completions.create(model=model, prompt=IN_SCOPE, n=99)
     with pytest.raises(openai.BadRequestError, match="method"):
         client.completions.create(model=model, prompt=IN_SCOPE, extra_body={"editmem": {"method": "rome"}})
     with pytest.raises(openai.BadRequestError, match="as_of"):
-        client.completions.create(model=model, prompt=IN_SCOPE, extra_body={"editmem": {"as_of": 1}})
+        client.completions.create(model=model, prompt=IN_SCOPE, extra_body={"editmem": {"as_of": "yesterday"}})
     for body, needle in (({"model": model, "prompt": "  "}, "non-empty"),
                          ({"model": model}, "prompt"),
                          ({"model": model, "prompt": IN_SCOPE, "temperature": 5}, "temperature"),
@@ -143,3 +145,30 @@ def test_ops_routes(server):
     assert 'editmem_answers_total{route="serac"}' in text and "editmem_http_request_seconds_bucket" in text
     assert "editmem_edits 1.0" in text and "editmem_index_lag 0.0" in text
     assert 'path="/v1/completions"' in text
+
+
+def test_as_of_routes_as_the_store_stood_then(client, server):
+    from datetime import UTC, datetime
+
+    url, model = server
+    question = "Ada Lovelace works as a"
+
+    def shaped(as_of=None) -> dict:
+        extra = {} if as_of is None else {"extra_body": {"editmem": {"as_of": as_of}}}
+        return client.completions.create(model=model, prompt=question, max_tokens=2, **extra).model_extra["editmem"]
+
+    before = shaped()["change"]
+    made = httpx.post(f"{url}/v1/edits", json={"prompt": question, "target_new": "pilot"}).json()
+    added = shaped()["change"]
+    httpx.patch(f"{url}/v1/edits/{made['id']}", json={"target_new": "sailor"})
+    now = shaped()
+    try:
+        assert (now["edit_id"], now["version"], now["target_new"]) == (made["id"], 2, "sailor")
+        then = shaped(added)
+        assert (then["edit_id"], then["version"], then["target_new"], then["as_of"]) == (made["id"], 1, "pilot",
+                                                                                         added)
+        assert shaped(before)["edit_id"] != made["id"]
+        stamp = datetime.now(UTC).isoformat()
+        assert shaped(stamp)["version"] == 2 and shaped(str(now["change"]))["version"] == 2
+    finally:
+        httpx.delete(f"{url}/v1/edits/{made['id']}")

@@ -81,3 +81,5 @@ def test_upstream_errors_pass_through_and_ike_is_refused(servers):
         via.completions.create(model="no-such-model", prompt="x y z")
     with pytest.raises(openai.BadRequestError, match="local model"):
         via.completions.create(model=servers[2], prompt="x y z", extra_body={"editmem": {"method": "ike"}})
+    with pytest.raises(openai.BadRequestError, match="as_of"):
+        via.completions.create(model=servers[2], prompt="x y z", extra_body={"editmem": {"as_of": 1}})

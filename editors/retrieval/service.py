@@ -11,6 +11,7 @@ conditioning :class:`~editors.retrieval.augmented.AugmentedModel` applies. Model
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from editors.lm.tokens import encode_prompt, pad_id
 from editors.retrieval.augmented import AugmentedModel
 from editors.retrieval.batching import MicroBatcher
 from editors.retrieval.setup import DEFAULT_SCOPE, MemoryEditor
+from editors.retrieval.snapshot import Snapshots
 from memory.errors import ValidationError
 from memory.feed import change_number
 from scope.router import Decision
@@ -61,11 +63,12 @@ class Shaping:
     threshold: float | None = None
     edit_prompt: str | None = None
     target_new: str | None = None
+    as_of: int | str | None = None  # the earlier state the query was routed in, when one was asked for
 
     def to_json(self) -> dict[str, Any]:
         return {"route": self.route, "edit_id": self.edit_id, "version": self.version, "score": self.score,
                 "threshold": self.threshold, "change": self.change, "edit_prompt": self.edit_prompt,
-                "target_new": self.target_new}
+                "target_new": self.target_new, "as_of": self.as_of}
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,7 @@ class MemoryService:
         self._editors: dict[str, MemoryEditor] = {}
         self._lock = threading.Lock()  # routing (the editors' caches are not thread-safe)
         self._batcher = MicroBatcher(pad_id(tokenizer), max_batch=self.settings.max_batch)
+        self._snapshots = Snapshots()
 
     # --- editors ------------------------------------------------------------------------------------------------------
     def editor(self, method: str | None = None) -> MemoryEditor:
@@ -131,11 +135,18 @@ class MemoryService:
         return editor
 
     @property
+    def context_length(self) -> int | None:
+        """The most tokens (prompt and answer) the model takes, from its config; None when it does not say."""
+        value = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        return value if isinstance(value, int) and value > 0 else None
+
+    @property
     def batcher(self) -> MicroBatcher:
         return self._batcher
 
     def close(self) -> None:
         self._batcher.close()
+        self._snapshots.close()
         for editor in self._editors.values():
             editor.memory.close()
         self._editors.clear()
@@ -158,10 +169,11 @@ class MemoryService:
 
     # --- answering ----------------------------------------------------------------------------------------------------
     def complete(self, prompt: str, sampling: Sampling, *, route_text: str | None = None, method: str | None = None,
-                 disable: bool = False, templated: bool = False) -> Completion:
+                 disable: bool = False, templated: bool = False, as_of: int | str | None = None) -> Completion:
         """``sampling.n`` continuations of ``prompt``, routed on ``route_text`` (default: the prompt) through the
         memory editor ``method`` (default: the service's), or by the base model alone with ``disable``.
-        ``templated``: the prompt already carries the chat template's special tokens (no BOS is added)."""
+        ``templated``: the prompt already carries the chat template's special tokens (no BOS is added).
+        ``as_of``: route as the store stood at that change number or ISO time (:mod:`editors.retrieval.snapshot`)."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValidationError("the prompt must be a non-empty string")
         self._check(sampling)
@@ -170,6 +182,10 @@ class MemoryService:
         limit = self.settings.limits.max_prompt_tokens
         if len(row) > limit:
             raise ValidationError(f"the prompt has {len(row)} tokens; this server takes at most {limit}")
+        context = self.context_length
+        if context is not None and len(row) + sampling.max_tokens > context:
+            raise ValidationError(f"the prompt ({len(row)} tokens) and max_tokens ({sampling.max_tokens}) exceed the "
+                                  f"model's context of {context} tokens")
         with self._lock:
             if disable:
                 seq, lm = row, self.model
@@ -179,13 +195,18 @@ class MemoryService:
             else:
                 editor = self.editor(method)
                 wrapper = cast(AugmentedModel, editor.model)
-                decision = wrapper.route([route_text or prompt])[0]
+                if as_of is None:
+                    decision = wrapper.route([route_text or prompt])[0]
+                else:
+                    decision = self._snapshots.route(editor, as_of, route_text or prompt)
                 if decision.edit is not None:
                     seq, lm = wrapper.condition_row(row, decision.edit), wrapper.counterfactual_model
                 else:
                     seq, lm = row, self.model
                 shaping = _shaping(editor.name if decision.in_scope else "base", decision,
-                                   change_number(editor.memory))
+                                   change_number(editor.memory), as_of)
+        if context is not None and len(seq) + sampling.max_tokens > context:  # the edit's context made it longer
+            sampling = dataclasses.replace(sampling, max_tokens=max(1, context - len(seq)))
         choices = self._generate(lm, seq, sampling)
         return Completion(choices, len(row), shaping)
 
@@ -227,8 +248,8 @@ class MemoryService:
         return choices
 
 
-def _shaping(route: str, decision: Decision, change: int) -> Shaping:
+def _shaping(route: str, decision: Decision, change: int, as_of: int | str | None) -> Shaping:
     edit = decision.edit
     return Shaping(route, change, edit.id if edit else None, edit.version if edit else None,
                    None if decision.score is None else float(decision.score), float(decision.threshold),
-                   edit.prompt if edit else None, edit.target_new if edit else None)
+                   edit.prompt if edit else None, edit.target_new if edit else None, as_of)

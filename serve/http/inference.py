@@ -48,7 +48,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     opts = body.options()
     sampling = body.sampling(request.app.state.ctx.settings.default_max_tokens)
     result = await run_in_threadpool(service.complete, body.text(), sampling, method=opts.method,
-                                     disable=opts.disable)
+                                     disable=opts.disable, as_of=opts.as_of)
     return _answer(request, result, body.model, body.stream, chat=False)
 
 
@@ -60,7 +60,7 @@ async def chat(body: ChatRequest, request: Request) -> Any:
     prompt, route_text = service.chat_prompt([m.model_dump(include={"role", "content"}) for m in body.messages])
     templated = bool(getattr(service.tokenizer, "chat_template", None))
     result = await run_in_threadpool(service.complete, prompt, sampling, route_text=route_text, method=opts.method,
-                                     disable=opts.disable, templated=templated)
+                                     disable=opts.disable, templated=templated, as_of=opts.as_of)
     return _answer(request, result, body.model, body.stream, chat=True)
 
 

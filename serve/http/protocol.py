@@ -38,7 +38,7 @@ class EditmemOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     disable: bool = False  # the base model alone
     method: Literal["serac", "ike"] | None = None  # default: the server's --method
-    as_of: int | str | None = None  # not supported yet: refused with a 400
+    as_of: int | str | None = None  # route as the store stood at this change number or ISO time
 
 
 class _Generation(BaseModel):
@@ -62,11 +62,7 @@ class _Generation(BaseModel):
                         top_p=1.0 if self.top_p is None else self.top_p, stop=stop, n=self.n, seed=self.seed)
 
     def options(self) -> EditmemOptions:
-        opts = self.editmem or EditmemOptions()
-        if opts.as_of is not None:
-            raise ApiError(400, "editmem.as_of is not supported by this server yet", param="editmem.as_of",
-                           code="unsupported")
-        return opts
+        return self.editmem or EditmemOptions()
 
 
 class CompletionRequest(_Generation):

@@ -26,6 +26,9 @@ def _ctx(request: Request) -> Any:
 
 def _check(body: Any) -> None:
     opts = body.options()
+    if opts.as_of is not None:
+        raise ApiError(400, "editmem.as_of is not supported in proxy mode", param="editmem.as_of",
+                       code="unsupported")
     if opts.method == "ike":
         raise ApiError(400, "editmem.method ike needs the local model; proxy mode uses SERAC's context",
                        param="editmem.method")
