@@ -74,7 +74,9 @@ def run_http_bench(model: str, *, data: str | None = None, limit: int = 10_000, 
                     t2 = time.perf_counter()
                     http(p, True)
                     t3 = time.perf_counter()
-                    local.append(t1 - t0), remote.append(t2 - t1), base.append(t3 - t2)
+                    local.append(t1 - t0)
+                    remote.append(t2 - t1)
+                    base.append(t3 - t2)
             batch = [prompts[i % len(prompts)] for i in range(requests)]
             t0 = time.perf_counter()
             for p in batch:

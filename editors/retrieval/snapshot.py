@@ -20,8 +20,9 @@ class _Snapshot:
 
         records = records_at(memory, change, when)
         self.memory = EditMemory.open("sqlite://", encoder=memory.encoder)
-        added = self.memory.add_many([{"prompt": r.prompt, "target_new": r.target_new, "subject": r.subject,
-                                       "ground_truth": r.ground_truth} for r in records])
+        added: list[EditRecord] = self.memory.add_many([
+            {"prompt": r.prompt, "target_new": r.target_new, "subject": r.subject, "ground_truth": r.ground_truth}
+            for r in records])
         self.originals: dict[int, EditRecord] = {a.id: r for a, r in zip(added, records)}
         self.router = Router(self.memory, wrapper.scope, k=wrapper.router.k)
 
