@@ -172,3 +172,19 @@ def test_as_of_routes_as_the_store_stood_then(client, server):
         assert shaped(stamp)["version"] == 2 and shaped(str(now["change"]))["version"] == 2
     finally:
         httpx.delete(f"{url}/v1/edits/{made['id']}")
+
+
+def test_streams_with_stop_strings_and_with_n(client, server):
+    model = server[1]
+    text = client.completions.create(model=model, prompt=OUT_OF_SCOPE, max_tokens=8).choices[0].text
+    stop = text.strip()[2:4] if len(text.strip()) > 4 else None
+    kwargs = {"stop": [stop]} if stop else {}
+    whole = client.completions.create(model=model, prompt=OUT_OF_SCOPE, max_tokens=8, **kwargs)
+    parts = list(client.completions.create(model=model, prompt=OUT_OF_SCOPE, max_tokens=8, stream=True, **kwargs))
+    assert "".join(p.choices[0].text for p in parts) == whole.choices[0].text
+    assert parts[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert parts[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert len(parts) >= 3  # pieces as they were generated, then the last chunk
+    many = list(client.completions.create(model=model, prompt=OUT_OF_SCOPE, max_tokens=4, stream=True, n=2))
+    assert {p.choices[0].index for p in many if p.choices} == {0, 1}
+    assert many[-1].model_extra["editmem"]["route"] == "base"

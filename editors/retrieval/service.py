@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from editors.lm.tokens import encode_prompt, pad_id
 from editors.retrieval.augmented import AugmentedModel
-from editors.retrieval.batching import MicroBatcher
+from editors.retrieval.batching import MicroBatcher, TokenStreamer
 from editors.retrieval.setup import DEFAULT_SCOPE, MemoryEditor
 from editors.retrieval.snapshot import Snapshots
 from memory.errors import ValidationError
@@ -174,6 +174,20 @@ class MemoryService:
         memory editor ``method`` (default: the service's), or by the base model alone with ``disable``.
         ``templated``: the prompt already carries the chat template's special tokens (no BOS is added).
         ``as_of``: route as the store stood at that change number or ISO time (:mod:`editors.retrieval.snapshot`)."""
+        plan = self._plan(prompt, sampling, route_text=route_text, method=method, disable=disable,
+                          templated=templated, as_of=as_of)
+        return Completion(self._generate(plan.lm, plan.seq, plan.sampling), plan.prompt_tokens, plan.shaping)
+
+    def stream(self, prompt: str, sampling: Sampling, **options: Any) -> Iterator[str | Completion]:
+        """Like :meth:`complete` for one answer (``sampling.n`` must be 1), as it is generated: the new text piece
+        by piece (held back while it could be the start of a stop string), then the :class:`Completion`. The request
+        is checked and routed before this returns, so errors are raised here, not while iterating."""
+        if sampling.n != 1:
+            raise ValidationError("a streamed answer has n = 1 here")
+        return self._stream(self._plan(prompt, sampling, **options))
+
+    def _plan(self, prompt: str, sampling: Sampling, *, route_text: str | None = None, method: str | None = None,
+              disable: bool = False, templated: bool = False, as_of: int | str | None = None) -> _Plan:
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValidationError("the prompt must be a non-empty string")
         self._check(sampling)
@@ -207,8 +221,40 @@ class MemoryService:
                                    change_number(editor.memory), as_of)
         if context is not None and len(seq) + sampling.max_tokens > context:  # the edit's context made it longer
             sampling = dataclasses.replace(sampling, max_tokens=max(1, context - len(seq)))
-        choices = self._generate(lm, seq, sampling)
-        return Completion(choices, len(row), shaping)
+        return _Plan(len(row), seq, lm, shaping, sampling)
+
+    def _stream(self, plan: _Plan) -> Iterator[str | Completion]:
+        s = plan.sampling
+        streamer = TokenStreamer()
+        job = self._batcher.submit(plan.lm, plan.seq, s.max_tokens, 1, _sampling_kwargs(s), streamer=streamer)
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        hold = max((len(x) for x in s.stop), default=1) - 1
+        tokens: list[int] = []
+        sent, finish, stopped = "", "length", False
+        while True:
+            token = streamer.tokens.get()
+            if token is None:
+                break
+            if eos is not None and token == eos:
+                finish = "stop"
+                break
+            tokens.append(token)
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            cut = _first_stop(text, s.stop)
+            if cut >= 0:
+                text, finish, stopped = text[:cut], "stop", True
+                break
+            safe = len(text) - hold - (1 if text.endswith("\ufffd") else 0)  # an unfinished character waits too
+            if safe > len(sent):
+                yield text[len(sent):safe]
+                sent = text[:safe]
+        if not stopped:
+            self._batcher.wait(job)  # raises the generate call's error, if any
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if len(text) > len(sent):
+            yield text[len(sent):]
+        count = len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if stopped else len(tokens)
+        yield Completion([Choice(text, finish, count)], plan.prompt_tokens, plan.shaping)
 
     def _check(self, s: Sampling) -> None:
         limits = self.settings.limits
@@ -228,11 +274,7 @@ class MemoryService:
             raise ValidationError("stop takes at most 4 non-empty strings")
 
     def _generate(self, lm: Any, seq: list[int], s: Sampling) -> list[Choice]:
-        sampling: dict[str, Any] = {}
-        if s.temperature > 0:
-            sampling = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p, "top_k": 0,
-                        "seed": s.seed}
-        rows = self._batcher.generate(lm, seq, s.max_tokens, s.n, sampling)
+        rows = self._batcher.generate(lm, seq, s.max_tokens, s.n, _sampling_kwargs(s))
         eos = getattr(self.tokenizer, "eos_token_id", None)
         choices = []
         for tokens in rows:
@@ -240,12 +282,34 @@ class MemoryService:
             if eos is not None and eos in tokens:
                 tokens, finish = tokens[:tokens.index(eos)], "stop"
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            cut = min((i for i in (text.find(x) for x in s.stop) if i >= 0), default=-1)
+            cut = _first_stop(text, s.stop)
             if cut >= 0:
                 text, finish = text[:cut], "stop"
                 tokens = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             choices.append(Choice(text, finish, len(tokens)))
         return choices
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A checked, routed request: what to generate from, with which model, and what shaped it."""
+
+    prompt_tokens: int
+    seq: list[int]
+    lm: Any
+    shaping: Shaping
+    sampling: Sampling
+
+
+def _sampling_kwargs(s: Sampling) -> dict[str, Any]:
+    if s.temperature > 0:
+        return {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p, "top_k": 0, "seed": s.seed}
+    return {}
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int:
+    """Where the first stop string begins in ``text``; -1 if none occurs."""
+    return min((i for i in (text.find(x) for x in stops) if i >= 0), default=-1)
 
 
 def _shaping(route: str, decision: Decision, change: int, as_of: int | str | None) -> Shaping:

@@ -1,8 +1,8 @@
 """OpenAI-compatible inference: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``
 (``stream: true`` as server-sent events). Each route parses, calls :class:`MemoryService.complete`, and formats; every
 answer carries ``editmem`` (what shaped it). These routes need the local model (``--model``); a ``--model none``
-server answers them with 503. Streams are sent once the answer is generated (chunked by token), not token by token
-while generating."""
+server answers them with 503. A stream with ``n`` = 1 is sent as it is generated, piece by piece; with ``n`` > 1 it
+is sent once the answers are generated."""
 
 from __future__ import annotations
 
@@ -17,7 +17,15 @@ from fastapi.responses import StreamingResponse
 
 from editors.retrieval.service import Completion, MemoryService
 from serve.http.auth import require
-from serve.http.protocol import ApiError, ChatRequest, CompletionRequest, chat_json, completion_json, stream_chunks
+from serve.http.protocol import (
+    ApiError,
+    ChatRequest,
+    Chunks,
+    CompletionRequest,
+    chat_json,
+    completion_json,
+    stream_chunks,
+)
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require("read"))])
 
@@ -47,8 +55,11 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     service = _service(request, body.model)
     opts = body.options()
     sampling = body.sampling(request.app.state.ctx.settings.default_max_tokens)
-    result = await run_in_threadpool(service.complete, body.text(), sampling, method=opts.method,
-                                     disable=opts.disable, as_of=opts.as_of)
+    options = {"method": opts.method, "disable": opts.disable, "as_of": opts.as_of}
+    if body.stream and sampling.n == 1:
+        events = await run_in_threadpool(service.stream, body.text(), sampling, **options)
+        return _live_stream(request, events, body.model, chat=False)
+    result = await run_in_threadpool(service.complete, body.text(), sampling, **options)
     return _answer(request, result, body.model, body.stream, chat=False)
 
 
@@ -59,9 +70,33 @@ async def chat(body: ChatRequest, request: Request) -> Any:
     sampling = body.sampling(request.app.state.ctx.settings.default_max_tokens)
     prompt, route_text = service.chat_prompt([m.model_dump(include={"role", "content"}) for m in body.messages])
     templated = bool(getattr(service.tokenizer, "chat_template", None))
-    result = await run_in_threadpool(service.complete, prompt, sampling, route_text=route_text, method=opts.method,
-                                     disable=opts.disable, templated=templated, as_of=opts.as_of)
+    options = {"route_text": route_text, "method": opts.method, "disable": opts.disable, "templated": templated,
+               "as_of": opts.as_of}
+    if body.stream and sampling.n == 1:
+        events = await run_in_threadpool(service.stream, prompt, sampling, **options)
+        return _live_stream(request, events, body.model, chat=True)
+    result = await run_in_threadpool(service.complete, prompt, sampling, **options)
     return _answer(request, result, body.model, body.stream, chat=True)
+
+
+def _live_stream(request: Request, events: Iterator[str | Completion], model: str, *, chat: bool) -> Any:
+    """An answer streamed as it is generated: a chunk per new piece of text, then the last chunk and ``[DONE]``."""
+    chunks = Chunks(model, chat=chat)
+    metrics = request.app.state.ctx.metrics
+
+    def sse() -> Iterator[str]:
+        for chunk in chunks.first():
+            yield f"data: {json.dumps(chunk)}\n\n"
+        for event in events:
+            if isinstance(event, str):
+                yield f"data: {json.dumps(chunks.piece(event))}\n\n"
+            else:
+                metrics.answers.labels(event.shaping.route).inc()
+                for chunk in chunks.last(event):
+                    yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 def _answer(request: Request, result: Completion, model: str, stream: bool, *, chat: bool) -> Any:

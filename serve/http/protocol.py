@@ -150,30 +150,43 @@ def chat_json(result: Completion, model: str) -> dict[str, Any]:
             "usage": usage(result), "editmem": result.shaping.to_json()}
 
 
-def stream_chunks(result: Completion, model: str, *, chat: bool, pieces: list[list[str]]) -> list[dict[str, Any]]:
-    """The stream of one answer as chunk objects: per choice its text ``pieces`` (a role chunk first for chat),
-    then a last chunk per choice with its finish reason; the very last chunk also carries ``usage`` and
-    ``editmem``."""
-    cid, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
-    kind = "chat.completion.chunk" if chat else "text_completion"
+class Chunks:
+    """The chunk objects of one streamed answer: ``first()`` (chat: the role), ``piece(text)`` per new text, and
+    ``last(result)`` with the finish reasons, ``usage`` and ``editmem``."""
 
-    def chunk(index: int, text: str | None, finish: str | None, *, role: bool = False) -> dict[str, Any]:
-        if chat:
+    def __init__(self, model: str, *, chat: bool):
+        self.model, self.chat = model, chat
+        self.id, self.created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
+
+    def _chunk(self, index: int, text: str | None, finish: str | None, *, role: bool = False) -> dict[str, Any]:
+        if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
             if text is not None:
                 delta["content"] = text
             body: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
         else:
             body = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
-        return {"id": cid, "object": kind, "created": created, "model": model, "choices": [body]}
+        return {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": self.created, "model": self.model, "choices": [body]}
 
+    def first(self, index: int = 0) -> list[dict[str, Any]]:
+        return [self._chunk(index, None, None, role=True)] if self.chat else []
+
+    def piece(self, text: str, index: int = 0) -> dict[str, Any]:
+        return self._chunk(index, text, None)
+
+    def last(self, result: Completion) -> list[dict[str, Any]]:
+        out = [self._chunk(i, None, c.finish_reason) for i, c in enumerate(result.choices)]
+        out[-1]["usage"] = usage(result)
+        out[-1]["editmem"] = result.shaping.to_json()
+        return out
+
+
+def stream_chunks(result: Completion, model: str, *, chat: bool, pieces: list[list[str]]) -> list[dict[str, Any]]:
+    """A finished answer (several choices) as a stream: per choice its text ``pieces``, then the last chunks."""
+    chunks = Chunks(model, chat=chat)
     out = []
     for i, parts in enumerate(pieces):
-        if chat:
-            out.append(chunk(i, None, None, role=True))
-        out += [chunk(i, p, None) for p in parts]
-    for i, c in enumerate(result.choices):
-        out.append(chunk(i, None, c.finish_reason))
-    out[-1]["usage"] = usage(result)
-    out[-1]["editmem"] = result.shaping.to_json()
-    return out
+        out += chunks.first(i)
+        out += [chunks.piece(p, i) for p in parts]
+    return out + chunks.last(result)
