@@ -55,7 +55,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     service = _service(request, body.model)
     opts = body.options()
     sampling = body.sampling(request.app.state.ctx.settings.default_max_tokens)
-    options = {"method": opts.method, "disable": opts.disable, "as_of": opts.as_of}
+    options: dict[str, Any] = {"method": opts.method, "disable": opts.disable, "as_of": opts.as_of}
     if body.stream and sampling.n == 1:
         events = await run_in_threadpool(service.stream, body.text(), sampling, **options)
         return _live_stream(request, events, body.model, chat=False)
@@ -70,8 +70,8 @@ async def chat(body: ChatRequest, request: Request) -> Any:
     sampling = body.sampling(request.app.state.ctx.settings.default_max_tokens)
     prompt, route_text = service.chat_prompt([m.model_dump(include={"role", "content"}) for m in body.messages])
     templated = bool(getattr(service.tokenizer, "chat_template", None))
-    options = {"route_text": route_text, "method": opts.method, "disable": opts.disable, "templated": templated,
-               "as_of": opts.as_of}
+    options: dict[str, Any] = {"route_text": route_text, "method": opts.method, "disable": opts.disable,
+                               "templated": templated, "as_of": opts.as_of}
     if body.stream and sampling.n == 1:
         events = await run_in_threadpool(service.stream, prompt, sampling, **options)
         return _live_stream(request, events, body.model, chat=True)
