@@ -181,3 +181,16 @@ def test_two_servers_on_one_postgres_store(pg_store_url):  # noqa: F811 (the fix
 
     assert main(["--store", pg_store_url, "init", "--encoder", "hashing-256"]) == 0
     _two_servers_share(pg_store_url)
+
+
+def test_cors_is_off_unless_an_origin_is_configured(tmp_path):
+    preflight = {"Origin": "http://example.test", "Access-Control-Request-Method": "POST"}
+    store = new_store(tmp_path / "c.db")
+    with live_server(_app(store)) as url:
+        r = httpx.options(f"{url}/v1/edits", headers=preflight)
+        assert "access-control-allow-origin" not in r.headers
+    with live_server(_app(store, cors_origins=("http://example.test",))) as url:
+        r = httpx.options(f"{url}/v1/edits", headers=preflight)
+        assert r.headers["access-control-allow-origin"] == "http://example.test"
+        other = httpx.get(f"{url}/v1/edits", headers={"Origin": "http://elsewhere.test"})
+        assert "access-control-allow-origin" not in other.headers

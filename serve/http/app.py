@@ -6,6 +6,8 @@ counted in the metrics, and bodies are capped (413). Errors are OpenAI's error J
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,7 +92,18 @@ def create_app(settings: ServerSettings, *, model: Any = None, tokenizer: Any = 
     name = Path(settings.model).name if settings.model not in ("", "none") else "none"
     ctx = Context(settings, memory, service, keys, Metrics(), name, proxy, _upstream_client(settings))
 
-    app = FastAPI(title="editmem", version="0.1.0", docs_url="/docs", redoc_url=None)
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if ctx.service is not None:
+            ctx.service.close()
+        if ctx.proxy is not None:
+            ctx.proxy.close()
+        if ctx.upstream is not None:
+            await ctx.upstream.aclose()
+        ctx.memory.close()
+
+    app = FastAPI(title="editmem", version="0.1.0", docs_url="/docs", redoc_url=None, lifespan=lifespan)
     app.state.ctx = ctx
     _install_errors(app)
     _install_middleware(app, ctx)
@@ -106,16 +119,6 @@ def create_app(settings: ServerSettings, *, model: Any = None, tokenizer: Any = 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
-
-    @app.on_event("shutdown")
-    async def _close() -> None:
-        if ctx.service is not None:
-            ctx.service.close()
-        if ctx.proxy is not None:
-            ctx.proxy.close()
-        if ctx.upstream is not None:
-            await ctx.upstream.aclose()
-        ctx.memory.close()
 
     return app
 
