@@ -42,6 +42,7 @@ def browser():
 
 
 def test_page_add_ask_correct_rollback_delete(browser, tmp_path):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -49,7 +50,7 @@ def test_page_add_ask_correct_rollback_delete(browser, tmp_path):
 
     folder = tiny_model_folder(tmp_path / "tiny-llama")
     app = create_app(settings(new_store(tmp_path / "page.db", EDIT), folder))
-    wait = WebDriverWait(browser, 20)
+    wait = WebDriverWait(browser, 20, ignored_exceptions=(StaleElementReferenceException,))
     find = browser.find_element
 
     def shaped() -> tuple[str, str, str]:

@@ -75,14 +75,14 @@ async function correct(edit) {
   const target = window.prompt(`New target for "${edit.prompt}"`, edit.target_new);
   if (target === null || target === edit.target_new) return;
   const v = await api("PATCH", `/v1/edits/${edit.id}`, { target_new: target });
-  setStatus(`edit ${v.id} is now version ${v.version}`);
   await refresh(edit.id);
+  setStatus(`edit ${v.id} is now version ${v.version}`);
 }
 
 async function remove(id) {
   const t = await api("DELETE", `/v1/edits/${id}`);
-  setStatus(`edit ${id} deleted (version ${t.version})`);
   await refresh(id);
+  setStatus(`edit ${id} deleted (version ${t.version})`);
 }
 
 async function showHistory(id) {
@@ -100,8 +100,8 @@ async function showHistory(id) {
     if (!v.deleted && v.valid_to) {
       li.append(button("roll back to this", "rollback", async () => {
         const r = await api("POST", `/v1/edits/${id}/rollback`, { version: v.version });
-        setStatus(`edit ${id} rolled back to v${v.version} (now version ${r.version})`);
         await refresh(id);
+        setStatus(`edit ${id} rolled back to v${v.version} (now version ${r.version})`);
       }));
     }
     list.append(li);
@@ -147,9 +147,9 @@ $("add-form").addEventListener("submit", guarded(async () => {
   const body = { prompt: $("add-prompt").value, target_new: $("add-target").value };
   if ($("add-subject").value.trim()) body.subject = $("add-subject").value.trim();
   const e = await api("POST", "/v1/edits", body);
-  setStatus(`added edit ${e.id}`);
   $("add-form").reset();
   await listEdits();
+  setStatus(`added edit ${e.id}`);
 }));
 $("search-form").addEventListener("submit", guarded(async () => {
   const q = $("search").value.trim();
