@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "serve.commands.memory",
     "serve.commands.mend",
     "serve.commands.consolidate",
+    "serve.commands.serve",
 )
 
 DEFAULT_STORE = "sqlite:///editmem.db"

@@ -192,6 +192,11 @@ class AugmentedModel(torch.nn.Module):
         (tokens before it keep their positions; tokens after it move by the context's length)."""
         return insert_context(row, self._context_ids(edit), self._lead)
 
+    def condition_row(self, row: list[int], edit: EditRecord) -> list[int]:
+        """``row`` (a prompt's tokens) with ``edit``'s context inserted as this wrapper conditions in-scope rows (for
+        IKE: with its demonstrations): what :attr:`counterfactual_model` continues for a query in ``edit``'s scope."""
+        return self._conditioned(list(row), edit)[0]
+
     # --- forward ------------------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 **kwargs: Any) -> Any:

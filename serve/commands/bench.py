@@ -30,6 +30,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--json", type=Path, default=Path("bench_out/store.json"), help="raw results")
     s.set_defaults(func=run_store)
 
+    h = bsub.add_parser("http", help="HTTP overhead over in-process answers, out-of-scope cost, concurrent throughput")
+    h.add_argument("--model", default="smollm2-135m")
+    h.add_argument("--data", default=None, help="edit cases to store first (e.g. counterfact-edit.json)")
+    h.add_argument("--limit", type=int, default=10_000)
+    h.add_argument("--encoder", default="all-MiniLM-L6-v2")
+    h.add_argument("--scope", default="cosine")
+    h.add_argument("--tokens", type=int, default=8)
+    h.add_argument("--repeats", type=int, default=5)
+    h.add_argument("--clients", type=int, default=8)
+    h.add_argument("--requests", type=int, default=32)
+    h.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    h.set_defaults(func=run_http)
+
 
 def run_store(args: argparse.Namespace) -> int:
     from memory.errors import ValidationError
@@ -61,4 +74,18 @@ def run_store(args: argparse.Namespace) -> int:
     args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")
     write_section(args.out, SECTION, body)
     print(body)
+    return 0
+
+
+def run_http(args: argparse.Namespace) -> int:
+    import torch
+
+    from serve.bench_http import run_http_bench
+
+    torch.set_num_threads(args.threads)
+    report = run_http_bench(args.model, data=args.data, limit=args.limit, encoder=args.encoder, scope=args.scope,
+                            tokens=args.tokens, repeats=args.repeats, clients=args.clients, requests=args.requests)
+    report["command"] = " ".join(shlex.quote(a) for a in ["editmem", *sys.argv[1:]])
+    report["threads"] = args.threads
+    print(json.dumps(report, indent=2))
     return 0

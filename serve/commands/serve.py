@@ -1,0 +1,90 @@
+"""`editmem serve`: the HTTP service (OpenAI-compatible inference through the memory, the edit store, the page).
+
+    editmem serve [--store URL] [--model NAME|PATH|none] [--method serac|ike] [--scope NAME] [--threshold T] [-k K]
+                  [--host 127.0.0.1] [--port 8000] [--api-keys FILE] [--threads N] [--max-body-bytes B]
+                  [--max-tokens N] [--max-n N] [--max-batch N] [--max-prompt-tokens N] [--cors-origin URL ...]
+                  [--upstream URL [--upstream-key KEY]]
+
+Binds to loopback by default; any other address needs API keys (--api-keys or $EDITMEM_API_KEYS_FILE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+
+from memory.errors import ValidationError
+
+DEFAULT_THREADS = 1
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve the memory over HTTP: OpenAI-compatible inference, /v1/edits, a web page")
+    p.add_argument("--model", default="smollm2-135m", help="model alias, local folder, or 'none' to serve only the "
+                                                           "edit store (default: %(default)s)")
+    p.add_argument("--method", default="serac", choices=["serac", "ike"], help="default memory method")
+    p.add_argument("--scope", default="default", help="scope classifier name or 'cosine' (default: %(default)s)")
+    p.add_argument("--threshold", type=float, default=None, help="override the classifier's threshold")
+    p.add_argument("-k", type=int, default=5, help="candidates retrieved per query (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-keys", default=None, help="file of 'KEY ROLE' lines (roles read, write, admin; default: "
+                                                    "$EDITMEM_API_KEYS_FILE)")
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                   help="torch intra-op threads (default: %(default)s; a server shares its machine, and OpenMP "
+                        "threads spinning against other jobs made a 2-core machine 15x slower)")
+    p.add_argument("--max-batch", type=int, default=8, help="greedy requests waiting together share one generate "
+                                                           "call of at most this many (1: no batching; default: "
+                                                           "%(default)s)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--max-tokens", type=int, default=512, help="cap on a request's max_tokens")
+    p.add_argument("--max-n", type=int, default=8, help="cap on a request's n")
+    p.add_argument("--max-prompt-tokens", type=int, default=2048)
+    p.add_argument("--upstream", default=None, help="proxy mode: the /v1 URL of an OpenAI-compatible server to "
+                                                    "forward to (no local model is loaded)")
+    p.add_argument("--upstream-key", default=None, help="key sent to the upstream (default: $EDITMEM_UPSTREAM_KEY)")
+    p.add_argument("--cors-origin", action="append", default=[], help="allow this origin (CORS is off without)")
+    p.set_defaults(func=_serve)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _serve(args: argparse.Namespace) -> int:
+    for flag, value in (("--port", args.port), ("--threads", args.threads), ("-k", args.k),
+                        ("--max-tokens", args.max_tokens), ("--max-n", args.max_n), ("--max-batch", args.max_batch),
+                        ("--max-body-bytes", args.max_body_bytes), ("--max-prompt-tokens", args.max_prompt_tokens)):
+        if value < 1:
+            raise ValidationError(f"{flag} must be >= 1, got {value}")
+    import torch
+    import uvicorn
+
+    from editors.retrieval.service import Limits
+    from serve.http.app import ServerSettings, create_app
+    from serve.http.auth import load_keys
+
+    if not is_loopback(args.host) and load_keys(args.api_keys) is None:
+        raise ValidationError(f"refusing to bind {args.host} without API keys: give --api-keys FILE (or "
+                              "$EDITMEM_API_KEYS_FILE), or bind 127.0.0.1")
+    torch.set_num_threads(args.threads)
+    settings = ServerSettings(store=args.store, model=args.model, method=args.method, scope=args.scope,
+                              threshold=args.threshold, k=args.k, api_keys=args.api_keys,
+                              max_body_bytes=args.max_body_bytes, max_batch=args.max_batch,
+                              limits=Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
+                                            max_n=args.max_n),
+                              cors_origins=tuple(args.cors_origin), upstream=args.upstream,
+                              upstream_key=args.upstream_key)
+    logging.getLogger("editmem.http").setLevel(logging.INFO)
+    app = create_app(settings)
+    front = f"in front of {args.upstream}" if args.upstream else f"with {args.model}"
+    print(f"editmem: serving {args.store} {front} on http://{args.host}:{args.port}/", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="warning",
+                timeout_graceful_shutdown=30)
+    return 0

@@ -1,0 +1,187 @@
+"""The FastAPI application of ``editmem serve``: ``create_app(settings)`` opens the store, loads the model (unless
+``model="none"``: then only the edit store, the page and the ops routes answer), and mounts the inference, edits and
+ops routes and the page. Every request is logged in one line (method, path, status, milliseconds; never a header),
+counted in the metrics, and bodies are capped (413). Errors are OpenAI's error JSON."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from editors.retrieval.service import Limits, MemoryService, ServiceSettings
+from memory.errors import EditmemError, FormatError, NotFoundError, StoreError, ValidationError
+from serve.http.auth import KeyRing, load_keys
+from serve.http.metrics import Metrics
+from serve.http.protocol import ApiError, error_body
+
+log = logging.getLogger("editmem.http")
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+@dataclass
+class ServerSettings:
+    """What ``editmem serve`` is given. ``model``: alias, local folder, or ``"none"`` (no inference routes)."""
+
+    store: str
+    model: str = "smollm2-135m"
+    method: str = "serac"
+    scope: str = "default"
+    threshold: float | None = None
+    k: int = 5
+    options: dict[str, Any] = field(default_factory=dict)
+    api_keys: str | None = None
+    max_body_bytes: int = 1 << 20
+    limits: Limits = field(default_factory=Limits)
+    default_max_tokens: int = 16
+    max_batch: int = 8  # greedy requests waiting together share one generate call of at most this many (1: off)
+    cors_origins: tuple[str, ...] = ()
+    upstream: str | None = None  # proxy mode: the OpenAI-compatible server to forward to (its /v1 URL)
+    upstream_key: str | None = None  # the key sent to the upstream (default: $EDITMEM_UPSTREAM_KEY)
+    upstream_timeout: float = 300.0
+
+
+@dataclass
+class Context:
+    settings: ServerSettings
+    memory: Any  # the EditMemory the edit routes use
+    service: MemoryService | None
+    keys: KeyRing | None
+    metrics: Metrics
+    model_name: str
+    proxy: Any = None  # proxy mode: the ContextRouter
+    upstream: Any = None  # proxy mode: the httpx.AsyncClient to the upstream
+
+
+def create_app(settings: ServerSettings, *, model: Any = None, tokenizer: Any = None) -> FastAPI:
+    """The application for ``settings``; ``model``/``tokenizer`` given in place of loading ``settings.model``."""
+    from memory.store import EditMemory
+
+    keys = load_keys(settings.api_keys)
+    memory = EditMemory.open(settings.store, create=False)
+    service, proxy = None, None
+    try:
+        if settings.upstream:
+            from editors.retrieval.proxy import ContextRouter
+
+            if settings.method != "serac":
+                raise ValidationError("proxy mode puts SERAC's edit context in front of the upstream's prompt; "
+                                      f"--method {settings.method} needs the local model")
+            proxy = ContextRouter(settings.store, scope=settings.scope, threshold=settings.threshold, k=settings.k)
+        elif model is None and settings.model != "none":
+            from editors.lm.loading import load_model
+
+            model, tokenizer = load_model(settings.model)
+        if model is not None:
+            service = MemoryService(model, tokenizer, settings.store, ServiceSettings(
+                method=settings.method, scope=settings.scope, threshold=settings.threshold, k=settings.k,
+                options=settings.options, limits=settings.limits, max_batch=settings.max_batch))
+            service.editor()  # open the default method now: a bad scope or option fails at start, not per request
+    except BaseException:
+        memory.close()
+        raise
+    name = Path(settings.model).name if settings.model not in ("", "none") else "none"
+    ctx = Context(settings, memory, service, keys, Metrics(), name, proxy, _upstream_client(settings))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if ctx.service is not None:
+            ctx.service.close()
+        if ctx.proxy is not None:
+            ctx.proxy.close()
+        if ctx.upstream is not None:
+            await ctx.upstream.aclose()
+        ctx.memory.close()
+
+    app = FastAPI(title="editmem", version="0.1.0", docs_url="/docs", redoc_url=None, lifespan=lifespan)
+    app.state.ctx = ctx
+    _install_errors(app)
+    _install_middleware(app, ctx)
+
+    from serve.http import edits, inference, ops
+    from serve.http import proxy as proxy_routes
+
+    app.include_router(proxy_routes.router if ctx.proxy is not None else inference.router)
+    app.include_router(edits.router)
+    app.include_router(ops.router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    return app
+
+
+def _upstream_client(settings: ServerSettings) -> Any:
+    if not settings.upstream:
+        return None
+    import os
+
+    import httpx
+
+    key = settings.upstream_key or os.environ.get("EDITMEM_UPSTREAM_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.AsyncClient(base_url=settings.upstream.rstrip("/") + "/", headers=headers,
+                             timeout=settings.upstream_timeout)
+
+
+def _install_middleware(app: FastAPI, ctx: Context) -> None:
+    from serve.http.middleware import RequestMiddleware
+
+    app.add_middleware(RequestMiddleware, ctx=ctx)
+    if ctx.settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(ctx.settings.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"])
+
+
+def _install_errors(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+        if first.get("type") == "json_invalid":
+            message, code = f"the body is not valid JSON: {first.get('ctx', {}).get('error', 'parse error')}", \
+                "invalid_json"
+        else:
+            message, code = f"{'.'.join(loc) or 'request'}: {first.get('msg', 'invalid')}", "invalid_value"
+        return JSONResponse(error_body(message, "invalid_request_error", ".".join(loc) or None, code),
+                            status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(err.detail), kind), status_code=err.status_code)
+
+    @app.exception_handler(EditmemError)
+    async def editmem_error(request: Request, err: EditmemError) -> JSONResponse:
+        if isinstance(err, NotFoundError):
+            status, kind = 404, "not_found_error"
+        elif isinstance(err, (ValidationError, FormatError)):
+            status, kind = 400, "invalid_request_error"
+        elif isinstance(err, StoreError):
+            status, kind = 503, "store_error"
+        else:
+            status, kind = 400, "invalid_request_error"
+        return JSONResponse(error_body(str(err), kind), status_code=status)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, err: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body("internal server error", "server_error"), status_code=500)

@@ -1,0 +1,135 @@
+"""The edit store over HTTP, one route per ``EditMemory`` verb, same field names and the same validation (a
+ValidationError is a 400, a NotFoundError a 404, with the store's one-line message). Reading needs a ``read`` key,
+writing a ``write`` key, importing an ``admin`` key. None of these routes needs a model.
+
+    POST   /v1/edits                      create (201)          GET  /v1/edits?limit=&offset=&include_deleted=
+    GET    /v1/edits/{id}?version=        get                   PATCH /v1/edits/{id}   update (a new version)
+    DELETE /v1/edits/{id}                 delete (tombstone)    GET  /v1/edits/{id}/history
+    POST   /v1/edits/{id}/rollback        {"version": v}        GET  /v1/edits/search?q=&k=
+    POST   /v1/edits/import               a file (multipart "file", optional "format") or {"records": [...]}
+    GET    /v1/edits/export?include_history=   JSONL            GET  /v1/edits/changes?since=&limit=
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError as PydanticError
+
+from memory.errors import ValidationError
+from memory.feed import change_number, changes_since
+from serve.http.auth import require
+from serve.http.protocol import ApiError, EditBody, EditChanges, ImportBody, RollbackBody, edit_json
+
+router = APIRouter(prefix="/v1/edits")
+READ, WRITE, ADMIN = Depends(require("read")), Depends(require("write")), Depends(require("admin"))
+MAX_PAGE = 1000
+
+
+def _memory(request: Request) -> Any:
+    return request.app.state.ctx.memory
+
+
+@router.post("", status_code=201, dependencies=[WRITE])
+def create(body: EditBody, request: Request) -> dict[str, Any]:
+    return edit_json(_memory(request).add(**body.model_dump()))
+
+
+@router.get("", dependencies=[READ])
+def list_edits(request: Request, limit: int = Query(50, ge=0, le=MAX_PAGE), offset: int = Query(0, ge=0),
+               include_deleted: bool = False) -> dict[str, Any]:
+    mem = _memory(request)
+    records = mem.list(limit=limit, offset=offset, include_deleted=include_deleted)
+    return {"object": "list", "data": [edit_json(r) for r in records], "limit": limit, "offset": offset,
+            "total": len(mem), "change": change_number(mem)}
+
+
+@router.get("/search", dependencies=[READ])
+def search(request: Request, q: str = Query(..., min_length=1), k: int = Query(5, ge=1, le=100)) -> dict[str, Any]:
+    hits = _memory(request).search(q, k)
+    return {"object": "list", "data": [{"score": h.score, "edit": edit_json(h.edit)} for h in hits]}
+
+
+@router.get("/changes", dependencies=[READ])
+def changes(request: Request, since: int = Query(0, ge=0), limit: int = Query(MAX_PAGE, ge=1, le=MAX_PAGE)
+            ) -> dict[str, Any]:
+    mem = _memory(request)
+    now = change_number(mem)
+    return {"object": "list", "change": now, "data": [c.to_json() for c in changes_since(mem, since, limit)]}
+
+
+@router.get("/export", dependencies=[READ])
+def export(request: Request, include_history: bool = False) -> Response:
+    with tempfile.TemporaryDirectory(prefix="editmem-export-") as tmp:
+        path = Path(tmp) / "edits.jsonl"
+        _memory(request).export(path, include_history=include_history)
+        text = path.read_text(encoding="utf-8")
+    return Response(text, media_type="application/x-ndjson",
+                    headers={"Content-Disposition": 'attachment; filename="edits.jsonl"'})
+
+
+@router.post("/import", dependencies=[ADMIN])
+async def import_edits(request: Request) -> JSONResponse:
+    """A multipart upload (``file`` in any supported format, ``format`` optional) or a JSON body ``{"records":
+    [...]}`` of ``add`` fields. All or nothing: a bad file or record changes nothing."""
+    from fastapi.concurrency import run_in_threadpool
+
+    mem = _memory(request)
+    kind = request.headers.get("content-type", "")
+    if kind.startswith("multipart/form-data"):
+        form = await request.form()
+        upload, fmt = form.get("file"), form.get("format") or "auto"
+        if upload is None or isinstance(upload, str):
+            raise ApiError(400, "the upload needs a 'file' field", param="file")
+        suffix = Path(upload.filename or "edits.jsonl").suffix or ".jsonl"
+        data = await upload.read()
+        fd, name = tempfile.mkstemp(prefix="editmem-import-", suffix=suffix)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            added = await run_in_threadpool(mem.import_file, name, str(fmt))
+        finally:
+            os.unlink(name)
+    else:
+        try:
+            body = ImportBody.model_validate(json.loads(await request.body()))
+        except json.JSONDecodeError as err:
+            raise ApiError(400, f"the body is not valid JSON: {err}", code="invalid_json") from None
+        except PydanticError as err:
+            raise ApiError(400, f"expected {{\"records\": [...]}}: {err.errors()[0]['msg']}") from None
+        added = len(await run_in_threadpool(mem.add_many, body.records))
+    return JSONResponse({"added": added, "change": change_number(mem)})
+
+
+@router.get("/{edit_id}", dependencies=[READ])
+def get(edit_id: int, request: Request, version: int | None = None) -> dict[str, Any]:
+    return edit_json(_memory(request).get(edit_id, version))
+
+
+@router.patch("/{edit_id}", dependencies=[WRITE])
+def update(edit_id: int, body: EditChanges, request: Request) -> dict[str, Any]:
+    changes_ = body.model_dump(exclude_unset=True)
+    if not changes_:
+        raise ValidationError("an update needs at least one field to change")
+    return edit_json(_memory(request).update(edit_id, **changes_))
+
+
+@router.delete("/{edit_id}", dependencies=[WRITE])
+def delete(edit_id: int, request: Request) -> dict[str, Any]:
+    return edit_json(_memory(request).delete(edit_id))
+
+
+@router.get("/{edit_id}/history", dependencies=[READ])
+def history(edit_id: int, request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": [edit_json(r) for r in _memory(request).history(edit_id)]}
+
+
+@router.post("/{edit_id}/rollback", dependencies=[WRITE])
+def rollback(edit_id: int, body: RollbackBody, request: Request) -> dict[str, Any]:
+    return edit_json(_memory(request).rollback(edit_id, body.version))

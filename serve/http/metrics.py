@@ -1,0 +1,36 @@
+"""Prometheus metrics of one server (a registry of its own, so several apps in one process do not collide):
+requests by method, route and status, latency per route, answers by the route the memory took, the number of live
+edits and the vector index's lag behind the store (both read at scrape time)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("editmem_http_requests", "HTTP requests", ["method", "path", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("editmem_http_request_seconds", "HTTP request latency", ["path"],
+                                 buckets=BUCKETS, registry=self.registry)
+        self.answers = Counter("editmem_answers", "answers by the route that shaped them", ["route"],
+                               registry=self.registry)
+        self.edits = Gauge("editmem_edits", "live edits in the store", registry=self.registry)
+        self.index_lag = Gauge("editmem_index_lag", "changes the vector index is behind the store",
+                               registry=self.registry)
+
+    def observe(self, method: str, path: str, status: int, seconds: float) -> None:
+        self.requests.labels(method, path, str(status)).inc()
+        self.latency.labels(path).observe(seconds)
+
+    def render(self, memory: Any) -> bytes:
+        from memory.feed import index_lag
+
+        self.edits.set(len(memory))
+        self.index_lag.set(index_lag(memory))
+        return generate_latest(self.registry)

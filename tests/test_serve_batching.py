@@ -1,0 +1,74 @@
+"""Micro-batching in the service: greedy requests that wait together go through the model as one left-padded
+generate call and get the same answers as one by one; sampled requests run on their own."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from editors.lm.tokens import encode_prompt, pad_id
+from editors.retrieval.batching import MicroBatcher
+from tests.tiny import tiny_model
+
+PROMPTS = ["The capital of France is", "Marie Curie was born in", "People in Japan speak",
+           "The profession of Ada Lovelace is", "Toko Yasuda plays the", "Berlin is the capital city of"]
+
+
+class _Gate(torch.nn.Module):
+    """A model whose generate waits for ``open`` first: holds the worker busy while other requests queue up."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.open = threading.Event()
+        self.entered = threading.Event()
+
+    def generate(self, **kwargs):
+        self.entered.set()
+        assert self.open.wait(30)
+        return self.inner.generate(**kwargs)
+
+
+def test_waiting_greedy_requests_share_one_call_and_answer_as_alone():
+    model, tok = tiny_model("llama")
+    rows = [encode_prompt(tok, p) for p in PROMPTS]
+    lengths = [3, 8, 5, 8, 2, 6]
+    batcher = MicroBatcher(pad_id(tok))
+    try:
+        alone = [batcher.generate(model, r, n_tok) for r, n_tok in zip(rows, lengths)]
+        assert batcher.calls == len(rows)
+        gate = _Gate(model)
+        results: dict[int, list[list[int]]] = {}
+        blocker = threading.Thread(target=lambda: batcher.generate(gate, rows[0], 2))
+        blocker.start()
+        assert gate.entered.wait(30)  # the worker is busy in the gated call
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, batcher.generate(model, rows[i],
+                                                                                              lengths[i])))
+                   for i in range(len(rows))]
+        for t in threads:
+            t.start()
+        while batcher._queue.qsize() < len(rows):
+            threading.Event().wait(0.001)
+        before = batcher.calls
+        gate.open.set()
+        for t in [blocker, *threads]:
+            t.join(30)
+        assert batcher.calls == before + 2  # the gated call, then all six in one
+        assert [results[i] for i in range(len(rows))] == alone
+        assert all(len(r[0]) == n for r, n in zip(alone, lengths))
+    finally:
+        batcher.close()
+
+
+def test_sampled_requests_run_alone_and_are_seeded():
+    model, tok = tiny_model("llama")
+    batcher = MicroBatcher(pad_id(tok))
+    try:
+        row = encode_prompt(tok, PROMPTS[0])
+        sampling = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": 3}
+        a = batcher.generate(model, row, 6, 2, sampling)
+        b = batcher.generate(model, row, 6, 2, sampling)
+        assert a == b and len(a) == 2
+    finally:
+        batcher.close()
