@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "serve.commands.memory",
     "serve.commands.mend",
     "serve.commands.consolidate",
+    "serve.commands.trace",
 )
 
 DEFAULT_STORE = "sqlite:///editmem.db"

@@ -148,7 +148,7 @@ class KNEditor(Editor):
         model, tok = self.model, self.tokenizer
         t0 = time.perf_counter()
         layers = self._layers()
-        head = model.get_output_embeddings().weight.detach().float()
+        head = torch.as_tensor(model.get_output_embeddings().weight).detach().float()  # type: ignore[operator]
         in_out = arch_spec(model).weight_layout == "in_out"
         deltas: dict[str, torch.Tensor] = {}
         n_neurons = 0
@@ -175,7 +175,7 @@ class KNEditor(Editor):
             for flat in chosen:
                 layer, neuron = layers[flat // per_layer], flat % per_layer
                 name = param_name(model, layer, "mlp_out")
-                weight = layer_module(model, layer, "mlp_out").weight
+                weight = torch.as_tensor(layer_module(model, layer, "mlp_out").weight)
                 delta = deltas.setdefault(name, torch.zeros(weight.shape, dtype=torch.float32, device=weight.device))
                 sign = 1.0 if float(activations[flat // per_layer][neuron]) >= 0 else -1.0
                 if in_out:

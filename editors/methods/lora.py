@@ -54,7 +54,7 @@ class LoRASettings(EditorSettings):
     """Settings of :class:`LoRAEditor` / :class:`AdaLoRAEditor`; see the module docstring."""
 
     rank: int = 8
-    alpha: float = 32.0
+    alpha: int = 32
     lr: float = 5e-3
     steps: int = 70
     early_stop_loss: float | None = 1e-2
@@ -77,7 +77,8 @@ def _peft_config(kind: str, s: LoRASettings, targets: list[str], conv1d: bool) -
         return peft.AdaLoraConfig(init_r=s.rank + 4, target_r=s.rank, lora_alpha=s.alpha, lora_dropout=0.0,
                                   target_modules=targets, total_step=s.steps, tinit=0, tfinal=0,
                                   deltaT=max(1, s.steps // 10), fan_in_fan_out=conv1d)
-    return peft.LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=0.0, target_modules=targets, fan_in_fan_out=conv1d)
+    return peft.LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=0.0, target_modules=targets,
+                           fan_in_fan_out=conv1d)
 
 
 @register_editor
