@@ -187,7 +187,9 @@ def test_bench_end_to_end_on_tiny(data_dir, tmp_path, _private_cache):
     assert "checkpoint" in table["not_run"]["ZsRE"]["mend"]
     rows = {(r["task"], r["metric"], r["protocol"]): r for r in table["rows"]}
     assert 0 <= rows[("ZsRE", "edit_succ", "teacher-forced")]["values"]["ft_m"] <= 100
-    assert rows[("ConvSent", "locality", "generate")]["values"]["ft_m"] >= 0
+    kl = rows[("ConvSent", "locality", "generate")]["values"]["ft_m"]
+    cell = json.loads(cell_path(tmp_path / "out", "ConvSent", "ft_m").read_text())
+    assert kl >= 0 and kl == cell["metrics"]["generate"]["locality"]  # a KL divergence, not scaled to percent
     assert rows[("WikiBio", "perplexity", "teacher-forced")]["values"]["ft_m"] >= 1
     assert ("Sanitation", "edit_succ gap (tf - gen)", "") in rows
     assert rows[("ZsRE", "edit_succ", "teacher-forced")]["published"]["ft_m"] == 99.98

@@ -151,8 +151,10 @@ def load_published(data_dir: Path) -> dict[str, Any] | None:
     return None
 
 
-def _scale(metric: str, value: float | None) -> float | None:
-    return None if value is None else (100 * value if metric in PERCENT else value)
+def _scale(task: str, metric: str, value: float | None) -> float | None:
+    """Fractions as percent; ConvSent's locality is a KL divergence and stays as it is."""
+    percent = metric in PERCENT and (task, metric) != ("ConvSent", "locality")
+    return None if value is None else (100 * value if percent else value)
 
 
 def build_table(out_dir: Path, methods: Sequence[str], tasks: Sequence[str], protocols: Sequence[str],
@@ -176,7 +178,7 @@ def build_table(out_dir: Path, methods: Sequence[str], tasks: Sequence[str], pro
                 values = {}
                 for m, c in cells.items():
                     block = (c or {}).get("metrics", {}).get(p)
-                    values[m] = _scale(metric, block.get(metric)) if block else None
+                    values[m] = _scale(task, metric, block.get(metric)) if block else None
                 key = "locality_kl_lower_is_better" if (task, metric) == ("ConvSent", "locality") else metric
                 pub = (published or {}).get("table", {}).get(task, {}).get(key, {})
                 rows.append({"task": task, "metric": metric, "protocol": p, "values": values,
