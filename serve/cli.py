@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "serve.commands.mend",
     "serve.commands.consolidate",
     "serve.commands.serve",
+    "serve.commands.trace",
 )
 
 DEFAULT_STORE = "sqlite:///editmem.db"

@@ -11,10 +11,13 @@ down-projection layer, lr 5e-4, 25 steps):
 
 - ``layer``: see :func:`ft_default_layer` — about a third of the way up the stack (SmolLM2-135M, 30 layers: layer 10).
 - ``lr`` 5e-4, ``steps`` 25, ``norm_constraint`` 5e-4, ``weight_decay`` 0, ``early_stop_loss`` 1e-2.
-- Loss: for each request, the mean negative log-likelihood of its target tokens given the prompt, teacher-forced
-  (only target positions count; tokenization from :func:`editors.lm.tokens.encode_prompt_target`); the requests'
-  losses are summed. This is EasyEdit's ``objective_optimization: target_new`` loss (its "FT-M"); ROME's original
-  ``prompt_last`` variant, which scores every target token at the last prompt position, is not implemented.
+- Loss (``objective``): ``"target_new"`` (the default) is, for each request, the mean negative log-likelihood of its
+  target tokens given the prompt, teacher-forced (only target positions count; tokenization from
+  :func:`editors.lm.tokens.encode_prompt_target`); the requests' losses are summed. This is EasyEdit's
+  ``objective_optimization: target_new`` loss. ``"prompt_last"`` is ROME's original FT-L loss, which scores every
+  target token with the logits of the last prompt position (EasyEdit's FT-L in the KnowEdit table).
+- ``ft_m`` (:mod:`editors.methods.ft_m`) is the same editor with ``target_new`` and no norm constraint, KnowEdit's
+  FT-M.
 - ``batch_size`` only splits the requests into chunks whose gradients are accumulated before each step, so it
   changes memory use, not the result.
 
@@ -41,10 +44,22 @@ from editors.base import (
     register_editor,
 )
 from editors.lm.architectures import check_layer, num_layers, param_name
-from editors.lm.tokens import encode_batch, target_logprob
+from editors.lm.tokens import EncodedBatch, encode_batch, target_logprob
 from memory.checks import check_number
+from memory.errors import ValidationError
 
 log = logging.getLogger(__name__)
+
+OBJECTIVES: tuple[str, ...] = ("target_new", "prompt_last")
+
+
+def prompt_last_logprob(logits: torch.Tensor, batch: EncodedBatch) -> torch.Tensor:
+    """Per row, the mean log-probability of the target tokens, each scored by the logits of the last prompt position
+    (ROME's FT-L objective), (B,)."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    last = logits[rows, batch.target_start - 1].float().log_softmax(-1)  # (B, V)
+    picked = last.gather(-1, batch.labels.clamp_min(0)) * batch.target_mask  # (B, T)
+    return picked.sum(-1) / batch.target_mask.sum(-1).clamp_min(1)
 
 
 def ft_default_layer(model: torch.nn.Module) -> int:
@@ -63,8 +78,11 @@ class FTSettings(EditorSettings):
     weight_decay: float = 0.0
     early_stop_loss: float | None = 1e-2  # stop once the mean per-request loss is below this; None: never
     batch_size: int = 16
+    objective: str = "target_new"  # or "prompt_last" (ROME's FT-L loss); see the module docstring
 
     def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValidationError(f"FT objective must be one of {list(OBJECTIVES)}, not {self.objective!r}")
         check_number("FT", "layer", self.layer, integer=True, strict=False, optional=True)
         check_number("FT", "lr", self.lr)
         check_number("FT", "steps", self.steps, integer=True)
@@ -123,7 +141,10 @@ class FTEditor(Editor):
                     call_params[name] = weight.to(original.dtype)
                     out = torch.func.functional_call(model, call_params, args=(),
                                                      kwargs={**batch.model_inputs(), "use_cache": False})
-                    loss = -target_logprob(out.logits, batch.labels, mean=True).sum()
+                    if s.objective == "prompt_last":
+                        loss = -prompt_last_logprob(out.logits, batch).sum()
+                    else:
+                        loss = -target_logprob(out.logits, batch.labels, mean=True).sum()
                     loss.backward()
                     total += loss.item()
                 mean_loss = total / len(requests)
@@ -141,8 +162,8 @@ class FTEditor(Editor):
         self.last_stats = {"param": name, "steps": steps_taken, "loss_before": first_loss,
                            "loss_last": last_loss, "max_abs_change": (new.float() - base).abs().max().item(),
                            "seconds": time.perf_counter() - t0}
-        log.info("ft: %d request(s), %s, %d steps, loss %.3f -> %.3f (before the last step), max |change| %.2e, "
-                 "%.1f s", len(requests), name, steps_taken, first_loss, last_loss,
+        log.info("%s: %d request(s), %s, %d steps, loss %.3f -> %.3f (before the last step), max |change| %.2e, "
+                 "%.1f s", self.name, len(requests), name, steps_taken, first_loss, last_loss,
                  self.last_stats["max_abs_change"], self.last_stats["seconds"])
         return {name: new}
 

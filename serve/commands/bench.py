@@ -42,6 +42,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--requests", type=int, default=32)
     h.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     h.set_defaults(func=run_http)
+    k = bsub.add_parser("knowedit", help="every method on every KnowEdit task: the KnowEdit table, resumable")
+    k.add_argument("--data", type=Path, default=DEFAULT_DATA / "knowedit",
+                   help="KnowEdit folder (default: %(default)s)")
+    k.add_argument("--model", default="smollm2-135m", help="model alias or local folder (default: %(default)s)")
+    k.add_argument("--methods", default=None,
+                   help="comma-separated methods (default: ft,ft_m,adalora,kn,rome,memit,mend)")
+    k.add_argument("--tasks", default=None, help="comma-separated tasks (default: all six)")
+    k.add_argument("--limit", type=int, default=5, help="cases per task (default: %(default)s)")
+    k.add_argument("--protocol", default="teacher-forced", choices=["teacher-forced", "generate", "both"])
+    k.add_argument("--out", type=Path, required=True, help="output folder (cells/, table.md, table.json, table.png)")
+    k.add_argument("--resume", action="store_true", help="skip method x task cells already finished in --out")
+    k.add_argument("--shard", default="0/1", help="run only cells i mod n of the grid, as i/n (default: %(default)s)")
+    k.add_argument("--merge-only", action="store_true", help="run nothing: merge the cell files in --out")
+    k.set_defaults(func=run_knowedit)
 
 
 def run_store(args: argparse.Namespace) -> int:
@@ -88,4 +102,26 @@ def run_http(args: argparse.Namespace) -> int:
     report["command"] = " ".join(shlex.quote(a) for a in ["editmem", *sys.argv[1:]])
     report["threads"] = args.threads
     print(json.dumps(report, indent=2))
+def run_knowedit(args: argparse.Namespace) -> int:
+    from eval.knowedit.bench import DEFAULT_METHODS, BenchSettings, run_bench, write_table
+    from eval.knowedit.tasks import TASKS
+    from memory.errors import ValidationError
+
+    try:
+        shard = tuple(int(x) for x in args.shard.split("/"))
+        i, n = shard
+    except ValueError:
+        raise ValidationError(f"--shard must be i/n, got {args.shard!r}") from None
+    methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else DEFAULT_METHODS
+    tasks = tuple(t.strip() for t in args.tasks.split(",")) if args.tasks else TASKS
+    settings = BenchSettings(data_dir=args.data, out_dir=args.out, methods=methods, tasks=tasks, limit=args.limit,
+                             protocol=args.protocol, resume=args.resume, shard=(i, n))
+    if args.merge_only:
+        write_table(args.out, methods, tasks, settings.protocols, args.data)
+    else:
+        from editors.lm.loading import load_model
+
+        model, tokenizer = load_model(args.model)
+        run_bench(model, tokenizer, settings)
+    print((args.out / "table.md").read_text(encoding="utf-8"))
     return 0
