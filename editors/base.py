@@ -113,6 +113,12 @@ class WeightEditHandle(EditHandle):
             self._copy_in(self.originals)
             self.applied = False
 
+    def release(self) -> None:
+        """Put the original weights back but keep whatever else the edit left in its editor (AlphaEdit's kept keys):
+        for a caller that writes the same change into the weights itself (:meth:`editors.weights.StoredWeights.apply`).
+        For a plain weight edit it is :meth:`restore`."""
+        WeightEditHandle.restore(self)
+
     def absorb(self, later: WeightEditHandle) -> None:
         """Become the handle of this edit followed by ``later`` (applied after it, to the same model): ``restore()``
         then puts back what was there before this edit, exactly as restoring ``later`` and then this one would, and
@@ -132,6 +138,11 @@ class WeightEditHandle(EditHandle):
                 "edited": {k: v.cpu() for k, v in self.edited.items()}}
 
     @classmethod
+    def _from_state(cls, model: torch.nn.Module, state: Mapping[str, Any]) -> WeightEditHandle:
+        """The handle (not applied) from :meth:`state_dict`'s output; subclasses with more state override it."""
+        return cls(model, state["originals"], state["edited"])
+
+    @classmethod
     def load(cls, path: str | Path, model: torch.nn.Module, *, apply: bool = True) -> WeightEditHandle:
         """Rebuild a saved handle for ``model`` (by default writing the edit into it again)."""
         blob = torch.load(Path(path), map_location="cpu", weights_only=True)
@@ -142,7 +153,7 @@ class WeightEditHandle(EditHandle):
             if name not in params or tuple(params[name].shape) != tuple(value.shape):
                 raise EditmemError(f"{path}: the saved edit touches {name!r}, which this model does not have "
                                    "in that shape; it was made for another model")
-        handle = cls(model, blob["state"]["originals"], blob["state"]["edited"])
+        handle = cls._from_state(model, blob["state"])
         if apply:
             handle.reapply()
         return handle

@@ -173,10 +173,12 @@ class StoredWeights:
                 live[name].copy_(value)
 
     # --- writing ------------------------------------------------------------------------------------------------
-    def apply(self, edit_ids: Sequence[int], method: str, **overrides: Any) -> Any:
+    def apply(self, edit_ids: Sequence[int], method: str, *, editor: Any = None, **overrides: Any) -> Any:
         """Write the current versions of ``edit_ids`` into the weights with editor ``method`` (``overrides`` adjust
         its settings) in one editor call, record the deltas in the store, and return the :class:`WeightRecord`.
-        The store is written before the model: if recording fails, the model is unchanged."""
+        The store is written before the model: if recording fails, the model is unchanged. ``editor``: an editor
+        for ``method`` built with ``overrides`` to use instead of a new one (:meth:`consolidate` passes one for all
+        its batches, so an editor that keeps state between edits, AlphaEdit's earlier keys, keeps it)."""
         if self.tokenizer is None:
             raise ValidationError("applying a weight edit needs the model's tokenizer")
         records = [self.mem.get(i) for i in edit_ids]
@@ -184,15 +186,16 @@ class StoredWeights:
             if rec.deleted:
                 raise NotFoundError(f"edit {rec.id} is deleted")
         requests = [r.request() for r in records]
-        editor = get_editor(method, self.model, self.tokenizer, **overrides)
+        if editor is None:
+            editor = get_editor(method, self.model, self.tokenizer, **overrides)
         handle = editor.apply(requests)
         if not isinstance(handle, WeightEditHandle):
             handle.restore()
             raise ValidationError(f"{method} is not a weight editor: only editors that change the weights "
-                                  "(rome, memit, ft) can be recorded or consolidated")
+                                  "(rome, memit, alphaedit, ft) can be recorded or consolidated")
         originals = {k: v for k, v in handle.originals.items()}
         deltas = {k: handle.edited[k].to(originals[k].dtype) - originals[k] for k in originals}
-        handle.restore()
+        handle.release()
         bases = {k: _pack({"value": v}) for k, v in originals.items()}
         record = self.mem.attach_weights(self.record.id, method, [(r.id, r.version) for r in records],
                                          sorted(deltas), _pack(deltas), bases=bases, settings=overrides)
@@ -274,7 +277,7 @@ class StoredWeights:
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                        or batch_size < 1):
             raise ValidationError(f"batch size must be a positive integer, got {batch_size!r}")
-        get_editor(method, self.model, self.tokenizer, **overrides)  # unknown method or setting: fail before work
+        editor = get_editor(method, self.model, self.tokenizer, **overrides)  # a bad method or setting fails here
         todo = self.pending()
         if not todo:
             raise ValidationError(f"no edits to consolidate: the store {self.mem.url} has no live edit that "
@@ -288,7 +291,7 @@ class StoredWeights:
         with tqdm(total=len(todo), desc=f"consolidating ({method})", unit="edit", disable=not progress) as bar:
             for start in range(0, len(todo), size):
                 batch = todo[start:start + size]
-                written.append(self.apply([r.id for r in batch], method, **overrides))
+                written.append(self.apply([r.id for r in batch], method, editor=editor, **overrides))
                 bar.update(len(batch))
         return written
 

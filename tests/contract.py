@@ -74,7 +74,7 @@ def check_editor_contract(name: str, model: torch.nn.Module, tok: Any, tmp_path:
     assert same_weights(model, original)
 
     if isinstance(handle, WeightEditHandle):
-        loaded = WeightEditHandle.load(path, model)
+        loaded = type(handle).load(path, model)
         assert same_weights(model, edited), f"{name}: a reloaded handle does not re-apply the same weights"
         loaded.restore()
         assert same_weights(model, original)

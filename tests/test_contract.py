@@ -47,6 +47,9 @@ def _mend_checkpoint(arch: str, folder: str) -> str:
 SETUPS: dict[str, Callable[[str, Path], dict[str, Any]]] = {
     "rome": lambda arch, tmp: dict(_LOCATE),
     "memit": lambda arch, tmp: {**_LOCATE, "mom2_update_weight": 1.0},
+    # identity statistics: every direction is below the threshold, so P = I and l2 plays MEMIT's lambda
+    "alphaedit": lambda arch, tmp: {**_LOCATE, "nullspace_threshold": 1e9, "l2": 1.0},
+    "grace": lambda arch, tmp: {"v_steps": 10, "clamp_norm_factor": 1000.0},
     "serac": lambda arch, tmp: {"scope": "cosine", "encoder": "hashing-256", "threshold": 0.8},
     "ike": lambda arch, tmp: _demo_pool(tmp),
     "mend": lambda arch, tmp: {"checkpoint": _mend_checkpoint(arch, str(tmp.parent.parent / "mend-contract"))},

@@ -20,6 +20,7 @@ TINY = {"rome": dict(clamp_norm_factor=1000.0, v_weight_decay=0.0, n_prefixes=2,
         "memit": dict(clamp_norm_factor=1000.0, v_weight_decay=0.0, n_prefixes=2, prefix_tokens=4, v_steps=10,
                       mom2_update_weight=1.0),
         "ft": dict(steps=5, norm_constraint=None, lr=1e-2)}
+TINY["alphaedit"] = dict(TINY["memit"], nullspace_threshold=1e9, l2=1.0)
 FACTS = [("The capital city of France", "Rome", "France"),
          ("The mother tongue of Danielle Darrieux", "English", "Danielle Darrieux"),
          ("Toko Yasuda plays the", "piano", "Toko Yasuda")]
@@ -148,7 +149,7 @@ def test_weight_tables_are_added_to_an_older_store(store_url):
         assert m.add_weight_model("fp", "base").id == 1
 
 
-@pytest.mark.parametrize("method,batch", [("memit", "2"), ("rome", "1")])
+@pytest.mark.parametrize("method,batch", [("memit", "2"), ("rome", "1"), ("alphaedit", "2")])
 def test_cli_consolidate_then_delete_and_rollback(store_url, tmp_path, capsys, method, batch):
     from editors.lm.loading import load_model
 

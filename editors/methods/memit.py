@@ -51,6 +51,7 @@ from editors.base import (
 from editors.lm.architectures import arch_spec, layer_module, num_layers, param_name
 from editors.locate.base import LocateEditor, LocateSettings, as_weight_delta
 from editors.locate.keys import activations_at, encode_row, mlp_keys
+from editors.locate.stats import LayerStats
 from editors.locate.values import optimize_values
 from memory.checks import check_number
 from memory.errors import ValidationError
@@ -159,9 +160,7 @@ class MEMITEditor(LocateEditor):
                                             {"z": (z_module, "output")}, overrides=overrides, stop=z_module)["z"]
                              for i in range(0, len(bare), s.key_batch_rows)]).double()
             resid = (z - now).T / (len(layers) - j)  # (d, n)
-            c = stats[layer].mom2.to(keys.device).double()
-            adj = torch.linalg.solve(s.mom2_update_weight * c + keys @ keys.T, keys)  # (d_in, n)
-            update = resid @ adj.T  # (d_out, d_in)
+            update = self.layer_update(layer, keys, resid, stats[layer])  # (d_out, d_in)
             name = param_name(model, layer, "mlp_out")
             weight = params[name].detach()
             deltas[name] = as_weight_delta(model, update.float()).to(weight.dtype)
@@ -175,6 +174,13 @@ class MEMITEditor(LocateEditor):
         log.info("memit: %d request(s) at layers %s in %.2f s (values %.2f s)", len(requests), list(layers),
                  self.last_stats["seconds"], self.last_stats["value_seconds"])
         return deltas
+
+    def layer_update(self, layer: int, keys: torch.Tensor, resid: torch.Tensor, stats: LayerStats) -> torch.Tensor:
+        """MEMIT's eq. 14 at one window layer: ``R K^T (lambda C + K K^T)^-1`` (float64), keys (d_in, n), residuals
+        (d_out, n). AlphaEdit (:mod:`editors.methods.alphaedit`) overrides this one step."""
+        c = stats.mom2.to(keys.device).double()
+        adj = torch.linalg.solve(self.settings.mom2_update_weight * c + keys @ keys.T, keys)  # (d_in, n)
+        return resid @ adj.T
 
     def _keys(self, layer: int, requests: Sequence[EditRequest], prefixes: Sequence[str],
               overrides: dict[str, torch.Tensor]) -> torch.Tensor:

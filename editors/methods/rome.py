@@ -11,6 +11,14 @@ rank-one change, in closed form (the paper's eq. 2, as its code computes it)::
 so that ``W' k + b = v*`` exactly, while any key ``x`` changes by an amount proportional to ``u . x``, i.e. keys that
 are frequent on ordinary text (large in ``C``) move least. With ``mom2_adjustment=False``, ``C = I``.
 
+Keys (``key_mode``). ROME's code computes ``u`` from the prefix-averaged key ``k*`` but solves the update at the
+bare prompt's key ``k`` (denominator ``u . k``, residual ``v* - W k - b``). Gupta et al. 2024 ("Rebuilding ROME:
+Resolving Model Collapse during Sequential Model Editing", r-ROME) show that this mismatch produces the rare
+"disabling" edits behind ROME's sequential collapse, and fix it by using ``k*`` throughout: ``key_mode="consistent"``
+solves at the prefix-averaged key and output (the output is linear in the key, so the mean output is ``W k* + b``).
+With ``n_prefixes=0`` the two keys coincide and so do the two modes. The default stays ``original`` (see
+BENCHMARKS.md for the short sequential comparison that was measured).
+
 Several requests in one ``apply`` are edited one after another (ROME is a single-fact method, as in EasyEdit): each is
 computed against the model with the previous ones' updates substituted (never written), and the deltas add up.
 
@@ -55,7 +63,7 @@ from editors.lm.architectures import (
     param_name,
 )
 from editors.locate.base import LocateEditor, LocateSettings, as_weight_delta
-from editors.locate.keys import activations_at, encode_row, mlp_keys
+from editors.locate.keys import activations_at, encode_row, key_rows, mlp_keys
 from editors.locate.values import optimize_value
 from memory.errors import ValidationError
 
@@ -63,6 +71,9 @@ log = logging.getLogger(__name__)
 
 # Fraction of the depth ROME edits by default (see the module docstring).
 DEFAULT_LAYER_FRACTION = 4 / 30
+
+# Which key the update's denominator and residual use (see the module docstring).
+KEY_MODES = ("original", "consistent")
 
 
 def rome_default_layer(model: torch.nn.Module) -> int:
@@ -75,8 +86,11 @@ class ROMESettings(LocateSettings, EditorSettings):
     """Settings of :class:`ROMEEditor`; see the module docstring for the defaults."""
 
     layer: int | None = None  # None: rome_default_layer(model)
+    key_mode: str = "original"  # "original" (ROME's code) or "consistent" (r-ROME); see the module docstring
 
     def __post_init__(self) -> None:
+        if self.key_mode not in KEY_MODES:
+            raise ValidationError(f"ROME setting key_mode must be one of {', '.join(KEY_MODES)}, not {self.key_mode!r}")
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)
                                        or self.layer < 0):
             raise ValidationError(f"ROME setting layer must be a layer index >= 0 or None, not {self.layer!r}")
@@ -127,10 +141,7 @@ class ROMEEditor(LocateEditor):
             u = c_inv @ k_avg
             u = u / u.norm()
             value = optimize_value(model, tok, request, prefixes, module, options, overrides=overrides)
-            row = encode_row(tok, "", request.prompt, request.subject)
-            now = activations_at(model, tok, [row], {"k": (module, "input"), "v": (module, "output")},
-                                 overrides=overrides, stop=module)
-            k, v = now["k"][0].double(), now["v"][0].double()
+            k, v = self._key_and_output(request, prefixes, module, overrides)
             target = (value.v0 + value.delta).double()
             right = (target - v) / (k @ u)
             total += as_weight_delta(model, torch.outer(right, u).float())
@@ -145,6 +156,18 @@ class ROMEEditor(LocateEditor):
                  self.last_stats["seconds"], self.last_stats["value_steps"],
                  ", ".join(f"{a:.3f}->{b:.3f}" for a, b, _ in probs))
         return {name: total.to(weight.dtype)}
+
+    def _key_and_output(self, request: EditRequest, prefixes: Sequence[str], module: torch.nn.Module,
+                        overrides: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key ``k`` and the output ``W k + b`` the update is solved at: the bare prompt's (``original``) or their
+        mean over the context prefixes (``consistent``, r-ROME: the same key ``u`` is computed from)."""
+        if self.settings.key_mode == "consistent":
+            rows = key_rows(self.tokenizer, request.prompt, request.subject, prefixes)
+        else:
+            rows = [encode_row(self.tokenizer, "", request.prompt, request.subject)]
+        now = activations_at(self.model, self.tokenizer, rows, {"k": (module, "input"), "v": (module, "output")},
+                             overrides=overrides, stop=module)
+        return now["k"].mean(0).double(), now["v"].mean(0).double()
 
     def apply(self, requests: Sequence[EditRequest]) -> WeightEditHandle:
         return WeightEditHandle.add_deltas(self.model, self.compute(requests))

@@ -1,0 +1,277 @@
+"""``grace``: a codebook adaptor at one layer (Hartvigsen et al. NeurIPS 2023, "Aging with GRACE: Lifelong Model
+Editing with Discrete Key-Value Adaptors").
+
+The weights are never changed. A forward hook on one layer's MLP output projection (``mlp_out`` of
+:mod:`editors.lm.architectures`) holds a codebook of entries ``(key, value, radius)``:
+
+- the **key** of an edit is the projection's input at the prompt's last token (the bare prompt);
+- its **value** replaces the projection's output there: ``v0 + delta`` with ``delta`` optimised as ROME optimises its
+  value (:func:`editors.locate.values.optimize_value`, at the prompt's last token, no context prefixes, no KL term
+  by default), so the edited model says the new target after the prompt;
+- at every position of every forward pass, the input's nearest key (Euclidean) decides: within that entry's
+  **radius** the output there is replaced by its value; outside every radius the layer's output is returned as it
+  was (the hook returns nothing, so the outputs are bit-identical to the base model's).
+
+A new edit's radius is ``epsilon * ||key||`` (``epsilon`` relative, so one setting fits any key scale). As in GRACE,
+an edit whose key falls near an existing entry (the two balls overlap) either extends that entry's radius to cover
+it (same target) or splits the two (different target: both radii become half their distance); an edit whose key is
+the same as an entry's (distance at most ``same_key`` times its norm: the same prompt again) updates that entry's
+value. :class:`GraceHandle` records what its edit did (entries added, values replaced, radii changed) and
+``restore()`` undoes it exactly (in reverse order of the edits, which is how the harness restores); when the codebook
+is empty the hook is removed, so the model is the base model again.
+
+Defaults: the layer at 85% of the depth (SmolLM2-135M: 25 of 30; GRACE edits a late layer, e.g. EasyEdit's 27 of
+32 for Llama-2-7B), ``epsilon`` 0.1, value optimisation lr 0.5, 25 passes, clamp factor 4, no weight decay, stop
+below loss 0.05.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from editors.base import EditHandle, Editor, EditorSettings, EditRequest, check_requests, register_editor
+from editors.lm.architectures import arch_spec, check_layer, layer_module, num_layers
+from editors.locate.keys import activations_at, encode_row
+from editors.locate.values import ValueOptions, optimize_value
+from memory.checks import check_number
+from memory.errors import EditmemError, ValidationError
+
+DEFAULT_LAYER_FRACTION = 0.85
+
+
+def grace_default_layer(model: torch.nn.Module) -> int:
+    """``round(num_layers * 0.85)``, at most the last layer (SmolLM2-135M: 25; a 4-layer test model: 3)."""
+    n = num_layers(model)
+    return min(n - 1, round(n * DEFAULT_LAYER_FRACTION))
+
+
+@dataclass(frozen=True)
+class GraceSettings(EditorSettings):
+    layer: int | None = None  # None: grace_default_layer(model)
+    epsilon: float = 0.1
+    same_key: float = 1e-4
+    v_lr: float = 0.5
+    v_steps: int = 25
+    v_weight_decay: float = 0.0
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0
+    early_stop_loss: float | None = 0.05
+
+    def __post_init__(self) -> None:
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)
+                                       or self.layer < 0):
+            raise ValidationError(f"GRACE setting layer must be a layer index >= 0 or None, not {self.layer!r}")
+        check_number("GRACE", "epsilon", self.epsilon)
+        check_number("GRACE", "same_key", self.same_key, strict=False)
+        check_number("GRACE", "v_lr", self.v_lr)
+        check_number("GRACE", "v_steps", self.v_steps, integer=True)
+        check_number("GRACE", "v_weight_decay", self.v_weight_decay, strict=False)
+        check_number("GRACE", "clamp_norm_factor", self.clamp_norm_factor)
+        check_number("GRACE", "kl_factor", self.kl_factor, strict=False)
+        if self.early_stop_loss is not None:
+            check_number("GRACE", "early_stop_loss", self.early_stop_loss)
+
+    def value_options(self) -> ValueOptions:
+        return ValueOptions(lr=self.v_lr, steps=self.v_steps, weight_decay=self.v_weight_decay,
+                            clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor,
+                            early_stop_loss=self.early_stop_loss)
+
+
+@dataclass
+class Entry:
+    """One codebook entry (``key`` (d_in,), ``value`` (d_out,), both float32 on the CPU)."""
+
+    id: int
+    key: torch.Tensor
+    value: torch.Tensor
+    radius: float
+    label: str
+
+    def state(self) -> dict[str, Any]:
+        return {"id": self.id, "key": self.key, "value": self.value, "radius": self.radius, "label": self.label}
+
+    @classmethod
+    def from_state(cls, s: dict[str, Any]) -> Entry:
+        return cls(int(s["id"]), s["key"], s["value"], float(s["radius"]), str(s["label"]))
+
+
+class Codebook:
+    """The entries and the forward hook on the layer's MLP output projection (present only while not empty)."""
+
+    def __init__(self, model: torch.nn.Module, layer: int):
+        self.model, self.layer = model, layer
+        self.module = layer_module(model, layer, "mlp_out")
+        self.entries: dict[int, Entry] = {}
+        self._ids = itertools.count()
+        self._hook: Any = None
+        self._tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.enabled = True
+
+    def new_id(self) -> int:
+        return next(self._ids)
+
+    def changed(self) -> None:
+        self._tensors = None
+        if self.entries and self._hook is None:
+            self._hook = self.module.register_forward_hook(self._forward)
+        elif not self.entries and self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def nearest(self, key: torch.Tensor) -> tuple[Entry, float] | None:
+        if not self.entries:
+            return None
+        entry = min(self.entries.values(), key=lambda e: float((e.key - key).norm()))
+        return entry, float((entry.key - key).norm())
+
+    def _stacked(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._tensors is None or self._tensors[0].device != device:
+            entries = list(self.entries.values())
+            self._tensors = (torch.stack([e.key for e in entries]).to(device),
+                             torch.stack([e.value for e in entries]).to(device),
+                             torch.tensor([e.radius for e in entries], dtype=torch.float32, device=device))
+        return self._tensors
+
+    def _forward(self, _module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        if not self.enabled or not self.entries or not isinstance(output, torch.Tensor) or not args:
+            return None
+        x = args[0]
+        keys, values, radii = self._stacked(x.device)
+        flat = x.reshape(-1, x.shape[-1]).float()
+        dist = torch.cdist(flat, keys)  # (B*T, m)
+        best, which = dist.min(dim=1)
+        hit = best <= radii[which]
+        if not bool(hit.any()):
+            return None  # outside every radius: the layer's own output, untouched
+        out = output.reshape(-1, output.shape[-1]).clone()
+        out[hit] = values[which[hit]].to(out.dtype)
+        return out.view_as(output)
+
+
+@dataclass
+class GraceHandle(EditHandle):
+    """What one GRACE ``apply`` did to the codebook, in order: ``("add", entry)``, ``("value", entry id, old value,
+    old label)``, ``("radius", entry id, old radius)``; ``restore()`` undoes it in reverse."""
+
+    codebook: Codebook
+    ops: list[tuple[Any, ...]] = field(default_factory=list)
+    applied: bool = True
+
+    def restore(self) -> None:
+        if not self.applied:
+            return
+        book = self.codebook
+        for op in reversed(self.ops):
+            if op[0] == "add":
+                book.entries.pop(op[1].id, None)
+            elif op[0] == "value" and op[1] in book.entries:
+                book.entries[op[1]].value, book.entries[op[1]].label = op[2], op[3]
+            elif op[0] == "radius" and op[1] in book.entries:
+                book.entries[op[1]].radius = op[2]
+        book.changed()
+        self.applied = False
+
+    def entries(self) -> list[Entry]:
+        """The entries this edit added or changed, as they are now."""
+        ids = [op[1].id if op[0] == "add" else op[1] for op in self.ops]
+        return [self.codebook.entries[i] for i in dict.fromkeys(ids) if i in self.codebook.entries]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"layer": self.codebook.layer, "entries": [e.state() for e in self.entries()]}
+
+    @classmethod
+    def load(cls, path: str | Path, editor: GraceEditor) -> GraceHandle:
+        """Write a saved edit's entries into ``editor``'s codebook again (as new entries or updates of the same ids
+        missing there); returns the handle undoing that."""
+        blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+        if blob.get("kind") != cls.__name__:
+            raise EditmemError(f"{path}: not a saved GRACE edit (kind {blob.get('kind')!r})")
+        book = editor.codebook()
+        if int(blob["state"]["layer"]) != book.layer:
+            raise EditmemError(f"{path}: the saved edit is at layer {blob['state']['layer']}, the editor's at "
+                               f"{book.layer}")
+        handle = cls(book)
+        for state in blob["state"]["entries"]:
+            entry = Entry.from_state(state)
+            entry.id = book.new_id()
+            book.entries[entry.id] = entry
+            handle.ops.append(("add", entry))
+        book.changed()
+        return handle
+
+
+@register_editor
+class GraceEditor(Editor):
+    """Edits held in a codebook adaptor at one layer (see the module docstring)."""
+
+    name = "grace"
+    Settings = GraceSettings
+    settings: GraceSettings
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, settings: EditorSettings | None = None):
+        super().__init__(model, tokenizer, settings)
+        arch_spec(model)
+        self._codebook: Codebook | None = None
+        self.last_stats: dict[str, Any] = {}
+
+    @classmethod
+    def default_settings(cls, model: torch.nn.Module) -> GraceSettings:
+        return GraceSettings(layer=grace_default_layer(model))
+
+    def codebook(self) -> Codebook:
+        if self._codebook is None:
+            layer = self.settings.layer if self.settings.layer is not None else grace_default_layer(self.model)
+            self._codebook = Codebook(self.model, check_layer(self.model, layer, self.name))
+        return self._codebook
+
+    def key_value(self, request: EditRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        """The edit's key and the value to put there (the codebook off while they are computed)."""
+        book = self.codebook()
+        at_end = EditRequest(request.prompt, request.target_new, subject=request.prompt)  # key: the last prompt token
+        book.enabled = False
+        try:
+            row = encode_row(self.tokenizer, "", request.prompt, request.prompt)
+            key = activations_at(self.model, self.tokenizer, [row], {"k": (book.module, "input")},
+                                 stop=book.module)["k"][0]
+            result = optimize_value(self.model, self.tokenizer, at_end, ("",), book.module,
+                                    self.settings.value_options())
+        finally:
+            book.enabled = True
+        return key.float().cpu(), (result.v0 + result.delta).detach().float().cpu()
+
+    def apply(self, requests: Sequence[EditRequest]) -> GraceHandle:
+        requests = check_requests(requests, "GRACE")
+        book = self.codebook()
+        handle = GraceHandle(book)
+        for request in requests:
+            key, value = self.key_value(request)
+            self._insert(book, handle, key, value, request.target_new)
+        book.changed()
+        self.last_stats = {"layer": book.layer, "n_entries": len(book.entries), "n_requests": len(requests)}
+        return handle
+
+    def _insert(self, book: Codebook, handle: GraceHandle, key: torch.Tensor, value: torch.Tensor,
+                label: str) -> None:
+        radius = self.settings.epsilon * float(key.norm())
+        found = book.nearest(key)
+        if found is not None:
+            near, dist = found
+            if dist <= self.settings.same_key * float(near.key.norm()):
+                handle.ops.append(("value", near.id, near.value, near.label))
+                near.value, near.label = value, label
+                return
+            if dist <= near.radius + radius:
+                handle.ops.append(("radius", near.id, near.radius))
+                if near.label == label:
+                    near.radius = max(near.radius, dist)
+                    return
+                near.radius, radius = min(near.radius, dist / 2), min(radius, dist / 2)
+        entry = Entry(book.new_id(), key, value, radius, label)
+        book.entries[entry.id] = entry
+        handle.ops.append(("add", entry))

@@ -1,0 +1,227 @@
+"""Lifelong editing pieces on tiny models: r-ROME's consistent key, AlphaEdit's null-space projection and its kept
+keys, GRACE's deferral, update, exact restore and saved handles."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+import pytest
+import torch
+
+from editors import EditRequest, get_editor
+from editors.lm.architectures import layer_module
+from editors.lm.hooks import capture, forward
+from editors.lm.tokens import encode_prompt
+from editors.locate.stats import mlp_key_stats
+from editors.methods.alphaedit import AlphaEditHandle
+from editors.methods.grace import GraceHandle
+from tests.tiny import same_weights, snapshot, target_logprobs, tiny_model
+
+LOCATE = dict(clamp_norm_factor=1000.0, v_weight_decay=0.0, n_prefixes=2, prefix_tokens=4, v_steps=10)
+FRANCE = EditRequest("The capital city of France", "Rome", subject="France")
+DARRIEUX = EditRequest("The mother tongue of Danielle Darrieux", "English", subject="Danielle Darrieux")
+CORPUS = ["The official language of Germany is German and people there speak it every day.",
+          "Tokyo is a large city in Japan, and the capital city of that country for a long time."]
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDITMEM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("EDITMEM_STATS_CORPUS", raising=False)
+
+
+# --- r-ROME -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_consistent_key_equals_rome_when_the_keys_coincide(arch):
+    model, tok = tiny_model(arch)
+    settings = dict(LOCATE, n_prefixes=0)
+    original = get_editor("rome", model, tok, **settings).compute([FRANCE])
+    consistent = get_editor("rome", model, tok, key_mode="consistent", **settings).compute([FRANCE])
+    assert original.keys() == consistent.keys()
+    for name in original:
+        assert torch.equal(original[name], consistent[name])
+    # with context prefixes the two keys differ, and so do the updates
+    with_prefixes = get_editor("rome", model, tok, key_mode="consistent", **LOCATE).compute([FRANCE])
+    plain = get_editor("rome", model, tok, **LOCATE).compute([FRANCE])
+    assert not all(torch.equal(plain[n], with_prefixes[n]) for n in plain)
+
+
+def test_key_mode_is_validated():
+    from memory.errors import ValidationError
+
+    model, tok = tiny_model("llama")
+    with pytest.raises(ValidationError, match="key_mode"):
+        get_editor("rome", model, tok, key_mode="averaged")
+
+
+# --- AlphaEdit ------------------------------------------------------------------------------------------------------
+def _corpus_keys(model, tok, layers):
+    """The preserved keys: what each layer's MLP output projection sees on the corpus lines (BOS excluded, as the
+    statistics count them), (d_in, n) per layer."""
+    lead = len(encode_prompt(tok, ""))
+    found: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    for line in CORPUS:
+        ids = torch.tensor([encode_prompt(tok, line)])
+        with torch.no_grad(), ExitStack() as stack:
+            caps = {layer: stack.enter_context(capture(layer_module(model, layer, "mlp_out"), "input"))
+                    for layer in layers}
+            forward(model, None, input_ids=ids, use_cache=False)
+        for layer in layers:
+            found[layer].append(caps[layer].last[0, lead:].double())
+    return {layer: torch.cat(found[layer]).T for layer in layers}
+
+
+def _moved(model, deltas, keys, layers):
+    """For each window layer, ``||Delta K_0|| / (||Delta|| ||K_0||)``."""
+    from editors.lm.architectures import param_name
+    from editors.locate.base import as_weight_delta
+
+    out = {}
+    for layer in layers:
+        delta = as_weight_delta(model, deltas[param_name(model, layer, "mlp_out")].double())  # back to (out, in)
+        out[layer] = float((delta @ keys[layer]).norm() / (delta.norm() * keys[layer].norm()))
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_projection_leaves_preserved_keys_unchanged(arch, tmp_path):
+    model, tok = tiny_model(arch)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS), encoding="utf-8")
+    memit = get_editor("memit", model, tok, **LOCATE, mom2_update_weight=1.0, mom2_adjustment=False)
+    layers = memit.edit_layers()
+    stats = mlp_key_stats(model, tok, layers, corpus, n_tokens=10_000, seq_len=128, progress=False)
+    # fewer corpus tokens than key dimensions: C is singular and its null space is exactly the directions no
+    # preserved key has; the threshold sits far below the largest eigenvalue and far above float noise
+    top = max(float(torch.linalg.eigvalsh(s.mom2.double()).max()) for s in stats.values())
+    alpha = get_editor("alphaedit", model, tok, **LOCATE, stats_corpus=str(corpus), stats_tokens=10_000,
+                       nullspace_threshold=1e-5 * top, l2=1e-3)
+    original = snapshot(model)
+    deltas = alpha.compute([FRANCE, DARRIEUX])
+    assert same_weights(model, original)
+    kept = alpha.last_stats["null_dims"]
+    assert all(0 < kept[layer] < stats[layer].mom2.shape[0] for layer in layers)
+    keys = _corpus_keys(model, tok, layers)
+    moved = _moved(model, deltas, keys, layers)
+    assert max(moved.values()) < 1e-4, moved
+    baseline = _moved(model, memit.compute([FRANCE, DARRIEUX]), keys, layers)
+    assert min(baseline.values()) > 1e-2, baseline  # an update not constrained by C does move them
+
+    before = target_logprobs(model, tok, [FRANCE, DARRIEUX])
+    handle = alpha.apply([FRANCE, DARRIEUX])
+    assert (target_logprobs(model, tok, [FRANCE, DARRIEUX]) > before).all()
+    handle.restore()
+    assert same_weights(model, original)
+    # the projection is cached beside the statistics
+    assert list((tmp_path / "cache").rglob("*-null*.pt"))
+
+
+def test_alphaedit_keeps_earlier_keys(tmp_path):
+    model, tok = tiny_model("llama")
+    editor = get_editor("alphaedit", model, tok, **LOCATE, nullspace_threshold=1e9, l2=1.0)
+    original = snapshot(model)
+    first = editor.apply([FRANCE])
+    assert isinstance(first, AlphaEditHandle) and len(editor._blocks) == 1
+    layer = editor.edit_layers()[0]
+    k = first.blocks[0].keys[layer].double()
+    assert torch.allclose(editor.previous_keys(layer, k.shape[0]), k @ k.T)
+    second = editor.apply([DARRIEUX])
+    assert len(editor._blocks) == 2
+    both = editor.previous_keys(layer, k.shape[0])
+    k2 = second.blocks[0].keys[layer].double()
+    assert torch.allclose(both, k @ k.T + k2 @ k2.T)
+
+    path = tmp_path / "second.pt"
+    second.save(path)
+    second.restore()
+    assert len(editor._blocks) == 1 and torch.allclose(editor.previous_keys(layer, k.shape[0]), k @ k.T)
+    first.absorb(AlphaEditHandle.load(path, model))  # keys travel with the saved handle
+    assert len(first.blocks) == 2
+    first.restore()
+    assert same_weights(model, original) and editor._blocks == []
+
+
+# --- GRACE ----------------------------------------------------------------------------------------------------------
+def _logits(model, tok, text):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([encode_prompt(tok, text)])).logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_grace_defers_outside_every_radius_and_restores_exactly(arch):
+    model, tok = tiny_model(arch)
+    original = snapshot(model)
+    other = "Tokyo is a large city in"
+    base_other, base_edit = _logits(model, tok, other), _logits(model, tok, FRANCE.prompt)
+    editor = get_editor("grace", model, tok, v_steps=10, clamp_norm_factor=1000.0)
+    module = editor.codebook().module
+    handle = editor.apply([FRANCE])
+    assert isinstance(handle, GraceHandle) and len(module._forward_hooks) == 1
+    assert torch.equal(_logits(model, tok, other), base_other)  # bit-identical: deferred to the base layer
+    assert not torch.equal(_logits(model, tok, FRANCE.prompt), base_edit)
+    assert same_weights(model, original)
+    handle.restore()
+    assert len(module._forward_hooks) == 0 and same_weights(model, original)
+    assert torch.equal(_logits(model, tok, FRANCE.prompt), base_edit)
+
+
+def test_grace_update_and_saved_handle(tmp_path):
+    model, tok = tiny_model("llama")
+    editor = get_editor("grace", model, tok, v_steps=10, clamp_norm_factor=1000.0)
+    first = editor.apply([FRANCE])
+    book = editor.codebook()
+    (entry,) = book.entries.values()
+    old_value = entry.value.clone()
+    again = EditRequest(FRANCE.prompt, "Berlin", subject=FRANCE.subject)
+    second = editor.apply([again])
+    assert len(book.entries) == 1 and entry.label == "Berlin" and not torch.equal(entry.value, old_value)
+    second.restore()
+    assert entry.label == "Rome" and torch.equal(entry.value, old_value)
+
+    edited = target_logprobs(model, tok, [FRANCE])
+    path = tmp_path / "grace.pt"
+    first.save(path)
+    first.restore()
+    assert not book.entries
+    fresh = get_editor("grace", model, tok, v_steps=10, clamp_norm_factor=1000.0)
+    loaded = GraceHandle.load(path, fresh)
+    assert torch.equal(target_logprobs(model, tok, [FRANCE]), edited)
+    loaded.restore()
+    assert not fresh.codebook().entries and not fresh.codebook().module._forward_hooks
+
+
+def test_grace_splits_conflicting_neighbours():
+    model, tok = tiny_model("llama")
+    editor = get_editor("grace", model, tok, v_steps=2, clamp_norm_factor=1000.0, epsilon=10.0)
+    editor.apply([FRANCE])
+    handle = editor.apply([DARRIEUX])  # huge radii overlap, different targets: both shrink to half the distance
+    book = editor.codebook()
+    a, b = book.entries.values()
+    dist = float((a.key - b.key).norm())
+    assert a.radius == pytest.approx(dist / 2) and b.radius == pytest.approx(dist / 2)
+    handle.restore()
+    (only,) = book.entries.values()
+    assert only.radius == pytest.approx(10.0 * float(only.key.norm()))
+
+
+def test_consolidation_keeps_alphaedit_keys_across_batches(tmp_path, monkeypatch):
+    from editors.methods.alphaedit import AlphaEditEditor
+    from editors.weights import StoredWeights
+    from tests.test_store_fixtures import open_store
+
+    seen: list[int] = []
+    compute = AlphaEditEditor.compute
+
+    def spy(self, requests):
+        seen.append(len(self._blocks))  # earlier batches' keys the editor holds when it computes this one
+        return compute(self, requests)
+
+    monkeypatch.setattr(AlphaEditEditor, "compute", spy)
+    model, tok = tiny_model("llama")
+    with open_store(f"sqlite:///{tmp_path / 'store.db'}") as mem:
+        for request in (FRANCE, DARRIEUX):
+            mem.add(request.prompt, request.target_new, subject=request.subject)
+        stored = StoredWeights.open(mem, model, tok, base="tiny")
+        records = stored.consolidate("alphaedit", batch_size=1, **LOCATE, nullspace_threshold=1e9, l2=1.0)
+        assert len(records) == 2 and seen == [0, 1]
+        stored.verify()  # the model holds exactly base + the recorded deltas
