@@ -45,7 +45,7 @@ def changes_since(memory: Any, since: int = 0, limit: int = 1000) -> list[Change
             raise ValidationError(f"{name} must be an integer >= {low}, got {value!r}")
     query = (select(changes.c.seq, changes.c.op, edits.c.edit_id, edits.c.version, edits.c.deleted)
              .join(edits, edits.c.row_id == changes.c.row_id)
-             .where(changes.c.seq > since).order_by(changes.c.seq, changes.c.row_id).limit(limit))
+             .where(changes.c.seq > since, changes.c.namespace == memory.namespace).order_by(changes.c.seq, changes.c.row_id).limit(limit))
     with memory._read() as conn:
         return [Change(int(s), str(op), int(e), int(v), bool(d)) for s, op, e, v, d in conn.execute(query)]
 
@@ -61,9 +61,10 @@ def index_lag(memory: Any) -> int:
 def catch_up(memory: Any) -> int:
     """Bring this process's index up to the store's change counter now (rather than before the next search) and
     return the change number it reflects."""
-    with memory._lock:
-        memory._sync()
-        return int(memory._vector_index().seq)
+    sync = memory._index_sync
+    with sync.lock:
+        sync.catch_up()
+        return int(sync.index.seq)
 
 
 def records_at(memory: Any, change: int | None = None, when: datetime | None = None) -> list[EditRecord]:
@@ -78,12 +79,14 @@ def records_at(memory: Any, change: int | None = None, when: datetime | None = N
             raise ValidationError(f"as_of must be a change number >= 0 or an ISO time, got {change!r}")
         added = select(changes.c.row_id).where(changes.c.op == OP_ADD, changes.c.seq <= change)
         removed = select(changes.c.row_id).where(changes.c.op != OP_ADD, changes.c.seq <= change)
-        query = select(edits).where(edits.c.row_id.in_(added), edits.c.row_id.not_in(removed))
+        query = select(edits).where(edits.c.row_id.in_(added), edits.c.row_id.not_in(removed),
+                                    edits.c.namespace == memory.namespace)
     else:
         assert when is not None
         if when.tzinfo is None:
             raise ValidationError("as_of times need a timezone (e.g. 2026-01-01T12:00:00Z)")
-        query = select(edits).where(edits.c.valid_from <= when, edits.c.deleted.is_(False),
+        query = select(edits).where(edits.c.namespace == memory.namespace, edits.c.valid_from <= when,
+                                    edits.c.deleted.is_(False),
                                     (edits.c.valid_to.is_(None)) | (edits.c.valid_to > when))
     with memory._read() as conn:
         return [_record(r) for r in conn.execute(query.order_by(edits.c.edit_id))]
