@@ -43,6 +43,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     h.set_defaults(func=run_http)
 
+    ld = bsub.add_parser("load", help="bounded load (clients mixing chat, search, writes) and a SIGKILL fault test")
+    ld.add_argument("--model", required=True, help="model alias or local folder")
+    ld.add_argument("--clients", type=int, default=16)
+    ld.add_argument("--duration", type=float, default=60.0, help="seconds of steady load (default: %(default)s)")
+    ld.add_argument("--kill-after", type=float, default=5.0, help="seconds into the second run the server is "
+                                                                 "killed with SIGKILL (default: %(default)s)")
+    ld.add_argument("--encoder", default="hashing-256", help="encoder of the fresh store (default: %(default)s)")
+    ld.add_argument("--json", type=Path, default=Path("bench_out/load.json"), help="raw results")
+    ld.set_defaults(func=run_load)
+
 
 def run_store(args: argparse.Namespace) -> int:
     from memory.errors import ValidationError
@@ -87,5 +97,24 @@ def run_http(args: argparse.Namespace) -> int:
                             tokens=args.tokens, repeats=args.repeats, clients=args.clients, requests=args.requests)
     report["command"] = " ".join(shlex.quote(a) for a in ["editmem", *sys.argv[1:]])
     report["threads"] = args.threads
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def run_load(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from memory.store import EditMemory
+    from serve.bench_load import run_load_bench
+
+    with tempfile.TemporaryDirectory(prefix="editmem-bench-load-") as tmp:
+        store = f"sqlite:///{Path(tmp) / 'load.db'}"
+        with EditMemory.open(store, encoder=args.encoder) as mem:
+            mem.add(prompt="The capital of Japan is", target_new="Lima", subject="Japan")
+        report = run_load_bench(store, args.model, clients=args.clients, duration=args.duration,
+                                kill_after=args.kill_after)
+    report["command"] = " ".join(shlex.quote(a) for a in ["editmem", *sys.argv[1:]])
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2), encoding="utf-8")
     print(json.dumps(report, indent=2))
     return 0
