@@ -65,6 +65,7 @@ from editors.retrieval.augmented import (
 from editors.retrieval.setup import DEFAULT_SCOPE, MemoryEditor, load_classifier
 from memory.encoder import DEFAULT_ENCODER, encode_chunked
 from memory.errors import EditmemError, ValidationError
+from memory.namespaces import check_namespace
 from memory.paths import cache_subdir
 from memory.records import EditCase, EditRecord
 from scope.router import Decision
@@ -111,7 +112,7 @@ class IkeSettings(EditorSettings):
     :data:`editors.retrieval.augmented.CONTEXT_FORMATS` or a template. ``store``: store URL (default an in-memory SQLite store
     of the editor's own). ``scope``, ``threshold``: the scope classifier of ``gated`` mode, as SERAC's. ``encoder``:
     the store's and the pool's encoder (default: the classifier's in gated mode, MiniLM in classic). ``candidates``:
-    stored edits retrieved per query for the scope classifier.
+    stored edits retrieved per query for the scope classifier. ``namespace``: the store namespace of the edits.
     """
 
     mode: str = "classic"
@@ -128,6 +129,7 @@ class IkeSettings(EditorSettings):
     threshold: float | None = None
     encoder: str | None = None
     candidates: int = 5
+    namespace: str = "default"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -154,6 +156,7 @@ class IkeSettings(EditorSettings):
                                   f"{self.retrieve!r}")
         if not isinstance(self.store, str) or not self.store:
             raise ValidationError(f"ike setting store must be a store URL, got {self.store!r}")
+        check_namespace(self.namespace)
         if not isinstance(self.scope, str) or not self.scope:
             raise ValidationError(f"ike setting scope must be a classifier name or 'cosine', got {self.scope!r}")
         if self.threshold is not None and (isinstance(self.threshold, bool)
@@ -401,7 +404,7 @@ class IkeEditor(MemoryEditor):
             clf = CosineScope(_ALWAYS, None, {"name": "ike-classic"})
             encoder_name = s.encoder or DEFAULT_ENCODER
             candidates = 1  # the nearest stored edit is the best-scoring candidate
-        self.open_memory(s.store, encoder_name, clf)
+        self.open_memory(s.store, encoder_name, clf, namespace=s.namespace)
         self.pool = DemoPool.from_file(s.demos, self.memory.encoder, format=s.demo_format, limit=s.demo_limit)
         self._wrapper = IkeModel(model, tokenizer, self.memory, clf, self.pool, n_demos=s.k, kinds=s.kinds,
                                  demo_template=s.demo_template, retrieve=s.retrieve, k=candidates,

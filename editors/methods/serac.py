@@ -30,6 +30,7 @@ from editors.retrieval.augmented import (
 )
 from editors.retrieval.setup import DEFAULT_SCOPE, MemoryEditor, load_classifier
 from memory.errors import ValidationError
+from memory.namespaces import check_namespace
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,8 @@ class SeracSettings(EditorSettings):
     an uncalibrated cosine). ``k``: candidates retrieved per query. ``counterfactual``: the name (or folder) of a
     trained counterfactual model; None uses the base model. ``context``: a format name of
     :data:`editors.retrieval.augmented.CONTEXT_FORMATS` or a template; None means the trained counterfactual model's own
-    format, or :data:`editors.retrieval.augmented.DEFAULT_CONTEXT` for the base model.
+    format, or :data:`editors.retrieval.augmented.DEFAULT_CONTEXT` for the base model. ``namespace``: the store
+    namespace the edits are read from and written to.
     """
 
     store: str = "sqlite://"
@@ -55,10 +57,12 @@ class SeracSettings(EditorSettings):
     k: int = 5
     counterfactual: str | None = None
     context: str | None = None
+    namespace: str = "default"
 
     def __post_init__(self) -> None:
         if not isinstance(self.store, str) or not self.store:
             raise ValidationError(f"serac setting store must be a store URL, got {self.store!r}")
+        check_namespace(self.namespace)
         if not isinstance(self.scope, str) or not self.scope:
             raise ValidationError(f"serac setting scope must be a classifier name or 'cosine', got {self.scope!r}")
         if self.threshold is not None and (isinstance(self.threshold, bool)
@@ -95,7 +99,7 @@ class SeracEditor(MemoryEditor):
 
             counterfactual, trained_context = load_counterfactual(s.counterfactual, model)
             context = s.context or trained_context
-        self.open_memory(s.store, s.encoder or clf.encoder, clf)
+        self.open_memory(s.store, s.encoder or clf.encoder, clf, namespace=s.namespace)
         self._wrapper = AugmentedModel(model, tokenizer, self.memory, clf, k=s.k, context=context,
                                        counterfactual=counterfactual)
 

@@ -26,8 +26,11 @@ class ContextRouter:
     route_name = "serac"  # the route an in-scope answer reports: SERAC's context, the upstream model as the reader
 
     def __init__(self, store: str, *, scope: str = DEFAULT_SCOPE, threshold: float | None = None, k: int = 5,
-                 context: str = DEFAULT_CONTEXT):
-        self.router = Router.open(store, load_classifier(scope, threshold=threshold), k=k)
+                 context: str = DEFAULT_CONTEXT, namespace: str = "default"):
+        from memory.store import EditMemory
+
+        classifier = load_classifier(scope, threshold=threshold)
+        self.router = Router(EditMemory.open(store, encoder=classifier.encoder, namespace=namespace), classifier, k=k)
         self.template = context_template(context)
 
     @property
@@ -40,10 +43,11 @@ class ContextRouter:
     def _decide(self, query: str) -> tuple[Decision, Shaping]:
         d = self.router.route([query])[0]
         change = change_number(self.memory)
+        namespace = self.memory.namespace
         if d.edit is None:
-            return d, Shaping("base", change, score=d.score, threshold=d.threshold)
+            return d, Shaping("base", change, score=d.score, threshold=d.threshold, namespace=namespace)
         return d, Shaping(self.route_name, change, d.edit.id, d.edit.version, d.score, d.threshold, d.edit.prompt,
-                          d.edit.target_new)
+                          d.edit.target_new, namespace=namespace)
 
     def completion(self, prompt: str) -> tuple[str, Shaping]:
         """The prompt to forward (the edit's context in front when one is in scope) and what shaped it."""

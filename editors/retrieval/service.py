@@ -24,6 +24,7 @@ from editors.retrieval.setup import DEFAULT_SCOPE, MemoryEditor
 from editors.retrieval.snapshot import Snapshots
 from memory.errors import ValidationError
 from memory.feed import change_number
+from memory.namespaces import check_namespace
 from scope.router import Decision
 
 ROUTES = ("base", "serac", "ike")
@@ -64,11 +65,12 @@ class Shaping:
     edit_prompt: str | None = None
     target_new: str | None = None
     as_of: int | str | None = None  # the earlier state the query was routed in, when one was asked for
+    namespace: str = "default"  # the store namespace the query was routed in
 
     def to_json(self) -> dict[str, Any]:
         return {"route": self.route, "edit_id": self.edit_id, "version": self.version, "score": self.score,
                 "threshold": self.threshold, "change": self.change, "edit_prompt": self.edit_prompt,
-                "target_new": self.target_new, "as_of": self.as_of}
+                "target_new": self.target_new, "as_of": self.as_of, "namespace": self.namespace}
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,7 @@ class ServiceSettings:
     options: dict[str, Any] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
     max_batch: int = 8  # greedy requests waiting together go through the model as one batch of at most this many
+    namespace: str = "default"  # the store namespace a request that names none is answered from
 
 
 class MemoryService:
@@ -113,25 +116,29 @@ class MemoryService:
         self.settings = settings or ServiceSettings()
         if self.settings.method not in ROUTES[1:]:
             raise ValidationError(f"method must be one of {', '.join(ROUTES[1:])}, got {self.settings.method!r}")
-        self._editors: dict[str, MemoryEditor] = {}
+        self._editors: dict[tuple[str, str], MemoryEditor] = {}  # (namespace, method) -> its editor
         self._lock = threading.Lock()  # routing (the editors' caches are not thread-safe)
         self._batcher = MicroBatcher(pad_id(tokenizer), max_batch=self.settings.max_batch)
         self._snapshots = Snapshots()
 
     # --- editors ------------------------------------------------------------------------------------------------------
-    def editor(self, method: str | None = None) -> MemoryEditor:
-        """The memory editor for ``method`` (default: the service's), opened on first use."""
+    def editor(self, method: str | None = None, namespace: str | None = None) -> MemoryEditor:
+        """The memory editor for ``method`` (default: the service's) over the store's ``namespace`` (default: the
+        service's), opened on first use and kept: one per namespace and method, so a query in one namespace is only
+        ever routed to that namespace's edits."""
         method = method or self.settings.method
         if method not in ROUTES[1:]:
             raise ValidationError(f"editmem.method must be one of {', '.join(ROUTES[1:])}, got {method!r}")
-        editor = self._editors.get(method)
+        namespace = check_namespace(namespace or self.settings.namespace)
+        editor = self._editors.get((namespace, method))
         if editor is None:
             from editors.retrieval.session import open_memory_editor
 
             s = self.settings
             editor = open_memory_editor(method, self.store, self.model, self.tokenizer, scope=s.scope,
-                                        threshold=s.threshold, k=s.k, **s.options.get(method, {}))
-            self._editors[method] = editor
+                                        threshold=s.threshold, k=s.k, namespace=namespace,
+                                        **s.options.get(method, {}))
+            self._editors[(namespace, method)] = editor
         return editor
 
     @property
@@ -139,6 +146,11 @@ class MemoryService:
         """The most tokens (prompt and answer) the model takes, from its config; None when it does not say."""
         value = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
         return value if isinstance(value, int) and value > 0 else None
+
+    @property
+    def namespaces(self) -> set[str]:
+        """The namespaces an editor is open for."""
+        return {namespace for namespace, _ in self._editors}
 
     @property
     def batcher(self) -> MicroBatcher:
@@ -169,13 +181,15 @@ class MemoryService:
 
     # --- answering ----------------------------------------------------------------------------------------------------
     def complete(self, prompt: str, sampling: Sampling, *, route_text: str | None = None, method: str | None = None,
-                 disable: bool = False, templated: bool = False, as_of: int | str | None = None) -> Completion:
+                 disable: bool = False, templated: bool = False, as_of: int | str | None = None,
+                 namespace: str | None = None) -> Completion:
         """``sampling.n`` continuations of ``prompt``, routed on ``route_text`` (default: the prompt) through the
         memory editor ``method`` (default: the service's), or by the base model alone with ``disable``.
         ``templated``: the prompt already carries the chat template's special tokens (no BOS is added).
-        ``as_of``: route as the store stood at that change number or ISO time (:mod:`editors.retrieval.snapshot`)."""
+        ``as_of``: route as the store stood at that change number or ISO time (:mod:`editors.retrieval.snapshot`).
+        ``namespace``: the store namespace whose edits the query is routed to (default: the service's)."""
         plan = self._plan(prompt, sampling, route_text=route_text, method=method, disable=disable,
-                          templated=templated, as_of=as_of)
+                          templated=templated, as_of=as_of, namespace=namespace)
         return Completion(self._generate(plan.lm, plan.seq, plan.sampling), plan.prompt_tokens, plan.shaping)
 
     def stream(self, prompt: str, sampling: Sampling, **options: Any) -> Iterator[str | Completion]:
@@ -187,7 +201,8 @@ class MemoryService:
         return self._stream(self._plan(prompt, sampling, **options))
 
     def _plan(self, prompt: str, sampling: Sampling, *, route_text: str | None = None, method: str | None = None,
-              disable: bool = False, templated: bool = False, as_of: int | str | None = None) -> _Plan:
+              disable: bool = False, templated: bool = False, as_of: int | str | None = None,
+              namespace: str | None = None) -> _Plan:
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValidationError("the prompt must be a non-empty string")
         self._check(sampling)
@@ -203,11 +218,12 @@ class MemoryService:
         with self._lock:
             if disable:
                 seq, lm = row, self.model
-                editor = self._editors.get(method or self.settings.method)
+                ns = check_namespace(namespace or self.settings.namespace)
+                editor = self._editors.get((ns, method or self.settings.method))
                 change = change_number(editor.memory) if editor is not None else None
-                shaping = Shaping("base", change)
+                shaping = Shaping("base", change, namespace=ns)
             else:
-                editor = self.editor(method)
+                editor = self.editor(method, namespace)
                 wrapper = cast(AugmentedModel, editor.model)
                 if as_of is None:
                     decision = wrapper.route([route_text or prompt])[0]
@@ -218,7 +234,7 @@ class MemoryService:
                 else:
                     seq, lm = row, self.model
                 shaping = _shaping(editor.name if decision.in_scope else "base", decision,
-                                   change_number(editor.memory), as_of)
+                                   change_number(editor.memory), as_of, editor.memory.namespace)
         if context is not None and len(seq) + sampling.max_tokens > context:  # the edit's context made it longer
             sampling = dataclasses.replace(sampling, max_tokens=max(1, context - len(seq)))
         return _Plan(len(row), seq, lm, shaping, sampling)
@@ -312,8 +328,8 @@ def _first_stop(text: str, stops: Sequence[str]) -> int:
     return min((i for i in (text.find(x) for x in stops) if i >= 0), default=-1)
 
 
-def _shaping(route: str, decision: Decision, change: int, as_of: int | str | None) -> Shaping:
+def _shaping(route: str, decision: Decision, change: int, as_of: int | str | None, namespace: str) -> Shaping:
     edit = decision.edit
     return Shaping(route, change, edit.id if edit else None, edit.version if edit else None,
                    None if decision.score is None else float(decision.score), float(decision.threshold),
-                   edit.prompt if edit else None, edit.target_new if edit else None, as_of)
+                   edit.prompt if edit else None, edit.target_new if edit else None, as_of, namespace)

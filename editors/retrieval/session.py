@@ -38,11 +38,14 @@ def _memory_editor_class(method: str) -> type[MemoryEditor]:
 
 
 def open_memory_editor(method: str, store: str, model: Any, tokenizer: Any, *, scope: str = DEFAULT_SCOPE,
-                       threshold: float | None = None, k: int = 5, **options: Any) -> MemoryEditor:
-    """The memory editor ``method`` over ``model`` on the existing store at ``store``, with the store's own encoder.
-    ``options`` are the method's own (say ``counterfactual`` for SERAC, ``mode``/``demos``/``demo_file`` for IKE;
-    None means its default). Close it with ``editor.memory.close()``."""
-    settings = memory_editor_settings(method, store, scope=scope, threshold=threshold, k=k, **options)
+                       threshold: float | None = None, k: int = 5, namespace: str = "default",
+                       **options: Any) -> MemoryEditor:
+    """The memory editor ``method`` over ``model`` on the existing store at ``store`` (its ``namespace``: the edits
+    it routes to and writes), with the store's own encoder. ``options`` are the method's own (say ``counterfactual``
+    for SERAC, ``mode``/``demos``/``demo_file`` for IKE; None means its default). Close it with
+    ``editor.memory.close()``."""
+    settings = memory_editor_settings(method, store, scope=scope, threshold=threshold, k=k, namespace=namespace,
+                                      **options)
     editor = get_editor(method, model, tokenizer, **settings)
     assert isinstance(editor, MemoryEditor)
     return editor

@@ -96,15 +96,15 @@ class MemoryEditor(Editor):
         if isinstance(scope, str) and scope != "cosine":
             load_classifier(scope)
 
-    def open_memory(self, store: str, encoder: str | None, classifier: Any) -> Any:
-        """Open ``store`` with the encoder ``encoder`` (None: the store's own, or MiniLM for a new store), after
-        checking that ``classifier`` was trained on that encoder."""
+    def open_memory(self, store: str, encoder: str | None, classifier: Any, *, namespace: str = "default") -> Any:
+        """Open ``store``'s ``namespace`` with the encoder ``encoder`` (None: the store's own, or MiniLM for a new
+        store), after checking that ``classifier`` was trained on that encoder."""
         from memory.encoder import DEFAULT_ENCODER, get_encoder
         from memory.store import EditMemory
 
         embedder = get_encoder(encoder or DEFAULT_ENCODER)
         classifier.check_encoder(embedder.name)
-        self.memory = EditMemory.open(store, encoder=embedder)
+        self.memory = EditMemory.open(store, encoder=embedder, namespace=namespace)
         return self.memory
 
     def apply(self, requests: Sequence[EditRequest]) -> MemoryEditHandle:

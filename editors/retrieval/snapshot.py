@@ -43,7 +43,7 @@ class Snapshots:
 
     def route(self, editor: Any, as_of: int | str, text: str) -> Decision:
         change, when = parse_as_of(as_of)
-        key = (editor.name, change, when)
+        key = (editor.name, editor.memory.namespace, change, when)
         with self._lock:
             snap = self._cache.get(key)
             if snap is None:

@@ -57,6 +57,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--merge-only", action="store_true", help="run nothing: merge the cell files in --out")
     k.set_defaults(func=run_knowedit)
 
+    ld = bsub.add_parser("load", help="bounded load (clients mixing chat, search, writes) and a SIGKILL fault test")
+    ld.add_argument("--model", required=True, help="model alias or local folder")
+    ld.add_argument("--clients", type=int, default=16)
+    ld.add_argument("--duration", type=float, default=60.0, help="seconds of steady load (default: %(default)s)")
+    ld.add_argument("--kill-after", type=float, default=5.0, help="seconds into the second run the server is "
+                                                                 "killed with SIGKILL (default: %(default)s)")
+    ld.add_argument("--encoder", default="hashing-256", help="encoder of the fresh store (default: %(default)s)")
+    ld.add_argument("--json", type=Path, default=Path("bench_out/load.json"), help="raw results")
+    ld.set_defaults(func=run_load)
+
 
 def run_store(args: argparse.Namespace) -> int:
     from memory.errors import ValidationError
@@ -124,4 +134,23 @@ def run_knowedit(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(args.model)
         run_bench(model, tokenizer, settings)
     print((args.out / "table.md").read_text(encoding="utf-8"))
+    return 0
+
+
+def run_load(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from memory.store import EditMemory
+    from serve.bench_load import run_load_bench
+
+    with tempfile.TemporaryDirectory(prefix="editmem-bench-load-") as tmp:
+        store = f"sqlite:///{Path(tmp) / 'load.db'}"
+        with EditMemory.open(store, encoder=args.encoder) as mem:
+            mem.add(prompt="The capital of Japan is", target_new="Lima", subject="Japan")
+        report = run_load_bench(store, args.model, clients=args.clients, duration=args.duration,
+                                kill_after=args.kill_after)
+    report["command"] = " ".join(shlex.quote(a) for a in ["editmem", *sys.argv[1:]])
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    print(json.dumps(report, indent=2))
     return 0

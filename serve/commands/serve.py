@@ -3,9 +3,11 @@
     editmem serve [--store URL] [--model NAME|PATH|none] [--method serac|ike] [--scope NAME] [--threshold T] [-k K]
                   [--host 127.0.0.1] [--port 8000] [--api-keys FILE] [--threads N] [--max-body-bytes B]
                   [--max-tokens N] [--max-n N] [--max-batch N] [--max-prompt-tokens N] [--cors-origin URL ...]
-                  [--upstream URL [--upstream-key KEY]]
+                  [--upstream URL [--upstream-key KEY]] [--namespace NAME]
 
 Binds to loopback by default; any other address needs API keys (--api-keys or $EDITMEM_API_KEYS_FILE).
+``--namespace`` (the global option, or $EDITMEM_NAMESPACE) is the store namespace of requests that name none and whose
+key is not bound to one.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-k", type=int, default=5, help="candidates retrieved per query (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-keys", default=None, help="file of 'KEY ROLE' lines (roles read, write, admin; default: "
+    p.add_argument("--api-keys", default=None, help="file of 'KEY ROLE [NAMESPACE]' lines (roles read, write, admin; "
+                                                    "a key with a NAMESPACE can use only that one; default: "
                                                     "$EDITMEM_API_KEYS_FILE)")
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                    help="torch intra-op threads (default: %(default)s; a server shares its machine, and OpenMP "
@@ -80,11 +83,12 @@ def _serve(args: argparse.Namespace) -> int:
                               limits=Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                                             max_n=args.max_n),
                               cors_origins=tuple(args.cors_origin), upstream=args.upstream,
-                              upstream_key=args.upstream_key)
+                              upstream_key=args.upstream_key, namespace=getattr(args, "namespace", "default"))
     logging.getLogger("editmem.http").setLevel(logging.INFO)
     app = create_app(settings)
     front = f"in front of {args.upstream}" if args.upstream else f"with {args.model}"
-    print(f"editmem: serving {args.store} {front} on http://{args.host}:{args.port}/", flush=True)
+    print(f"editmem: serving {args.store} (namespace {settings.namespace}) {front} on "
+          f"http://{args.host}:{args.port}/", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="warning",
                 timeout_graceful_shutdown=30)
     return 0

@@ -6,6 +6,7 @@ counted in the metrics, and bodies are capped (413). Errors are OpenAI's error J
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ class ServerSettings:
     upstream: str | None = None  # proxy mode: the OpenAI-compatible server to forward to (its /v1 URL)
     upstream_key: str | None = None  # the key sent to the upstream (default: $EDITMEM_UPSTREAM_KEY)
     upstream_timeout: float = 300.0
+    namespace: str = "default"  # the store namespace of requests that name none (and whose key is not bound to one)
+    max_namespaces: int = 64  # namespaces the server keeps a store handle (and editors) open for
 
 
 @dataclass
@@ -58,8 +61,50 @@ class Context:
     keys: KeyRing | None
     metrics: Metrics
     model_name: str
-    proxy: Any = None  # proxy mode: the ContextRouter
+    proxy: Any = None  # proxy mode: the ContextRouter of the default namespace
     upstream: Any = None  # proxy mode: the httpx.AsyncClient to the upstream
+    memories: dict[str, Any] = field(default_factory=dict)  # namespace -> its open EditMemory (one handle each)
+    proxies: dict[str, Any] = field(default_factory=dict)  # proxy mode: namespace -> its ContextRouter
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.memories[self.memory.namespace] = self.memory
+        if self.proxy is not None:
+            self.proxies[self.proxy.memory.namespace] = self.proxy
+
+    def admit(self, namespace: str) -> None:
+        """Refuse a namespace past ``max_namespaces`` distinct ones (each keeps a store handle and index open)."""
+        seen = set(self.memories) | set(self.proxies) | set(self.service.namespaces if self.service else ())
+        if namespace not in seen and len(seen) >= self.settings.max_namespaces:
+            raise ValidationError(f"this server keeps at most {self.settings.max_namespaces} namespaces open; "
+                                  f"{namespace!r} would be one more")
+
+    def memory_for(self, namespace: str) -> Any:
+        """The open store handle of ``namespace`` (opened on first use and kept)."""
+        with self._lock:
+            mem = self.memories.get(namespace)
+            if mem is None:
+                from memory.store import EditMemory
+
+                self.admit(namespace)
+                mem = self.memories[namespace] = EditMemory.open(self.settings.store, create=False,
+                                                                 namespace=namespace)
+            return mem
+
+    def proxy_for(self, namespace: str) -> Any:
+        """Proxy mode: the ContextRouter of ``namespace`` (opened on first use and kept)."""
+        with self._lock:
+            router = self.proxies.get(namespace)
+            if router is None:
+                self.admit(namespace)
+                router = self.proxies[namespace] = _context_router(self.settings, namespace)
+            return router
+
+    def close(self) -> None:
+        for router in self.proxies.values():
+            router.close()
+        for mem in self.memories.values():
+            mem.close()
 
 
 def create_app(settings: ServerSettings, *, model: Any = None, tokenizer: Any = None) -> FastAPI:
@@ -67,16 +112,14 @@ def create_app(settings: ServerSettings, *, model: Any = None, tokenizer: Any = 
     from memory.store import EditMemory
 
     keys = load_keys(settings.api_keys)
-    memory = EditMemory.open(settings.store, create=False)
+    memory = EditMemory.open(settings.store, create=False, namespace=settings.namespace)
     service, proxy = None, None
     try:
         if settings.upstream:
-            from editors.retrieval.proxy import ContextRouter
-
             if settings.method != "serac":
                 raise ValidationError("proxy mode puts SERAC's edit context in front of the upstream's prompt; "
                                       f"--method {settings.method} needs the local model")
-            proxy = ContextRouter(settings.store, scope=settings.scope, threshold=settings.threshold, k=settings.k)
+            proxy = _context_router(settings, settings.namespace)
         elif model is None and settings.model != "none":
             from editors.lm.loading import load_model
 
@@ -84,7 +127,8 @@ def create_app(settings: ServerSettings, *, model: Any = None, tokenizer: Any = 
         if model is not None:
             service = MemoryService(model, tokenizer, settings.store, ServiceSettings(
                 method=settings.method, scope=settings.scope, threshold=settings.threshold, k=settings.k,
-                options=settings.options, limits=settings.limits, max_batch=settings.max_batch))
+                options=settings.options, limits=settings.limits, max_batch=settings.max_batch,
+                namespace=settings.namespace))
             service.editor()  # open the default method now: a bad scope or option fails at start, not per request
     except BaseException:
         memory.close()
@@ -97,11 +141,9 @@ def create_app(settings: ServerSettings, *, model: Any = None, tokenizer: Any = 
         yield
         if ctx.service is not None:
             ctx.service.close()
-        if ctx.proxy is not None:
-            ctx.proxy.close()
         if ctx.upstream is not None:
             await ctx.upstream.aclose()
-        ctx.memory.close()
+        ctx.close()
 
     app = FastAPI(title="editmem", version="0.1.0", docs_url="/docs", redoc_url=None, lifespan=lifespan)
     app.state.ctx = ctx
@@ -121,6 +163,13 @@ def create_app(settings: ServerSettings, *, model: Any = None, tokenizer: Any = 
         return FileResponse(STATIC / "index.html")
 
     return app
+
+
+def _context_router(settings: ServerSettings, namespace: str) -> Any:
+    from editors.retrieval.proxy import ContextRouter
+
+    return ContextRouter(settings.store, scope=settings.scope, threshold=settings.threshold, k=settings.k,
+                         namespace=namespace)
 
 
 def _upstream_client(settings: ServerSettings) -> Any:

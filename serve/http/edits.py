@@ -8,6 +8,10 @@ writing a ``write`` key, importing an ``admin`` key. None of these routes needs 
     POST   /v1/edits/{id}/rollback        {"version": v}        GET  /v1/edits/search?q=&k=
     POST   /v1/edits/import               a file (multipart "file", optional "format") or {"records": [...]}
     GET    /v1/edits/export?include_history=   JSONL            GET  /v1/edits/changes?since=&limit=
+
+Every route reads and writes one store namespace: the key's if it is bound to one, else the ``namespace`` query
+parameter or the ``X-Editmem-Namespace`` header, else the server's ``--namespace``. Ids are global, so another
+namespace's edit id is a 404 here.
 """
 
 from __future__ import annotations
@@ -24,63 +28,67 @@ from pydantic import ValidationError as PydanticError
 
 from memory.errors import ValidationError
 from memory.feed import change_number, changes_since
-from serve.http.auth import require
+from serve.http.auth import request_namespace, require
 from serve.http.protocol import ApiError, EditBody, EditChanges, ImportBody, RollbackBody, edit_json
 
 router = APIRouter(prefix="/v1/edits")
 READ, WRITE, ADMIN = Depends(require("read")), Depends(require("write")), Depends(require("admin"))
+NAMESPACE = Query(None, max_length=64, description="the store namespace (default: the key's, the "
+                  "X-Editmem-Namespace header's, or the server's)")
 MAX_PAGE = 1000
 
 
-def _memory(request: Request) -> Any:
-    return request.app.state.ctx.memory
+def _memory(request: Request, namespace: str | None) -> Any:
+    """The store handle of the request's namespace (:func:`serve.http.auth.request_namespace`)."""
+    return request.app.state.ctx.memory_for(request_namespace(request, namespace))
 
 
 @router.post("", status_code=201, dependencies=[WRITE])
-def create(body: EditBody, request: Request) -> dict[str, Any]:
-    return edit_json(_memory(request).add(**body.model_dump()))
+def create(body: EditBody, request: Request, namespace: str | None = NAMESPACE) -> dict[str, Any]:
+    return edit_json(_memory(request, namespace).add(**body.model_dump()))
 
 
 @router.get("", dependencies=[READ])
-def list_edits(request: Request, limit: int = Query(50, ge=0, le=MAX_PAGE), offset: int = Query(0, ge=0),
-               include_deleted: bool = False) -> dict[str, Any]:
-    mem = _memory(request)
+def list_edits(request: Request, namespace: str | None = NAMESPACE, limit: int = Query(50, ge=0, le=MAX_PAGE),
+               offset: int = Query(0, ge=0), include_deleted: bool = False) -> dict[str, Any]:
+    mem = _memory(request, namespace)
     records = mem.list(limit=limit, offset=offset, include_deleted=include_deleted)
     return {"object": "list", "data": [edit_json(r) for r in records], "limit": limit, "offset": offset,
             "total": len(mem), "change": change_number(mem)}
 
 
 @router.get("/search", dependencies=[READ])
-def search(request: Request, q: str = Query(..., min_length=1), k: int = Query(5, ge=1, le=100)) -> dict[str, Any]:
-    hits = _memory(request).search(q, k)
+def search(request: Request, namespace: str | None = NAMESPACE, q: str = Query(..., min_length=1),
+           k: int = Query(5, ge=1, le=100)) -> dict[str, Any]:
+    hits = _memory(request, namespace).search(q, k)
     return {"object": "list", "data": [{"score": h.score, "edit": edit_json(h.edit)} for h in hits]}
 
 
 @router.get("/changes", dependencies=[READ])
-def changes(request: Request, since: int = Query(0, ge=0), limit: int = Query(MAX_PAGE, ge=1, le=MAX_PAGE)
-            ) -> dict[str, Any]:
-    mem = _memory(request)
+def changes(request: Request, namespace: str | None = NAMESPACE, since: int = Query(0, ge=0),
+            limit: int = Query(MAX_PAGE, ge=1, le=MAX_PAGE)) -> dict[str, Any]:
+    mem = _memory(request, namespace)
     now = change_number(mem)
     return {"object": "list", "change": now, "data": [c.to_json() for c in changes_since(mem, since, limit)]}
 
 
 @router.get("/export", dependencies=[READ])
-def export(request: Request, include_history: bool = False) -> Response:
+def export(request: Request, namespace: str | None = NAMESPACE, include_history: bool = False) -> Response:
     with tempfile.TemporaryDirectory(prefix="editmem-export-") as tmp:
         path = Path(tmp) / "edits.jsonl"
-        _memory(request).export(path, include_history=include_history)
+        _memory(request, namespace).export(path, include_history=include_history)
         text = path.read_text(encoding="utf-8")
     return Response(text, media_type="application/x-ndjson",
                     headers={"Content-Disposition": 'attachment; filename="edits.jsonl"'})
 
 
 @router.post("/import", dependencies=[ADMIN])
-async def import_edits(request: Request) -> JSONResponse:
+async def import_edits(request: Request, namespace: str | None = NAMESPACE) -> JSONResponse:
     """A multipart upload (``file`` in any supported format, ``format`` optional) or a JSON body ``{"records":
     [...]}`` of ``add`` fields. All or nothing: a bad file or record changes nothing."""
     from fastapi.concurrency import run_in_threadpool
 
-    mem = _memory(request)
+    mem = _memory(request, namespace)
     kind = request.headers.get("content-type", "")
     if kind.startswith("multipart/form-data"):
         form = await request.form()
@@ -108,28 +116,30 @@ async def import_edits(request: Request) -> JSONResponse:
 
 
 @router.get("/{edit_id}", dependencies=[READ])
-def get(edit_id: int, request: Request, version: int | None = None) -> dict[str, Any]:
-    return edit_json(_memory(request).get(edit_id, version))
+def get(edit_id: int, request: Request, namespace: str | None = NAMESPACE, version: int | None = None
+        ) -> dict[str, Any]:
+    return edit_json(_memory(request, namespace).get(edit_id, version))
 
 
 @router.patch("/{edit_id}", dependencies=[WRITE])
-def update(edit_id: int, body: EditChanges, request: Request) -> dict[str, Any]:
+def update(edit_id: int, body: EditChanges, request: Request, namespace: str | None = NAMESPACE) -> dict[str, Any]:
     changes_ = body.model_dump(exclude_unset=True)
     if not changes_:
         raise ValidationError("an update needs at least one field to change")
-    return edit_json(_memory(request).update(edit_id, **changes_))
+    return edit_json(_memory(request, namespace).update(edit_id, **changes_))
 
 
 @router.delete("/{edit_id}", dependencies=[WRITE])
-def delete(edit_id: int, request: Request) -> dict[str, Any]:
-    return edit_json(_memory(request).delete(edit_id))
+def delete(edit_id: int, request: Request, namespace: str | None = NAMESPACE) -> dict[str, Any]:
+    return edit_json(_memory(request, namespace).delete(edit_id))
 
 
 @router.get("/{edit_id}/history", dependencies=[READ])
-def history(edit_id: int, request: Request) -> dict[str, Any]:
-    return {"object": "list", "data": [edit_json(r) for r in _memory(request).history(edit_id)]}
+def history(edit_id: int, request: Request, namespace: str | None = NAMESPACE) -> dict[str, Any]:
+    return {"object": "list", "data": [edit_json(r) for r in _memory(request, namespace).history(edit_id)]}
 
 
 @router.post("/{edit_id}/rollback", dependencies=[WRITE])
-def rollback(edit_id: int, body: RollbackBody, request: Request) -> dict[str, Any]:
-    return edit_json(_memory(request).rollback(edit_id, body.version))
+def rollback(edit_id: int, body: RollbackBody, request: Request, namespace: str | None = NAMESPACE
+             ) -> dict[str, Any]:
+    return edit_json(_memory(request, namespace).rollback(edit_id, body.version))

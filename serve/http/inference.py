@@ -1,8 +1,9 @@
 """OpenAI-compatible inference: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``
 (``stream: true`` as server-sent events). Each route parses, calls :class:`MemoryService.complete`, and formats; every
-answer carries ``editmem`` (what shaped it). These routes need the local model (``--model``); a ``--model none``
-server answers them with 503. A stream with ``n`` = 1 is sent as it is generated, piece by piece; with ``n`` > 1 it
-is sent once the answers are generated."""
+answer carries ``editmem`` (what shaped it, with the namespace routed in: the key's, else ``X-Editmem-Namespace`` or
+the ``editmem.namespace`` option, else the server's ``--namespace``). These routes need the local model
+(``--model``); a ``--model none`` server answers them with 503. A stream with ``n`` = 1 is sent as it is generated,
+piece by piece; with ``n`` > 1 it is sent once the answers are generated."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from editors.retrieval.service import Completion, MemoryService
-from serve.http.auth import require
+from serve.http.auth import request_namespace, require
 from serve.http.protocol import (
     ApiError,
     ChatRequest,
@@ -42,6 +43,13 @@ def _service(request: Request, model: str | None = None) -> MemoryService:
     return service
 
 
+def _namespace(request: Request, asked: str | None) -> str:
+    """The request's namespace (:func:`serve.http.auth.request_namespace`), within the server's cap on namespaces."""
+    namespace = request_namespace(request, asked)
+    request.app.state.ctx.admit(namespace)
+    return namespace
+
+
 @router.get("/models")
 def models(request: Request) -> dict[str, Any]:
     ctx = request.app.state.ctx
@@ -55,7 +63,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     service = _service(request, body.model)
     opts = body.options()
     sampling = body.sampling(request.app.state.ctx.settings.default_max_tokens)
-    options: dict[str, Any] = {"method": opts.method, "disable": opts.disable, "as_of": opts.as_of}
+    options: dict[str, Any] = {"method": opts.method, "disable": opts.disable, "as_of": opts.as_of,
+                               "namespace": _namespace(request, opts.namespace)}
     if body.stream and sampling.n == 1:
         events = await run_in_threadpool(service.stream, body.text(), sampling, **options)
         return _live_stream(request, events, body.model, chat=False)
@@ -71,7 +80,8 @@ async def chat(body: ChatRequest, request: Request) -> Any:
     prompt, route_text = service.chat_prompt([m.model_dump(include={"role", "content"}) for m in body.messages])
     templated = bool(getattr(service.tokenizer, "chat_template", None))
     options: dict[str, Any] = {"route_text": route_text, "method": opts.method, "disable": opts.disable,
-                               "templated": templated, "as_of": opts.as_of}
+                               "templated": templated, "as_of": opts.as_of,
+                               "namespace": _namespace(request, opts.namespace)}
     if body.stream and sampling.n == 1:
         events = await run_in_threadpool(service.stream, prompt, sampling, **options)
         return _live_stream(request, events, body.model, chat=True)

@@ -39,6 +39,7 @@ class EditmemOptions(BaseModel):
     disable: bool = False  # the base model alone
     method: Literal["serac", "ike"] | None = None  # default: the server's --method
     as_of: int | str | None = None  # route as the store stood at this change number or ISO time
+    namespace: str | None = None  # the store namespace to route in (default: the key's, the header's, the server's)
 
 
 class _Generation(BaseModel):

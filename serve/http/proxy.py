@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from editors.retrieval.service import Shaping
-from serve.http.auth import require
+from serve.http.auth import request_namespace, require
 from serve.http.protocol import ApiError, ChatRequest, CompletionRequest
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require("read"))])
@@ -91,7 +91,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     _check(body)
     if body.editmem is not None and body.editmem.disable:
         return await _send(request, "completions", _forwarded(body), Shaping("base", None))
-    prompt, shaping = await run_in_threadpool(_ctx(request).proxy.completion, body.text())
+    router_ = _ctx(request).proxy_for(request_namespace(request, body.options().namespace))
+    prompt, shaping = await run_in_threadpool(router_.completion, body.text())
     return await _send(request, "completions", _forwarded(body, prompt=prompt), shaping)
 
 
@@ -103,5 +104,6 @@ async def chat(body: ChatRequest, request: Request) -> Any:
     if body.editmem is not None and body.editmem.disable:
         return await _send(request, "chat/completions", _forwarded(body), Shaping("base", None))
     messages = [m.model_dump() for m in body.messages]
-    messages, shaping = await run_in_threadpool(_ctx(request).proxy.chat, messages)
+    router_ = _ctx(request).proxy_for(request_namespace(request, body.options().namespace))
+    messages, shaping = await run_in_threadpool(router_.chat, messages)
     return await _send(request, "chat/completions", _forwarded(body, messages=messages), shaping)
