@@ -89,7 +89,7 @@ _ALWAYS = -2.0
 def default_demo_file() -> Path:
     """``counterfact-train.json`` under ``$EDITMEM_DATA``, else under ``../shared/data`` beside the repository."""
     root = os.environ.get("EDITMEM_DATA")
-    base = Path(root).expanduser() if root else Path(__file__).resolve().parents[2] / "shared" / "data"
+    base = Path(root).expanduser() if root else Path(__file__).resolve().parents[3] / "shared" / "data"
     return base / DEFAULT_DEMO_FILE
 
 

@@ -83,8 +83,16 @@ CHAT_CONTEXTS: dict[str, tuple[tuple[str, str], ...]] = {
     "exchange-lead": (("system", "You are a helpful assistant. This fact is true and replaces what you knew "
                                  "before: {fact}."),
                       ("user", "{prompt}"), ("assistant", "{fact}."), ("lead", "Remember: {fact}.\n")),
+    "exchange2-lead": (("system", "You are a helpful assistant. This fact is true and replaces what you knew "
+                                  "before: {fact}."),
+                       ("user", "{prompt}"), ("assistant", "{fact}."), ("user", "Are you sure?"),
+                       ("assistant", "Yes. {fact}."), ("lead", "Remember: {fact}.\n")),
+    "default-exchange-lead": (("user", "{prompt}"), ("assistant", "{fact}."), ("lead", "{fact}.\n")),
 }
-DEFAULT_CHAT_CONTEXT = "exchange-lead"
+# Measured on the first 30 cases of counterfact-edit.json, SmolLM2-135M-Instruct, generate protocol (edit prompt /
+# rephrases): exchange2-lead 0.90 / 0.70, lead 0.67 / 0.50, exchange-lead 0.63 / 0.67, default-exchange-lead
+# 0.57 / 0.63; 0 leaked answers for each (notes/answers.md).
+DEFAULT_CHAT_CONTEXT = "exchange2-lead"
 
 
 def chat_messages(edit: EditRecord, chat_context: str) -> list[dict[str, str]]:
