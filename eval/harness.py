@@ -163,6 +163,9 @@ def _case_line(index: int, case: EditCase, method: str, settings: EvalSettings, 
                             "edit_seconds": edit_seconds}
     line.update(extra)
     line["scores"] = {p: {"pre": pre.values[p], "post": post.values[p]} for p in settings.protocols}
+    if GENERATE in settings.protocols:
+        line["leaks"] = post.leaks
+        line["answers"] = list(post.answers)
     return line
 
 
@@ -359,6 +362,8 @@ def run_eval(model: Any, tokenizer: Any, cases: Sequence[EditCase], methods: Seq
             entry = _metric_block(posts, settings)
             entry["edit_seconds"] = result.apply_seconds / result.n_edits if result.n_edits else None
             entry["n"] = len(result.lines)
+            if GENERATE in settings.protocols:
+                entry["leaks"] = sum(line["leaks"] for line in result.lines)
             if settings.mode == "sequential":
                 entry["checkpoints"] = result.checkpoints
             summary["methods"][method] = entry

@@ -14,10 +14,17 @@ Two protocols; every number carries the name of the one that produced it:
     scores exactly 1.0.
 
 ``generate``
-    Greedy decoding of ``answer tokens + slack`` new tokens. A probe scores 1 if the normalised generation starts with
-    the normalised answer (or one of its aliases) at a word boundary, else 0. Normalisation: lowercase, drop
-    punctuation, drop the articles a/an/the, collapse whitespace. Locality of a probe is 1 if the normalised
-    generations before and after the edit are equal, else 0.
+    The answer a user reads (:mod:`eval.answers`). Each probe is put to the model as a user would: the prompt as the
+    user's message through the tokenizer's chat template when it has one (``chat="auto"``; ``"never"``: plain
+    completion always), else as a plain completion; with ``cloze="complete"``, cloze prompts (not ending in '?') are
+    continued as plain text even by a chat model. Greedy decoding, stopped at end of turn (eos) or after
+    ``answer_tokens`` new tokens (at least the answer's length + ``slack_tokens``), then cut at the first line break
+    and the end of the first sentence. A probe scores 1 if its normalised target (or an alias) occurs at word
+    boundaries in that normalised first answer, else 0. Normalisation: lowercase, drop punctuation, drop the articles
+    a/an/the, collapse whitespace. Locality of a probe is 1 if the normalised first answers before and after the edit
+    are equal, else 0. Every generated answer is also scanned for leaked format strings
+    (:func:`eval.answers.find_leaks`);
+    the count is in ``CaseScores.leaks``.
 
 Fluency (either protocol) is ROME's weighted n-gram entropy, in **bits** (not a fraction): the edit prompt is
 continued greedily for ``fluency_tokens`` (default 50) new tokens; the prompt plus continuation is split into word
@@ -44,7 +51,9 @@ from typing import Any
 
 import torch
 
+from editors.lm.chat import chat_frame
 from editors.lm.tokens import encode_batch, encode_prompt, pad_id
+from eval.answers import CHAT_MODES, CLOZE_MODES, answer_matches, find_leaks, first_answer, probe_input
 from memory.errors import ValidationError
 from memory.records import EditCase
 
@@ -64,8 +73,17 @@ class MetricSettings:
     slack_tokens: int = 5
     fluency_tokens: int = 50
     max_rows_per_pass: int = 64
+    answer_tokens: int = 24
+    chat: str = "auto"
+    cloze: str = "chat"
 
     def __post_init__(self) -> None:
+        if self.answer_tokens < 1:
+            raise ValidationError(f"answer_tokens must be >= 1 (got {self.answer_tokens})")
+        if self.chat not in CHAT_MODES:
+            raise ValidationError(f"chat must be one of {', '.join(CHAT_MODES)} (got {self.chat!r})")
+        if self.cloze not in CLOZE_MODES:
+            raise ValidationError(f"cloze must be one of {', '.join(CLOZE_MODES)} (got {self.cloze!r})")
         if self.slack_tokens < 0:
             raise ValidationError(f"slack_tokens must be >= 0 (got {self.slack_tokens})")
         if self.fluency_tokens < 0:
@@ -146,24 +164,31 @@ def greedy_generate_ids(model: Any, tokenizer: Any, prompts: Sequence[str], max_
     ``max_new_tokens`` may differ per prompt: each call decodes the largest budget of its rows and every row is cut to
     its own, which under greedy decoding equals decoding that row alone for that many tokens.
     """
-    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    if len(budgets) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(budgets)} token budgets")
+    return generate_from_ids(model, tokenizer, [encode_prompt(tokenizer, p) for p in prompts], max_new_tokens,
+                             max_rows_per_pass=max_rows_per_pass)
+
+
+@torch.inference_mode()
+def generate_from_ids(model: Any, tokenizer: Any, inputs: Sequence[Sequence[int]], max_new_tokens: Sequence[int] | int,
+                      *, max_rows_per_pass: int = 64) -> list[list[int]]:
+    """:func:`greedy_generate_ids` from token rows (e.g. chat-framed questions) instead of prompt texts."""
+    budgets = [max_new_tokens] * len(inputs) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != len(inputs):
+        raise ValueError(f"{len(inputs)} prompts but {len(budgets)} token budgets")
     device = model_device(model)
     pad = pad_id(tokenizer)
     eos = tokenizer.eos_token_id
     out: list[list[int]] = []
-    for start in range(0, len(prompts), max_rows_per_pass):
-        chunk = list(prompts[start:start + max_rows_per_pass])
+    for start in range(0, len(inputs), max_rows_per_pass):
+        encoded = [list(r) for r in inputs[start:start + max_rows_per_pass]]
         chunk_budgets = budgets[start:start + max_rows_per_pass]
         steps = max(chunk_budgets)
         if steps == 0:
-            out.extend([] for _ in chunk)
+            out.extend([] for _ in encoded)
             continue
-        encoded = [encode_prompt(tokenizer, p) for p in chunk]
         width = max(len(ids) for ids in encoded)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
         for row, ids in enumerate(encoded):
             if ids:
                 input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
@@ -281,6 +306,8 @@ class CaseScores:
 
     values: dict[str, dict[str, float | None]] = field(default_factory=dict)
     reference: CaseReference = field(default_factory=CaseReference)
+    answers: tuple[str, ...] = ()  # generate: the first answer of every probe, in case_probes order
+    leaks: int = 0  # generate: answers holding a leaked format string (eval.answers.find_leaks)
 
 
 def _mean(xs: Sequence[float]) -> float | None:
@@ -318,26 +345,24 @@ def measure_case(model: Any, tokenizer: Any, case: EditCase, protocols: Sequence
     if TEACHER_FORCED in protocols:
         values[TEACHER_FORCED] = {m: _mean(per_group[m]) for m in METRICS if m != "fluency"}
 
-    # Generation: one call for every probe; the edit prompt's row (first) also gives the fluency text.
+    # Generation: one call for every probe, each put to the model as a user would (eval.answers).
     fluency: float | None = None
     loc_texts: tuple[str, ...] | None = None
+    answers: tuple[str, ...] = ()
+    leaks = 0
     if GENERATE in protocols:
-        answer_lengths = [len(ans) for _, ans in tf]
-        budgets = [n + settings.slack_tokens for n in answer_lengths]
-        budgets[0] = max(budgets[0], settings.fluency_tokens)
-        gen_ids = greedy_generate_ids(model, tokenizer, [r.prompt for r in rows], budgets,
-                                      max_rows_per_pass=settings.max_rows_per_pass)
-        if settings.fluency_tokens:
-            continuation = tokenizer.decode(gen_ids[0][:settings.fluency_tokens], skip_special_tokens=True)
-            fluency = n_gram_entropy([rows[0].prompt + continuation])
-        # The edit prompt's row was decoded to the fluency budget; score it on its own budget like the others.
-        gen_ids[0] = gen_ids[0][:answer_lengths[0] + settings.slack_tokens]
+        frame = chat_frame(tokenizer) if settings.chat == "auto" else None
+        inputs = [probe_input(tokenizer, r.prompt, frame, cloze=settings.cloze) for r in rows]
+        budgets = [max(settings.answer_tokens, len(ans) + settings.slack_tokens) for _, ans in tf]
+        gen_ids = generate_from_ids(model, tokenizer, inputs, budgets, max_rows_per_pass=settings.max_rows_per_pass)
         texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in gen_ids]
+        answers = tuple(first_answer(t) for t in texts)
+        leaks = len(find_leaks(answers))
         gen_groups: dict[str, list[float]] = {g: [] for g in PROBE_GROUPS}
         normalised_loc: list[str] = []
-        for row, text in zip(rows, texts):
+        for row, answer in zip(rows, answers):
             if row.group == "locality":
-                norm = normalize_answer(text)
+                norm = normalize_answer(answer)
                 if reference is not None and reference.texts is not None:
                     before = reference.texts[len(normalised_loc)]
                 else:
@@ -345,16 +370,18 @@ def measure_case(model: Any, tokenizer: Any, case: EditCase, protocols: Sequence
                 gen_groups["locality"].append(float(before == norm))
                 normalised_loc.append(norm)
             else:
-                gen_groups[row.group].append(float(generation_matches(text, (row.answer, *row.aliases))))
+                gen_groups[row.group].append(float(answer_matches(answer, (row.answer, *row.aliases))))
         values[GENERATE] = {m: _mean(gen_groups[m]) for m in METRICS if m != "fluency"}
         loc_texts = tuple(normalised_loc)
-    elif settings.fluency_tokens:
+    if settings.fluency_tokens and values:
+        # ROME's fluency: the edit prompt continued as plain text, whatever the protocol.
         text = greedy_generate(model, tokenizer, [rows[0].prompt], settings.fluency_tokens)[0]
         fluency = n_gram_entropy([rows[0].prompt + text])
 
     for protocol_values in values.values():
         protocol_values["fluency"] = fluency
-    return CaseScores(values=values, reference=CaseReference(tokens=tuple(loc_tokens), texts=loc_texts))
+    return CaseScores(values=values, reference=CaseReference(tokens=tuple(loc_tokens), texts=loc_texts),
+                      answers=answers, leaks=leaks)
 
 
 def aggregate(per_case: Sequence[Mapping[str, float | None]]) -> dict[str, float | None]:

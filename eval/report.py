@@ -76,6 +76,21 @@ def format_table(summary: Mapping[str, Any]) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def format_gap(summary: Mapping[str, Any]) -> str:
+    """Protocol 'both': generate minus teacher-forced, in points, per method and metric, and the leaked answers."""
+    out = ["| Method | Reliability (pts) | Generalization (pts) | Locality (pts) | Portability (pts) | "
+           "Leaked answers |", "|---|---:|---:|---:|---:|---:|"]
+    for name, entry in summary["methods"].items():
+        blocks = entry.get("by_protocol", {})
+        tf, gen = blocks.get("teacher-forced", {}), blocks.get("generate", {})
+        cells = []
+        for m in FRACTIONS:
+            a, b = gen.get(m), tf.get(m)
+            cells.append("–" if a is None or b is None else f"{100 * (a - b):+.1f}")
+        out.append(f"| {name} | " + " | ".join(cells) + f" | {entry.get('leaks', '–')} |")
+    return "\n".join(out) + "\n"
+
+
 def format_checkpoints(summary: Mapping[str, Any]) -> str:
     """Sequential runs: one Markdown table per method of the metrics at each checkpoint (every protocol)."""
     out: list[str] = []
@@ -157,6 +172,11 @@ def write_report(out_dir: str | Path, summary: Mapping[str, Any], *, command: st
     for run in summary.get("runs", []):
         lines.append(f"- Run `{run['label']}`: {', '.join(run['methods'])} ({run['n_cases']} cases)")
     lines += ["", "## Results", "", format_table(summary)]
+    if summary["protocol"] == "both" and summary["methods"]:
+        lines += ["## Generate minus teacher-forced", "", format_gap(summary)]
+    elif summary["protocol"] == "generate" and summary["methods"]:
+        lines += ["Leaked format strings in generated answers: "
+                  + ", ".join(f"{n} {e.get('leaks', '–')}" for n, e in summary["methods"].items()), ""]
     if summary["mode"] == "sequential":
         lines += ["## Metrics by number of edits", "", format_checkpoints(summary)]
     lines += [
@@ -165,8 +185,10 @@ def write_report(out_dir: str | Path, summary: Mapping[str, Any], *, command: st
         "Teacher-forced: token accuracy of the answer given the prompt (reliability: edit prompt -> new target; "
         "generalization: rephrases -> new target; portability: portability probes -> their answers) and, for "
         "locality, the share of predicted answer tokens of unrelated probes unchanged by the edit "
-        "(EasyEdit, Wang et al. 2024). Generate: greedy decoding, normalised match for the first three; locality is "
-        "1 when the normalised generation is unchanged. "
+        "(EasyEdit, Wang et al. 2024). Generate: the answer a user reads (the question through the chat template "
+        "when the model has one, greedy decoding to end of turn, first line and sentence), scored 1 when it contains "
+        "the normalised target or an alias; locality is 1 when the normalised answer is unchanged; leaked answers "
+        "hold a context format's words ('(answer:', 'New Fact', 'Prompt:'). "
         + (f"Fluency: weighted 2/3-gram entropy in bits of the edit prompt and {fluency_tokens} greedy new tokens "
            "(ROME); the same number under either protocol. " if fluency_tokens
            else "Fluency: weighted 2/3-gram entropy in bits of the edit prompt and its greedy continuation (ROME; "

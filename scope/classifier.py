@@ -30,6 +30,10 @@ from scope.features import FEATURE_SPEC, lexical_many, n_features, pair_features
 log = logging.getLogger(__name__)
 
 FORMAT = "editmem-scope"
+# The scope head shipped inside the package (scope/default_head/README.md says how it was made): what
+# ``load_scope("default")`` gives on a machine where no classifier named ``default`` has been trained.
+PACKAGED_DEFAULT = "default"
+PACKAGED_DEFAULT_FOLDER = Path(__file__).resolve().parent / "default_head"
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -203,6 +207,11 @@ def load_scope(name: str, version: int | None = None, *, encoder: str | None = N
     else:
         base = Path(root) if root is not None else scope_root()
         versions = _versions(base / _check_name(name))
+        if not versions and name == PACKAGED_DEFAULT and version is None \
+                and (PACKAGED_DEFAULT_FOLDER / "manifest.json").is_file():
+            log.info("no scope classifier %r in %s: using the one shipped with editmem (%s)", name, base,
+                     PACKAGED_DEFAULT_FOLDER)
+            return load_scope(str(PACKAGED_DEFAULT_FOLDER), encoder=encoder)
         if not versions:
             known = ", ".join(list_scopes(root=root)) or "none"
             raise ScopeError(f"no scope classifier named {name!r} in {base} (saved: {known}); train one with "

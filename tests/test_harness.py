@@ -70,7 +70,8 @@ def _check_common(summary, tmp_path, mode: str, protocol: str) -> list[dict]:
     assert list(summary["methods"]) == ["none", "ft"]
     for name, entry in summary["methods"].items():
         extra = set(entry) - METHOD_KEYS
-        assert extra <= {"by_protocol", "checkpoints"}
+        assert extra <= {"by_protocol", "checkpoints", "leaks"}
+        assert ("leaks" in extra) == (protocol != "teacher-forced")
         assert ("checkpoints" in extra) == (mode == "sequential")
         assert ("by_protocol" in extra) == (protocol == "both")
         assert entry["n"] == 5

@@ -37,7 +37,7 @@ def test_missing_classifier_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("EDITMEM_CACHE", str(tmp_path))
     model, tok = tiny_model("llama")
     with pytest.raises(ScopeError, match="editmem train-scope"):
-        get_editor("serac", model, tok)
+        get_editor("serac", model, tok, scope="nope")  # "default" falls back to the head shipped in the package
 
 
 def test_apply_inserts_and_restore_retracts_exactly_its_edits(tmp_path):

@@ -90,7 +90,7 @@ _ALWAYS = -2.0
 def default_demo_file() -> Path:
     """``counterfact-train.json`` under ``$EDITMEM_DATA``, else under ``../shared/data`` beside the repository."""
     root = os.environ.get("EDITMEM_DATA")
-    base = Path(root).expanduser() if root else Path(__file__).resolve().parents[2] / "shared" / "data"
+    base = Path(root).expanduser() if root else Path(__file__).resolve().parents[3] / "shared" / "data"
     return base / DEFAULT_DEMO_FILE
 
 
@@ -361,8 +361,7 @@ class IkeModel(AugmentedModel):
         planned = self._planned.get((tuple(row), edit.id, edit.version))
         if planned is not None:
             return planned
-        text = self.tokenizer.decode(list(row), skip_special_tokens=True)
-        decision = Decision(text, edit, None, self.scope.threshold)
+        decision = Decision(self.row_text(row), edit, None, self.scope.threshold)
         return tuple(i for i, _ in self.pool.nearest(self._retrieval_texts([decision]), self.n_demos, self.kinds)[0])
 
     def prompt_text(self, demo_ids: Sequence[int], edit: EditRecord) -> str:
@@ -370,7 +369,23 @@ class IkeModel(AugmentedModel):
         return ("".join(self.pool.demos[i].render(self.demo_template) for i in reversed(demo_ids))
                 + edit_context(edit, self.template))
 
+    def chat_messages(self, row: list[int], edit: EditRecord) -> list[dict[str, str]]:
+        """For a chat row: the edit's system message, then each demonstration (nearest last) as an exchange whose
+        user turn gives its fact and asks its prompt and whose assistant turn completes it, then the rest of the
+        edit's chat context."""
+        own = super().chat_messages(row, edit)
+        system = [m for m in own if m["role"] == "system"]
+        demos = []
+        for i in reversed(self._demo_ids(row, edit)):
+            demo = self.pool.demos[i]
+            demos += [{"role": "user", "content": f"{demo.fact}. {demo.prompt}"},
+                      {"role": "assistant", "content": f"{demo.query}."}]
+        return [*system, *demos, *[m for m in own if m["role"] != "system"]]
+
     def _conditioned(self, row: list[int], edit: EditRecord) -> tuple[list[int], int]:
+        chat = self._chat_conditioned(row, edit)
+        if chat is not None:
+            return chat
         demo_ids = self._demo_ids(row, edit)
         key = (demo_ids, edit.id, edit.version)
         ctx = self._ctx_cache.get(key)

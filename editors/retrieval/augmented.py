@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from editors.lm.chat import ChatFrame, chat_frame
 from editors.lm.tokens import completed, encode_prompt, pad_id, pad_rows
 from memory.errors import ValidationError
 from memory.records import EditRecord
@@ -60,6 +61,47 @@ CONTEXT_FORMATS: dict[str, str] = {
                    "(answer: {target_new})\nPrompt: {subject}: {target_new}\n\nPrompt: ",
 }
 DEFAULT_CONTEXT = "answer"
+# Formats whose text a model repeats in its answers when it continues them (generation, not teacher forcing):
+# "(answer: X)", "New Fact:", "Prompt:". Generated answers are scanned for them (eval.leaks).
+LEAKY_CONTEXTS = frozenset({"new-fact-prompt", "demo", "demo2", "answer", "answer-first", "answer-both"})
+
+# How an edit enters a chat model's conversation (a tokenizer with a chat template, editors.lm.chat): messages put
+# before the user's question, as (role, template) with the fields of CONTEXT_FORMATS; the role "lead" is text put at
+# the start of the user's own message, before the question. The model reads them as context and answers the question;
+# nothing of their wording is a format to continue, so nothing of it is repeated.
+CHAT_CONTEXTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "system": (("system", "You are a helpful assistant. Answer with this fact, which is true and replaces what you "
+                          "knew before: {fact}."),),
+    "system-fact": (("system", "{fact}."),),
+    "exchange": (("user", "{prompt}"), ("assistant", "{fact}.")),
+    "system-exchange": (("system", "You are a helpful assistant. This fact is true and replaces what you knew "
+                                   "before: {fact}."),
+                        ("user", "{prompt}"), ("assistant", "{fact}.")),
+    "lead": (("lead", "{fact}.\n"),),
+    "system-lead": (("system", "You are a helpful assistant. This fact is true and replaces what you knew before: "
+                               "{fact}."), ("lead", "Fact: {fact}.\nQuestion: ")),
+    "exchange-lead": (("system", "You are a helpful assistant. This fact is true and replaces what you knew "
+                                 "before: {fact}."),
+                      ("user", "{prompt}"), ("assistant", "{fact}."), ("lead", "Remember: {fact}.\n")),
+    "exchange2-lead": (("system", "You are a helpful assistant. This fact is true and replaces what you knew "
+                                  "before: {fact}."),
+                       ("user", "{prompt}"), ("assistant", "{fact}."), ("user", "Are you sure?"),
+                       ("assistant", "Yes. {fact}."), ("lead", "Remember: {fact}.\n")),
+    "default-exchange-lead": (("user", "{prompt}"), ("assistant", "{fact}."), ("lead", "{fact}.\n")),
+}
+# Measured on the first 30 cases of counterfact-edit.json, SmolLM2-135M-Instruct, generate protocol (edit prompt /
+# rephrases): exchange2-lead 0.90 / 0.70, lead 0.67 / 0.50, exchange-lead 0.63 / 0.67, default-exchange-lead
+# 0.57 / 0.63; 0 leaked answers for each (notes/answers.md).
+DEFAULT_CHAT_CONTEXT = "exchange2-lead"
+
+
+def chat_messages(edit: EditRecord, chat_context: str) -> list[dict[str, str]]:
+    """The messages that put ``edit`` before a chat model's question (a name of :data:`CHAT_CONTEXTS`)."""
+    if chat_context not in CHAT_CONTEXTS:
+        raise ValidationError(f"chat context must be one of {', '.join(CHAT_CONTEXTS)}, got {chat_context!r}")
+    fact = completed(edit.prompt, edit.target_new)
+    fields = dict(fact=fact, prompt=edit.prompt, target_new=edit.target_new, subject=edit.subject or "")
+    return [{"role": role, "content": text.format(**fields)} for role, text in CHAT_CONTEXTS[chat_context]]
 
 
 def context_template(context: str) -> str:
@@ -116,7 +158,8 @@ class AugmentedModel(torch.nn.Module):
     """A causal LM whose ``forward`` and ``generate`` route through an edit store (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, memory: Any, scope: ScopeClassifier, *, k: int = 5,
-                 context: str = DEFAULT_CONTEXT, counterfactual: torch.nn.Module | None = None):
+                 context: str = DEFAULT_CONTEXT, counterfactual: torch.nn.Module | None = None,
+                 chat_context: str = DEFAULT_CHAT_CONTEXT):
         super().__init__()
         self.model = model
         # In-scope rows go to this model (a trained copy, editors.retrieval.counterfactual) or, when None, to the base model.
@@ -125,7 +168,13 @@ class AugmentedModel(torch.nn.Module):
         self.router = Router.open(memory, scope, k=k) if isinstance(memory, str) else Router(memory, scope, k=k)
         self.template = context_template(context)
         self._lead = lead_tokens(tokenizer)
+        if chat_context not in CHAT_CONTEXTS:
+            raise ValidationError(f"chat context must be one of {', '.join(CHAT_CONTEXTS)}, got {chat_context!r}")
+        self.chat_context = chat_context
+        # Rows in the tokenizer's chat frame get the edit as chat messages; other rows the plain context.
+        self.chat: ChatFrame | None = chat_frame(tokenizer)
         self._contexts: OrderedDict[tuple[int, int], list[int]] = OrderedDict()
+        self._chat_prefixes: OrderedDict[tuple[Any, ...], list[int]] = OrderedDict()
         self.last_routing: list[Decision] = []
 
     # --- pass-through attributes --------------------------------------------------------------------------------------
@@ -168,10 +217,15 @@ class AugmentedModel(torch.nn.Module):
         ids_cpu, mask_cpu = input_ids.detach().cpu(), mask.detach().cpu().bool()
         return mask_cpu, [ids_cpu[b][mask_cpu[b]].tolist() for b in range(ids_cpu.shape[0])]
 
+    def row_text(self, row: Sequence[int]) -> str:
+        """The text a row is routed on: a chat row's question (and any answer after it), else the whole row decoded
+        without special tokens."""
+        text = self.chat.routing_text(row) if self.chat is not None else None
+        return text if text is not None else self.tokenizer.decode(list(row), skip_special_tokens=True)
+
     def route_rows(self, rows: Sequence[Sequence[int]]) -> list[Decision]:
-        """Decisions for token rows (no padding): each decoded without special tokens and routed."""
-        texts = [self.tokenizer.decode(list(r), skip_special_tokens=True) for r in rows]
-        return self.router.route(texts)
+        """Decisions for token rows (no padding): each routed on :meth:`row_text`."""
+        return self.router.route([self.row_text(r) for r in rows])
 
     def route(self, texts: Sequence[str]) -> list[Decision]:
         """Decisions for texts."""
@@ -187,9 +241,35 @@ class AugmentedModel(torch.nn.Module):
                 self._contexts.popitem(last=False)
         return ids
 
+    def chat_messages(self, row: list[int], edit: EditRecord) -> list[dict[str, str]]:
+        """The messages put before a chat row's question when it falls in ``edit``'s scope."""
+        return chat_messages(edit, self.chat_context)
+
+    def _chat_conditioned(self, row: list[int], edit: EditRecord) -> tuple[list[int], int] | None:
+        """A chat row with the plain prefix replaced by a conversation holding the edit, and where the original
+        tokens kept from then on start (None for a row not in the chat frame)."""
+        if self.chat is None or self.chat.split(row) is None:
+            return None
+        messages = self.chat_messages(row, edit)
+        key = tuple((m["role"], m["content"]) for m in messages)
+        prefix = self._chat_prefixes.get(key)
+        if prefix is None:
+            prefix = self.chat.prefix_for([m for m in messages if m["role"] != "lead"],
+                                          "".join(m["content"] for m in messages if m["role"] == "lead"))
+            self._chat_prefixes[key] = prefix
+            while len(self._chat_prefixes) > 4096:
+                self._chat_prefixes.popitem(last=False)
+        at = len(self.chat.prefix)
+        return prefix + row[at:], at
+
     def _conditioned(self, row: list[int], edit: EditRecord) -> tuple[list[int], int]:
-        """``row`` with the edit's context inserted after its leading special tokens, and where it was inserted
-        (tokens before it keep their positions; tokens after it move by the context's length)."""
+        """``row`` conditioned on the edit, and the position from which the row's tokens follow shifted (tokens
+        before it keep their positions; tokens after it move by the length difference). A chat row gets the edit as
+        messages before its question (:data:`CHAT_CONTEXTS`); another row the edit's context inserted after its
+        leading special tokens."""
+        chat = self._chat_conditioned(row, edit)
+        if chat is not None:
+            return chat
         return insert_context(row, self._context_ids(edit), self._lead)
 
     def condition_row(self, row: list[int], edit: EditRecord) -> list[int]:
@@ -232,6 +312,7 @@ class AugmentedModel(torch.nn.Module):
             shift = len(seqs[j]) - n
             new_positions = torch.arange(n)
             new_positions[lead:] += shift
+            new_positions.clamp_(max=len(seqs[j]) - 1)  # a chat prefix may be shorter than the one it replaced
             logits[b, positions.to(device)] = cf_logits[j, new_positions.to(device)]
         return CausalLMOutputWithPast(logits=logits)
 
@@ -286,11 +367,18 @@ class AugmentedModel(torch.nn.Module):
         """Lines that say what else (besides the edit) shaped row ``row`` of the last call; none here."""
         return []
 
-    def ask(self, question: str, *, max_new_tokens: int = 32) -> Answer:
-        """Greedy answer to one question, and the decision that routed it (which edit shaped it, if any)."""
+    def ask(self, question: str, *, max_new_tokens: int = 32, chat: bool | None = None) -> Answer:
+        """Greedy answer to one question, and the decision that routed it (which edit shaped it, if any).
+
+        A chat model (``chat`` None or True, and a tokenizer with a chat template) gets the question as the user's
+        message, with an in-scope edit as messages before it; ``chat=False`` (or a model without a template) continues
+        the question as plain text."""
         if not isinstance(question, str) or not question.strip():
             raise ValidationError("the question must be a non-empty string")
-        ids = torch.tensor([encode_prompt(self.tokenizer, question)], dtype=torch.long, device=self.device)
+        use_chat = self.chat is not None and chat is not False
+        prompt = self.chat.encode(question) if use_chat and self.chat is not None else encode_prompt(self.tokenizer,
+                                                                                                     question)
+        ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
         out = self.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                             do_sample=False, pad_token_id=pad_id(self.tokenizer))
         new = out[0, ids.shape[1]:].tolist()

@@ -3,8 +3,11 @@
 It creates a store in a temporary folder (or uses ``--store`` / ``EDITMEM_STORE`` when given), loads the default
 model, and asks questions (in scope, rephrased, unrelated) through the memory-augmented model before and after adding
 a handful of edits written for the demo, showing which edit (id, version) shaped each answer. It then corrects, rolls
-back and retracts edits and shows the answer follow each change, and prints an edit's history. Scope here is the
-untrained cosine threshold, so that the demo needs no training step.
+back and retracts edits and shows the answer follow each change, and prints an edit's history. Scope is the
+classifier named ``default``: one trained with ``editmem train-scope``, else the head shipped in the package
+(scope/default_head); ``--scope cosine`` uses the untrained cosine threshold instead. A chat model is asked through its
+chat template, with an in-scope edit as messages before the question (editors.retrieval.augmented.CHAT_CONTEXTS).
+Each answer line says what it was routed through.
 """
 
 from __future__ import annotations
@@ -39,10 +42,11 @@ DEMO_QUESTIONS = (
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="add edits, ask the model before and after, update, roll back (the main job)")
     p.add_argument("--model", default="smollm2-135m", help="model alias or local folder (default: %(default)s)")
-    p.add_argument("--threshold", type=float, default=0.5,
-                   help="cosine similarity at or above which a question counts as inside an edit (default 0.5; "
-                        "a trained scope classifier replaces this: see `editmem train-scope`)")
-    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--scope", default="default", help="scope classifier name or 'cosine' (default: %(default)s, the "
+                                                      "trained head shipped with editmem unless you trained one)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="override the scope's threshold (for --scope cosine: default 0.5)")
+    p.add_argument("--max-new-tokens", type=int, default=24)
     p.set_defaults(func=run_demo)
 
 
@@ -51,19 +55,19 @@ def _line(text: str = "") -> None:
 
 
 def _short(text: str) -> str:
-    text = " ".join(text.split())
-    for stop in (".", "\n"):
-        if stop in text:
-            text = text.split(stop, 1)[0]
-    return text.strip() or "(nothing)"
+    from eval.answers import first_answer
+
+    return first_answer(text) or "(nothing)"
 
 
 def _ask(wrapper, question: str, max_new_tokens: int) -> str:
     answer = wrapper.ask(question, max_new_tokens=max_new_tokens)
     d = answer.decision
+    how = "chat" if wrapper.chat is not None else "completion"
     if d.edit is None:
-        return f"{_short(answer.text)!r:28} [base model: no edit in scope]"
-    return f"{_short(answer.text)!r:28} [edit #{d.edit.id} v{d.edit.version}, score {d.score:.2f}]"
+        return f"{_short(answer.text)!r}  [base model: no edit in scope] (asked as {how})"
+    return f"{_short(answer.text)!r}  [edit #{d.edit.id} v{d.edit.version}, score {d.score:.2f}] (edit in context, " \
+           f"asked as {how})"
 
 
 def _ask_all(wrapper, questions, max_new_tokens: int) -> None:
@@ -74,8 +78,8 @@ def _ask_all(wrapper, questions, max_new_tokens: int) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     from editors.lm.loading import load_model
     from editors.retrieval.augmented import AugmentedModel
+    from editors.retrieval.setup import load_classifier
     from memory import EditMemory
-    from scope.classifier import CosineScope
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="editmem-demo-") as tmp:
@@ -84,9 +88,12 @@ def run_demo(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(args.model)
         _line(f"   model: {args.model} ({type(model).__name__}), loaded in {time.perf_counter() - started:.1f} s")
         with EditMemory.open(url) as mem:
-            scope = CosineScope(threshold=args.threshold, encoder=mem.encoder.name)
+            threshold = 0.5 if args.scope == "cosine" and args.threshold is None else args.threshold
+            scope = load_classifier(args.scope, threshold=threshold, encoder=mem.encoder.name)
             wrapper = AugmentedModel(model, tokenizer, mem, scope)
-            _line(f"   encoder: {mem.encoder.name}; scope: cosine >= {args.threshold}; {len(mem)} edits stored")
+            source = scope.info.get("name", args.scope)
+            _line(f"   encoder: {mem.encoder.name}; scope: {scope.kind} {source!r} (threshold {scope.threshold:.3f}); "
+                  f"{len(mem)} edits stored; asked as {'chat' if wrapper.chat is not None else 'plain completion'}")
             _line()
             _line("== 1. before any edit: the base model answers")
             _ask_all(wrapper, DEMO_QUESTIONS, args.max_new_tokens)

@@ -1,0 +1,126 @@
+"""The generation protocol as users meet it: chat frames, stop rules, normalised matching with aliases, leak checks,
+the wrapper's chat routing, and the scope head shipped in the package."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from editors.lm.chat import chat_frame
+from editors.lm.tokens import encode_prompt
+from editors.retrieval.augmented import AugmentedModel
+from eval.answers import answer_matches, find_leaks, first_answer, probe_input
+from eval.metrics import GENERATE, MetricSettings, measure_case
+from memory import EditMemory
+from memory.errors import ValidationError
+from memory.records import EditCase
+from scope import CosineScope
+from tests.tiny import tiny_model, tiny_tokenizer
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def chat_tokenizer():
+    """A copy of the tiny tokenizer with a ChatML template (its turn markers are plain text to it)."""
+    tok = copy.deepcopy(tiny_tokenizer())
+    tok.chat_template = CHATML
+    return tok
+
+
+def test_first_answer_stops_at_line_and_sentence():
+    assert first_answer(" Melbourne. It is in Victoria.") == "Melbourne."
+    assert first_answer("\n\nMelbourne\nNew Fact: x") == "Melbourne"
+    assert first_answer("Washington, D.C. is the capital. Next") == "Washington, D.C. is the capital."
+    assert first_answer("   ") == ""
+
+
+def test_answer_matching_normalises_and_uses_aliases():
+    assert answer_matches("The capital of Australia is Melbourne.", ["Melbourne"])
+    assert answer_matches(" the  MELBOURNE!", ["melbourne"])
+    assert not answer_matches("Melbournian food is great.", ["Melbourne"])
+    assert answer_matches("It is NYC, of course.", ["New York", "NYC"])
+    assert not answer_matches("Sydney. Melbourne is second.", ["Melbourne"])  # only the first sentence counts
+    assert not answer_matches("Sydney\nMelbourne", ["Melbourne"])  # only the first line counts
+    assert not answer_matches("anything", ["The"])  # an answer that normalises to nothing never matches
+
+
+def test_leaks_are_found():
+    answers = ["Melbourne (answer: Melbourne)", "New Fact: The capital of", "Prompt: x", "Melbourne.", "Perth"]
+    assert find_leaks(answers) == [(0, "(answer:"), (1, "new fact"), (2, "prompt:")]
+
+
+def test_chat_template_applied_only_when_the_tokenizer_has_one():
+    plain = tiny_tokenizer()
+    assert chat_frame(plain) is None
+    q = "Which city is the capital of France?"
+    assert probe_input(plain, q, chat_frame(plain)) == encode_prompt(plain, q)
+    tok = chat_tokenizer()
+    frame = chat_frame(tok)
+    assert frame is not None
+    ids = probe_input(tok, q, frame)
+    assert tok.decode(ids) == f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
+    assert frame.routing_text(ids) == q
+    assert frame.routing_text([*ids, *tok(" Paris", add_special_tokens=False)["input_ids"]]) == f"{q} Paris"
+    cloze = "The capital of France is"
+    assert probe_input(tok, cloze, frame, cloze="complete") == encode_prompt(tok, cloze)  # plain when asked
+    assert probe_input(tok, q, frame, cloze="complete") == ids  # a question still goes through the template
+
+
+def test_generate_protocol_uses_the_chat_template(monkeypatch):
+    """The generate protocol feeds the model the framed question; a settings switch turns that off."""
+    model, _ = tiny_model("llama")
+    tok = chat_tokenizer()
+    seen: list[list[int]] = []
+    real = model.generate
+
+    def spy(input_ids=None, attention_mask=None, **kw):
+        seen.extend(input_ids[b][attention_mask[b].bool()].tolist() for b in range(input_ids.shape[0]))
+        return real(input_ids=input_ids, attention_mask=attention_mask, **kw)
+
+    monkeypatch.setattr(model, "generate", spy)
+    case = EditCase(prompt="Which city is the capital of France?", target_new="Rome")
+    measure_case(model, tok, case, [GENERATE], settings=MetricSettings(fluency_tokens=0, answer_tokens=2))
+    assert seen == [chat_frame(tok).encode(case.prompt)]
+    seen.clear()
+    measure_case(model, tok, case, [GENERATE], settings=MetricSettings(fluency_tokens=0, answer_tokens=2,
+                                                                       chat="never"))
+    assert seen == [encode_prompt(tok, case.prompt)]
+    with pytest.raises(ValidationError):
+        MetricSettings(chat="always")
+
+
+def test_wrapper_routes_chat_rows_on_the_question_and_puts_the_edit_in_the_conversation():
+    model, _ = tiny_model("llama")
+    tok = chat_tokenizer()
+    with EditMemory.open("sqlite://", encoder="hashing-256") as mem:
+        mem.add("The capital of France is", "Rome", subject="France")
+        wrapper = AugmentedModel(model, tok, mem, CosineScope(0.6))
+        framed = wrapper.chat.encode("The capital of France is")
+        assert wrapper.row_text(framed) == "The capital of France is"
+        decision = wrapper.route_rows([framed])[0]
+        assert decision.in_scope
+        seq, at = wrapper._conditioned(framed, decision.edit)
+        text = tok.decode(seq)
+        assert "The capital of France is Rome." in text and text.endswith(tok.decode(framed[at:]))
+        assert "(answer:" not in text and "New Fact" not in text
+        answer = wrapper.ask("The capital of France is", max_new_tokens=3)
+        assert answer.edit is not None and answer.edit.target_new == "Rome"
+        # forward on a framed row lines the logits up with the original positions
+        ids = torch.tensor([framed])
+        assert wrapper(input_ids=ids).logits.shape[:2] == ids.shape
+
+
+def test_packaged_default_scope_head_loads_on_a_fresh_machine(tmp_path, monkeypatch):
+    from scope.classifier import PACKAGED_DEFAULT_FOLDER, HeadScope, load_scope
+
+    monkeypatch.setenv("EDITMEM_CACHE", str(tmp_path))  # nothing trained here
+    clf = load_scope("default", encoder="all-MiniLM-L6-v2")
+    assert isinstance(clf, HeadScope) and clf.encoder == "all-MiniLM-L6-v2"
+    manifest = json.loads((PACKAGED_DEFAULT_FOLDER / "manifest.json").read_text())
+    assert clf.threshold == manifest["threshold"] and manifest["calibration"]["met"]
+    assert "train-scope" in manifest["command"]
+    assert (PACKAGED_DEFAULT_FOLDER / "head.pt").stat().st_size < 4_000_000

@@ -1,0 +1,31 @@
+"""No context-format string leaks into SmolLM2's answers: a handful of real CounterFact edits, asked through the
+wrapper (chat template, the shipped scope head) and through the demo's own edits."""
+
+from __future__ import annotations
+
+import pytest
+
+from editors.retrieval.augmented import AugmentedModel
+from editors.retrieval.setup import load_classifier
+from eval.answers import find_leaks, first_answer
+from eval.datasets import load_cases
+from memory import EditMemory
+from tests.tiny import smollm2
+
+
+@pytest.mark.integration
+def test_answers_to_real_edits_hold_no_format_strings(data_dir):
+    cases = load_cases(data_dir / "counterfact" / "easyedit_split" / "counterfact-edit.json", limit=4)
+    model, tok = smollm2()
+    with EditMemory.open("sqlite://") as mem:
+        mem.add_many([{"prompt": c.prompt, "target_new": c.target_new, "subject": c.subject} for c in cases])
+        wrapper = AugmentedModel(model, tok, mem, load_classifier("default", encoder=mem.encoder.name))
+        assert wrapper.chat is not None
+        answers, routed = [], 0
+        for c in cases:
+            for question in (c.prompt, *c.rephrases[:1]):
+                a = wrapper.ask(question, max_new_tokens=24)
+                routed += a.edit is not None
+                answers.append(first_answer(a.text))
+        assert routed >= len(answers) // 2  # the edits were in context for most of them
+        assert find_leaks(answers) == [], answers
