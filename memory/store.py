@@ -30,29 +30,38 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence, overload
+from typing import Any, Literal, overload
 
 import numpy as np
 from sqlalchemy import func, insert, select, update
-from sqlalchemy.engine import Connection, Engine, Row, URL
+from sqlalchemy.engine import URL, Connection, Engine, Row
 
 from memory import schema
 from memory.encoder import DEFAULT_ENCODER, Encoder, get_encoder
 from memory.errors import FormatError, NotFoundError, StoreError, ValidationError
 from memory.index import KINDS, VectorIndex
 from memory.ledger import WeightLedger, WeightModel, WeightRecord
+from memory.namespaces import check_namespace
 from memory.paths import pg_index_file
 from memory.readonly import read_only_engine, refuse_write, wants_read_only
-from memory.sync import IndexSync, encode, insert_vectors, load_vectors
 from memory.records import EditCase, EditRecord, Hit
-from memory.namespaces import check_namespace
 from memory.schema import (
-    CURRENT, OP_ADD, OP_DEL, aware, changes, chunks, db_errors, edits, meta,
+    CURRENT,
+    OP_ADD,
+    OP_DEL,
+    aware,
+    changes,
+    chunks,
+    db_errors,
+    edits,
+    meta,
 )
+from memory.sync import IndexSync, encode, insert_vectors, load_vectors
 from memory.validate import UPDATABLE, EditFields, InvalidField, check_id, edit_fields, fields_of, text_problem
 
 DEFAULT_NAMESPACE = schema.DEFAULT_NAMESPACE
@@ -555,15 +564,14 @@ class EditMemory:
         self._check_open()
         if self._read_only:
             raise refuse_write(self.url)
-        with db_errors(self._url):
-            with self._engine.begin() as conn:
-                conn.execute(update(meta).where(meta.c.id == 1).values(change_seq=meta.c.change_seq + 1))
-                seq = int(conn.execute(select(meta.c.change_seq).where(meta.c.id == 1)).scalar_one())
-                tx = _Tx(conn, seq, datetime.now(timezone.utc))
-                yield tx
-                if tx.changed:
-                    conn.execute(insert(changes), [{"seq": seq, "row_id": r, "op": op, "namespace": self._namespace}
-                                                   for r, op in tx.changed])
+        with db_errors(self._url), self._engine.begin() as conn:
+            conn.execute(update(meta).where(meta.c.id == 1).values(change_seq=meta.c.change_seq + 1))
+            seq = int(conn.execute(select(meta.c.change_seq).where(meta.c.id == 1)).scalar_one())
+            tx = _Tx(conn, seq, datetime.now(UTC))
+            yield tx
+            if tx.changed:
+                conn.execute(insert(changes), [{"seq": seq, "row_id": r, "op": op, "namespace": self._namespace}
+                                               for r, op in tx.changed])
         self._index_sync.after_write(tx)
 
     def _current_row(self, conn: Connection, edit_id: int) -> Row | None:

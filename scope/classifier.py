@@ -15,9 +15,10 @@ import logging
 import os
 import re
 from abc import ABC, abstractmethod
-from datetime import datetime, timezone
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -174,7 +175,7 @@ def save_scope(classifier: ScopeClassifier, name: str, *, root: str | os.PathLik
     tmp = folder / f".tmp-v{version}-{os.getpid()}"
     tmp.mkdir()
     manifest = {**classifier.manifest(), "name": name, "version": version,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                "created": datetime.now(UTC).isoformat(timespec="seconds")}
     if isinstance(classifier, HeadScope):
         torch.save(classifier.head.state_dict(), tmp / "head.pt")
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

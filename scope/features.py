@@ -19,7 +19,7 @@ a saved classifier records it and is refused by code that builds another.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -9,7 +9,11 @@ import pytest
 
 from serve.cli import main
 from tests.test_store_fixtures import (  # noqa: F401  (fixtures)
-    FACTS, _editmem_cache, pg_store_url, store_url, write_knowedit,
+    FACTS,
+    _editmem_cache,
+    pg_store_url,
+    store_url,
+    write_knowedit,
 )
 
 

@@ -12,14 +12,20 @@ from memory.encoder import get_encoder
 from memory.errors import ValidationError
 from memory.records import EditCase, Probe
 from memory.store import EditMemory
-from scope import CosineScope, HeadScope, Router, ScopeError, calibrate_threshold, load_scope, precision_recall, \
-    save_scope
+from scope import (
+    CosineScope,
+    HeadScope,
+    Router,
+    ScopeError,
+    calibrate_threshold,
+    load_scope,
+    precision_recall,
+    save_scope,
+)
 from scope.classifier import list_scopes
 from scope.features import lexical
 from scope.router import query_views
 from scope.train import TrainSettings, build_pairs, query_decisions, train_scope
-
-
 
 
 # --- calibration ------------------------------------------------------------------------------------------------------

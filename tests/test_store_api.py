@@ -11,7 +11,13 @@ import pytest
 
 from memory import EditCase, EditMemory, FormatError, NotFoundError, Probe, StoreError, ValidationError
 from tests.test_store_fixtures import (  # noqa: F401  (fixtures)
-    FACTS, _editmem_cache, open_store, pg_store_url, snapshot, store_url, write_knowedit,
+    FACTS,
+    _editmem_cache,
+    open_store,
+    pg_store_url,
+    snapshot,
+    store_url,
+    write_knowedit,
 )
 
 
@@ -347,9 +353,8 @@ def test_bad_file_leaves_store_exactly_as_it_was(store_url: str, tmp_path: Path,
             mem.import_file(path)
         assert str(path) in str(err.value)
         assert snapshot(mem) == before
-    with pytest.raises(FormatError, match="no such file"):
-        with open_store(store_url) as mem:
-            mem.import_file(tmp_path / "missing.json")
+    with pytest.raises(FormatError, match="no such file"), open_store(store_url) as mem:
+        mem.import_file(tmp_path / "missing.json")
 
 
 def test_export_and_import_round_trip(store_url: str, tmp_path: Path) -> None:

@@ -11,7 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from tests.test_store_fixtures import (  # noqa: F401  (fixtures)
-    ENCODER, FACTS, _editmem_cache, open_store, pg_store_url, store_url,
+    ENCODER,
+    FACTS,
+    _editmem_cache,
+    open_store,
+    pg_store_url,
+    store_url,
 )
 
 REPO = Path(__file__).resolve().parent.parent

@@ -6,11 +6,24 @@ from __future__ import annotations
 
 from typing import Any
 
+from memory.errors import FormatError
 from memory.formats.reading import (
-    _Rec, _Skip, _Source, _answers, _case_id, _each, _error, _fill, _obj, _one_hop, _opt, _report, _req, _texts,
+    _answers,
+    _case_id,
+    _each,
+    _error,
+    _fill,
+    _obj,
+    _one_hop,
+    _opt,
+    _Rec,
+    _report,
+    _req,
+    _Skip,
+    _Source,
+    _texts,
     _typename,
 )
-from memory.errors import FormatError
 from memory.records import EditCase, Probe
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -8,12 +8,13 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-from memory.formats.reading import _MISSING, _Rec, _Source, _error, _load, _obj, _opt, _req, _texts, _typename
 from memory.errors import FormatError, ValidationError
+from memory.formats.reading import _MISSING, _error, _load, _obj, _opt, _Rec, _req, _Source, _texts, _typename
 from memory.records import EditCase, EditRecord, Probe
 
 log = logging.getLogger(__name__)
