@@ -13,9 +13,9 @@ edit and a rephrase of another's "Margherita Buy originated from"). Its pairs wi
 (other than its anchor) are therefore left out as ambiguous rather than labelled negative; ``stats["ambiguous"]``
 counts them.
 
-Teacher-forced evaluation routes on prompt + answer (see :mod:`editors.retrieval.augmented`), so a share ``answer_augment`` of
-the queries get an answer appended (the new target or the old one for rephrases and prompts, the probe's answer for
-locality prompts), which teaches the head to ignore a trailing answer.
+Teacher-forced evaluation routes on prompt + answer (see :mod:`editors.retrieval.augmented`), so a share
+``answer_augment`` of the queries get an answer appended (the new target or the old one for rephrases and prompts,
+the probe's answer for locality prompts), which teaches the head to ignore a trailing answer.
 
 Held-out: a share ``holdout`` of the cases (by case, so no query text or edit of theirs is trained on). Held-out pairs
 are those whose query belongs to a held-out case; training pairs have both query and edit outside them. The threshold
@@ -93,10 +93,12 @@ class TrainSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or value < 0 or (name == "lr" and value == 0):
-                raise ValidationError(f"scope training setting {name} must be a {'positive' if name == 'lr' else 'non-negative'} number, got {value!r}")
+                kind = "positive" if name == "lr" else "non-negative"
+                raise ValidationError(f"scope training setting {name} must be a {kind} number, got {value!r}")
         _check_fraction("holdout", self.holdout, open_right=True)
         if self.holdout <= 0:
-            raise ValidationError("scope training setting holdout must be > 0: the threshold is chosen on held-out pairs")
+            raise ValidationError("scope training setting holdout must be > 0: the threshold is chosen on held-out "
+                                  "pairs")
         _check_fraction("answer_augment", self.answer_augment)
         _check_fraction("prompt_share", self.prompt_share)
         if not 0 < self.target_precision <= 1:

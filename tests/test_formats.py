@@ -398,7 +398,7 @@ def test_wrong_types(tmp_path):
     rome["requested_rewrite"]["target_new"] = {"str": "Italy"}
     rome["requested_rewrite"]["prompt"] = "Paris is in"
     p = write(tmp_path, "rome.json", [rome])
-    with pytest.raises(FormatError, match="no '{}' for the subject"):
+    with pytest.raises(FormatError, match=r"no '\{\}' for the subject"):
         read_cases(p)
 
 
@@ -429,7 +429,7 @@ def test_knowedit_bad_probe(tmp_path):
     assert "field 'locality.Relation_Specificity[0].ground_truth[0][1]'" in str(e.value)
     rec["locality"] = {"Relation_Specificity": {"prompt": "x"}}
     p = write(tmp_path, "ke.json", [rec])
-    with pytest.raises(FormatError, match="field 'locality.Relation_Specificity': expected an array"):
+    with pytest.raises(FormatError, match=r"field 'locality\.Relation_Specificity': expected an array"):
         read_cases(p)
 
 
@@ -579,7 +579,7 @@ def test_case_metadata_reserved_keys():
     with pytest.raises(ValidationError, match="reserved"):
         case_to_metadata(EditCase("p", "t", metadata={"locality": []}))
     record = EditRecord(1, 1, "p", "t", metadata={"portability": "oops"})
-    with pytest.raises(ValidationError, match="metadata.portability"):
+    with pytest.raises(ValidationError, match=r"metadata\.portability"):
         case_from_record(record)
 
 

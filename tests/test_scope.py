@@ -170,9 +170,9 @@ def test_save_load_round_trip_versions_and_encoder_refusal(trained, tmp_path):
         load_scope("nope", root=tmp_path)
     with pytest.raises(ScopeError, match="no version 7"):
         load_scope("cf", version=7, root=tmp_path)
-    with EditMemory.open("sqlite://", encoder="hashing-128") as other:
-        with pytest.raises(ScopeError, match="trained for encoder"):
-            Router(other, loaded)
+    with (EditMemory.open("sqlite://", encoder="hashing-128") as other,
+          pytest.raises(ScopeError, match="trained for encoder")):
+        Router(other, loaded)
 
 
 def test_corrupt_manifest_is_a_clear_error(tmp_path):

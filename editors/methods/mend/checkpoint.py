@@ -105,7 +105,7 @@ def load_checkpoint(name_or_path: str | Path, model: torch.nn.Module) -> LoadedM
             "`editmem train-mend`")
     params = dict(model.named_parameters())
     layers = tuple(config["layers"])
-    for layer, (name, shape) in zip(layers, config["params"].items()):
+    for _layer, (name, shape) in zip(layers, config["params"].items()):
         if name not in params or list(params[name].shape) != shape:
             raise MendCheckpointError(f"{folder}: the checkpoint edits {name} {shape}, which this model does not "
                                       "have in that shape")

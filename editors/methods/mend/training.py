@@ -313,10 +313,9 @@ def train_mend(model: torch.nn.Module, tokenizer: Any, cases: Sequence[EditCase]
                             loc=f"{float(losses['loc_same']):.2f}",
                             val=f"{best.get('edit_acc', float('nan')):.2f}")
             out_of_time = s.time_limit_s is not None and time.perf_counter() - t0 >= s.time_limit_s
-            if step % s.val_every == 0 or step == s.steps or out_of_time:
-                if validate():
-                    stopped = "early stop"
-                    break
+            if (step % s.val_every == 0 or step == s.steps or out_of_time) and validate():
+                stopped = "early stop"
+                break
             if out_of_time:
                 stopped = "time limit"
                 break
