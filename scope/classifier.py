@@ -66,6 +66,8 @@ class ScopeClassifier(ABC):
                    v: np.ndarray | None) -> np.ndarray:
         """Scores (n,) of n (query, search hit) pairs. ``u`` and ``v`` are the queries' and the hits' key embeddings
         as in :meth:`score`; they may be None for a classifier whose :attr:`needs_vectors` is false."""
+        if u is None or v is None:
+            raise ValueError(f"the {self.kind} scope classifier scores from embeddings: pass the query and key vectors")
         return self.score(queries, u, [h.edit for h in hits], v)
 
     def check_encoder(self, encoder_name: str) -> None:

@@ -130,7 +130,8 @@ class Router:
         owner: list[int] = []  # the text each view belongs to
         for q, text in enumerate(texts):
             for view in query_views(text):
-                views.append(view), owner.append(q)
+                views.append(view)
+                owner.append(q)
         u = v = None
         wants_vectors = self.classifier.needs_vectors or self.reranker is not None
         if wants_vectors:  # the vectors the search encoded and the hits' stored keys, not re-encoded

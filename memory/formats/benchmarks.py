@@ -100,7 +100,7 @@ def _parse_counterfact_easyedit(src: _Source) -> list[EditCase]:
         prompt = _req(rec, r, "prompt", target=True)
         target = _req(rec, r, "target_new", target=True)
         rephrase = _opt(rec, r, "rephrase_prompt")
-        locality = ()
+        locality: tuple[Probe, ...] = ()
         if r.get("locality_prompt") is not None or r.get("locality_ground_truth") is not None:
             locality = (Probe(_req(rec, r, "locality_prompt"), _req(rec, r, "locality_ground_truth"),
                               "neighborhood"),)
