@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from editors.base import WeightEditHandle, get_editor
-from editors.lm.architectures import model_fingerprint
+from editors.lm.architectures import CausalLM, model_fingerprint
 from memory.errors import EditmemError, NotFoundError, ValidationError
 
 log = logging.getLogger(__name__)
@@ -311,7 +311,7 @@ def pending_edits(mem: Any, model_id: int) -> list[Any]:
     return [r for r in mem if (r.id, r.version) not in written]
 
 
-def save_model(model: torch.nn.Module, tokenizer: Any, folder: str | Path) -> None:
+def save_model(model: CausalLM, tokenizer: Any, folder: str | Path) -> None:
     """Write a safetensors model folder (loadable with :func:`editors.lm.loading.load_model`), replacing its weights
     file as a whole: the new folder is written beside it and swapped in."""
     import os

@@ -26,12 +26,12 @@ from typing import Any
 
 import torch
 
-from editors.lm.architectures import arch_spec, get_module, layer_module, num_layers
+from editors.lm.architectures import Which, arch_spec, get_module, layer_module, num_layers
 from editors.lm.tokens import encode_prompt, encode_prompt_target
 from memory.errors import ValidationError
 
 KINDS: tuple[str, ...] = ("hidden", "mlp", "attn")
-_MODULE = {"hidden": "block", "mlp": "mlp", "attn": "attn_out"}
+_MODULE: dict[str, Which] = {"hidden": "block", "mlp": "mlp", "attn": "attn_out"}
 GROUPS: tuple[str, ...] = ("first subject token", "middle subject tokens", "last subject token",
                            "first subsequent token", "further tokens", "last token")
 
@@ -87,7 +87,7 @@ def _hook(module: torch.nn.Module, fn: Any) -> Iterator[None]:
 
 
 def _module(model: torch.nn.Module, kind: str, layer: int) -> torch.nn.Module:
-    return layer_module(model, layer, _MODULE[kind])  # type: ignore[arg-type]
+    return layer_module(model, layer, _MODULE[kind])
 
 
 class _Tracer:

@@ -4,8 +4,16 @@ from memory.errors import EditmemError, FormatError, NotFoundError, StoreError, 
 from memory.records import EditCase, EditRecord, Hit, Probe
 
 __all__ = [
-    "EditCase", "EditRecord", "EditMemory", "EditmemError", "FormatError", "Hit", "NotFoundError", "Probe",
-    "StoreError", "ValidationError",
+    "EditCase",
+    "EditMemory",
+    "EditRecord",
+    "EditmemError",
+    "FormatError",
+    "Hit",
+    "NotFoundError",
+    "Probe",
+    "StoreError",
+    "ValidationError",
 ]
 
 

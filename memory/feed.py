@@ -45,7 +45,8 @@ def changes_since(memory: Any, since: int = 0, limit: int = 1000) -> list[Change
             raise ValidationError(f"{name} must be an integer >= {low}, got {value!r}")
     query = (select(changes.c.seq, changes.c.op, edits.c.edit_id, edits.c.version, edits.c.deleted)
              .join(edits, edits.c.row_id == changes.c.row_id)
-             .where(changes.c.seq > since, changes.c.namespace == memory.namespace).order_by(changes.c.seq, changes.c.row_id).limit(limit))
+             .where(changes.c.seq > since, changes.c.namespace == memory.namespace)
+             .order_by(changes.c.seq, changes.c.row_id).limit(limit))
     with memory._read() as conn:
         return [Change(int(s), str(op), int(e), int(v), bool(d)) for s, op, e, v, d in conn.execute(query)]
 

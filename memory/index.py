@@ -18,9 +18,10 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -126,7 +127,8 @@ class VectorIndex:
         k_eff = min(k, n_live)
         params = None
         if self.kind == "hnsw":
-            params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, 2 * k_eff))
+            # faiss exports SearchParametersHNSW (swigfaiss) but its bundled __init__.pyi omits it
+            params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, 2 * k_eff))  # type: ignore[attr-defined]
             if self._stale:
                 batch = faiss.IDSelectorBatch(np.fromiter(self._stale, dtype=np.int64, count=len(self._stale)))
                 selector = faiss.IDSelectorNot(batch)
@@ -157,7 +159,7 @@ class VectorIndex:
                 f.write(MAGIC)
                 f.write(len(header).to_bytes(8, "little"))
                 f.write(header)
-                f.write(memoryview(payload))
+                f.write(payload.data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -216,9 +218,11 @@ def _search(index: Any, queries: np.ndarray, k: int, params: Any) -> tuple[np.nd
 def _new_faiss(kind: str, dim: int) -> Any:
     import faiss
 
+    inner: faiss.Index
     if kind == "hnsw":
-        inner = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
-        inner.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        hnsw = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        inner = hnsw
     else:
         inner = faiss.IndexFlatIP(dim)
     return faiss.IndexIDMap2(inner)  # faiss keeps a reference to ``inner`` in the wrapper

@@ -10,14 +10,15 @@ under the same name.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import insert, select, update
-from sqlalchemy.engine import Row
+from sqlalchemy.engine import CursorResult, Row
 
-from memory.errors import NotFoundError, ValidationError
+from memory.errors import NotFoundError, StoreError, ValidationError
 from memory.schema import CURRENT, aware, chunks, edits, weight_bases, weight_links, weight_models, weight_records
 from memory.validate import check_id
 
@@ -59,6 +60,14 @@ class WeightRecord:
         return tuple(e for e, _ in self.edits)
 
 
+def _new_id(result: CursorResult) -> int:
+    """The primary key of the row an INSERT just wrote."""
+    key = result.inserted_primary_key
+    if key is None:
+        raise StoreError("the database returned no id for the inserted row")
+    return int(key[0])
+
+
 def _weight_model(row: Row) -> WeightModel:
     m = row._mapping
     return WeightModel(id=int(m["model_id"]), fingerprint=m["fingerprint"], base=m["base"], folder=m["folder"],
@@ -93,8 +102,8 @@ class WeightLedger:
             if folder is not None and tx.conn.execute(
                     select(weight_models.c.model_id).where(weight_models.c.folder == folder)).first() is not None:
                 raise ValidationError(f"folder {folder} already holds a model with weight edits in this store")
-            model_id = tx.conn.execute(insert(weight_models).values(
-                fingerprint=fingerprint, base=base, folder=folder, created_at=tx.now)).inserted_primary_key[0]
+            model_id = _new_id(tx.conn.execute(insert(weight_models).values(
+                fingerprint=fingerprint, base=base, folder=folder, created_at=tx.now)))
         return WeightModel(int(model_id), fingerprint, base, folder, tx.now)
 
     def weight_models(self, *, folder: str | None = None) -> list[WeightModel]:
@@ -143,16 +152,17 @@ class WeightLedger:
             have = set(tx.conn.execute(select(weight_bases.c.param).where(
                 weight_bases.c.model_id == model.id, weight_bases.c.param.in_(params))).scalars())
             missing = [p for p in params if p not in have]
-            lacking = [p for p in missing if p not in (bases or {})]
+            given = bases or {}
+            lacking = [p for p in missing if p not in given]
             if lacking:
                 raise ValidationError(f"no base value given for parameter(s) {lacking} of model {model.id}")
             if missing:
-                tx.conn.execute(insert(weight_bases), [{"model_id": model.id, "param": p, "value": bytes(bases[p])}
+                tx.conn.execute(insert(weight_bases), [{"model_id": model.id, "param": p, "value": bytes(given[p])}
                                                        for p in missing])
-            record_id = int(tx.conn.execute(insert(weight_records).values(
+            record_id = _new_id(tx.conn.execute(insert(weight_records).values(
                 model_id=model.id, method=method, settings=settings_json, params=json.dumps(params),
                 deltas=bytes(deltas), applied=True, created_at=tx.now, removed_at=None,
-                note=None)).inserted_primary_key[0])
+                note=None)))
             tx.conn.execute(insert(weight_links), [{"record_id": record_id, "edit_id": e, "version": v}
                                                    for e, v in pairs])
         return WeightRecord(record_id, model.id, method, tuple(pairs), tuple(params), json.loads(settings_json),

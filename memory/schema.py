@@ -38,13 +38,31 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
-from typing import Any, Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
-    BigInteger, Boolean, Column, DateTime, Index, Integer, LargeBinary, MetaData, PrimaryKeyConstraint, String, Table,
-    Text, UniqueConstraint, and_, create_engine, event, insert, inspect, select,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    and_,
+    create_engine,
+    event,
+    insert,
+    inspect,
+    select,
 )
 from sqlalchemy.engine import URL, Connection, Engine, Row, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, SQLAlchemyError
@@ -253,7 +271,7 @@ def chunks(items: Sequence[Any], size: int = SQL_CHUNK) -> Iterator[Sequence[Any
 def aware(value: datetime | None) -> datetime | None:
     """A timestamp read back from SQL, as UTC if the database dropped its zone (SQLite does)."""
     if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
+        return value.replace(tzinfo=UTC)
     return value
 
 
@@ -302,7 +320,7 @@ def _insert_meta(engine: Engine, encoder_name: str) -> Row:
         with engine.begin() as conn:
             conn.execute(insert(meta).values(id=1, schema_version=SCHEMA_VERSION, store_uid=str(uuid.uuid4()),
                                              encoder=encoder_name, change_seq=0, next_edit_id=1, next_row_id=1,
-                                             created_at=datetime.now(timezone.utc)))
+                                             created_at=datetime.now(UTC)))
     except IntegrityError:
         pass  # created concurrently
     with engine.connect() as conn:

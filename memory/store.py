@@ -27,32 +27,42 @@ methods ``EditMemory`` exposes under the same names), tables and SQL helpers in 
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence, overload
+from typing import Any, Literal, overload
 
 import numpy as np
 from sqlalchemy import func, insert, select, update
-from sqlalchemy.engine import Connection, Engine, Row, URL
+from sqlalchemy.engine import URL, Connection, Engine, Row
 
 from memory import schema
 from memory.encoder import DEFAULT_ENCODER, Encoder, get_encoder
 from memory.errors import FormatError, NotFoundError, StoreError, ValidationError
 from memory.index import KINDS, VectorIndex
 from memory.ledger import WeightLedger, WeightModel, WeightRecord
+from memory.namespaces import check_namespace
 from memory.paths import pg_index_file
 from memory.readonly import read_only_engine, refuse_write, wants_read_only
-from memory.sync import IndexSync, encode, insert_vectors, load_vectors
 from memory.records import EditCase, EditRecord, Hit
-from memory.namespaces import check_namespace
 from memory.schema import (
-    CURRENT, OP_ADD, OP_DEL, aware, changes, chunks, db_errors, edits, meta,
+    CURRENT,
+    OP_ADD,
+    OP_DEL,
+    aware,
+    changes,
+    chunks,
+    db_errors,
+    edits,
+    meta,
 )
+from memory.sync import IndexSync, encode, insert_vectors, load_vectors
 from memory.validate import UPDATABLE, EditFields, InvalidField, check_id, edit_fields, fields_of, text_problem
 
 DEFAULT_NAMESPACE = schema.DEFAULT_NAMESPACE
@@ -274,7 +284,7 @@ class EditMemory:
         with self._read() as conn:
             return [_record(r) for r in conn.execute(query)]
 
-    def history(self, id: int) -> list[EditRecord]:
+    def history(self, id: int) -> builtins.list[EditRecord]:
         """Every version of edit ``id``, oldest first."""
         edit_id = check_id(id)
         with self._read() as conn:
@@ -284,7 +294,7 @@ class EditMemory:
             raise NotFoundError(f"no edit with id {edit_id}")
         return [_record(r) for r in rows]
 
-    def search(self, text: str, k: int = 5) -> list[Hit]:
+    def search(self, text: str, k: int = 5) -> builtins.list[Hit]:
         """The ``k`` current edits whose prompts are closest to ``text`` (cosine), best first."""
         if not isinstance(text, str) or not text.strip():
             raise ValidationError("the query text must not be empty")
@@ -292,11 +302,12 @@ class EditMemory:
 
     @overload
     def search_many(self, texts: Sequence[str], k: int = 5, *,
-                    return_vectors: Literal[False] = False) -> list[list[Hit]]: ...
+                    return_vectors: Literal[False] = False) -> builtins.list[builtins.list[Hit]]: ...
 
     @overload
     def search_many(self, texts: Sequence[str], k: int = 5, *,
-                    return_vectors: Literal[True]) -> tuple[list[list[Hit]], np.ndarray, list[np.ndarray]]: ...
+                    return_vectors: Literal[True],
+                    ) -> tuple[builtins.list[builtins.list[Hit]], np.ndarray, builtins.list[np.ndarray]]: ...
 
     def search_many(self, texts: Sequence[str], k: int = 5, *, return_vectors: bool = False) -> Any:
         """``search`` for many texts at once: one batched encode, one index search, one SQL fetch.
@@ -356,7 +367,8 @@ class EditMemory:
             raise ValidationError(str(err)) from None
         return self._add_fields([fields])[0]
 
-    def add_many(self, items: Iterable[EditCase | Mapping[str, Any]], *, progress: bool = False) -> list[EditRecord]:
+    def add_many(self, items: Iterable[EditCase | Mapping[str, Any]], *,
+                 progress: bool = False) -> builtins.list[EditRecord]:
         """Store many edits in one transaction (all or none). Items are EditCase objects or dicts with the keyword
         arguments of ``add``; an EditCase's probes, case_id and source go into metadata."""
         fields = []
@@ -413,6 +425,8 @@ class EditMemory:
         vector = self._vector_outside_tx(target_row_id, target.prompt)
         with self._write() as tx:
             current = self._current_row(tx.conn, target.id)
+            if current is None:  # every edit keeps a current row (a tombstone once deleted)
+                raise NotFoundError(f"no edit with id {target.id}")
             if not current.deleted and _fields_of_row(current).same_as(content):
                 return _record(current)
             self._close_row(tx, current)
@@ -463,7 +477,7 @@ class EditMemory:
         """Register an edited model: :meth:`WeightLedger.add_weight_model`."""
         return self._ledger.add_weight_model(fingerprint, base, folder)
 
-    def weight_models(self, *, folder: str | None = None) -> list[WeightModel]:
+    def weight_models(self, *, folder: str | None = None) -> builtins.list[WeightModel]:
         """The registered edited models: :meth:`WeightLedger.weight_models`."""
         return self._ledger.weight_models(folder=folder)
 
@@ -478,7 +492,7 @@ class EditMemory:
         return self._ledger.attach_weights(model_id, method, edits_, params, deltas, bases=bases, settings=settings)
 
     def weight_records(self, *, model_id: int | None = None, edit_id: int | None = None,
-                       applied: bool | None = True) -> list[WeightRecord]:
+                       applied: bool | None = True) -> builtins.list[WeightRecord]:
         """Weight records in the order applied: :meth:`WeightLedger.weight_records`."""
         return self._ledger.weight_records(model_id=model_id, edit_id=edit_id, applied=applied)
 
@@ -490,7 +504,7 @@ class EditMemory:
         """A model's stored base value blobs: :meth:`WeightLedger.weight_bases`."""
         return self._ledger.weight_bases(model_id, params)
 
-    def weight_base_params(self, model_id: int) -> list[str]:
+    def weight_base_params(self, model_id: int) -> builtins.list[str]:
         """The names of a model's touched parameters: :meth:`WeightLedger.weight_base_params`."""
         return self._ledger.weight_base_params(model_id)
 
@@ -502,7 +516,7 @@ class EditMemory:
         """One weight record by id: :meth:`WeightLedger.weight_record`."""
         return self._ledger.weight_record(record_id)
 
-    def consolidated(self) -> dict[int, list[WeightRecord]]:
+    def consolidated(self) -> dict[int, builtins.list[WeightRecord]]:
         """Edit id -> the applied weight records that wrote its current version: :meth:`WeightLedger.consolidated`."""
         return self._ledger.consolidated()
 
@@ -555,15 +569,14 @@ class EditMemory:
         self._check_open()
         if self._read_only:
             raise refuse_write(self.url)
-        with db_errors(self._url):
-            with self._engine.begin() as conn:
-                conn.execute(update(meta).where(meta.c.id == 1).values(change_seq=meta.c.change_seq + 1))
-                seq = int(conn.execute(select(meta.c.change_seq).where(meta.c.id == 1)).scalar_one())
-                tx = _Tx(conn, seq, datetime.now(timezone.utc))
-                yield tx
-                if tx.changed:
-                    conn.execute(insert(changes), [{"seq": seq, "row_id": r, "op": op, "namespace": self._namespace}
-                                                   for r, op in tx.changed])
+        with db_errors(self._url), self._engine.begin() as conn:
+            conn.execute(update(meta).where(meta.c.id == 1).values(change_seq=meta.c.change_seq + 1))
+            seq = int(conn.execute(select(meta.c.change_seq).where(meta.c.id == 1)).scalar_one())
+            tx = _Tx(conn, seq, datetime.now(UTC))
+            yield tx
+            if tx.changed:
+                conn.execute(insert(changes), [{"seq": seq, "row_id": r, "op": op, "namespace": self._namespace}
+                                               for r, op in tx.changed])
         self._index_sync.after_write(tx)
 
     def _current_row(self, conn: Connection, edit_id: int) -> Row | None:
@@ -610,7 +623,7 @@ class EditMemory:
                 edits.c.content_key.in_(chunk), CURRENT)) if ns == self._namespace)  # as in _current_records
         return found
 
-    def _new_only(self, fields: list[EditFields], conn: Connection) -> list[EditFields]:
+    def _new_only(self, fields: builtins.list[EditFields], conn: Connection) -> builtins.list[EditFields]:
         """Drop fields whose content key is already current in the store, or repeats an earlier item."""
         existing = self._existing_keys(conn, [f.content_key for f in fields])
         out = []
@@ -620,8 +633,8 @@ class EditMemory:
                 out.append(f)
         return out
 
-    def _add_fields(self, fields: list[EditFields], *, skip_existing: bool = False,
-                    progress: bool = False) -> list[EditRecord]:
+    def _add_fields(self, fields: builtins.list[EditFields], *, skip_existing: bool = False,
+                    progress: bool = False) -> builtins.list[EditRecord]:
         if skip_existing:
             with self._read() as conn:
                 fields = self._new_only(fields, conn)
@@ -643,7 +656,8 @@ class EditMemory:
                 tx.vectors[r["row_id"]] = by_key[f.content_key]
         return [_record_from_values(r) for r in rows]
 
-    def _insert_rows(self, tx: _Tx, rows: list[dict[str, Any]], vectors: np.ndarray, *, progress: bool) -> None:
+    def _insert_rows(self, tx: _Tx, rows: builtins.list[dict[str, Any]], vectors: np.ndarray, *,
+                     progress: bool) -> None:
         """Insert version rows and their embeddings in chunks, with a progress bar for a large write."""
         from tqdm.auto import tqdm
 
@@ -695,7 +709,7 @@ class EditMemory:
         with db_errors(self._url), self._engine.begin() as conn:
             yield conn
 
-    def _encode(self, texts: list[str], *, progress: bool = False) -> np.ndarray:
+    def _encode(self, texts: builtins.list[str], *, progress: bool = False) -> np.ndarray:
         return encode(self._encoder, texts, progress=progress)
 
     def _stored_vector(self, conn: Connection, row_id: int, prompt: str) -> np.ndarray:
@@ -739,7 +753,7 @@ def _stored_meta(engine: Engine, url: URL) -> tuple[str, str]:
 def _check_sqlite_path(url: URL, create: bool) -> None:
     if url.get_backend_name() != "sqlite" or schema.is_memory_sqlite(url):
         return
-    path = Path(url.database)
+    path = Path(url.database or "")  # not a memory URL, so the database is a path
     if not path.parent.is_dir():
         raise StoreError(f"cannot create store {path}: folder {path.parent} does not exist")
     if not create and not path.is_file():

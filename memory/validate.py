@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -66,6 +67,14 @@ class EditFields:
 def content_key(prompt: str, target_new: str, subject: str | None) -> str:
     """sha256 of (prompt, target_new, subject): the key import uses to skip edits the store already holds."""
     return hashlib.sha256(json.dumps([prompt, target_new, subject], ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+@overload
+def _text(value: Any, name: str, *, required: Literal[True]) -> str: ...
+
+
+@overload
+def _text(value: Any, name: str, *, required: bool) -> str | None: ...
 
 
 def _text(value: Any, name: str, *, required: bool) -> str | None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +36,8 @@ class Calibration:
         return asdict(self)
 
 
-def _check(scores: Sequence[float], labels: Sequence[int | bool]) -> tuple[np.ndarray, np.ndarray]:
+def _check(scores: Sequence[float] | np.ndarray,
+           labels: Sequence[int | bool] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     y = np.asarray(labels).reshape(-1).astype(bool)
     if s.shape != y.shape:
@@ -47,7 +49,8 @@ def _check(scores: Sequence[float], labels: Sequence[int | bool]) -> tuple[np.nd
     return s, y
 
 
-def precision_recall(scores: Sequence[float], labels: Sequence[int | bool], threshold: float) -> tuple[float, float]:
+def precision_recall(scores: Sequence[float] | np.ndarray, labels: Sequence[int | bool] | np.ndarray,
+                     threshold: float) -> tuple[float, float]:
     """Precision and recall of ``score >= threshold`` (precision 1.0 when nothing is predicted positive)."""
     s, y = _check(scores, labels)
     pred = s >= threshold
@@ -56,7 +59,7 @@ def precision_recall(scores: Sequence[float], labels: Sequence[int | bool], thre
     return (tp / n_pred if n_pred else 1.0), (tp / n_pos if n_pos else 0.0)
 
 
-def calibrate_threshold(scores: Sequence[float], labels: Sequence[int | bool],
+def calibrate_threshold(scores: Sequence[float] | np.ndarray, labels: Sequence[int | bool] | np.ndarray,
                         target_precision: float = 0.98) -> Calibration:
     """The threshold with the highest recall at precision >= ``target_precision`` on these pairs."""
     if not (isinstance(target_precision, (int, float)) and 0 < target_precision <= 1):

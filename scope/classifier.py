@@ -15,9 +15,10 @@ import logging
 import os
 import re
 from abc import ABC, abstractmethod
-from datetime import datetime, timezone
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,6 +70,8 @@ class ScopeClassifier(ABC):
                    v: np.ndarray | None) -> np.ndarray:
         """Scores (n,) of n (query, search hit) pairs. ``u`` and ``v`` are the queries' and the hits' key embeddings
         as in :meth:`score`; they may be None for a classifier whose :attr:`needs_vectors` is false."""
+        if u is None or v is None:
+            raise ValueError(f"the {self.kind} scope classifier scores from embeddings: pass the query and key vectors")
         return self.score(queries, u, [h.edit for h in hits], v)
 
     def check_encoder(self, encoder_name: str) -> None:
@@ -178,7 +181,7 @@ def save_scope(classifier: ScopeClassifier, name: str, *, root: str | os.PathLik
     tmp = folder / f".tmp-v{version}-{os.getpid()}"
     tmp.mkdir()
     manifest = {**classifier.manifest(), "name": name, "version": version,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                "created": datetime.now(UTC).isoformat(timespec="seconds")}
     if isinstance(classifier, HeadScope):
         torch.save(classifier.head.state_dict(), tmp / "head.pt")
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

@@ -11,15 +11,15 @@ the same encoder. The vector is ``[u*v, |u-v|, lexical]`` where ``lexical`` hold
 
 The raw ``u`` and ``v`` are left out on purpose: with them a head memorises the training edits' regions of the
 embedding space instead of learning what makes a pair match, and scores held-out edits (even a query equal to the edit
-prompt) low. The subject features carry what a sentence embedding blurs: "The mother tongue of Léon Blum is" and "The mother tongue
-of Danielle Darrieux is" embed close together but concern different subjects. :data:`FEATURE_SPEC` names this layout;
-a saved classifier records it and is refused by code that builds another.
+prompt) low. The subject features carry what a sentence embedding blurs: "The mother tongue of Léon Blum is" and
+"The mother tongue of Danielle Darrieux is" embed close together but concern different subjects.
+:data:`FEATURE_SPEC` names this layout; a saved classifier records it and is refused by code that builds another.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

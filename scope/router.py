@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -111,7 +112,7 @@ class Router:
 
     @classmethod
     def open(cls, url: str, classifier: ScopeClassifier, *, encoder: str | Encoder | None = None,
-             k: int = 5) -> "Router":
+             k: int = 5) -> Router:
         """Open the store at ``url`` with ``encoder``, else the classifier's encoder, else the store's own."""
         from memory.store import EditMemory
 
@@ -129,7 +130,8 @@ class Router:
         owner: list[int] = []  # the text each view belongs to
         for q, text in enumerate(texts):
             for view in query_views(text):
-                views.append(view), owner.append(q)
+                views.append(view)
+                owner.append(q)
         u = v = None
         wants_vectors = self.classifier.needs_vectors or self.reranker is not None
         if wants_vectors:  # the vectors the search encoded and the hits' stored keys, not re-encoded

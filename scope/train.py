@@ -13,9 +13,9 @@ edit and a rephrase of another's "Margherita Buy originated from"). Its pairs wi
 (other than its anchor) are therefore left out as ambiguous rather than labelled negative; ``stats["ambiguous"]``
 counts them.
 
-Teacher-forced evaluation routes on prompt + answer (see :mod:`editors.retrieval.augmented`), so a share ``answer_augment`` of
-the queries get an answer appended (the new target or the old one for rephrases and prompts, the probe's answer for
-locality prompts), which teaches the head to ignore a trailing answer.
+Teacher-forced evaluation routes on prompt + answer (see :mod:`editors.retrieval.augmented`), so a share
+``answer_augment`` of the queries get an answer appended (the new target or the old one for rephrases and prompts,
+the probe's answer for locality prompts), which teaches the head to ignore a trailing answer.
 
 Held-out: a share ``holdout`` of the cases (by case, so no query text or edit of theirs is trained on). Held-out pairs
 are those whose query belongs to a held-out case; training pairs have both query and edit outside them. The threshold
@@ -33,8 +33,9 @@ import logging
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,10 +93,12 @@ class TrainSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or value < 0 or (name == "lr" and value == 0):
-                raise ValidationError(f"scope training setting {name} must be a {'positive' if name == 'lr' else 'non-negative'} number, got {value!r}")
+                kind = "positive" if name == "lr" else "non-negative"
+                raise ValidationError(f"scope training setting {name} must be a {kind} number, got {value!r}")
         _check_fraction("holdout", self.holdout, open_right=True)
         if self.holdout <= 0:
-            raise ValidationError("scope training setting holdout must be > 0: the threshold is chosen on held-out pairs")
+            raise ValidationError("scope training setting holdout must be > 0: the threshold is chosen on held-out "
+                                  "pairs")
         _check_fraction("answer_augment", self.answer_augment)
         _check_fraction("prompt_share", self.prompt_share)
         if not 0 < self.target_precision <= 1:
@@ -115,7 +118,7 @@ class PairSet:
     kind: np.ndarray  # kind of each pair (POSITIVE_KINDS / NEGATIVE_KINDS)
     heldout: np.ndarray  # bool per pair
     lex: np.ndarray
-    query_positive: np.ndarray | None = None  # bool per query: should it route to its own edit (else to none)?
+    query_positive: np.ndarray  # bool per query: should it route to its own edit (else to none)?
     stats: dict[str, Any] = field(default_factory=dict)
 
     def subset(self, mask: np.ndarray) -> dict[str, np.ndarray]:
@@ -153,12 +156,18 @@ def build_pairs(cases: Sequence[EditCase], encoder: Encoder, settings: TrainSett
         for text, kind in pos_queries:
             if answers and rng.random() < settings.answer_augment:
                 text = _with_answer(text, rng.choice(answers))
-            texts.append(text), owner.append(i), positive_of.append(True), qkind.append(kind)
+            texts.append(text)
+            owner.append(i)
+            positive_of.append(True)
+            qkind.append(kind)
         for probe in c.locality:
             text = probe.prompt
             if rng.random() < settings.answer_augment:
                 text = _with_answer(text, probe.answer)
-            texts.append(text), owner.append(i), positive_of.append(False), qkind.append("locality")
+            texts.append(text)
+            owner.append(i)
+            positive_of.append(False)
+            qkind.append("locality")
     if not any(positive_of):
         raise ValidationError("the cases have no rephrases (nor prompts sampled as positives): nothing is in scope")
     if all(positive_of):
@@ -172,7 +181,7 @@ def build_pairs(cases: Sequence[EditCase], encoder: Encoder, settings: TrainSett
     labels: list[int] = []
     kinds: list[str] = []
     ambiguous = 0
-    same_key = {}  # key text -> cases with that prompt (duplicates count as the query's own edit)
+    same_key: dict[str, set[int]] = {}  # key text -> cases with that prompt (duplicates count as the query's own edit)
     for i, key in enumerate(keys):
         same_key.setdefault(key, set()).add(i)
     for start in range(0, len(texts), 2048):
@@ -188,17 +197,24 @@ def build_pairs(cases: Sequence[EditCase], encoder: Encoder, settings: TrainSett
                     ambiguous += 1
                     continue
                 is_pos = ei in own_keys
-                q_idx.append(qi), e_idx.append(int(ei)), labels.append(int(is_pos))
+                q_idx.append(qi)
+                e_idx.append(int(ei))
+                labels.append(int(is_pos))
                 kinds.append(qkind[qi] if is_pos else ("locality" if ei == own else "retrieved"))
                 paired.add(int(ei))
             if own not in paired:  # always pair a query with its own / anchor edit
-                q_idx.append(qi), e_idx.append(own), labels.append(int(pos))
+                q_idx.append(qi)
+                e_idx.append(own)
+                labels.append(int(pos))
                 kinds.append(qkind[qi] if pos else "locality")
                 paired.add(own)
             for _ in range(settings.easy_negatives):
                 ei = rng.randrange(n)
                 if ei not in paired and ei not in own_keys and not names_subject(texts[qi], cases[ei].subject):
-                    q_idx.append(qi), e_idx.append(ei), labels.append(0), kinds.append("random")
+                    q_idx.append(qi)
+                    e_idx.append(ei)
+                    labels.append(0)
+                    kinds.append("random")
                     paired.add(ei)
     q_arr, e_arr = np.asarray(q_idx), np.asarray(e_idx)
     held_q = np.asarray([owner[q] in held_cases for q in q_idx])
@@ -312,7 +328,7 @@ def train_scope(cases: Sequence[EditCase], encoder: Encoder, settings: TrainSett
         heldout[label] = {"calibration": queries["calibration"], "queries": queries,
                           "pairs": _pair_level_report(scores, ho["label"], ho["kind"], threshold)}
     clf.threshold = heldout["head"]["calibration"]["threshold"]
-    report = {
+    report: dict[str, Any] = {
         "source": source, "encoder": encoder.name, "settings": asdict(settings), "pairs": pairs.stats,
         "train_loss": losses, "heldout": heldout,
         "seconds": {"pairs": round(t_pairs, 2), "train": round(t_train, 2)},

@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _accept_common_options(command: argparse.ArgumentParser) -> None:
-    """Let ``--store``, ``--namespace``, ``-v`` and ``--json`` follow the subcommand too. Their defaults are SUPPRESS here, so that a
-    value given before the subcommand is not overwritten by the subcommand's default."""
+    """Let ``--store``, ``--namespace``, ``-v`` and ``--json`` follow the subcommand too. Their defaults are SUPPRESS
+    here, so that a value given before the subcommand is not overwritten by the subcommand's default."""
     known = command._option_string_actions
     if "--store" not in known:
         command.add_argument("--store", default=argparse.SUPPRESS, help=STORE_HELP)

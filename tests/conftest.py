@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,6 +29,42 @@ def pg_url() -> str:
             pytest.fail("CI=true but EDITMEM_TEST_PG_URL is not set: .ci/run should have started PostgreSQL")
         pytest.skip("no PostgreSQL (set EDITMEM_TEST_PG_URL)")
     return url
+
+
+@pytest.fixture
+def editmem_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Index files of PostgreSQL stores go to a per-test cache folder (store tests use it with ``usefixtures``)."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("EDITMEM_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture
+def pg_store_url(pg_url: str) -> Any:
+    """A PostgreSQL store URL whose tables live in a fresh schema (search_path), dropped after the test."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    schema = f"editmem_test_{uuid.uuid4().hex[:12]}"
+    engine = create_engine(make_url(pg_url).set(drivername="postgresql+psycopg"))
+    with engine.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    url = make_url(pg_url).set(drivername="postgresql+psycopg").update_query_dict(
+        {"options": f"-csearch_path={schema}"})
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A store URL: SQLite in tmp_path and, when EDITMEM_TEST_PG_URL is set, PostgreSQL in a fresh schema."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    return request.getfixturevalue("pg_store_url")
 
 
 @pytest.fixture(autouse=True, scope="session")

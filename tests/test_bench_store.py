@@ -30,5 +30,6 @@ def test_store_bench_runs_only_the_parts_asked_for(data_dir):
                                   parts=("hnsw",))
     results = run_store_bench(settings, progress=False)
     assert "hnsw" in results and not {"import", "search", "recall"} & set(results)
-    assert [s["ef_search"] for s in results["hnsw"]["sweep"]] == sorted(s["ef_search"] for s in results["hnsw"]["sweep"])
+    ef = [s["ef_search"] for s in results["hnsw"]["sweep"]]
+    assert ef == sorted(ef)
     assert "HNSW" in render_markdown(results, "cmd")

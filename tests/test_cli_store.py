@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from serve.cli import main
-from tests.test_store_fixtures import (  # noqa: F401  (fixtures)
-    FACTS, _editmem_cache, pg_store_url, store_url, write_knowedit,
-)
+from tests.test_store_fixtures import FACTS, write_knowedit
+
+pytestmark = pytest.mark.usefixtures("editmem_cache")  # PostgreSQL index files go to tmp_path
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def test_add_list_show_query(cli) -> None:
     assert code == 0 and len(out.splitlines()) == 2 and "Lyon" in out.splitlines()[1]
     code, out, _ = cli("query", "capital of France", "--json")
     hits = json.loads(out)
-    assert code == 0 and [h["id"] for h in hits][0] == 1 and hits[0]["score"] >= hits[1]["score"]
+    assert code == 0 and hits[0]["id"] == 1 and hits[0]["score"] >= hits[1]["score"]
 
 
 def test_update_delete_rollback_history(cli) -> None:

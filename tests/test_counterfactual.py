@@ -108,7 +108,7 @@ def test_training_improves_held_out_accuracy_and_leaves_the_base_model_alone(tra
 
 
 def test_save_load_round_trip_and_refusals(trained, tmp_path, monkeypatch):
-    model, tok, _, cf, meta = trained
+    model, _tok, _, cf, meta = trained
     monkeypatch.setenv("EDITMEM_CACHE", str(tmp_path))
     folder = save_counterfactual(cf, meta, "tiny")
     assert folder == tmp_path / "counterfactual" / "tiny" and read_meta("tiny")["best_step"] == meta["best_step"]

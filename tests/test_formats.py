@@ -5,22 +5,28 @@ from __future__ import annotations
 import json
 import logging
 import time
-from datetime import datetime, timezone
-from functools import lru_cache
+from datetime import UTC, datetime
+from functools import cache
 from pathlib import Path
 
 import pytest
 
 from memory.errors import FormatError, ValidationError
 from memory.formats import (
-    FORMATS, case_from_record, case_to_metadata, detect_format, read_cases, read_records, record_to_json, write_jsonl,
+    FORMATS,
+    case_from_record,
+    case_to_metadata,
+    detect_format,
+    read_cases,
+    read_records,
+    record_to_json,
+    write_jsonl,
 )
 from memory.records import EditCase, EditRecord, Probe
-
 from tests.conftest import DATA
 
 
-@lru_cache(maxsize=None)
+@cache
 def cases(rel: str) -> tuple[EditCase, ...]:
     """Parse a real data file once per test session."""
     return tuple(read_cases(DATA / rel))
@@ -392,7 +398,7 @@ def test_wrong_types(tmp_path):
     rome["requested_rewrite"]["target_new"] = {"str": "Italy"}
     rome["requested_rewrite"]["prompt"] = "Paris is in"
     p = write(tmp_path, "rome.json", [rome])
-    with pytest.raises(FormatError, match="no '{}' for the subject"):
+    with pytest.raises(FormatError, match=r"no '\{\}' for the subject"):
         read_cases(p)
 
 
@@ -423,7 +429,7 @@ def test_knowedit_bad_probe(tmp_path):
     assert "field 'locality.Relation_Specificity[0].ground_truth[0][1]'" in str(e.value)
     rec["locality"] = {"Relation_Specificity": {"prompt": "x"}}
     p = write(tmp_path, "ke.json", [rec])
-    with pytest.raises(FormatError, match="field 'locality.Relation_Specificity': expected an array"):
+    with pytest.raises(FormatError, match=r"field 'locality\.Relation_Specificity': expected an array"):
         read_cases(p)
 
 
@@ -471,8 +477,8 @@ def test_minimal_prompt_target_file_reads_as_knowedit(tmp_path):
 
 
 def make_records() -> list[EditRecord]:
-    t0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
-    t1 = datetime(2024, 5, 2, 8, 30, 15, 123456, tzinfo=timezone.utc)
+    t0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+    t1 = datetime(2024, 5, 2, 8, 30, 15, 123456, tzinfo=UTC)
     case = EditCase("The capital of France is", "Rome", "France", "Paris", ("France's capital city is",),
                     (Probe("The capital of Spain is", "Madrid", "neighborhood"),),
                     (Probe("The capital of France's neighbour Italy is", "Rome", "one_hop", ("Roma",)),),
@@ -573,7 +579,7 @@ def test_case_metadata_reserved_keys():
     with pytest.raises(ValidationError, match="reserved"):
         case_to_metadata(EditCase("p", "t", metadata={"locality": []}))
     record = EditRecord(1, 1, "p", "t", metadata={"portability": "oops"})
-    with pytest.raises(ValidationError, match="metadata.portability"):
+    with pytest.raises(ValidationError, match=r"metadata\.portability"):
         case_from_record(record)
 
 

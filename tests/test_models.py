@@ -165,7 +165,7 @@ def test_unknown_architecture_is_a_clear_error():
         arch_spec(bert)
     made_up = torch.nn.Linear(2, 2)
     made_up.config = types.SimpleNamespace(model_type="made_up_lm")
-    with pytest.raises(UnsupportedArchitectureError, match="made_up_lm.*gpt2"):
+    with pytest.raises(UnsupportedArchitectureError, match=r"made_up_lm.*gpt2"):
         num_layers(made_up)
     with pytest.raises(UnsupportedArchitectureError, match="model_type"):
         arch_spec(torch.nn.Linear(2, 2))
@@ -205,7 +205,7 @@ def test_unknown_model_name_lists_aliases(tmp_path):
     with pytest.raises(UnknownModelError, match="smollm2-135m"):
         load_model("no-such-model-anywhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UnknownModelError, match="no config.json"):
+    with pytest.raises(UnknownModelError, match=r"no config\.json"):
         load_model(tmp_path / "empty")
     with pytest.raises(EditmemError, match="dtype"):
         load_model(tmp_path / "empty", dtype="int8")

@@ -12,14 +12,20 @@ from memory.encoder import get_encoder
 from memory.errors import ValidationError
 from memory.records import EditCase, Probe
 from memory.store import EditMemory
-from scope import CosineScope, HeadScope, Router, ScopeError, calibrate_threshold, load_scope, precision_recall, \
-    save_scope
+from scope import (
+    CosineScope,
+    HeadScope,
+    Router,
+    ScopeError,
+    calibrate_threshold,
+    load_scope,
+    precision_recall,
+    save_scope,
+)
 from scope.classifier import list_scopes
 from scope.features import lexical
 from scope.router import query_views
 from scope.train import TrainSettings, build_pairs, query_decisions, train_scope
-
-
 
 
 # --- calibration ------------------------------------------------------------------------------------------------------
@@ -164,9 +170,9 @@ def test_save_load_round_trip_versions_and_encoder_refusal(trained, tmp_path):
         load_scope("nope", root=tmp_path)
     with pytest.raises(ScopeError, match="no version 7"):
         load_scope("cf", version=7, root=tmp_path)
-    with EditMemory.open("sqlite://", encoder="hashing-128") as other:
-        with pytest.raises(ScopeError, match="trained for encoder"):
-            Router(other, loaded)
+    with (EditMemory.open("sqlite://", encoder="hashing-128") as other,
+          pytest.raises(ScopeError, match="trained for encoder")):
+        Router(other, loaded)
 
 
 def test_corrupt_manifest_is_a_clear_error(tmp_path):

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from memory import EditCase, EditMemory, FormatError, NotFoundError, Probe, StoreError, ValidationError
-from tests.test_store_fixtures import (  # noqa: F401  (fixtures)
-    FACTS, _editmem_cache, open_store, pg_store_url, snapshot, store_url, write_knowedit,
-)
+from tests.test_store_fixtures import FACTS, open_store, snapshot, write_knowedit
+
+pytestmark = pytest.mark.usefixtures("editmem_cache")  # PostgreSQL index files go to tmp_path
 
 
-# --- add / get / list / len / iteration ---------------------------------------------------------------------------------
+# --- add / get / list / len / iteration -------------------------------------------------------------------------------
 def test_add_get_list_len(store_url: str) -> None:
     with open_store(store_url) as mem:
         assert len(mem) == 0 and mem.list() == []
@@ -76,7 +76,7 @@ def test_failure_inside_the_write_transaction_rolls_back(store_url: str, monkeyp
         mem.verify()
 
 
-# --- versioning ---------------------------------------------------------------------------------------------------------
+# --- versioning -------------------------------------------------------------------------------------------------------
 def test_update_delete_rollback_history(store_url: str) -> None:
     with open_store(store_url) as mem:
         a = mem.add("The capital of France is", "Lyon", subject="France")
@@ -118,7 +118,7 @@ def test_update_fields_and_prompt_change_reindexes(store_url: str) -> None:
         mem.verify()
 
 
-# --- search -------------------------------------------------------------------------------------------------------------
+# --- search -----------------------------------------------------------------------------------------------------------
 def test_search_ranks_and_skips_deleted_and_superseded(store_url: str) -> None:
     with open_store(store_url) as mem:
         recs = mem.add_many(FACTS)
@@ -171,7 +171,7 @@ def test_empty_store_search(store_url: str) -> None:
         assert mem.search("anything") == []
 
 
-# --- persistence and the index file ------------------------------------------------------------------------------------
+# --- persistence and the index file -----------------------------------------------------------------------------------
 def test_reopen_uses_stored_encoder_and_saved_index(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     url = f"sqlite:///{tmp_path / 's.db'}"
     with open_store(url) as mem:
@@ -245,7 +245,7 @@ def test_in_memory_sqlite_store() -> None:
         assert mem.search("capital of France", k=1)[0].edit.target_new == "Lyon"
 
 
-# --- encoders -------------------------------------------------------------------------------------------------------------
+# --- encoders ---------------------------------------------------------------------------------------------------------
 def test_encoder_change_recomputes_embeddings_and_rebuilds(store_url: str) -> None:
     with open_store(store_url) as mem:
         mem.add_many(FACTS)
@@ -279,7 +279,7 @@ def test_encoder_instance_and_unknown_name(tmp_path: Path) -> None:
         EditMemory.open(f"sqlite:///{tmp_path / 't.db'}", encoder="no-such-encoder")
 
 
-# --- HNSW ---------------------------------------------------------------------------------------------------------------------
+# --- HNSW -------------------------------------------------------------------------------------------------------------
 def test_hnsw_filters_removed_and_rebuilds_when_stale_piles_up(store_url: str,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     import memory.index
@@ -318,9 +318,9 @@ def test_auto_switches_to_hnsw_for_large_stores(tmp_path: Path, monkeypatch: pyt
         mem.verify()
 
 
-# --- import / export ------------------------------------------------------------------------------------------------------
+# --- import / export --------------------------------------------------------------------------------------------------
 def test_import_twice_adds_nothing_the_second_time(store_url: str, tmp_path: Path) -> None:
-    data = write_knowedit(tmp_path / "edits.json", FACTS + [FACTS[0]])  # a duplicate inside the file too
+    data = write_knowedit(tmp_path / "edits.json", [*FACTS, FACTS[0]])  # a duplicate inside the file too
     with open_store(store_url) as mem:
         assert mem.import_file(data) == 5
         assert mem.get(1).metadata["source"] == "knowedit"
@@ -347,9 +347,8 @@ def test_bad_file_leaves_store_exactly_as_it_was(store_url: str, tmp_path: Path,
             mem.import_file(path)
         assert str(path) in str(err.value)
         assert snapshot(mem) == before
-    with pytest.raises(FormatError, match="no such file"):
-        with open_store(store_url) as mem:
-            mem.import_file(tmp_path / "missing.json")
+    with pytest.raises(FormatError, match="no such file"), open_store(store_url) as mem:
+        mem.import_file(tmp_path / "missing.json")
 
 
 def test_export_and_import_round_trip(store_url: str, tmp_path: Path) -> None:
@@ -374,7 +373,7 @@ def test_export_and_import_round_trip(store_url: str, tmp_path: Path) -> None:
         assert copy.import_file(out) == 0
 
 
-# --- bad input ------------------------------------------------------------------------------------------------------------
+# --- bad input --------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, match", [
     ({"prompt": "", "target_new": "x"}, "prompt: must not be empty"),
     ({"prompt": "   ", "target_new": "x"}, "prompt: must not be empty"),

@@ -1,54 +1,28 @@
-"""Fixtures and helpers shared by the store's tests (imported by tests/test_store_*.py and tests/test_cli_store.py).
+"""Helpers shared by the store's tests (imported by tests/test_store_*.py and tests/test_cli_store.py).
 
-``store_url`` runs a test on SQLite and, when EDITMEM_TEST_PG_URL is set, on PostgreSQL in a fresh schema that is
-dropped afterwards. Every store test uses the hashing encoder (fast, model-free) unless marked integration.
+The fixtures ``store_url``, ``pg_store_url`` and ``editmem_cache`` live in tests/conftest.py; ``pg_store_url`` is
+re-exported here for modules that still import it. Every store test uses the hashing encoder (fast, model-free)
+unless marked integration.
 """
 
 from __future__ import annotations
 
 import json
-import uuid
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pytest
+
+from tests.conftest import pg_store_url as pg_store_url  # re-exported fixture
 
 ENCODER = "hashing-256"
 
 
 @pytest.fixture(autouse=True)
-def _editmem_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Index files of PostgreSQL stores go to a per-test cache folder."""
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("EDITMEM_CACHE", str(cache))
-    return cache
-
-
-@pytest.fixture
-def pg_store_url(pg_url: str) -> Any:
-    """A PostgreSQL store URL whose tables live in a fresh schema (search_path), dropped after the test."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    schema = f"editmem_test_{uuid.uuid4().hex[:12]}"
-    engine = create_engine(make_url(pg_url).set(drivername="postgresql+psycopg"))
-    with engine.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    url = make_url(pg_url).set(drivername="postgresql+psycopg").update_query_dict(
-        {"options": f"-csearch_path={schema}"})
-    try:
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with engine.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        engine.dispose()
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'store.db'}"
-    return request.getfixturevalue("pg_store_url")
+def _editmem_cache(editmem_cache: Path) -> Path:
+    """Autouse form of ``editmem_cache`` (tests/conftest.py) for modules that import it."""
+    return editmem_cache
 
 
 def open_store(url: str, **kwargs: Any) -> Any:

@@ -10,9 +10,11 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from tests.test_store_fixtures import (  # noqa: F401  (fixtures)
-    ENCODER, FACTS, _editmem_cache, open_store, pg_store_url, store_url,
-)
+import pytest
+
+from tests.test_store_fixtures import ENCODER, FACTS, open_store
+
+pytestmark = pytest.mark.usefixtures("editmem_cache")  # PostgreSQL index files go to tmp_path
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -13,8 +13,10 @@ from editors.base import WeightEditHandle
 from editors.weights import StoredWeights, WeightMismatchError, _unpack, rebuild
 from memory.errors import ValidationError
 from serve.cli import main
-from tests.test_store_fixtures import _editmem_cache, open_store, pg_store_url, store_url  # noqa: F401 (fixtures)
+from tests.test_store_fixtures import open_store
 from tests.tiny import same_weights, snapshot, tiny_model
+
+pytestmark = pytest.mark.usefixtures("editmem_cache")  # PostgreSQL index files go to tmp_path
 
 TINY = {"rome": dict(clamp_norm_factor=1000.0, v_weight_decay=0.0, n_prefixes=2, prefix_tokens=4, v_steps=10),
         "memit": dict(clamp_norm_factor=1000.0, v_weight_decay=0.0, n_prefixes=2, prefix_tokens=4, v_steps=10,

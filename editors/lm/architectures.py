@@ -11,13 +11,18 @@ import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias, cast
 
 import torch
 
 from memory.errors import EditmemError, ValidationError
 
 log = logging.getLogger(__name__)
+
+# A Hugging Face causal LM (``*ForCausalLM``). They are duck-typed (``config``, ``base_model``,
+# ``get_output_embeddings()``, ... differ per class and are not declared on ``torch.nn.Module``), so signatures that
+# use those name the model with this alias rather than pretend ``torch.nn.Module`` has them.
+CausalLM: TypeAlias = Any
 
 class UnsupportedArchitectureError(EditmemError):
     """A model whose ``config.model_type`` is not in :data:`ARCHITECTURES`."""
@@ -120,7 +125,7 @@ def get_module(model: torch.nn.Module, path: str) -> torch.nn.Module:
 
 def num_layers(model: torch.nn.Module) -> int:
     """Number of transformer blocks."""
-    return len(get_module(model, arch_spec(model).layers))
+    return len(cast(torch.nn.ModuleList, get_module(model, arch_spec(model).layers)))
 
 
 def check_layer(model: torch.nn.Module, layer: int, who: str) -> int:
@@ -169,7 +174,7 @@ def param_name(model: torch.nn.Module, layer: int, which: Which = "mlp_out", kin
     return name
 
 
-def output_logits(model: torch.nn.Module, hidden: torch.Tensor,
+def output_logits(model: CausalLM, hidden: torch.Tensor,
                   params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
     """The model's output head applied to final hidden states ``hidden`` (..., d): the output embeddings (with their
     bias, if any), then the final logit soft cap where the config has one (gemma2).
@@ -193,7 +198,7 @@ def output_logits(model: torch.nn.Module, hidden: torch.Tensor,
     return logits
 
 
-def logits_at(model: torch.nn.Module, rows: torch.Tensor, positions: torch.Tensor, *,
+def logits_at(model: CausalLM, rows: torch.Tensor, positions: torch.Tensor, *,
               params: Mapping[str, torch.Tensor] | None = None, **inputs: Any) -> torch.Tensor:
     """Logits (P, V) only at ``(rows[i], positions[i])``: the backbone (``model.base_model``) runs on ``inputs`` and
     the output head (:func:`output_logits`) is applied at those positions alone, which saves the vocabulary projection
@@ -225,8 +230,9 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     h.update(_model_type(model).encode())
     for name, p in model.named_parameters():
         h.update(f"{name}:{tuple(p.shape)};".encode())
-    sampled = [get_module(model, spec.embeddings).weight, get_module(model, spec.final_norm).weight,
-               layer_module(model, 0, "attn_out").weight]
+    sampled = [cast(torch.Tensor, m.weight) for m in (get_module(model, spec.embeddings),
+                                                      get_module(model, spec.final_norm),
+                                                      layer_module(model, 0, "attn_out"))]
     with torch.no_grad():
         for w in sampled:
             flat = w.detach().reshape(-1)

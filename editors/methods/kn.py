@@ -30,12 +30,12 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from editors.base import Editor, EditorSettings, EditRequest, WeightEditHandle, check_requests, register_editor
-from editors.lm.architectures import arch_spec, check_layer, layer_module, num_layers, param_name
+from editors.lm.architectures import CausalLM, arch_spec, check_layer, layer_module, num_layers, param_name
 from editors.lm.tokens import encode_prompt, encode_prompt_target
 from memory.checks import check_number
 
@@ -148,7 +148,7 @@ class KNEditor(Editor):
         model, tok = self.model, self.tokenizer
         t0 = time.perf_counter()
         layers = self._layers()
-        head = torch.as_tensor(model.get_output_embeddings().weight).detach().float()  # type: ignore[operator]
+        head = torch.as_tensor(cast(CausalLM, model).get_output_embeddings().weight).detach().float()
         in_out = arch_spec(model).weight_layout == "in_out"
         deltas: dict[str, torch.Tensor] = {}
         n_neurons = 0

@@ -24,12 +24,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from editors.base import Editor, EditorSettings, EditRequest, WeightEditHandle, check_requests, register_editor
-from editors.lm.architectures import arch_spec, module_path, num_layers
+from editors.lm.architectures import Which, arch_spec, module_path, num_layers
 from editors.lm.tokens import encode_batch
 from memory.checks import check_number
 
@@ -93,7 +93,7 @@ class LoRAEditor(Editor):
     def targets(self) -> list[str]:
         """Full module paths the adapter goes on."""
         layers = self.settings.layers if self.settings.layers is not None else range(num_layers(self.model))
-        return [module_path(self.model, int(layer), which) for layer in layers  # type: ignore[arg-type]
+        return [module_path(self.model, int(layer), cast(Which, which)) for layer in layers
                 for which in self.settings.modules]
 
     def train_adapter(self, requests: Sequence[EditRequest]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

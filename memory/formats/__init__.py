@@ -66,18 +66,29 @@ sample has two with ``alt == ""``); structural errors are never skipped.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-from memory.records import EditCase
 from memory.formats.benchmarks import (
-    _SANITATION_SPLITS, _parse_counterfact_easyedit, _parse_counterfact_rome, _parse_knowedit, _parse_mquake,
-    _parse_sanitation, _parse_zsre,
+    _SANITATION_SPLITS,
+    _parse_counterfact_easyedit,
+    _parse_counterfact_rome,
+    _parse_knowedit,
+    _parse_mquake,
+    _parse_sanitation,
+    _parse_zsre,
 )
 from memory.formats.jsonl import (
-    _parse_editmem, case_from_record, case_to_metadata, read_records, record_to_json, write_jsonl,
+    _parse_editmem,
+    case_from_record,
+    case_to_metadata,
+    read_records,
+    record_to_json,
+    write_jsonl,
 )
-from memory.formats.reading import _Source, _error, _load, _obj, _typename
+from memory.formats.reading import _error, _load, _obj, _Source, _typename
+from memory.records import EditCase
 
 __all__ = [
     "FORMATS", "Format", "case_from_record", "case_to_metadata", "detect_format", "read_cases", "read_records",

@@ -6,11 +6,24 @@ from __future__ import annotations
 
 from typing import Any
 
+from memory.errors import FormatError
 from memory.formats.reading import (
-    _Rec, _Skip, _Source, _answers, _case_id, _each, _error, _fill, _obj, _one_hop, _opt, _report, _req, _texts,
+    _answers,
+    _case_id,
+    _each,
+    _error,
+    _fill,
+    _obj,
+    _one_hop,
+    _opt,
+    _Rec,
+    _report,
+    _req,
+    _Skip,
+    _Source,
+    _texts,
     _typename,
 )
-from memory.errors import FormatError
 from memory.records import EditCase, Probe
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -87,7 +100,7 @@ def _parse_counterfact_easyedit(src: _Source) -> list[EditCase]:
         prompt = _req(rec, r, "prompt", target=True)
         target = _req(rec, r, "target_new", target=True)
         rephrase = _opt(rec, r, "rephrase_prompt")
-        locality = ()
+        locality: tuple[Probe, ...] = ()
         if r.get("locality_prompt") is not None or r.get("locality_ground_truth") is not None:
             locality = (Probe(_req(rec, r, "locality_prompt"), _req(rec, r, "locality_ground_truth"),
                               "neighborhood"),)

@@ -4,16 +4,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-from memory.formats.reading import _MISSING, _Rec, _Source, _error, _load, _obj, _opt, _req, _texts, _typename
 from memory.errors import FormatError, ValidationError
+from memory.formats.reading import _MISSING, _error, _load, _obj, _opt, _Rec, _req, _Source, _texts, _typename
 from memory.records import EditCase, EditRecord, Probe
 
 log = logging.getLogger(__name__)
@@ -217,9 +219,7 @@ def write_jsonl(records: Iterable[EditRecord], path: str | os.PathLike) -> int:
         os.chmod(tmp, 0o644)
         os.replace(tmp, target)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     return count

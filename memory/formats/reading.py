@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from memory.errors import FormatError
 from memory.records import EditCase, Probe
@@ -65,7 +66,7 @@ class _Source:
 class _Rec:
     """Where one record is, for error messages."""
 
-    __slots__ = ("src", "index", "line", "label")
+    __slots__ = ("index", "label", "line", "src")
 
     def __init__(self, src: _Source, index: int | None, line: int | None, label: str | None):
         self.src, self.index, self.line, self.label = src, index, line, label

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from editors.lm.architectures import (
+    CausalLM,
     model_fingerprint,
     param_name,
 )
@@ -46,7 +47,7 @@ def checkpoint_folder(name_or_path: str | Path) -> Path:
     return cache_dir() / "mend" / text
 
 
-def save_checkpoint(result: TrainResult, model: torch.nn.Module, name_or_path: str | Path) -> Path:
+def save_checkpoint(result: TrainResult, model: CausalLM, name_or_path: str | Path) -> Path:
     """Write ``result`` as a checkpoint folder for ``model`` and return the folder."""
     folder = checkpoint_folder(name_or_path)
     folder.mkdir(parents=True, exist_ok=True)
@@ -105,7 +106,7 @@ def load_checkpoint(name_or_path: str | Path, model: torch.nn.Module) -> LoadedM
             "`editmem train-mend`")
     params = dict(model.named_parameters())
     layers = tuple(config["layers"])
-    for layer, (name, shape) in zip(layers, config["params"].items()):
+    for _layer, (name, shape) in zip(layers, config["params"].items()):
         if name not in params or list(params[name].shape) != shape:
             raise MendCheckpointError(f"{folder}: the checkpoint edits {name} {shape}, which this model does not "
                                       "have in that shape")

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +77,7 @@ class FrozenModel:
         self.detached = {n: p.detach() for n, p in model.named_parameters()}
         # Pass 2 of training can skip the blocks below the first edited one (their output is pass 1's): the blocks
         # are swapped for stand-ins that return it, and only the other blocks' parameters are passed in.
-        self.blocks = get_module(model, spec.layers)
+        self.blocks = cast(torch.nn.ModuleList, get_module(model, spec.layers))
         self.first = min(self.layers)
         lower = tuple(f"{spec.layers}.{i}." for i in range(self.first))
         self.upper_params = {n: p for n, p in self.detached.items() if not n.startswith(lower)} if lower else {}

@@ -15,6 +15,10 @@ log = logging.getLogger(__name__)
 class _RunningNorm(torch.nn.Module):
     """Per-layer running mean and variance of the inputs (Chan et al.'s parallel update), used to standardise them."""
 
+    count: torch.Tensor  # buffers, registered in __init__
+    mean: torch.Tensor
+    m2: torch.Tensor
+
     def __init__(self, n_layers: int, dim: int):
         super().__init__()
         self.register_buffer("count", torch.zeros(n_layers, dtype=torch.float64))

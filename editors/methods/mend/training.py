@@ -209,8 +209,8 @@ class TrainResult:
     net: MENDNet
     layers: tuple[int, ...]
     settings: MENDTrainSettings
-    history: list[dict[str, float]]
-    best: dict[str, float]
+    history: list[dict[str, Any]]  # validation metrics (floats) plus step, seconds and edit_lr (a list)
+    best: dict[str, Any]
     steps: int
     seconds: float
     stopped: str
@@ -264,9 +264,9 @@ def train_mend(model: torch.nn.Module, tokenizer: Any, cases: Sequence[EditCase]
     groups = [{"params": [p for n, p in net.named_parameters() if n != "log_edit_lr"], "lr": s.lr},
               {"params": [net.log_edit_lr], "lr": s.lr_edit_lr}]
     optimizer = torch.optim.Adam(groups)
-    history: list[dict[str, float]] = []
+    history: list[dict[str, Any]] = []
     best_state = copy.deepcopy(net.state_dict())
-    best: dict[str, float] = {}
+    best: dict[str, Any] = {}
     bad = 0
     stopped = "steps"
     step = 0
@@ -278,7 +278,7 @@ def train_mend(model: torch.nn.Module, tokenizer: Any, cases: Sequence[EditCase]
     def validate() -> bool:
         """Record a validation point; True when training should stop for lack of progress."""
         nonlocal best, best_state, bad
-        point = _validate(net, frozen, tokenizer, val, s, device)
+        point: dict[str, Any] = _validate(net, frozen, tokenizer, val, s, device)
         point.update(step=step, seconds=round(time.perf_counter() - t0, 2),
                      edit_lr=[round(float(x), 6) for x in net.edit_lr.detach()])
         history.append(point)
@@ -313,10 +313,9 @@ def train_mend(model: torch.nn.Module, tokenizer: Any, cases: Sequence[EditCase]
                             loc=f"{float(losses['loc_same']):.2f}",
                             val=f"{best.get('edit_acc', float('nan')):.2f}")
             out_of_time = s.time_limit_s is not None and time.perf_counter() - t0 >= s.time_limit_s
-            if step % s.val_every == 0 or step == s.steps or out_of_time:
-                if validate():
-                    stopped = "early stop"
-                    break
+            if (step % s.val_every == 0 or step == s.steps or out_of_time) and validate():
+                stopped = "early stop"
+                break
             if out_of_time:
                 stopped = "time limit"
                 break
