@@ -364,10 +364,10 @@ def measure_case(model: Any, tokenizer: Any, case: EditCase, protocols: Sequence
             if row.group == "locality":
                 norm = normalize_answer(answer)
                 if reference is not None and reference.texts is not None:
-                    before = reference.texts[len(normalised_loc)]
+                    before_text = reference.texts[len(normalised_loc)]
                 else:
-                    before = norm
-                gen_groups["locality"].append(float(before == norm))
+                    before_text = norm
+                gen_groups["locality"].append(float(before_text == norm))
                 normalised_loc.append(norm)
             else:
                 gen_groups[row.group].append(float(answer_matches(answer, (row.answer, *row.aliases))))
@@ -386,4 +386,4 @@ def measure_case(model: Any, tokenizer: Any, case: EditCase, protocols: Sequence
 
 def aggregate(per_case: Sequence[Mapping[str, float | None]]) -> dict[str, float | None]:
     """Mean over cases of each metric, ignoring cases without it; ``None`` if no case has it."""
-    return {m: _mean([v[m] for v in per_case if v.get(m) is not None]) for m in METRICS}
+    return {m: _mean([float(x) for v in per_case if (x := v.get(m)) is not None]) for m in METRICS}

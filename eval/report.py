@@ -24,8 +24,8 @@ summary.json
    "methods": {"<name>": {"reliability": f, "generalization": f, "locality": f, "portability": f,
                           "fluency": bits, "edit_seconds": s, "n": int, ...}}}
   Fractions are in [0, 1]; a metric no case has probes for is null. fluency is in bits (weighted 2/3-gram entropy of
-  the edit prompt and its greedy continuation, default 50 new tokens; the same number under either protocol). edit_seconds is the mean apply time
-  per edit. n is the number of cases measured.
+  the edit prompt and its greedy continuation, default 50 new tokens; the same number under either protocol).
+  edit_seconds is the mean apply time per edit. n is the number of cases measured.
   protocol "both": the five metrics at the top of each method are the teacher-forced ones (so the single-protocol shape
   still reads right), and "by_protocol": {"teacher-forced": {five metrics}, "generate": {five metrics}} holds both.
   mode "sequential": each method also has "checkpoints": [{"n_edits": k, "n_measured": m, five metrics

@@ -86,6 +86,13 @@ class Decision:
     def in_scope(self) -> bool:
         return self.edit is not None
 
+    @property
+    def chosen(self) -> EditRecord:
+        """The edit an in-scope query falls in (ValueError for an out-of-scope one)."""
+        if self.edit is None:
+            raise ValueError(f"query {self.query!r} is not in the scope of any edit")
+        return self.edit
+
     def describe(self) -> str:
         if self.edit is None:
             best = f" (best candidate score {self.score:.3f} < threshold {self.threshold:.3f})" \

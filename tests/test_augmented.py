@@ -119,7 +119,7 @@ def test_answer_follows_update_rollback_and_delete_at_once(memory):
 
 
 def test_ask_reports_the_edit_that_shaped_the_answer(memory):
-    wrapper, model, tok = _wrapper("llama", memory)
+    wrapper, _model, _tok = _wrapper("llama", memory)
     edit = memory.add(IN, "Rome", subject="France")
     answer = wrapper.ask(IN, max_new_tokens=4)
     assert answer.edit is not None and (answer.edit.id, answer.edit.version) == (edit.id, 1)
@@ -135,7 +135,7 @@ def test_context_formats_and_bad_calls(memory):
     assert context_template("Fact: {fact}\n") == "Fact: {fact}\n"
     with pytest.raises(ValidationError):
         context_template("no fields here")
-    wrapper, model, tok = _wrapper("llama", memory, context="plain")
+    wrapper, _model, tok = _wrapper("llama", memory, context="plain")
     edit = memory.add(IN, "Rome", subject="France")
     assert edit_context(edit, wrapper.template) == "The capital of France is Rome.\n"
     batch = encode_batch(tok, [IN], ["Rome"])

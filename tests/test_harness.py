@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 
@@ -68,7 +69,7 @@ def _check_common(summary, tmp_path, mode: str, protocol: str) -> list[dict]:
     assert summary["model"] == "tiny-gpt2" and summary["dataset"] == "hand"
     assert summary["mode"] == mode and summary["protocol"] == protocol and summary["n_cases"] == 5
     assert list(summary["methods"]) == ["none", "ft"]
-    for name, entry in summary["methods"].items():
+    for _name, entry in summary["methods"].items():
         extra = set(entry) - METHOD_KEYS
         assert extra <= {"by_protocol", "checkpoints", "leaks"}
         assert ("leaks" in extra) == (protocol != "teacher-forced")
@@ -196,7 +197,7 @@ def test_settings_dataclass():
     assert s.protocols == ("teacher-forced", "generate")
     assert s.checkpoints_for(5) == [5] and s.checkpoints_for(150) == [10, 100, 150]
     assert EvalSettings(methods=("none",), mode="sequential", checkpoints=(3, 50)).checkpoints_for(20) == [3, 20]
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         s.mode = "single"  # frozen
 
 
@@ -215,7 +216,7 @@ class _LeakyEditor(Editor):
 def test_an_editor_that_does_not_restore_is_caught(tmp_path, monkeypatch):
     model, tok = tiny_model("gpt2", seed=1)
     monkeypatch.setitem(editors_base._REGISTRY, "leaky", _LeakyEditor)
-    with pytest.raises(EditmemError, match="leaky.*did not restore"):
+    with pytest.raises(EditmemError, match=r"leaky.*did not restore"):
         run_eval(model, tok, _cases()[:1], ["none", "leaky"], out_dir=tmp_path, progress=False, plots=False,
                  metric_settings=FAST_METRICS)
 

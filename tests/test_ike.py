@@ -5,6 +5,7 @@ Tiny models, a hashing encoder and a small pool file written per test."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -69,7 +70,7 @@ def test_ike_is_registered_and_settings_validate():
                 {"candidates": 0}, {"threshold": "high"}, {"context": "no fields"}, {"store": ""}, {"scope": ""},
                 {"demos": ""}, {"encoder": 3}, {"kinds": ()}, {"kinds": ("copy", "copy")},
                 {"kinds": "copy,forget"}, {"demo_template": "New Fact: {fact}"}, {"demo_template": "{query} {nope}"}):
-        with pytest.raises(ValidationError, match="ike setting|context"):
+        with pytest.raises(ValidationError, match=r"ike setting|context"):
             IkeSettings(**bad)
     assert IkeSettings(kinds="copy,retain").kinds == ("copy", "retain")  # as `--set ike.kinds=copy,retain` gives it
     model, tok = tiny_model("llama")
@@ -82,10 +83,10 @@ def test_ike_is_registered_and_settings_validate():
 def test_missing_demo_file_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("EDITMEM_CACHE", str(tmp_path))
     model, tok = tiny_model("llama")
-    with pytest.raises(EditmemError, match="IKE demonstration file not found: .*nowhere.json"):
+    with pytest.raises(EditmemError, match=r"IKE demonstration file not found: .*nowhere\.json"):
         get_editor("ike", model, tok, demos=str(tmp_path / "nowhere.json"), encoder="hashing-256")
     monkeypatch.setenv("EDITMEM_DATA", str(tmp_path / "no-data"))
-    with pytest.raises(EditmemError, match="no-data.*EDITMEM_DATA"):
+    with pytest.raises(EditmemError, match=r"no-data.*EDITMEM_DATA"):
         get_editor("ike", model, tok, encoder="hashing-256")
 
 
@@ -133,7 +134,7 @@ def test_retrieved_demonstrations_are_the_nearest(pool_file, kinds):
         assert len(got) == 3
         picked = np.array([i for i, _ in got])
         assert np.allclose([s for _, s in got], sims[picked], atol=1e-5)  # the scores are the cosines
-        assert all(a >= b - 1e-6 for (_, a), (_, b) in zip(got, got[1:]))  # nearest first
+        assert all(a >= b - 1e-6 for (_, a), (_, b) in itertools.pairwise(got))  # nearest first
         assert sims[picked].min() >= np.sort(sims)[-3] - 1e-6  # no demonstration outside is nearer
     assert all(editor.pool.demos[i].kind in kinds for row in wrapper.last_demos for i, _ in row)
     spain = [editor.pool.demos[i] for i, _ in wrapper.last_demos[1]]

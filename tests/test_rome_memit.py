@@ -260,9 +260,9 @@ def test_hooks_remove_themselves_even_on_error():
     module = model.model.layers[1].mlp.down_proj
     ids = torch.tensor([tok("The capital of France is")["input_ids"]])
     plain = model(input_ids=ids).logits
-    with pytest.raises(RuntimeError, match="boom"):
-        with capture(module, "input"), add_at(module, torch.ones(64), torch.tensor([0]), torch.tensor([1])):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), capture(module, "input"), \
+            add_at(module, torch.ones(64), torch.tensor([0]), torch.tensor([1])):
+        raise RuntimeError("boom")
     assert not module._forward_hooks and not module._forward_pre_hooks
     with capture(module, "input") as k, capture(module, "output") as v, stop_after(module):
         model(input_ids=ids)

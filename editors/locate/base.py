@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -116,8 +116,8 @@ class LocateEditor(Editor):
 
 
 def _in_features(model: torch.nn.Module, module: torch.nn.Module) -> int:
-    w = module.weight
-    return w.shape[0] if arch_spec(model).weight_layout == "in_out" else w.shape[1]
+    w = cast(torch.Tensor, module.weight)
+    return int(w.shape[0] if arch_spec(model).weight_layout == "in_out" else w.shape[1])
 
 
 def as_weight_delta(model: torch.nn.Module, update: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 Following ROME (Meng et al. 2022, "Locating and Editing Factual Associations in GPT", section 3.1) and MEMIT (Meng et
 al. 2023, "Mass-Editing Memory in a Transformer", section 4.3), the *key* of an edit at layer ``l`` is the vector
-entering that layer's MLP output projection (``mlp_out`` of :mod:`editors.lm.architectures`: the activation after the MLP's
-non-linearity, of the intermediate width) at the **last token of the subject**. It is averaged over the prompt
+entering that layer's MLP output projection (``mlp_out`` of :mod:`editors.lm.architectures`: the activation after the
+MLP's non-linearity, of the intermediate width) at the **last token of the subject**. It is averaged over the prompt
 preceded by a few short random text prefixes, so that the edit holds whatever comes before the prompt.
 
 Context prefixes (:func:`context_prefixes`): ``""`` (the bare prompt) plus ``n`` texts of ``length`` tokens that the
@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -121,7 +121,7 @@ def context_prefixes(model: torch.nn.Module, tokenizer: Any, n: int = 5, length:
 
 
 def activations_at(model: torch.nn.Module, tokenizer: Any, rows: Sequence[Row],
-                   sites: Mapping[str, tuple[torch.nn.Module, str]], *,
+                   sites: Mapping[str, tuple[torch.nn.Module, Literal["input", "output"]]], *,
                    overrides: Mapping[str, torch.Tensor] | None = None,
                    stop: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
     """For each site ``name -> (module, "input" | "output")``, the activation at each row's subject token, (R, d).

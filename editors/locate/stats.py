@@ -14,8 +14,8 @@ layers are measured in one pass, which ends after the deepest of them.
 
 Cache: one file per layer, ``$EDITMEM_CACHE/stats/<model fingerprint>/<corpus sha256[:16]>-n<n_tokens>-len<seq_len>-
 <dtype>/layer<L>.pt`` (``$EDITMEM_CACHE`` defaults to ``~/.cache/editmem``), written atomically. The corpus is
-identified by its content, the model by :func:`editors.lm.architectures.model_fingerprint` (which weight edits to MLPs do not
-change), so a different corpus, sample count, layer or model means another file.
+identified by its content, the model by :func:`editors.lm.architectures.model_fingerprint` (which weight edits to MLPs
+do not change), so a different corpus, sample count, layer or model means another file.
 
 Without a corpus (:func:`identity_stats`), ``C`` is taken as ``s * I`` with ``s`` the mean of ``||k||^2 / d`` over the
 keys of some text the caller supplies (the editors pass the context prefixes the model sampled itself): ROME then makes

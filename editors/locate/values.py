@@ -26,7 +26,8 @@ float rounding (tests check it on every tiny architecture) and each with a switc
   (:func:`editors.lm.hooks.skip_blocks`), running only the blocks from the edit layer up. Position embeddings, rotary
   tables and attention masks are still made by the model itself, so this works for every architecture in the table.
 - ``logits_at_targets``: the output head (the vocabulary projection) is applied only at the positions the loss reads
-  (each target token's predecessor, and the KL position; :func:`editors.lm.architectures.logits_at`), not at every position.
+  (each target token's predecessor, and the KL position; :func:`editors.lm.architectures.logits_at`), not at
+  every position.
 - ``drop_last_token``: a rewrite row's last token (the target's last) is only a label: no logit is read at its
   position, and in a causal model it changes nothing before it, so it is not run. With the prefix cache, that is one
   of the 4-8 tail tokens of every row.
@@ -51,7 +52,7 @@ import math
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -164,7 +165,7 @@ class _Runner:
         self.model, self.params, self.module = model, params, module
         self.at_targets = at_targets
         spec = arch_spec(model)
-        self.blocks = get_module(model, spec.layers)
+        self.blocks = cast(torch.nn.ModuleList, get_module(model, spec.layers))
         self.skip = _block_of(self.blocks, module) if skip_lower else 0
         self.lower: Any = None  # what block skip - 1 returned on the first call (the same on every call)
         skipped = tuple(f"{spec.layers}.{i}." for i in range(self.skip))
@@ -300,7 +301,8 @@ def _optimize_chunk(model: torch.nn.Module, tokenizer: Any, requests: Sequence[A
     n_nll = len(plan.nll_rows)
 
     # the residual stream's width: what an MLP output projection and a block both return
-    deltas = [torch.zeros(model.config.hidden_size, device=runner.device, requires_grad=True) for _ in requests]
+    hidden = int(cast(Any, model).config.hidden_size)
+    deltas = [torch.zeros(hidden, device=runner.device, requires_grad=True) for _ in requests]
     optimizers = [torch.optim.Adam([d], lr=options.lr) for d in deltas]
     weights = plan.nll_weight.to(runner.device)
     labels = plan.nll_labels.to(runner.device)

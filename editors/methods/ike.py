@@ -21,18 +21,19 @@ minutes on a CPU.
 
 Prompt. For a query in the scope of a stored edit: the ``k`` demonstrations nearest to the query (``retrieve="query"``)
 or to the edit's new fact (``retrieve="fact"``, as EasyEdit's IKE does), farthest first so the nearest sits next to the
-query, then the edit's own context (a format of :data:`editors.retrieval.augmented.CONTEXT_FORMATS`; default ``answer``: a copy
-demonstration of the edit and ``New Fact: {f} (answer: {new target})\\nPrompt: ``), then the query. The wrapper, its
-routing, the context insertion after BOS and the read-back of logits at the original positions are
+query, then the edit's own context (a format of :data:`editors.retrieval.augmented.CONTEXT_FORMATS`; default
+``answer``: a copy demonstration of the edit and ``New Fact: {f} (answer: {new target})\\nPrompt: ``), then the query.
+The wrapper, its routing, the context insertion after BOS and the read-back of logits at the original positions are
 :class:`editors.retrieval.augmented.AugmentedModel`'s; this module only decides what context a row gets.
 
 Modes. ``classic`` (as in the paper): every query gets the context of the nearest stored edit by the store's search (a
 cosine scope whose threshold no similarity can miss), whatever it asks; only an empty store leaves the base model
-alone. ``gated``: the scope classifier (the same one SERAC uses, :func:`editors.methods.serac.load_classifier`) decides; out of
-scope queries are answered by the untouched base model, bit for bit.
+alone. ``gated``: the scope classifier (the same one SERAC uses, :func:`editors.methods.serac.load_classifier`)
+decides; out of scope queries are answered by the untouched base model, bit for bit.
 
-``apply(requests)`` inserts the edits into the store and returns SERAC's :class:`editors.methods.serac.MemoryEditHandle`;
-``restore()`` deletes exactly those edits. The base model's weights are never touched.
+``apply(requests)`` inserts the edits into the store and returns SERAC's
+:class:`editors.methods.serac.MemoryEditHandle`; ``restore()`` deletes exactly those edits. The base model's weights
+are never touched.
 """
 
 from __future__ import annotations
@@ -109,10 +110,11 @@ class IkeSettings(EditorSettings):
     :func:`default_demo_file`); ``demo_format``: its format (:mod:`memory.formats`, default auto-detect);
     ``demo_limit``: use only its first N cases. ``retrieve``: what the demonstrations are retrieved by, ``query`` or
     the edit's ``fact``. ``context``: the edit's own context, a format name of
-    :data:`editors.retrieval.augmented.CONTEXT_FORMATS` or a template. ``store``: store URL (default an in-memory SQLite store
-    of the editor's own). ``scope``, ``threshold``: the scope classifier of ``gated`` mode, as SERAC's. ``encoder``:
-    the store's and the pool's encoder (default: the classifier's in gated mode, MiniLM in classic). ``candidates``:
-    stored edits retrieved per query for the scope classifier. ``namespace``: the store namespace of the edits.
+    :data:`editors.retrieval.augmented.CONTEXT_FORMATS` or a template. ``store``: store URL (default an in-memory
+    SQLite store of the editor's own). ``scope``, ``threshold``: the scope classifier of ``gated`` mode, as SERAC's.
+    ``encoder``: the store's and the pool's encoder (default: the classifier's in gated mode, MiniLM in classic).
+    ``candidates``: stored edits retrieved per query for the scope classifier. ``namespace``: the store namespace of
+    the edits.
     """
 
     mode: str = "classic"
@@ -341,8 +343,8 @@ class IkeModel(AugmentedModel):
 
     def _retrieval_texts(self, decisions: Sequence[Decision]) -> list[str]:
         if self.retrieve == "fact":
-            return [Demo("copy", completed(d.edit.prompt, d.edit.target_new), d.edit.target_new, d.edit.prompt,
-                         d.edit.target_new).text for d in decisions]
+            return [Demo("copy", completed(d.chosen.prompt, d.chosen.target_new), d.chosen.target_new, d.chosen.prompt,
+                         d.chosen.target_new).text for d in decisions]
         return [d.query for d in decisions]
 
     def route_rows(self, rows: Sequence[Sequence[int]]) -> list[Decision]:
@@ -353,7 +355,7 @@ class IkeModel(AugmentedModel):
         self._planned = {}
         for b, hits in zip(inside, found):
             self.last_demos[b] = tuple(hits)
-            edit = decisions[b].edit
+            edit = decisions[b].chosen
             self._planned[(tuple(rows[b]), edit.id, edit.version)] = tuple(i for i, _ in hits)
         return decisions
 
@@ -443,4 +445,5 @@ class IkeEditor(MemoryEditor):
 
     @property
     def model(self) -> IkeModel:
+        assert isinstance(self._wrapper, IkeModel)  # built so in __init__
         return self._wrapper

@@ -4,14 +4,16 @@ Many facts at once, spread over the MLP output projections of a window of consec
 (the paper's Algorithm 1, as its code computes it):
 
 1. For each request, the target hidden state ``z_i = h_i + delta_i`` of the residual stream at the output of the
-   last window layer ``l_m``, at the subject's last token: ``delta_i`` optimised as in :mod:`editors.locate.values` with the
-   vector added to the block output (not the MLP output as in ROME).
+   last window layer ``l_m``, at the subject's last token: ``delta_i`` optimised as in :mod:`editors.locate.values`
+   with the vector added to the block output (not the MLP output as in ROME).
 2. For each window layer ``l_j`` in order, with the updates of the earlier window layers substituted (never written):
-   the keys ``K`` (d_in x n) at ``l_j`` (averaged over context prefixes, :func:`editors.locate.keys.mlp_keys`); the residual
-   ``R = (Z - H) / (m - j + 1)`` where ``H`` is the current output of ``l_m`` at the subject's last token of each bare
+   the keys ``K`` (d_in x n) at ``l_j`` (averaged over context prefixes, :func:`editors.locate.keys.mlp_keys`); the
+   residual ``R = (Z - H) / (m - j + 1)`` where ``H`` is the current output of ``l_m`` at the subject's last token of
+   each bare
    prompt, so that the remaining error is spread evenly over the remaining layers; and the update (eq. 14)::
 
-       Delta_j = R K^T (lambda * C_j + K K^T)^-1     C_j = E[k k^T] at l_j (editors.locate.stats); lambda: mom2_update_weight
+       Delta_j = R K^T (lambda * C_j + K K^T)^-1     C_j = E[k k^T] at l_j (editors.locate.stats)
+       lambda: mom2_update_weight
 
    solved in float64.
 
@@ -24,9 +26,10 @@ Defaults (:func:`default_settings`):
   key width (SmolLM2-135M: 500; on the first 200 CounterFact cases 1,400, GPT-J's balance, held 0.879 of single edits
   and 500 held 0.931, locality 0.976 both times; one batch of 100 at 500: reliability 0.902, locality 0.885);
   ``clamp_norm_factor`` 0.75 (MEMIT; relative to the residual stream's norm, hence smaller than ROME's 4); the rest
-  of the value optimisation, the context prefixes and the statistics as for ROME (:class:`editors.methods.rome.LocateSettings`).
-- ``value_batch`` 8: requests whose values are optimised in one pass (:func:`editors.locate.values.optimize_values`; the
-  values are the same as one at a time, up to float rounding); ``key_batch_rows`` 64: rows per key/activation pass.
+  of the value optimisation, the context prefixes and the statistics as for ROME
+  (:class:`editors.locate.base.LocateSettings`).
+- ``value_batch`` 8: requests whose values are optimised in one pass (:func:`editors.locate.values.optimize_values`;
+  the values are the same as one at a time, up to float rounding); ``key_batch_rows`` 64: rows per key/activation pass.
 
 Compute, then apply: :meth:`MEMITEditor.compute` returns ``{parameter name: delta}`` for every window layer and writes
 nothing; :meth:`MEMITEditor.apply` adds them through :meth:`WeightEditHandle.add_deltas`.
@@ -38,6 +41,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -86,7 +90,7 @@ def default_mom2_update_weight(model: torch.nn.Module) -> float:
     (notes/rome_memit.md). For other models the third is a measured guess, not a rule.
     """
     spec = arch_spec(model)
-    weight = layer_module(model, 0, "mlp_out").weight
+    weight = cast(torch.Tensor, layer_module(model, 0, "mlp_out").weight)
     d_in = weight.shape[0] if spec.weight_layout == "in_out" else weight.shape[1]
     return float(max(100, round(15_000 * d_in / 16_384 / 3, -2)))
 
@@ -149,7 +153,7 @@ class MEMITEditor(LocateEditor):
         values = optimize_values(model, tok, requests, prefixes, z_module, options, batch=s.value_batch)
         z = torch.stack([v.v0 + v.delta for v in values]).double()  # (n, d)
         t_values = time.perf_counter()
-        bare = [encode_row(tok, "", r.prompt, r.subject) for r in requests]
+        bare = [encode_row(tok, "", r.prompt, cast(str, r.subject)) for r in requests]  # subjects checked in apply
 
         params = dict(model.named_parameters())
         deltas: dict[str, torch.Tensor] = {}

@@ -1,11 +1,11 @@
 """``rome``: Rank-One Model Editing (Meng et al. 2022, "Locating and Editing Factual Associations in GPT").
 
-One fact is written into the MLP output projection ``W`` of one layer (``mlp_out`` in :mod:`editors.lm.architectures`) as a
-rank-one change, in closed form (the paper's eq. 2, as its code computes it)::
+One fact is written into the MLP output projection ``W`` of one layer (``mlp_out`` in :mod:`editors.lm.architectures`)
+as a rank-one change, in closed form (the paper's eq. 2, as its code computes it)::
 
     k*  = key at the subject's last token, averaged over context prefixes            (editors.locate.keys.mlp_keys)
     u   = C^-1 k* / ||C^-1 k*||          C = E[k k^T] over a text corpus              (editors.locate.stats)
-    v*  = v0 + delta                      delta optimised as in editors.locate.values        (editors.locate.values.optimize_value)
+    v*  = v0 + delta                      delta optimised          (editors.locate.values.optimize_value)
     W'  = W + (v* - W k - b) u^T / (u . k)     k: the key in the bare prompt, W k + b: the output there
 
 so that ``W' k + b = v*`` exactly, while any key ``x`` changes by an amount proportional to ``u . x``, i.e. keys that
@@ -47,6 +47,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -162,9 +163,9 @@ class ROMEEditor(LocateEditor):
         """The key ``k`` and the output ``W k + b`` the update is solved at: the bare prompt's (``original``) or their
         mean over the context prefixes (``consistent``, r-ROME: the same key ``u`` is computed from)."""
         if self.settings.key_mode == "consistent":
-            rows = key_rows(self.tokenizer, request.prompt, request.subject, prefixes)
+            rows = key_rows(self.tokenizer, request.prompt, cast(str, request.subject), prefixes)
         else:
-            rows = [encode_row(self.tokenizer, "", request.prompt, request.subject)]
+            rows = [encode_row(self.tokenizer, "", request.prompt, cast(str, request.subject))]
         now = activations_at(self.model, self.tokenizer, rows, {"k": (module, "input"), "v": (module, "output")},
                              overrides=overrides, stop=module)
         return now["k"].mean(0).double(), now["v"].mean(0).double()

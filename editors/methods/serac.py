@@ -5,8 +5,8 @@ can use it as is; give ``store`` to attach a persistent one). Scope: a saved sco
 the one named ``default``; train it with ``editmem train-scope``), or ``scope="cosine"`` for the untrained cosine
 threshold. Counterfactual model: the base model itself, prompted with the retrieved edit
 (:mod:`editors.retrieval.augmented`; the context format is a setting), or a copy trained to use edits
-(``counterfactual=NAME``, made by ``editmem train-counterfactual``, :mod:`editors.retrieval.counterfactual`), which then brings
-its own context format. ``editor.model`` is the :class:`AugmentedModel` wrapper.
+(``counterfactual=NAME``, made by ``editmem train-counterfactual``, :mod:`editors.retrieval.counterfactual`), which
+then brings its own context format. ``editor.model`` is the :class:`AugmentedModel` wrapper.
 
 ``apply(requests)`` inserts the edits into the store (no training) and returns a :class:`MemoryEditHandle` holding
 their store ids; ``restore()`` deletes exactly those edits (tombstones, so the store's history keeps them). The base

@@ -135,7 +135,8 @@ def lead_tokens(tokenizer: Any) -> list[int]:
 def insert_context(row: Sequence[int], context_ids: Sequence[int], lead: Sequence[int]) -> tuple[list[int], int]:
     """``row`` with ``context_ids`` inserted after its leading special tokens ``lead`` (when the row starts with
     them), and where the context was inserted. Tokens before it keep their positions; tokens after it move by the
-    context's length. The trained counterfactual model (:mod:`editors.retrieval.counterfactual`) is trained on exactly this."""
+    context's length. The trained counterfactual model (:mod:`editors.retrieval.counterfactual`) is trained on exactly
+    this."""
     row, lead = list(row), list(lead)
     at = len(lead) if lead and row[:len(lead)] == lead else 0
     return row[:at] + list(context_ids) + row[at:], at
@@ -161,8 +162,9 @@ class AugmentedModel(torch.nn.Module):
                  context: str = DEFAULT_CONTEXT, counterfactual: torch.nn.Module | None = None,
                  chat_context: str = DEFAULT_CHAT_CONTEXT):
         super().__init__()
-        self.model = model
-        # In-scope rows go to this model (a trained copy, editors.retrieval.counterfactual) or, when None, to the base model.
+        self.model: Any = model  # a Hugging Face causal LM (duck-typed: generate, config, ...)
+        # In-scope rows go to this model (a trained copy, editors.retrieval.counterfactual) or, when None, to the base
+        # model.
         self.counterfactual = counterfactual
         self.tokenizer = tokenizer
         self.router = Router.open(memory, scope, k=k) if isinstance(memory, str) else Router(memory, scope, k=k)
@@ -187,7 +189,7 @@ class AugmentedModel(torch.nn.Module):
         return self.router.classifier
 
     @property
-    def counterfactual_model(self) -> torch.nn.Module:
+    def counterfactual_model(self) -> Any:
         """The model that answers in-scope rows: the trained counterfactual copy if given, else the base model."""
         return self.counterfactual if self.counterfactual is not None else self.model
 
@@ -297,7 +299,7 @@ class AugmentedModel(torch.nn.Module):
         if len(inside) < len(rows):  # the very call the caller made, so out-of-scope rows are bit-identical
             base_logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
         kwargs = {k: v for k, v in kwargs.items() if k != "use_cache"}
-        seqs, leads = zip(*(self._conditioned(rows[b], decisions[b].edit) for b in inside))
+        seqs, leads = zip(*(self._conditioned(rows[b], decisions[b].chosen) for b in inside))
         device = input_ids.device
         cf_ids, cf_mask = pad_rows(seqs, pad_id(self.tokenizer))
         cf_logits = self.counterfactual_model(input_ids=cf_ids.to(device), attention_mask=cf_mask.to(device),
@@ -327,7 +329,7 @@ class AugmentedModel(torch.nn.Module):
         if kwargs.get("return_dict_in_generate"):
             raise ValidationError("AugmentedModel.generate returns token ids; return_dict_in_generate is not "
                                   "supported")
-        mask, rows = self._rows(input_ids, attention_mask)
+        _, rows = self._rows(input_ids, attention_mask)
         decisions = self.route_rows(rows)
         self.last_routing = decisions
         inside = [b for b, d in enumerate(decisions) if d.in_scope]
@@ -342,7 +344,7 @@ class AugmentedModel(torch.nn.Module):
         base = None
         if len(inside) < len(rows):
             base = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        seqs = [self._conditioned(rows[b], decisions[b].edit)[0] for b in inside]
+        seqs = [self._conditioned(rows[b], decisions[b].chosen)[0] for b in inside]
         cf_ids, cf_mask = pad_rows(seqs, pad, side="left")
         cf_width = cf_ids.shape[1]
         cf_kwargs = dict(kwargs)
@@ -402,7 +404,7 @@ def measure_overhead(wrapper: AugmentedModel, prompts: Sequence[str], *, new_tok
     device = wrapper.device
     for prompt in prompts:
         ids = torch.tensor([encode_prompt(tok, prompt)], dtype=torch.long, device=device)
-        kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+        kw: dict[str, Any] = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id(tok))
         if wrapper.route_rows([ids[0].tolist()])[0].in_scope:
             skipped.append(prompt)
@@ -417,7 +419,9 @@ def measure_overhead(wrapper: AugmentedModel, prompts: Sequence[str], *, new_tok
                 t2 = time.perf_counter()
                 wrapper.route_rows([ids[0].tolist()])
                 t3 = time.perf_counter()
-                base_ms.append((t1 - t0) * 1e3), wrap_ms.append((t2 - t1) * 1e3), route_ms.append((t3 - t2) * 1e3)
+                base_ms.append((t1 - t0) * 1e3)
+                wrap_ms.append((t2 - t1) * 1e3)
+                route_ms.append((t3 - t2) * 1e3)
     if not base_ms:
         raise ValidationError("every prompt routed in scope: give out-of-scope prompts to measure the overhead")
     base, wrap, route = statistics.median(base_ms), statistics.median(wrap_ms), statistics.median(route_ms)

@@ -1,10 +1,11 @@
 """SERAC's trained counterfactual model: a copy of the base model fine-tuned to answer from an edit in its context.
 
-The memory wrapper (:class:`editors.retrieval.augmented.AugmentedModel`) sends an in-scope query to a counterfactual model with
-the retrieved edit's context put in front of it. By default that model is the base model itself, which copies the new
-target when the query is the edit's own prompt but often follows its prior on a rephrase (notes/memory_editing.md).
-SERAC (Mitchell et al. 2022, "Memory-Based Model Editing at Scale") trains the counterfactual model instead; this
-module does that on CPU by fine-tuning only the top ``train_layers`` blocks of a copy, with everything below frozen.
+The memory wrapper (:class:`editors.retrieval.augmented.AugmentedModel`) sends an in-scope query to a counterfactual
+model with the retrieved edit's context put in front of it. By default that model is the base model itself, which
+copies the new target when the query is the edit's own prompt but often follows its prior on a rephrase
+(notes/memory_editing.md). SERAC (Mitchell et al. 2022, "Memory-Based Model Editing at Scale") trains the
+counterfactual model instead; this module does that on CPU by fine-tuning only the top ``train_layers`` blocks of a
+copy, with everything below frozen.
 
 Training examples are built from edit cases (any format :func:`eval.datasets.load_cases` reads) exactly as the wrapper
 builds its inputs (:func:`editors.retrieval.augmented.insert_context` with the same context template), in three kinds:
@@ -36,7 +37,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -70,10 +71,11 @@ DEFAULT_CF_CONTEXT = "answer"
 class CounterfactualSettings:
     """How the counterfactual copy is trained.
 
-    ``context``: the context format the copy learns to read (a name of :data:`editors.retrieval.augmented.CONTEXT_FORMATS` or
-    a template); the wrapper must use the same one, so it is saved with the weights. ``train_layers``: how many top
-    blocks are fine-tuned. ``mix``: sampling weights of the ``copy``/``update``/``retain`` kinds. ``val_cases``:
-    held-out cases (the last ones of the file). ``lr`` peaks after ``warmup`` steps and decays to zero (cosine).
+    ``context``: the context format the copy learns to read (a name of
+    :data:`editors.retrieval.augmented.CONTEXT_FORMATS` or a template); the wrapper must use the same one, so it is
+    saved with the weights. ``train_layers``: how many top blocks are fine-tuned. ``mix``: sampling weights of the
+    ``copy``/``update``/``retain`` kinds. ``val_cases``: held-out cases (the last ones of the file). ``lr`` peaks
+    after ``warmup`` steps and decays to zero (cosine).
     """
 
     context: str = DEFAULT_CF_CONTEXT
@@ -309,7 +311,7 @@ def train_counterfactual(model: torch.nn.Module, tokenizer: Any, cases: Sequence
             live[n].copy_(value)
     for p in cf.parameters():
         p.requires_grad_(False)
-    meta = {"format": 1, "base_fingerprint": base_fp, "model_type": cf.config.model_type,
+    meta = {"format": 1, "base_fingerprint": base_fp, "model_type": cast(Any, cf).config.model_type,
             "trained_parameters": sorted(names), "template": template, "settings": asdict(s),
             "best_step": best_step, "best_val": curve[[c["step"] for c in curve].index(best_step)] if curve else None,
             "curve": curve, "train_seconds": round(time.perf_counter() - started, 1),

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from editors.base import EditHandle, Editor, EditRequest, check_requests
+from editors.retrieval.augmented import AugmentedModel
 from memory.errors import EditmemError, NotFoundError
 
 DEFAULT_SCOPE = "default"
@@ -71,6 +72,13 @@ class MemoryEditor(Editor):
 
     memory: Any
     label = "memory"  # the method's name in error messages
+
+    _wrapper: AugmentedModel  # each memory editor builds its wrapper (an AugmentedModel or a subclass)
+
+    @property
+    def model(self) -> AugmentedModel:
+        """The memory-augmented wrapper: routes every input through the store before the model sees it."""
+        return self._wrapper
 
     @classmethod
     def query_settings(cls, *, store: str, encoder: str, scope: str, threshold: float | None, k: int,

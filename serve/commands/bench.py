@@ -112,6 +112,9 @@ def run_http(args: argparse.Namespace) -> int:
     report["command"] = " ".join(shlex.quote(a) for a in ["editmem", *sys.argv[1:]])
     report["threads"] = args.threads
     print(json.dumps(report, indent=2))
+    return 0
+
+
 def run_knowedit(args: argparse.Namespace) -> int:
     from eval.knowedit.bench import DEFAULT_METHODS, BenchSettings, run_bench, write_table
     from eval.knowedit.tasks import TASKS
