@@ -170,8 +170,9 @@ def test_ask_without_scope_classifier_says_what_to_run(store, monkeypatch) -> No
     import editors.lm.loading as loading
 
     monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
-    line = one_line_error(store("ask", "What is the capital of France?"))
-    assert "no scope classifier named 'default'" in line and "train-scope" in line and "--scope cosine" in line
+    # `default` now comes shipped with the package (scope/default_head), so name one that does not exist
+    line = one_line_error(store("ask", "What is the capital of France?", "--scope", "nope"))
+    assert "no scope classifier named 'nope'" in line and "train-scope" in line and "--scope cosine" in line
 
 
 def test_eval_serac_without_scope_classifier_fails_before_loading(store, tmp_path, monkeypatch) -> None:
@@ -180,7 +181,8 @@ def test_eval_serac_without_scope_classifier_fails_before_loading(store, tmp_pat
     monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
     data = tmp_path / "d.json"
     data.write_text(json.dumps([{"prompt": "p is", "target_new": "t", "subject": "p"}]), encoding="utf-8")
-    line = one_line_error(store("eval", "--data", str(data), "--methods", "serac", "--out", str(tmp_path / "o")))
+    line = one_line_error(store("eval", "--data", str(data), "--methods", "serac", "--set", "serac.scope=nope",
+                                "--out", str(tmp_path / "o")))
     assert "no scope classifier" in line
 
 

@@ -229,11 +229,11 @@ def test_index_file_of_another_store_is_not_used(tmp_path: Path) -> None:
         assert len(mem) == 1
 
 
-def test_postgres_index_file_lives_in_the_cache(pg_store_url: str, _editmem_cache: Path) -> None:
+def test_postgres_index_file_lives_in_the_cache(pg_store_url: str, editmem_cache: Path) -> None:
     with open_store(pg_store_url) as mem:
         mem.add_many(FACTS)
         path = mem.index_path
-    assert path is not None and path.parent == _editmem_cache and path.is_file()
+    assert path is not None and path.parent == editmem_cache and path.is_file()
     with open_store(pg_store_url) as mem:
         mem.verify()
 

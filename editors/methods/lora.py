@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -37,16 +36,19 @@ log = logging.getLogger(__name__)
 
 
 class AdapterEditHandle(WeightEditHandle):
-    """A :class:`WeightEditHandle` that also keeps the trained adapter's tensors (``adapter``); it saves and loads
-    as a weight edit (the merged deltas are what restore and reapply use)."""
+    """A :class:`WeightEditHandle` that also keeps the trained adapter's tensors (``adapter``), saved and loaded with
+    it (the merged deltas are what restore and reapply use)."""
 
     adapter: dict[str, torch.Tensor]
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "adapter": {k: v.cpu() for k, v in self.adapter.items()}}
 
-    def save(self, path: str | Path) -> None:
-        torch.save({"kind": WeightEditHandle.__name__, "state": self.state_dict()}, Path(path))
+    @classmethod
+    def _from_state(cls, model: torch.nn.Module, state: Mapping[str, Any]) -> AdapterEditHandle:
+        handle = cls(model, state["originals"], state["edited"])
+        handle.adapter = dict(state.get("adapter", {}))
+        return handle
 
 
 @dataclass(frozen=True)
