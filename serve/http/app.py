@@ -73,10 +73,9 @@ def create_app(settings: ServerSettings, *, model: Any = None, tokenizer: Any = 
         if settings.upstream:
             from editors.retrieval.proxy import ContextRouter
 
-            if settings.method != "serac":
-                raise ValidationError("proxy mode puts SERAC's edit context in front of the upstream's prompt; "
-                                      f"--method {settings.method} needs the local model")
-            proxy = ContextRouter(settings.store, scope=settings.scope, threshold=settings.threshold, k=settings.k)
+            # routing only: the store, its encoder and the scope classifier; no language model is loaded
+            proxy = ContextRouter(settings.store, scope=settings.scope, threshold=settings.threshold, k=settings.k,
+                                  method=settings.method, ike=settings.options.get("ike"))
         elif model is None and settings.model != "none":
             from editors.lm.loading import load_model
 
