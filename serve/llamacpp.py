@@ -40,12 +40,58 @@ def server_command(gguf: str | Path, port: int, *, host: str = "127.0.0.1", thre
             "--chat_format", chat_format, "--verbose", "False"]
 
 
+def _wait(url: str, proc: subprocess.Popen, what: str, timeout: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
+            raise EditmemError(f"{what} exited with {proc.returncode}: {err}")
+        try:
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise EditmemError(f"{what} did not answer within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.stderr:
+        proc.stderr.close()
+
+
+@contextmanager
+def editmem_proxy(store: str, upstream: str, *, scope: str = "cosine", method: str = "serac",
+                  extra: tuple[str, ...] = (), start_timeout: float = 120.0) -> Iterator[str]:
+    """``editmem serve --upstream`` (the CLI, in its own process) on a free loopback port; yields its ``/v1`` URL."""
+    from serve.http.live import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "serve.cli", "--store", store, "serve", "--upstream", upstream, "--scope", scope,
+           "--method", method, "--port", str(port), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait(f"{url}/healthz", proc, "editmem serve", start_timeout)
+        yield f"{url}/v1"
+    finally:
+        _stop(proc)
+
+
 @contextmanager
 def llamacpp_server(gguf: str | Path | None = None, *, threads: int = 2, n_ctx: int = 2048,
                     start_timeout: float = 180.0) -> Iterator[str]:
     """Run llama.cpp's server on a free loopback port; yields its ``/v1`` URL; terminates it on exit."""
-    import httpx
-
     from serve.http.live import free_port
 
     if not available():
@@ -57,26 +103,7 @@ def llamacpp_server(gguf: str | Path | None = None, *, threads: int = 2, n_ctx: 
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     url = f"http://127.0.0.1:{port}/v1"
     try:
-        deadline = time.monotonic() + start_timeout
-        while True:
-            if proc.poll() is not None:
-                err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
-                raise EditmemError(f"llama.cpp's server exited with {proc.returncode}: {err}")
-            try:
-                if httpx.get(f"{url}/models", timeout=2.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise EditmemError(f"llama.cpp's server did not answer within {start_timeout:.0f} s")
-            time.sleep(0.2)
+        _wait(f"{url}/models", proc, "llama.cpp's server", start_timeout)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
+        _stop(proc)
