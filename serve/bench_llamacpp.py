@@ -121,6 +121,14 @@ def _quality(client: Any, front: str, upstream: str, cases: list[Any], tokens: i
             "generalization": mean(gen) if gen else None, "locality": mean(loc) if loc else None}
 
 
+def _show(what: str, figures: dict[str, Any]) -> dict[str, Any]:
+    """Print a section as soon as it is measured (a run cut short keeps what it measured)."""
+    import sys
+
+    print(what, json.dumps(figures), file=sys.stderr, flush=True)
+    return figures
+
+
 def run_bench(data_dir: Path, *, cases: int = 200, encoder: str = "all-MiniLM-L6-v2", scope: str = "cosine",
               tokens: int = 16, repeats: int = 3, clients: int = 8, requests: int = 32,
               quality_tokens: int = 8) -> dict[str, Any]:
@@ -147,9 +155,10 @@ def run_bench(data_dir: Path, *, cases: int = 200, encoder: str = "all-MiniLM-L6
             for q in OUT_OF_SCOPE[:2]:  # warm both
                 _post(client, front, "chat/completions", _chat(q, tokens))
             t0 = time.perf_counter()
-            result["latency"] = _latency(client, front, upstream, questions, forwarded, tokens, repeats)
-            result["throughput"] = _throughput(front, upstream, tokens, clients, requests)
-            result["quality"] = {name: _quality(client, front, upstream, cs, quality_tokens)
+            result["latency"] = _show("latency", _latency(client, front, upstream, questions, forwarded, tokens,
+                                                          repeats))
+            result["throughput"] = _show("throughput", _throughput(front, upstream, tokens, clients, requests))
+            result["quality"] = {name: _show(f"quality {name}", _quality(client, front, upstream, cs, quality_tokens))
                                  for name, cs in sets.items()}
             result["seconds"] = time.perf_counter() - t0
     return result
