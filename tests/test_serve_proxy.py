@@ -75,11 +75,71 @@ def test_streams_pass_through_with_an_editmem_chunk(servers):
     assert any(c.choices and c.choices[0].delta.content for c in chunks)
 
 
-def test_upstream_errors_pass_through_and_ike_is_refused(servers):
+def test_upstream_errors_pass_through_and_as_of_is_refused(servers):
     via, _ = _clients(servers)
     with pytest.raises(openai.NotFoundError):
         via.completions.create(model="no-such-model", prompt="x y z")
-    with pytest.raises(openai.BadRequestError, match="local model"):
-        via.completions.create(model=servers[2], prompt="x y z", extra_body={"editmem": {"method": "ike"}})
     with pytest.raises(openai.BadRequestError, match="as_of"):
         via.completions.create(model=servers[2], prompt="x y z", extra_body={"editmem": {"as_of": 1}})
+
+
+def _echo_upstream():
+    """An OpenAI-shaped upstream that answers with the prompt it was sent (what the proxy forwarded, exactly)."""
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    def completions(body: dict) -> dict:
+        return {"id": "echo", "object": "text_completion", "created": 0, "model": body["model"],
+                "choices": [{"index": 0, "text": body["prompt"], "finish_reason": "stop", "logprobs": None}],
+                "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
+
+    return app
+
+
+def test_ike_puts_demonstrations_and_the_edit_in_context(data_dir, tmp_path, monkeypatch):
+    """IKE through the proxy (gated by the scope classifier): the nearest demonstrations, then the edit's context, go
+    in front of the prompt, rendered as IKE renders them locally; out of scope the prompt is forwarded as it is."""
+    from editors.methods.ike import DemoPool, IkeModel
+    from editors.retrieval.proxy import ContextRouter
+    from serve.http.app import create_app
+
+    monkeypatch.setenv("EDITMEM_CACHE", str(tmp_path / "cache"))
+    demo_file = str(data_dir / "counterfact" / "easyedit_split" / "counterfact-train.json")
+    ike = {"demo_file": demo_file, "demo_limit": 20, "demos": 2}
+    store = new_store(tmp_path / "ike.db", EDIT)
+    router = ContextRouter(store, scope="cosine", method="ike", ike=ike)
+    sent, shaping = router.completion(EDIT["prompt"])
+    text = router.ike_context
+    hits = text.pool.nearest([EDIT["prompt"]], 2, text.kinds)[0]
+    local = IkeModel.prompt_text(text, [i for i, _ in hits], router.router.route([EDIT["prompt"]])[0].edit)
+    router.close()
+    assert isinstance(text.pool, DemoPool) and len(hits) == 2
+    assert shaping.route == "ike" and sent == local + EDIT["prompt"] and sent.count("New Fact:") >= 4
+    with live_server(_echo_upstream()) as upstream:
+        app = create_app(settings(store, "none", upstream=f"{upstream}/v1", method="ike", options={"ike": ike}))
+        with live_server(app) as front:
+            via = openai.OpenAI(base_url=f"{front}/v1", api_key="x", max_retries=0)
+            a = via.completions.create(model="m", prompt=EDIT["prompt"], max_tokens=5)
+            assert a.model_extra["editmem"]["route"] == "ike" and a.model_extra["editmem"]["edit_id"] == 1
+            assert a.choices[0].text == sent
+            serac = via.completions.create(model="m", prompt=EDIT["prompt"], max_tokens=5,
+                                           extra_body={"editmem": {"method": "serac"}})
+            assert serac.model_extra["editmem"]["route"] == "serac" and serac.choices[0].text.count("New Fact:") == 2
+            out = via.completions.create(model="m", prompt="Marie Curie was born in", max_tokens=5)
+            assert out.model_extra["editmem"]["route"] == "base" and out.choices[0].text == "Marie Curie was born in"
+
+
+def test_proxy_loads_no_language_model(tmp_path, monkeypatch):
+    """Proxy mode routes with the store, its encoder and the scope classifier: the model loader is never called."""
+    import editors.lm.loading as loading
+    from serve.http.app import create_app
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("proxy mode loaded a model")
+
+    monkeypatch.setattr(loading, "load_model", refuse)
+    app = create_app(settings(new_store(tmp_path / "front.db", EDIT), "smollm2-135m",
+                              upstream="http://127.0.0.1:9/v1"))
+    assert app.state.ctx.service is None and app.state.ctx.proxy is not None

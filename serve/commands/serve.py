@@ -3,7 +3,8 @@
     editmem serve [--store URL] [--model NAME|PATH|none] [--method serac|ike] [--scope NAME] [--threshold T] [-k K]
                   [--host 127.0.0.1] [--port 8000] [--api-keys FILE] [--threads N] [--max-body-bytes B]
                   [--max-tokens N] [--max-n N] [--max-batch N] [--max-prompt-tokens N] [--cors-origin URL ...]
-                  [--upstream URL [--upstream-key KEY]] [--namespace NAME]
+                  [--upstream URL [--upstream-key KEY]] [--namespace NAME] [--ike-demos N] [--ike-demo-file FILE]
+                  [--ike-demo-limit N]
 
 Binds to loopback by default; any other address needs API keys (--api-keys or $EDITMEM_API_KEYS_FILE).
 ``--namespace`` (the global option, or $EDITMEM_NAMESPACE) is the store namespace of requests that name none and whose
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+from typing import Any
 
 from memory.errors import ValidationError
 
@@ -45,7 +47,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-n", type=int, default=8, help="cap on a request's n")
     p.add_argument("--max-prompt-tokens", type=int, default=2048)
     p.add_argument("--upstream", default=None, help="proxy mode: the /v1 URL of an OpenAI-compatible server to "
-                                                    "forward to (no local model is loaded)")
+                                                    "forward to (no local model is loaded: the store, its encoder "
+                                                    "and the scope classifier route)")
+    p.add_argument("--ike-demos", type=int, default=None, help="IKE: demonstrations per prompt (default: IKE's)")
+    p.add_argument("--ike-demo-file", default=None, help="IKE: the demonstration pool file (default: "
+                                                         "counterfact-train.json under $EDITMEM_DATA)")
+    p.add_argument("--ike-demo-limit", type=int, default=None, help="IKE: use only the pool file's first N cases")
     p.add_argument("--upstream-key", default=None, help="key sent to the upstream (default: $EDITMEM_UPSTREAM_KEY)")
     p.add_argument("--cors-origin", action="append", default=[], help="allow this origin (CORS is off without)")
     p.set_defaults(func=_serve)
@@ -58,6 +65,12 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _method_options(args: argparse.Namespace) -> dict[str, Any]:
+    ike = {"demos": args.ike_demos, "demo_file": args.ike_demo_file, "demo_limit": args.ike_demo_limit}
+    ike = {key: value for key, value in ike.items() if value is not None}
+    return {"ike": ike} if ike else {}
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -83,7 +96,8 @@ def _serve(args: argparse.Namespace) -> int:
                               limits=Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                                             max_n=args.max_n),
                               cors_origins=tuple(args.cors_origin), upstream=args.upstream,
-                              upstream_key=args.upstream_key, namespace=getattr(args, "namespace", "default"))
+                              upstream_key=args.upstream_key, namespace=getattr(args, "namespace", "default"),
+                              options=_method_options(args))
     logging.getLogger("editmem.http").setLevel(logging.INFO)
     app = create_app(settings)
     front = f"in front of {args.upstream}" if args.upstream else f"with {args.model}"

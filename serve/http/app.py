@@ -116,9 +116,7 @@ def create_app(settings: ServerSettings, *, model: Any = None, tokenizer: Any = 
     service, proxy = None, None
     try:
         if settings.upstream:
-            if settings.method != "serac":
-                raise ValidationError("proxy mode puts SERAC's edit context in front of the upstream's prompt; "
-                                      f"--method {settings.method} needs the local model")
+            # routing only: the store, its encoder and the scope classifier; no language model is loaded
             proxy = _context_router(settings, settings.namespace)
         elif model is None and settings.model != "none":
             from editors.lm.loading import load_model
@@ -169,7 +167,7 @@ def _context_router(settings: ServerSettings, namespace: str) -> Any:
     from editors.retrieval.proxy import ContextRouter
 
     return ContextRouter(settings.store, scope=settings.scope, threshold=settings.threshold, k=settings.k,
-                         namespace=namespace)
+                         method=settings.method, ike=settings.options.get("ike"), namespace=namespace)
 
 
 def _upstream_client(settings: ServerSettings) -> Any:

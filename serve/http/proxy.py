@@ -24,14 +24,13 @@ def _ctx(request: Request) -> Any:
     return request.app.state.ctx
 
 
-def _check(body: Any) -> None:
+def _check(body: Any) -> str | None:
+    """The request's editmem.method (None: the server's); refuses what proxy mode cannot do."""
     opts = body.options()
     if opts.as_of is not None:
         raise ApiError(400, "editmem.as_of is not supported in proxy mode", param="editmem.as_of",
                        code="unsupported")
-    if opts.method == "ike":
-        raise ApiError(400, "editmem.method ike needs the local model; proxy mode uses SERAC's context",
-                       param="editmem.method")
+    return opts.method
 
 
 def _forwarded(body: Any, **replace: Any) -> dict[str, Any]:
@@ -88,11 +87,11 @@ async def models(request: Request) -> Any:
 async def completions(body: CompletionRequest, request: Request) -> Any:
     from fastapi.concurrency import run_in_threadpool
 
-    _check(body)
+    method = _check(body)
     if body.editmem is not None and body.editmem.disable:
         return await _send(request, "completions", _forwarded(body), Shaping("base", None))
     router_ = _ctx(request).proxy_for(request_namespace(request, body.options().namespace))
-    prompt, shaping = await run_in_threadpool(router_.completion, body.text())
+    prompt, shaping = await run_in_threadpool(router_.completion, body.text(), method)
     return await _send(request, "completions", _forwarded(body, prompt=prompt), shaping)
 
 
@@ -100,10 +99,10 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 async def chat(body: ChatRequest, request: Request) -> Any:
     from fastapi.concurrency import run_in_threadpool
 
-    _check(body)
+    method = _check(body)
     if body.editmem is not None and body.editmem.disable:
         return await _send(request, "chat/completions", _forwarded(body), Shaping("base", None))
     messages = [m.model_dump() for m in body.messages]
     router_ = _ctx(request).proxy_for(request_namespace(request, body.options().namespace))
-    messages, shaping = await run_in_threadpool(router_.chat, messages)
+    messages, shaping = await run_in_threadpool(router_.chat, messages, method)
     return await _send(request, "chat/completions", _forwarded(body, messages=messages), shaping)
