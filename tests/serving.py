@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from serve.cli import main
-from serve.http.live import free_port, live_server  # noqa: F401 (used by the tests)
+from serve.http.live import free_port as free_port  # re-exported for the tests
+from serve.http.live import live_server as live_server  # re-exported for the tests
 from tests.tiny import save_folder, tiny_model
 
 EDIT = {"prompt": "The capital of Japan is", "target_new": "Lima", "subject": "Japan"}

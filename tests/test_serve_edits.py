@@ -10,10 +10,11 @@ import logging
 import pytest
 
 from tests.serving import EDIT, live_server, new_store, settings
-from tests.test_store_fixtures import _editmem_cache, pg_store_url  # noqa: F401 (fixtures)
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
+# Index files of PostgreSQL stores go to a per-test cache folder (the fixture is in tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("editmem_cache")
 
 KEYS = {"reader-key-0001": "read", "writer-key-0001": "write", "admin-key-00001": "admin"}
 
@@ -176,7 +177,7 @@ def test_two_servers_on_one_sqlite_store_see_each_others_writes(tmp_path):
 
 
 @pytest.mark.postgres
-def test_two_servers_on_one_postgres_store(pg_store_url):  # noqa: F811 (the fixture)
+def test_two_servers_on_one_postgres_store(pg_store_url):
     from serve.cli import main
 
     assert main(["--store", pg_store_url, "init", "--encoder", "hashing-256"]) == 0

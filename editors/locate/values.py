@@ -139,7 +139,10 @@ def _plan(rows: Sequence[Row], starts: Sequence[int], owners: Sequence[int]) -> 
             labels.append(row.ids[t])
             weights.append(1.0 / n_target / rewrites[owner])
             n_owner.append(owner)
-    as_long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+
+    def as_long(v: list[int]) -> torch.Tensor:
+        return torch.tensor(v, dtype=torch.long)
+
     return _Plan(as_long(d_rows), as_long(d_pos), as_long(list(owners)), as_long(n_rows), as_long(n_pos),
                  as_long(labels), torch.tensor(weights, dtype=torch.float32), as_long(n_owner), as_long(kl_rows),
                  as_long(kl_pos), as_long([bare[o] for o in sorted(bare)]))
