@@ -43,12 +43,13 @@ def test_serve_process_logs_requests_and_finishes_in_flight_work_on_sigterm(tmp_
 
         def ask() -> None:
             r = httpx.post(f"{url}/v1/completions", timeout=120, json={
-                "model": folder.name, "prompt": "The capital of Japan is", "max_tokens": 100, "n": 8})
+                "model": folder.name, "prompt": "The capital of Japan is", "max_tokens": 120, "n": 8})
             answers.append((r, time.monotonic()))
 
         slow = threading.Thread(target=ask)
         slow.start()
-        time.sleep(0.15)  # the request is in flight
+        while not answers and _in_flight(url) < 2:  # the slow request and this scrape
+            time.sleep(0.01)
         signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         slow.join(120)
@@ -63,3 +64,10 @@ def test_serve_process_logs_requests_and_finishes_in_flight_work_on_sigterm(tmp_
     assert answered > signalled  # it was still being answered when the signal came
     assert f"on http://127.0.0.1:{port}/" in out
     assert "GET /healthz 200" in err and "POST /v1/completions 200" in err
+
+
+def _in_flight(url: str) -> float:
+    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+        if line.startswith("editmem_http_requests_in_flight "):
+            return float(line.split()[1])
+    raise AssertionError("/metrics has no editmem_http_requests_in_flight")

@@ -1,6 +1,6 @@
 """Prometheus metrics of one server (a registry of its own, so several apps in one process do not collide):
-requests by method, route and status, latency per route, answers by the route the memory took, the number of live
-edits and the vector index's lag behind the store (both read at scrape time)."""
+requests by method, route and status, requests in flight, latency per route, answers by the route the memory took,
+the number of live edits and the vector index's lag behind the store (both read at scrape time)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.requests = Counter("editmem_http_requests", "HTTP requests", ["method", "path", "status"],
                                 registry=self.registry)
+        self.in_flight = Gauge("editmem_http_requests_in_flight", "HTTP requests being answered now",
+                               registry=self.registry)
         self.latency = Histogram("editmem_http_request_seconds", "HTTP request latency", ["path"],
                                  buckets=BUCKETS, registry=self.registry)
         self.answers = Counter("editmem_answers", "answers by the route that shaped them", ["route"],

@@ -33,12 +33,14 @@ class RequestMiddleware:
             await send(message)
 
         refusal = self._refusal(scope)
+        self.ctx.metrics.in_flight.inc()
         try:
             if refusal is not None:
                 await _reply(sending, *refusal)
             else:
                 await self.app(scope, receive, sending)
         finally:
+            self.ctx.metrics.in_flight.dec()
             seconds = time.perf_counter() - t0
             path = getattr(scope.get("route"), "path", "other")
             self.ctx.metrics.observe(scope["method"], path, status[0], seconds)
