@@ -45,11 +45,23 @@ class Consolidated:
         return sum(len(r.edits) for r in self.records)
 
 
-def consolidate(mem: Any, method: str, out: str | Path, *, model: str | None = None, batch_size: int | None = None,
-                overrides: Mapping[str, Any] | None = None, progress: bool = False) -> Consolidated:
-    """Write ``mem``'s live edits that the model saved in ``out`` does not hold yet into its weights with ``method``,
-    ``batch_size`` edits per editor call (default all at once), and save the model to ``out``. Everything that can
-    be checked is checked before a model is loaded."""
+@dataclass(frozen=True)
+class Plan:
+    """A checked consolidation (:func:`plan_consolidation`): where the model comes from and where it goes."""
+
+    method: str
+    out: Path
+    source: str | Path  # the base model (a new folder) or ``out`` itself (continuing)
+    base: str
+    model_id: int | None  # the store's row of ``out`` when it is continued
+    batch_size: int | None
+
+
+def plan_consolidation(mem: Any, method: str, out: str | Path, *, model: str | None = None,
+                       batch_size: int | None = None) -> Plan:
+    """Check everything about a consolidation that can be checked without loading a model (the method, the batch
+    size, that there are edits to write, that ``out`` is new, empty or this store's folder for the same base), and
+    say where the model comes from. Raises ValidationError with a one-line reason."""
     from editors.base import available_editors
 
     check_number("consolidate", "batch_size", batch_size, integer=True, optional=True)
@@ -66,32 +78,43 @@ def consolidate(mem: Any, method: str, out: str | Path, *, model: str | None = N
         if model is not None and model != row.base:
             raise ValidationError(f"{out} holds edits of base model {row.base}, not {model}; "
                                   "use another --out for another base model")
-        if not pending_edits(mem, row.id):  # say so before loading the model
+        if not pending_edits(mem, row.id):
             raise ValidationError(f"no edits to consolidate: {out} already holds every live edit of the store")
-        source: str | Path = out
-    else:
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise ValidationError(f"{out} exists and is not an edited model of this store; give a new or "
-                                  "empty folder as --out")
-        row = None
-        source = model or DEFAULT_MODEL
+        return Plan(method, out, out, row.base, row.id, batch_size)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValidationError(f"{out} exists and is not an edited model of this store; give a new or "
+                              "empty folder as --out")
+    return Plan(method, out, model or DEFAULT_MODEL, str(model or DEFAULT_MODEL), None, batch_size)
 
+
+def consolidate(mem: Any, method: str, out: str | Path, *, model: str | None = None, batch_size: int | None = None,
+                overrides: Mapping[str, Any] | None = None, progress: bool = False) -> Consolidated:
+    """Write ``mem``'s live edits that the model saved in ``out`` does not hold yet into its weights with ``method``,
+    ``batch_size`` edits per editor call (default all at once), and save the model to ``out``. Everything that can
+    be checked is checked before a model is loaded (:func:`plan_consolidation`)."""
+    plan = plan_consolidation(mem, method, out, model=model, batch_size=batch_size)
+    return run_consolidation(mem, plan, overrides=overrides, progress=progress)
+
+
+def run_consolidation(mem: Any, plan: Plan, *, overrides: Mapping[str, Any] | None = None,
+                      progress: bool = False) -> Consolidated:
+    """Carry out a checked :class:`Plan`: load the model, write the pending edits, save the folder."""
     from editors.lm.loading import load_model
     from editors.weights import StoredWeights
 
-    lm, tokenizer = load_model(source)
-    stored = StoredWeights.open(mem, lm, tokenizer, base=str(model or DEFAULT_MODEL), folder=out,
-                                model_id=row.id if row else None)
+    lm, tokenizer = load_model(plan.source)
+    stored = StoredWeights.open(mem, lm, tokenizer, base=plan.base, folder=plan.out, model_id=plan.model_id)
     held = len(stored.records())
     written: list[Any] = []
     try:
-        written = stored.consolidate(method, batch_size=batch_size, progress=progress, **dict(overrides or {}))
+        written = stored.consolidate(plan.method, batch_size=plan.batch_size, progress=progress,
+                                     **dict(overrides or {}))
     finally:
         # Save whatever SQL now records, also after a failed batch; a newly registered folder always holds its
         # model, even with no edits yet.
-        if row is None or len(stored.records()) != held:
-            stored.save(out)
-    return Consolidated(written, stored.record, out)
+        if plan.model_id is None or len(stored.records()) != held:
+            stored.save(plan.out)
+    return Consolidated(written, stored.record, plan.out)
 
 
 def rebuild_folder(mem: Any, out: str | Path, *, model: str | None = None) -> tuple[str, int]:

@@ -271,14 +271,22 @@ class EditMemory:
                 raise NotFoundError(f"edit {edit_id} has no version {version} (versions 1..{latest.version})")
             return _record(row)
 
-    def list(self, limit: int | None = None, offset: int = 0, include_deleted: bool = False) -> list[EditRecord]:
-        """Current versions ordered by id; with ``include_deleted`` also the tombstones of deleted edits."""
+    def list(self, limit: int | None = None, offset: int = 0, include_deleted: bool = False, *,
+             subject: str | None = None, contains: str | None = None) -> list[EditRecord]:
+        """Current versions ordered by id; with ``include_deleted`` also the tombstones of deleted edits. Filters:
+        ``subject`` (the exact subject), ``contains`` (text found in the prompt or the target, any case)."""
         if limit is not None and (not isinstance(limit, int) or limit < 0):
             raise ValidationError(f"limit must be a non-negative integer, got {limit!r}")
         if not isinstance(offset, int) or offset < 0:
             raise ValidationError(f"offset must be a non-negative integer, got {offset!r}")
-        where = edits.c.valid_to.is_(None) if include_deleted else CURRENT
-        query = select(edits).where(where, self._ns).order_by(edits.c.edit_id).offset(offset)
+        where = [edits.c.valid_to.is_(None) if include_deleted else CURRENT, self._ns]
+        if subject is not None:
+            where.append(edits.c.subject == _filter_text("subject", subject))
+        if contains is not None:
+            needle = "%" + _like_escaped(_filter_text("contains", contains).lower()) + "%"
+            where.append(func.lower(edits.c.prompt).like(needle, escape="\\")
+                         | func.lower(edits.c.target_new).like(needle, escape="\\"))
+        query = select(edits).where(*where).order_by(edits.c.edit_id).offset(offset)
         if limit is not None:
             query = query.limit(limit)
         with self._read() as conn:
@@ -767,3 +775,14 @@ def _index_path(url: URL, store_uid: str, namespace: str = DEFAULT_NAMESPACE) ->
         return None if schema.is_memory_sqlite(url) else Path(str(url.database) + suffix)
     path = pg_index_file(store_uid)
     return path if namespace == DEFAULT_NAMESPACE else path.with_name(path.name.removesuffix(".faiss") + suffix)
+
+
+def _filter_text(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValidationError(f"the list filter {name} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _like_escaped(text: str) -> str:
+    """``text`` with LIKE's wildcards taken literally (escape character ``\\``)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

@@ -7,7 +7,9 @@ called in-process, so the three figures compare like with like:
   request (greedy, ``max_tokens`` tokens), runs interleaved;
 - out of scope: median latency of out-of-scope completions through the memory over the same requests with
   ``editmem.disable`` (base model only), interleaved, with the store as given (``--data`` fills it first);
-- throughput: the same requests sent by ``clients`` concurrent clients against one at a time (batching on).
+- throughput: the same requests sent by ``clients`` concurrent clients against one at a time (batching on), with
+  the batcher waiting for requests that are being routed (the default ``batch_wait``) and without (``0``), the two
+  concurrent runs alternated ``rounds`` times; medians of the rounds.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def _ms(seconds: list[float]) -> float:
 
 def run_http_bench(model: str, *, data: str | None = None, limit: int = 10_000, encoder: str = "all-MiniLM-L6-v2",
                    scope: str = "cosine", tokens: int = 8, repeats: int = 5, clients: int = 8,
-                   requests: int = 32) -> dict[str, Any]:
+                   requests: int = 32, rounds: int = 2) -> dict[str, Any]:
     import httpx
 
     from editors.retrieval.service import Sampling
@@ -82,13 +84,22 @@ def run_http_bench(model: str, *, data: str | None = None, limit: int = 10_000, 
             for p in batch:
                 http(p)
             one_at_a_time = time.perf_counter() - t0
-            calls0 = service.batcher.calls
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(clients) as pool:
-                list(pool.map(lambda p: httpx.post(f"{url}/v1/completions", timeout=600, json={
-                    "model": name, "prompt": p, "max_tokens": tokens}).raise_for_status(), batch))
-            concurrent = time.perf_counter() - t0
-            calls = service.batcher.calls - calls0
+            batcher = service.batcher
+            waits = {"wait": batcher.max_wait, "no_wait": 0.0}
+            seconds: dict[str, list[float]] = {k: [] for k in waits}
+            calls: dict[str, list[int]] = {k: [] for k in waits}
+            for _ in range(rounds):
+                for key, wait in waits.items():
+                    batcher.max_wait = wait
+                    calls0 = batcher.calls
+                    t0 = time.perf_counter()
+                    with ThreadPoolExecutor(clients) as pool:
+                        list(pool.map(lambda p: httpx.post(f"{url}/v1/completions", timeout=600, json={
+                            "model": name, "prompt": p, "max_tokens": tokens}).raise_for_status(), batch))
+                    seconds[key].append(time.perf_counter() - t0)
+                    calls[key].append(batcher.calls - calls0)
+            batcher.max_wait = waits["wait"]
+            concurrent = statistics.median(seconds["wait"])
     return {
         "model": model, "stored_edits": stored, "encoder": encoder, "scope": scope, "tokens": tokens,
         "runs": len(local), "skipped_in_scope": skipped,
@@ -96,5 +107,8 @@ def run_http_bench(model: str, *, data: str | None = None, limit: int = 10_000, 
         "out_of_scope_ms": _ms(remote), "disable_ms": _ms(base), "out_of_scope_ratio": _ms(remote) / _ms(base),
         "requests": requests, "clients": clients, "one_at_a_time_rps": requests / one_at_a_time,
         "concurrent_rps": requests / concurrent, "throughput_ratio": one_at_a_time / concurrent,
-        "concurrent_generate_calls": calls,
+        "concurrent_generate_calls": calls["wait"], "batch_wait_s": waits["wait"],
+        "throughput_ratio_no_wait": one_at_a_time / statistics.median(seconds["no_wait"]),
+        "concurrent_generate_calls_no_wait": calls["no_wait"], "rounds": rounds,
+        "concurrent_seconds": seconds,
     }

@@ -72,3 +72,81 @@ def test_sampled_requests_run_alone_and_are_seeded():
         assert a == b and len(a) == 2
     finally:
         batcher.close()
+
+
+def test_a_call_waits_for_announced_requests_and_shares_with_them():
+    model, tok = tiny_model("llama")
+    rows = [encode_prompt(tok, p) for p in PROMPTS[:4]]
+    batcher = MicroBatcher(pad_id(tok), max_wait=30.0)
+    try:
+        for _ in rows[1:]:
+            batcher.announce()  # three requests are being routed
+        first = batcher.submit(model, rows[0], 3)
+        threading.Event().wait(0.2)
+        assert not first.done.is_set()  # the call waits for the announced ones
+        later = [batcher.submit(model, r, 3, announced=True) for r in rows[1:]]
+        for job in [first, *later]:
+            batcher.wait(job)
+        assert batcher.calls == 1 and batcher.rows == 4 and batcher.announced == 0
+    finally:
+        batcher.close()
+
+
+def test_a_call_waits_no_longer_than_max_wait_nor_for_a_withdrawn_request():
+    model, tok = tiny_model("llama")
+    row = encode_prompt(tok, PROMPTS[0])
+    batcher = MicroBatcher(pad_id(tok), max_wait=0.3)
+    try:
+        batcher.announce()  # never submitted: the call starts after max_wait
+        batcher.wait(batcher.submit(model, row, 2))
+        assert batcher.calls == 1
+        batcher.withdraw()
+        patient = MicroBatcher(pad_id(tok), max_wait=30.0)
+        try:
+            patient.announce()
+            job = patient.submit(model, row, 2)
+            threading.Event().wait(0.2)
+            assert not job.done.is_set()
+            patient.withdraw()  # the announced request failed its checks: the call goes ahead at once
+            assert job.done.wait(30) and patient.announced == 0
+        finally:
+            patient.close()
+    finally:
+        batcher.close()
+
+
+def test_nothing_announced_means_no_wait():
+    model, tok = tiny_model("llama")
+    batcher = MicroBatcher(pad_id(tok), max_wait=30.0)
+    try:
+        job = batcher.submit(model, encode_prompt(tok, PROMPTS[0]), 2)
+        assert job.done.wait(10)  # a lone request runs at once, not after max_wait
+    finally:
+        batcher.close()
+
+
+def test_a_call_waits_for_the_clients_the_last_call_answered_but_a_lone_client_never_waits():
+    model, tok = tiny_model("llama")
+    rows = [encode_prompt(tok, p) for p in PROMPTS[:3]]
+    batcher = MicroBatcher(pad_id(tok), max_wait=30.0)
+    try:
+        for _ in range(3):  # one client, one request after another: it is its own returning client
+            job = batcher.submit(model, rows[0], 2)
+            assert job.done.wait(10)
+        gate = _Gate(model)
+        blocker = batcher.submit(gate, rows[0], 2)
+        assert gate.entered.wait(30)
+        pair = [batcher.submit(model, r, 2) for r in rows[1:]]  # two clients queue while the worker is busy
+        gate.open.set()
+        for job in [blocker, *pair]:
+            batcher.wait(job)
+        calls = batcher.calls
+        back = batcher.submit(model, rows[1], 2)  # one of the pair's clients comes back ...
+        threading.Event().wait(0.3)
+        assert not back.done.is_set()  # ... and waits for the other one
+        other = batcher.submit(model, rows[2], 2)
+        for job in (back, other):
+            batcher.wait(job)
+        assert batcher.calls == calls + 1
+    finally:
+        batcher.close()

@@ -78,6 +78,26 @@ def test_list_pages_search_export_and_changes(url):
     assert last == [{"seq": feed["change"] + 1, "op": "del", "edit_id": 2, "version": 1, "deleted": False}]
 
 
+def test_list_filters_by_subject_and_text(url):
+    c = httpx.Client(base_url=url)
+    for prompt, target, subject in [("The capital of Peru is", "Lima_x", "Peru"), ("Peru's language is", "Quechua",
+                                    "Peru"), ("The 100% city of Chile is", "Valparaiso", "Chile")]:
+        assert c.post("/v1/edits", json={"prompt": prompt, "target_new": target, "subject": subject}).status_code == 201
+    peru = c.get("/v1/edits", params={"subject": "Peru"}).json()
+    assert [r["target_new"] for r in peru["data"]] == ["Lima_x", "Quechua"] and peru["matched"] == 2
+    assert peru["total"] == 4
+    assert [r["subject"] for r in c.get("/v1/edits", params={"contains": "QUECHUA"}).json()["data"]] == ["Peru"]
+    assert c.get("/v1/edits", params={"contains": "100%"}).json()["matched"] == 1  # LIKE wildcards are literal
+    assert c.get("/v1/edits", params={"contains": "a_x"}).json()["matched"] == 1
+    assert c.get("/v1/edits", params={"contains": "a%x"}).json()["matched"] == 0
+    page = c.get("/v1/edits", params={"subject": "Peru", "limit": 1, "offset": 1}).json()
+    assert [r["target_new"] for r in page["data"]] == ["Quechua"] and page["matched"] == 2
+    c.delete(f"/v1/edits/{peru['data'][0]['id']}")
+    assert c.get("/v1/edits", params={"subject": "Peru"}).json()["matched"] == 1
+    assert c.get("/v1/edits", params={"subject": "Peru", "include_deleted": True}).json()["matched"] == 2
+    _error(c.get("/v1/edits", params={"contains": " "}), 400, "contains must be a non-empty string")
+
+
 def test_import_json_and_file_all_or_nothing(url, tmp_path):
     c = httpx.Client(base_url=url)
     r = c.post("/v1/edits/import", json={"records": [{"prompt": "A is", "target_new": "B"},

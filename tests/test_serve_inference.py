@@ -143,7 +143,7 @@ def test_ops_routes(server):
     httpx.post(f"{url}/v1/completions", json={"model": server[1], "prompt": IN_SCOPE, "max_tokens": 2})
     text = httpx.get(f"{url}/metrics").text
     assert 'editmem_answers_total{route="serac"}' in text and "editmem_http_request_seconds_bucket" in text
-    assert "editmem_edits 1.0" in text and "editmem_index_lag 0.0" in text
+    assert 'editmem_edits{namespace="default"} 1.0' in text and 'editmem_index_lag{namespace="default"} 0.0' in text
     assert 'path="/v1/completions"' in text
 
 

@@ -162,3 +162,29 @@ def test_server_namespace_default(tmp_path):
         assert [e["id"] for e in httpx.get(f"{url}/v1/edits?namespace=default").json()["data"]] == [1]
         out = _client(url, "unused").completions.create(model=folder.name, prompt=PROMPT, max_tokens=2)
         assert (out.model_extra["editmem"]["edit_id"], out.model_extra["editmem"]["namespace"]) == (team_id, "team")
+
+
+def test_readyz_and_metrics_cover_every_open_namespace(server):
+    url, _, _ = server
+    ready = httpx.get(f"{url}/readyz").json()
+    assert ready["ready"] and set(ready["namespaces"]) >= {"default", "acme"}
+    assert all(ns["index_caught_up"] for ns in ready["namespaces"].values())
+    text = httpx.get(f"{url}/metrics").text
+    admin = {"Authorization": "Bearer free-admin-00001"}
+    for ns in ready["namespaces"]:
+        total = httpx.get(f"{url}/v1/edits", params={"namespace": ns, "limit": 0}, headers=admin).json()["total"]
+        assert f'editmem_edits{{namespace="{ns}"}} {float(total)}' in text, ns
+        assert f'editmem_index_lag{{namespace="{ns}"}} 0.0' in text, ns
+
+
+def test_admin_key_list_shows_roles_and_namespaces_never_keys(server):
+    url, _, _ = server
+    r = httpx.get(f"{url}/v1/admin/keys", headers={"Authorization": "Bearer free-admin-00001"})
+    assert r.status_code == 200, r.text
+    assert r.json()["keys_configured"] is True
+    assert {(k["role"], k["namespace"], k["keys"]) for k in r.json()["data"]} == {
+        ("read", "acme", 1), ("write", "acme", 1), ("write", None, 1), ("admin", None, 1)}
+    assert not any(key in r.text for key in KEYS)
+    denied = httpx.get(f"{url}/v1/admin/keys", headers={"Authorization": "Bearer free-writer-0001"})
+    assert denied.status_code == 403 and denied.json()["error"]["code"] == "insufficient_role"
+    assert httpx.get(f"{url}/v1/admin/keys").status_code == 401

@@ -34,6 +34,24 @@ def test_add_get_list_len(store_url: str) -> None:
         assert [r.id for r in mem] == [1, 2, 3, 4, 5]
 
 
+def test_list_filters_by_subject_and_contained_text(store_url: str) -> None:
+    with open_store(store_url) as mem:
+        mem.add("The capital of Peru is", "Lima_x", subject="Peru")
+        mem.add("Peru's language is", "Quechua", subject="Peru")
+        mem.add("The 100% city of Chile is", "Valparaiso", subject="Chile")
+        assert [r.target_new for r in mem.list(subject="Peru")] == ["Lima_x", "Quechua"]
+        assert mem.list(subject="peru") == []  # the subject is matched exactly
+        assert [r.id for r in mem.list(contains="PERU")] == [1, 2]  # prompt or target, any case
+        assert [r.id for r in mem.list(contains="quechua")] == [2]
+        assert [r.id for r in mem.list(contains="100%")] == [3] and mem.list(contains="1%") == []  # literal %
+        assert [r.id for r in mem.list(contains="a_x")] == [1] and mem.list(contains="u_") == []  # literal _
+        assert [r.id for r in mem.list(subject="Peru", limit=1, offset=1)] == [2]
+        mem.delete(1)
+        assert [r.id for r in mem.list(subject="Peru", include_deleted=True)] == [1, 2]
+        with pytest.raises(ValidationError, match="subject must be a non-empty string"):
+            mem.list(subject="")
+
+
 def test_add_many_accepts_edit_cases_and_keeps_probes(store_url: str) -> None:
     case = EditCase("The CEO of Acme is", "Dana", subject="Acme", rephrases=("Acme is run by",),
                     locality=(Probe("The CEO of Initech is", "Bill", "neighborhood"),),

@@ -1,9 +1,17 @@
 """Micro-batching of generate calls: one worker thread runs every model call of a :class:`MemoryService`; the greedy,
 single-answer requests for the same model that are waiting when it starts a call go through that model as one
-left-padded batch, instead of queueing one by one. Nothing waits for company: a request that arrives alone runs at
-once, and requests that arrive while a batch is generating are taken together by the next call. Sampled requests and
-requests with ``n > 1`` run on their own (their rows share a call already), and so do streamed ones (their tokens
-are handed over one by one as they are generated, :class:`TokenStreamer`).
+left-padded batch, instead of queueing one by one. A request that arrives alone runs at once. Before a call starts,
+it waits (at most ``max_wait`` seconds) for two kinds of request that are sure to come soon:
+
+- announced ones (:meth:`MicroBatcher.announce`: checked and being routed, so about to be submitted);
+- the returning clients of the last call: under load, clients send their next request as soon as an answer comes
+  back. A call that started with only the requests queued meanwhile would leave the returning ones to the next call,
+  and 8 clients would settle into two alternating calls of 4 (measured: 32 requests in 8 calls). So a call waits
+  until as many requests have come in since the last call ended as that call answered, or until ``max_wait`` after
+  its end. A lone client is its own returning client: it never waits.
+
+Sampled requests and requests with ``n > 1`` run on their own (their rows share a call already), and so do streamed
+ones (their tokens are handed over one by one as they are generated, :class:`TokenStreamer`).
 
 A row's greedy continuation in a padded batch equals its unbatched one up to float rounding of the padded attention
 (so it can differ where two tokens are within rounding of each other)."""
@@ -12,6 +20,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +38,7 @@ class _Job:
     n: int
     streamer: Any = None  # a TokenStreamer: the job runs alone and hands over each token as it is generated
     done: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.monotonic)
     rows: list[list[int]] | None = None
     error: BaseException | None = None
 
@@ -59,9 +69,14 @@ class TokenStreamer:
 class MicroBatcher:
     """Runs generate calls on one worker thread, batching the greedy ones that wait together (module docstring)."""
 
-    def __init__(self, pad: int, *, max_batch: int = 8):
+    def __init__(self, pad: int, *, max_batch: int = 8, max_wait: float = 0.2):
         self.pad = pad
         self.max_batch = max_batch
+        self.max_wait = max_wait  # seconds a call waits at most for requests sure to come (module docstring)
+        self._announced = 0
+        self._count_lock = threading.Lock()
+        self._last_end = float("-inf")  # when the last batched call ended, and how many requests it answered
+        self._last_jobs = 0
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="editmem-generate", daemon=True)
         self._thread.start()
@@ -74,11 +89,29 @@ class MicroBatcher:
         return self.wait(self.submit(lm, seq, max_tokens, n, sampling))
 
     def submit(self, lm: Any, seq: list[int], max_tokens: int, n: int = 1, sampling: dict[str, Any] | None = None,
-               streamer: TokenStreamer | None = None) -> _Job:
-        """Queue a generate call and return at once; :meth:`wait` gives its rows."""
+               streamer: TokenStreamer | None = None, *, announced: bool = False) -> _Job:
+        """Queue a generate call and return at once; :meth:`wait` gives its rows. ``announced``: the caller
+        announced it (:meth:`announce`); submitting ends the announcement."""
         job = _Job(lm, list(seq), max_tokens, dict(sampling or {}), n, streamer)
         self._queue.put(job)
+        if announced:
+            self.withdraw()
         return job
+
+    def announce(self) -> None:
+        """Say a request will be submitted soon (it is being routed): a call starting now waits for it (at most
+        ``max_wait``). Each announce is ended by ``submit(..., announced=True)`` or :meth:`withdraw`."""
+        with self._count_lock:
+            self._announced += 1
+
+    def withdraw(self) -> None:
+        """End an announcement (the request was submitted, or failed before it was)."""
+        with self._count_lock:
+            self._announced = max(0, self._announced - 1)
+
+    @property
+    def announced(self) -> int:
+        return self._announced
 
     @staticmethod
     def wait(job: _Job) -> list[list[int]]:
@@ -98,11 +131,23 @@ class MicroBatcher:
             if first is None:
                 return
             jobs = [first]
+            announced_until = time.monotonic() + self.max_wait
+            returning_until = self._last_end + self.max_wait
             while len(jobs) < self.max_batch:
                 try:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:
-                    break
+                    now = time.monotonic()
+                    returned = sum(1 for job in jobs if job.submitted >= self._last_end)
+                    waiting = first.batchable and (
+                        (self._announced > 0 and now < announced_until)
+                        or (returned < self._last_jobs and now < returning_until))
+                    if not waiting:
+                        break
+                    try:
+                        nxt = self._queue.get(timeout=0.002)
+                    except queue.Empty:
+                        continue
                 if nxt is None:
                     self._queue.put(None)
                     break
@@ -116,6 +161,9 @@ class MicroBatcher:
                     singles.append([job])
             for group in [*groups.values(), *singles]:
                 self._run(group)
+            batched = sum(len(g) for g in groups.values())
+            if batched:
+                self._last_end, self._last_jobs = time.monotonic(), batched
 
     @torch.no_grad()
     def _run(self, jobs: list[_Job]) -> None:

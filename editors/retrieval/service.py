@@ -103,6 +103,7 @@ class ServiceSettings:
     options: dict[str, Any] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
     max_batch: int = 8  # greedy requests waiting together go through the model as one batch of at most this many
+    batch_wait: float = 0.2  # seconds a call waits at most for requests sure to come soon (batching.py)
     namespace: str = "default"  # the store namespace a request that names none is answered from
 
 
@@ -118,7 +119,8 @@ class MemoryService:
             raise ValidationError(f"method must be one of {', '.join(ROUTES[1:])}, got {self.settings.method!r}")
         self._editors: dict[tuple[str, str], MemoryEditor] = {}  # (namespace, method) -> its editor
         self._lock = threading.Lock()  # routing (the editors' caches are not thread-safe)
-        self._batcher = MicroBatcher(pad_id(tokenizer), max_batch=self.settings.max_batch)
+        self._batcher = MicroBatcher(pad_id(tokenizer), max_batch=self.settings.max_batch,
+                                     max_wait=self.settings.batch_wait)
         self._snapshots = Snapshots()
 
     # --- editors ------------------------------------------------------------------------------------------------------
@@ -188,8 +190,13 @@ class MemoryService:
         ``templated``: the prompt already carries the chat template's special tokens (no BOS is added).
         ``as_of``: route as the store stood at that change number or ISO time (:mod:`editors.retrieval.snapshot`).
         ``namespace``: the store namespace whose edits the query is routed to (default: the service's)."""
-        plan = self._plan(prompt, sampling, route_text=route_text, method=method, disable=disable,
-                          templated=templated, as_of=as_of, namespace=namespace)
+        self._batcher.announce()  # a generate call starting while this request is routed waits for it
+        try:
+            plan = self._plan(prompt, sampling, route_text=route_text, method=method, disable=disable,
+                              templated=templated, as_of=as_of, namespace=namespace)
+        except BaseException:
+            self._batcher.withdraw()
+            raise
         return Completion(self._generate(plan.lm, plan.seq, plan.sampling), plan.prompt_tokens, plan.shaping)
 
     def stream(self, prompt: str, sampling: Sampling, **options: Any) -> Iterator[str | Completion]:
@@ -290,7 +297,8 @@ class MemoryService:
             raise ValidationError("stop takes at most 4 non-empty strings")
 
     def _generate(self, lm: Any, seq: list[int], s: Sampling) -> list[Choice]:
-        rows = self._batcher.generate(lm, seq, s.max_tokens, s.n, _sampling_kwargs(s))
+        rows = self._batcher.wait(self._batcher.submit(lm, seq, s.max_tokens, s.n, _sampling_kwargs(s),
+                                                       announced=True))
         eos = getattr(self.tokenizer, "eos_token_id", None)
         choices = []
         for tokens in rows:

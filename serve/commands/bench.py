@@ -41,6 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--clients", type=int, default=8)
     h.add_argument("--requests", type=int, default=32)
     h.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    h.add_argument("--rounds", type=int, default=2,
+                   help="concurrent runs with and without the batch wait, alternated (default: %(default)s)")
     h.set_defaults(func=run_http)
     k = bsub.add_parser("knowedit", help="every method on every KnowEdit task: the KnowEdit table, resumable")
     k.add_argument("--data", type=Path, default=DEFAULT_DATA / "knowedit",
@@ -108,7 +110,8 @@ def run_http(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     report = run_http_bench(args.model, data=args.data, limit=args.limit, encoder=args.encoder, scope=args.scope,
-                            tokens=args.tokens, repeats=args.repeats, clients=args.clients, requests=args.requests)
+                            tokens=args.tokens, repeats=args.repeats, clients=args.clients, requests=args.requests,
+                            rounds=args.rounds)
     report["command"] = " ".join(shlex.quote(a) for a in ["editmem", *sys.argv[1:]])
     report["threads"] = args.threads
     print(json.dumps(report, indent=2))

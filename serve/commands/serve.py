@@ -2,7 +2,8 @@
 
     editmem serve [--store URL] [--model NAME|PATH|none] [--method serac|ike] [--scope NAME] [--threshold T] [-k K]
                   [--host 127.0.0.1] [--port 8000] [--api-keys FILE] [--threads N] [--max-body-bytes B]
-                  [--max-tokens N] [--max-n N] [--max-batch N] [--max-prompt-tokens N] [--cors-origin URL ...]
+                  [--max-tokens N] [--max-n N] [--max-batch N] [--batch-wait S] [--max-prompt-tokens N]
+                  [--cors-origin URL ...] [--weights-dir DIR]
                   [--upstream URL [--upstream-key KEY]] [--namespace NAME] [--ike-demos N] [--ike-demo-file FILE]
                   [--ike-demo-limit N]
 
@@ -42,6 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="greedy requests waiting together share one generate "
                                                            "call of at most this many (1: no batching; default: "
                                                            "%(default)s)")
+    p.add_argument("--batch-wait", type=float, default=0.2,
+                   help="seconds a generate call waits at most for requests sure to come soon (being routed, or "
+                        "the clients the last call answered), so that concurrent clients share it (0: never wait; "
+                        "default: %(default)s)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--max-tokens", type=int, default=512, help="cap on a request's max_tokens")
     p.add_argument("--max-n", type=int, default=8, help="cap on a request's n")
@@ -55,6 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ike-demo-limit", type=int, default=None, help="IKE: use only the pool file's first N cases")
     p.add_argument("--upstream-key", default=None, help="key sent to the upstream (default: $EDITMEM_UPSTREAM_KEY)")
     p.add_argument("--cors-origin", action="append", default=[], help="allow this origin (CORS is off without)")
+    p.add_argument("--weights-dir", default=None, help="folder under which POST /v1/admin/consolidate saves edited "
+                                                       "models (default: $EDITMEM_CACHE/weights)")
     p.set_defaults(func=_serve)
 
 
@@ -79,6 +86,8 @@ def _serve(args: argparse.Namespace) -> int:
                         ("--max-body-bytes", args.max_body_bytes), ("--max-prompt-tokens", args.max_prompt_tokens)):
         if value < 1:
             raise ValidationError(f"{flag} must be >= 1, got {value}")
+    if not 0 <= args.batch_wait <= 10:
+        raise ValidationError(f"--batch-wait must be between 0 and 10 seconds, got {args.batch_wait}")
     import torch
     import uvicorn
 
@@ -93,11 +102,12 @@ def _serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(store=args.store, model=args.model, method=args.method, scope=args.scope,
                               threshold=args.threshold, k=args.k, api_keys=args.api_keys,
                               max_body_bytes=args.max_body_bytes, max_batch=args.max_batch,
+                              batch_wait=args.batch_wait,
                               limits=Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                                             max_n=args.max_n),
                               cors_origins=tuple(args.cors_origin), upstream=args.upstream,
                               upstream_key=args.upstream_key, namespace=getattr(args, "namespace", "default"),
-                              options=_method_options(args))
+                              options=_method_options(args), weights_dir=args.weights_dir)
     logging.getLogger("editmem.http").setLevel(logging.INFO)
     app = create_app(settings)
     front = f"in front of {args.upstream}" if args.upstream else f"with {args.model}"

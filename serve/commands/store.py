@@ -58,6 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--all", action="store_true", help="include deleted edits")
     p.add_argument("--limit", type=bounded_int(1), default=None, help="at most this many edits (>= 1)")
     p.add_argument("--offset", type=bounded_int(0), default=0, help="skip this many edits first")
+    p.add_argument("--subject", default=None, help="only edits with this exact subject")
+    p.add_argument("--contains", default=None, help="only edits whose prompt or target contains this text (any case)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_list)
 
@@ -206,7 +208,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     with _open(args) as mem:
-        records = mem.list(limit=args.limit, offset=args.offset, include_deleted=args.all)
+        records = mem.list(limit=args.limit, offset=args.offset, include_deleted=args.all, subject=args.subject,
+                           contains=args.contains)
         consolidated = mem.consolidated()
     if args.json:
         for r in records:

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from editors.retrieval.service import Limits, MemoryService, ServiceSettings
 from memory.errors import EditmemError, FormatError, NotFoundError, StoreError, ValidationError
 from serve.http.auth import KeyRing, load_keys
+from serve.http.jobs import JobRunner
 from serve.http.metrics import Metrics
 from serve.http.protocol import ApiError, error_body
 
@@ -45,12 +46,14 @@ class ServerSettings:
     limits: Limits = field(default_factory=Limits)
     default_max_tokens: int = 16
     max_batch: int = 8  # greedy requests waiting together share one generate call of at most this many (1: off)
+    batch_wait: float = 0.2  # seconds a generate call waits at most for requests sure to come (0: never)
     cors_origins: tuple[str, ...] = ()
     upstream: str | None = None  # proxy mode: the OpenAI-compatible server to forward to (its /v1 URL)
     upstream_key: str | None = None  # the key sent to the upstream (default: $EDITMEM_UPSTREAM_KEY)
     upstream_timeout: float = 300.0
     namespace: str = "default"  # the store namespace of requests that name none (and whose key is not bound to one)
     max_namespaces: int = 64  # namespaces the server keeps a store handle (and editors) open for
+    weights_dir: str | None = None  # where admin consolidations save models (default: <cache dir>/weights)
 
 
 @dataclass
@@ -65,6 +68,7 @@ class Context:
     upstream: Any = None  # proxy mode: the httpx.AsyncClient to the upstream
     memories: dict[str, Any] = field(default_factory=dict)  # namespace -> its open EditMemory (one handle each)
     proxies: dict[str, Any] = field(default_factory=dict)  # proxy mode: namespace -> its ContextRouter
+    jobs: JobRunner = field(default_factory=JobRunner)  # admin work in the background (consolidation)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -126,7 +130,7 @@ def create_app(settings: ServerSettings, *, model: Any = None, tokenizer: Any = 
             service = MemoryService(model, tokenizer, settings.store, ServiceSettings(
                 method=settings.method, scope=settings.scope, threshold=settings.threshold, k=settings.k,
                 options=settings.options, limits=settings.limits, max_batch=settings.max_batch,
-                namespace=settings.namespace))
+                batch_wait=settings.batch_wait, namespace=settings.namespace))
             service.editor()  # open the default method now: a bad scope or option fails at start, not per request
     except BaseException:
         memory.close()
@@ -137,6 +141,7 @@ def create_app(settings: ServerSettings, *, model: Any = None, tokenizer: Any = 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
+        ctx.jobs.close()
         if ctx.service is not None:
             ctx.service.close()
         if ctx.upstream is not None:
@@ -148,12 +153,13 @@ def create_app(settings: ServerSettings, *, model: Any = None, tokenizer: Any = 
     _install_errors(app)
     _install_middleware(app, ctx)
 
-    from serve.http import edits, inference, ops
+    from serve.http import admin, edits, inference, ops
     from serve.http import proxy as proxy_routes
 
     app.include_router(proxy_routes.router if ctx.proxy is not None else inference.router)
     app.include_router(edits.router)
     app.include_router(ops.router)
+    app.include_router(admin.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)

@@ -3,6 +3,7 @@ ValidationError is a 400, a NotFoundError a 404, with the store's one-line messa
 writing a ``write`` key, importing an ``admin`` key. None of these routes needs a model.
 
     POST   /v1/edits                      create (201)          GET  /v1/edits?limit=&offset=&include_deleted=
+                                                                              &subject=&contains=
     GET    /v1/edits/{id}?version=        get                   PATCH /v1/edits/{id}   update (a new version)
     DELETE /v1/edits/{id}                 delete (tombstone)    GET  /v1/edits/{id}/history
     POST   /v1/edits/{id}/rollback        {"version": v}        GET  /v1/edits/search?q=&k=
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +52,19 @@ def create(body: EditBody, request: Request, namespace: str | None = NAMESPACE) 
 
 @router.get("", dependencies=[READ])
 def list_edits(request: Request, namespace: str | None = NAMESPACE, limit: int = Query(50, ge=0, le=MAX_PAGE),
-               offset: int = Query(0, ge=0), include_deleted: bool = False) -> dict[str, Any]:
+               offset: int = Query(0, ge=0), include_deleted: bool = False,
+               subject: str | None = Query(None, description="only edits with this exact subject"),
+               contains: str | None = Query(None, description="only edits whose prompt or target contains this "
+                                                              "text (any case)")) -> dict[str, Any]:
+    """A page of edits; ``total`` counts the live edits of the namespace, ``matched`` those the filters let through
+    (all of them, deleted ones included with ``include_deleted``)."""
     mem = _memory(request, namespace)
-    records = mem.list(limit=limit, offset=offset, include_deleted=include_deleted)
+    filters = {"include_deleted": include_deleted, "subject": subject, "contains": contains}
+    records = mem.list(limit=limit, offset=offset, **filters)
+    filtered = subject is not None or contains is not None or include_deleted
     return {"object": "list", "data": [edit_json(r) for r in records], "limit": limit, "offset": offset,
-            "total": len(mem), "change": change_number(mem)}
+            "total": len(mem), "matched": len(mem.list(**filters)) if filtered else len(mem),
+            "change": change_number(mem)}
 
 
 @router.get("/search", dependencies=[READ])
@@ -121,17 +131,34 @@ def get(edit_id: int, request: Request, namespace: str | None = NAMESPACE, versi
     return edit_json(_memory(request, namespace).get(edit_id, version))
 
 
+def _following_weights(mem: Any, edit_id: int, change: Callable[[], Any]) -> dict[str, Any]:
+    """``change()`` (an update, delete or rollback of ``edit_id``) as the CLI makes it: a saved edited model that
+    holds the edit follows it exactly (:func:`editors.consolidation.weights_follow`); what it did is listed under
+    ``weights`` (absent when no saved model holds the edit)."""
+    from editors.consolidation import weights_follow
+
+    lines: list[str] = []
+    with weights_follow(mem, edit_id, report=lines.append):
+        record = change()
+    body = edit_json(record)
+    if lines:
+        body["weights"] = lines
+    return body
+
+
 @router.patch("/{edit_id}", dependencies=[WRITE])
 def update(edit_id: int, body: EditChanges, request: Request, namespace: str | None = NAMESPACE) -> dict[str, Any]:
     changes_ = body.model_dump(exclude_unset=True)
     if not changes_:
         raise ValidationError("an update needs at least one field to change")
-    return edit_json(_memory(request, namespace).update(edit_id, **changes_))
+    mem = _memory(request, namespace)
+    return _following_weights(mem, edit_id, lambda: mem.update(edit_id, **changes_))
 
 
 @router.delete("/{edit_id}", dependencies=[WRITE])
 def delete(edit_id: int, request: Request, namespace: str | None = NAMESPACE) -> dict[str, Any]:
-    return edit_json(_memory(request, namespace).delete(edit_id))
+    mem = _memory(request, namespace)
+    return _following_weights(mem, edit_id, lambda: mem.delete(edit_id))
 
 
 @router.get("/{edit_id}/history", dependencies=[READ])
@@ -142,4 +169,5 @@ def history(edit_id: int, request: Request, namespace: str | None = NAMESPACE) -
 @router.post("/{edit_id}/rollback", dependencies=[WRITE])
 def rollback(edit_id: int, body: RollbackBody, request: Request, namespace: str | None = NAMESPACE
              ) -> dict[str, Any]:
-    return edit_json(_memory(request, namespace).rollback(edit_id, body.version))
+    mem = _memory(request, namespace)
+    return _following_weights(mem, edit_id, lambda: mem.rollback(edit_id, body.version))

@@ -1,9 +1,10 @@
 """Prometheus metrics of one server (a registry of its own, so several apps in one process do not collide):
 requests by method, route and status, requests in flight, latency per route, answers by the route the memory took,
-the number of live edits and the vector index's lag behind the store (both read at scrape time)."""
+the number of live edits and the vector index's lag behind the store, per open namespace (read at scrape time)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -22,17 +23,19 @@ class Metrics:
                                  buckets=BUCKETS, registry=self.registry)
         self.answers = Counter("editmem_answers", "answers by the route that shaped them", ["route"],
                                registry=self.registry)
-        self.edits = Gauge("editmem_edits", "live edits in the store", registry=self.registry)
-        self.index_lag = Gauge("editmem_index_lag", "changes the vector index is behind the store",
-                               registry=self.registry)
+        self.edits = Gauge("editmem_edits", "live edits in a store namespace", ["namespace"], registry=self.registry)
+        self.index_lag = Gauge("editmem_index_lag", "changes a namespace's vector index is behind the store",
+                               ["namespace"], registry=self.registry)
 
     def observe(self, method: str, path: str, status: int, seconds: float) -> None:
         self.requests.labels(method, path, str(status)).inc()
         self.latency.labels(path).observe(seconds)
 
-    def render(self, memory: Any) -> bytes:
+    def render(self, memories: Mapping[str, Any]) -> bytes:
+        """The metrics text, with the edit count and index lag of every namespace the server has open."""
         from memory.feed import index_lag
 
-        self.edits.set(len(memory))
-        self.index_lag.set(index_lag(memory))
+        for namespace, memory in sorted(memories.items()):
+            self.edits.labels(namespace).set(len(memory))
+            self.index_lag.labels(namespace).set(index_lag(memory))
         return generate_latest(self.registry)

@@ -1,5 +1,5 @@
 """Operations routes: ``/healthz`` (the process answers), ``/readyz`` (model loaded, store reachable, index caught
-up; 503 otherwise) and ``/metrics`` (Prometheus text format). None needs a key."""
+up, in every open namespace; 503 otherwise) and ``/metrics`` (Prometheus text format). None needs a key."""
 
 from __future__ import annotations
 
@@ -20,14 +20,25 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 def readyz(request: Request) -> JSONResponse:
+    """Ready when the model is loaded and, for every namespace the server has open, the store answers and the vector
+    index has caught up with it. The top-level ``change``/``index`` are the server's default namespace's;
+    ``namespaces`` has each open one's."""
     ctx = request.app.state.ctx
     checks: dict[str, object] = {"model": ctx.service is not None or ctx.settings.model == "none"}
-    try:
-        indexed = catch_up(ctx.memory)
-        change = change_number(ctx.memory)
-        checks.update(store=True, change=change, index=indexed, index_caught_up=indexed >= change)
-    except EditmemError as err:
-        checks.update(store=False, store_error=str(err), index_caught_up=False)
+    spaces: dict[str, dict[str, object]] = {}
+    for namespace, memory in sorted(dict(ctx.memories).items()):
+        try:
+            indexed = catch_up(memory)
+            change = change_number(memory)
+            spaces[namespace] = {"store": True, "change": change, "index": indexed,
+                                 "index_caught_up": indexed >= change}
+        except EditmemError as err:
+            spaces[namespace] = {"store": False, "store_error": str(err), "index_caught_up": False}
+    default = spaces.get(ctx.memory.namespace, {})
+    checks.update({k: v for k, v in default.items() if k != "index_caught_up"})
+    checks["store"] = all(s["store"] for s in spaces.values())
+    checks["index_caught_up"] = all(s["index_caught_up"] for s in spaces.values())
+    checks["namespaces"] = spaces
     ready = bool(checks["model"] and checks["store"] and checks["index_caught_up"])
     return JSONResponse({"ready": ready, **checks}, status_code=200 if ready else 503)
 
@@ -35,4 +46,4 @@ def readyz(request: Request) -> JSONResponse:
 @router.get("/metrics")
 def metrics(request: Request) -> Response:
     ctx = request.app.state.ctx
-    return Response(ctx.metrics.render(ctx.memory), media_type=CONTENT_TYPE_LATEST)
+    return Response(ctx.metrics.render(dict(ctx.memories)), media_type=CONTENT_TYPE_LATEST)

@@ -101,6 +101,18 @@ class EditBody(BaseModel):
     metadata: dict[str, Any] | None = None
 
 
+class ConsolidateBody(BaseModel):
+    """``POST /v1/admin/consolidate``: the fields of ``editmem consolidate``. ``out`` is a folder name under the
+    server's ``--weights-dir``; ``settings`` are the editor's (``--set KEY=VALUE``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: str
+    out: str
+    model: str | None = None
+    batch_size: int | None = None
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
 class EditChanges(BaseModel):
     """The fields an update changes (those left out are kept)."""
 
