@@ -146,3 +146,13 @@ def test_close_during_a_compaction_keeps_a_consistent_index(tmp_path: Path, gate
     with EditMemory.open(url, index="hnsw") as again:
         again.verify()
         assert not {h.edit.id for h in again.search("fact 1 about topic 1 and item 13", k=20)} & set(ids[:25])
+
+
+def test_bench_compaction_reports_the_build_and_finds_its_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from serve.bench_compaction import run
+
+    monkeypatch.setattr(sync_mod, "HNSW_AUTO_THRESHOLD", 60)
+    out = run("hashing-64", n_queries=10, write_every=1)
+    assert (out["kind_before"], out["kind_after"]) == ("flat", "hnsw")
+    assert out["writes_during_found_after"] == out["writes_during"]
+    assert out["search_before"]["n"] == out["search_after"]["n"] == 10
