@@ -2,7 +2,8 @@
 
 FAISS ids are SQL version row ids. ``flat`` is ``IndexIDMap2(IndexFlatIP)`` (exact; removes in place). ``hnsw`` is
 ``IndexIDMap2(IndexHNSWFlat, inner product)``: HNSW cannot remove vectors, so removed ids are kept in a ``stale``
-set, excluded at search time with an ID selector, and the owner rebuilds once they pile up (``needs_rebuild``).
+set, excluded at search time with an ID selector, and the owner rebuilds once they pile up (``needs_rebuild``; in
+the background, from ``live_vectors``: :mod:`memory.compaction`).
 
 File format (written atomically: temp file in the same folder, then ``os.replace``)::
 
@@ -109,6 +110,20 @@ class VectorIndex:
             self._index.remove_ids(np.asarray(present, dtype=np.int64))
             self._ids.difference_update(present)
         self.dirty = True
+
+    def live_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of the live (not stale) entries, copied out of FAISS, in storage order."""
+        import faiss
+
+        n = self.ntotal
+        if n == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, self.dim), dtype=np.float32)
+        ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+        vectors = np.ascontiguousarray(self._index.index.reconstruct_n(0, n), dtype=np.float32)
+        if self._stale:
+            keep = ~np.isin(ids, np.fromiter(self._stale, dtype=np.int64, count=len(self._stale)))
+            ids, vectors = ids[keep], vectors[keep]
+        return ids, vectors
 
     @property
     def needs_rebuild(self) -> bool:

@@ -131,8 +131,8 @@ class EditMemory:
         was created with (the default one for a new store). A different encoder than the store's is recorded as the
         store's encoder; embeddings for it are computed and stored as needed and the index is rebuilt.
         ``index``: ``"flat"`` (exact), ``"hnsw"`` (approximate, for large stores) or ``"auto"`` (HNSW from 20k
-        edits, by measurement: :data:`memory.sync.HNSW_AUTO_THRESHOLD`; chosen when the index is built, so a grown
-        store switches at its next ``rebuild_index()``).
+        edits, by measurement: :data:`memory.sync.HNSW_AUTO_THRESHOLD`; a flat index that grows past it is rebuilt
+        as HNSW in the background, see :meth:`wait_for_index`).
         ``namespace``: the namespace this handle reads and writes (letters, digits, ``_.-``; see the module docstring).
         A store made by an older editmem is migrated in place first (:mod:`memory.migrate`).
         ``read_only``: open a SQLite store without writing anything (writes raise StoreError; the index stays in
@@ -172,6 +172,7 @@ class EditMemory:
         """Save the index if it changed and release the database connections. Idempotent."""
         if self._closed:
             return
+        self._index_sync.stop_compaction()
         try:
             if not self._read_only:
                 self.save_index()
@@ -554,6 +555,17 @@ class EditMemory:
                 raise ValidationError(f"index must be one of auto, flat, hnsw; got {index!r}")
             self._index_sync.kind = index
         self._index_sync.rebuild()
+
+    def wait_for_index(self, timeout: float | None = None) -> bool:
+        """Wait for a background compaction of the index (tombstones, or flat growing into HNSW) to be swapped in;
+        False if ``timeout`` seconds passed first. Searches and writes need not wait: they use the old index until
+        then."""
+        return self._index_sync.wait_compaction(timeout)
+
+    @property
+    def index_compacting(self) -> bool:
+        """Whether the index is being rebuilt in the background right now."""
+        return self._index_sync.compacting
 
     def save_index(self) -> None:
         """Write the index file now if it changed (a no-op for in-memory stores)."""

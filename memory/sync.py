@@ -6,12 +6,18 @@ write commits, the store hands the transaction to :meth:`IndexSync.after_write`,
 without reading them back; before a search, :meth:`IndexSync.catch_up` applies what other processes logged since the
 counter the index reflects. An index file that does not fit the store (uid, encoder, dimension, kind) is rebuilt from
 the embeddings in SQL, computing only the missing ones.
+
+Compaction (HNSW tombstones past :attr:`VectorIndex.needs_rebuild`) and the growth of a flat ``auto`` index into
+HNSW run in the background (:mod:`memory.compaction`): the write or open that crosses the threshold starts a thread
+and returns; searches and writes go on against the old index, and the new one replaces it, with every change made
+in between replayed onto it. ``IndexSync.background = False`` rebuilds in place instead (as before).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +26,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.engine import Connection
 
+from memory.compaction import Compaction
 from memory.encoder import Encoder
 from memory.errors import StoreError
 from memory.index import IndexHeader, VectorIndex
@@ -34,6 +41,7 @@ log = logging.getLogger(__name__)
 # loaded 2-core VM, one thread): flat single-query p50 0.31 ms at 10k, 1.73 ms at 30k, 17.7 ms at 100k; HNSW 0.59 /
 # 0.88 / 0.96 ms with recall@1 1.000. Flat stays within the 2 ms target to about 30k; 20k leaves a margin.
 HNSW_AUTO_THRESHOLD = 20_000
+BACKGROUND_COMPACTION = True  # the default of IndexSync.background
 ENCODE_BATCH = 256
 
 
@@ -98,7 +106,9 @@ class IndexSync:
         self.kind = kind  # "auto", "flat" or "hnsw": what a rebuild makes
         self.path = path
         self.lock = threading.RLock()
+        self.background = BACKGROUND_COMPACTION  # compaction / growth on a thread (False: in place, in the writer)
         self._index: VectorIndex | None = None
+        self._compaction: Compaction | None = None
 
     @property
     def loaded(self) -> VectorIndex | None:
@@ -119,7 +129,7 @@ class IndexSync:
             if loaded is not None and self._fits(loaded):
                 self._index = loaded
                 self.catch_up()
-                self._maybe_grow(self.index)
+                self._maybe_compact(self.index)
             else:
                 self.rebuild()
 
@@ -182,35 +192,93 @@ class IndexSync:
     def _apply(self, index: VectorIndex, seq: int, adds: list[int], vectors: np.ndarray | None,
                removes: set[int]) -> None:
         index.remove(removes)
+        add_ids = np.asarray(adds, dtype=np.int64)
+        add_vectors = np.zeros((0, index.dim), dtype=np.float32)
         if adds:
-            index.add(np.asarray(adds, dtype=np.int64), vectors if vectors is not None else self.vectors_for(adds))
+            add_vectors = vectors if vectors is not None else self.vectors_for(adds)
+            index.add(add_ids, add_vectors)
         index.seq = seq
         index.dirty = True
-        if index.needs_rebuild:
-            log.info("rebuilding HNSW index: %d stale of %d vectors", index.n_stale, index.ntotal)
-            self.rebuild()
-        else:
-            self._maybe_grow(index)
+        job = self._compaction
+        if job is not None and job.running:  # replayed onto the new index when it is swapped in
+            job.record(seq, add_ids, add_vectors, removes)
+        self._maybe_compact(index)
 
-    def _maybe_grow(self, index: VectorIndex) -> None:
-        """With ``auto``, a flat index that has grown to HNSW_AUTO_THRESHOLD live vectors is rebuilt as HNSW (once;
-        an HNSW index that shrinks stays HNSW until an explicit rebuild)."""
-        if self.kind == "auto" and index.kind == "flat" and len(index) >= HNSW_AUTO_THRESHOLD:
-            log.info("index grew to %d vectors: rebuilding it as HNSW", len(index))
+    def _maybe_compact(self, index: VectorIndex) -> None:
+        """Rebuild when HNSW tombstones pile up (``needs_rebuild``), or, with ``auto``, when a flat index has grown to
+        HNSW_AUTO_THRESHOLD live vectors (once; an HNSW index that shrinks stays HNSW until it is rebuilt); in the
+        background unless ``background`` is off. One compaction at a time."""
+        if index.needs_rebuild:
+            why = f"{index.n_stale} stale of {index.ntotal} vectors"
+        elif self.kind == "auto" and index.kind == "flat" and len(index) >= HNSW_AUTO_THRESHOLD:
+            why = f"flat index grew to {len(index)} vectors"
+        else:
+            return
+        if not self.background:
+            log.info("rebuilding index: %s", why)
             self.rebuild()
+            return
+        if self._compaction is not None and self._compaction.running:
+            return
+        kind = self._kind_for(len(index))
+        log.info("compacting index in the background as %s: %s", kind, why)
+        self._compaction = Compaction.of(index, kind, self.lock, self._swap).start()
+
+    def _kind_for(self, n_live: int) -> str:
+        if self.kind != "auto":
+            return self.kind
+        return "hnsw" if n_live >= HNSW_AUTO_THRESHOLD else "flat"
+
+    def _swap(self, index: VectorIndex) -> None:
+        """Called by a finished compaction, with the lock held and its journal replayed onto ``index``."""
+        self._index = index
+        self._compaction = None
+        try:
+            self.save()
+        except OSError as err:
+            log.warning("could not save index %s: %s", self.path, err)
+        self._maybe_compact(index)  # enough deletions during the build to need another
+
+    @property
+    def compacting(self) -> bool:
+        """Whether a background compaction is running."""
+        job = self._compaction
+        return job is not None and job.running
+
+    def wait_compaction(self, timeout: float | None = None) -> bool:
+        """Wait until no background compaction runs (one started by a swap included); False if ``timeout`` seconds
+        passed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self._compaction
+            if job is None or not job.running:
+                return True
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            job.wait(left)
+
+    def stop_compaction(self) -> None:
+        """Cancel a running compaction and wait for its thread (the live index is kept). Call without the lock."""
+        job = self._compaction
+        if job is not None:
+            job.cancel(wait=True)
+        self._compaction = None
 
     def rebuild(self) -> None:
-        """Build the index from the current versions' embeddings in SQL (computing missing ones) and save it."""
+        """Build the index from the current versions' embeddings in SQL (computing missing ones) and save it, now
+        (a background compaction that is running is cancelled: this replaces it)."""
         with self.lock:
+            if self._compaction is not None:
+                self._compaction.cancel(wait=False)  # it checks under the lock before it swaps
+                self._compaction = None
             encoder = self._store.encoder
             with self._store._read() as conn:
                 seq = int(conn.execute(select(meta.c.change_seq).where(meta.c.id == 1)).scalar_one())
                 row_ids = [int(r) for r in conn.execute(
                     select(edits.c.row_id).where(CURRENT, edits.c.namespace == self.namespace)
                     .order_by(edits.c.row_id)).scalars()]
-            kind = self.kind
-            if kind == "auto":
-                kind = "hnsw" if len(row_ids) >= HNSW_AUTO_THRESHOLD else "flat"
+            kind = self._kind_for(len(row_ids))
             index = VectorIndex(IndexHeader(self.uid, encoder.name, encoder.dim, kind, seq))
             for chunk in chunks(row_ids, 20_000):
                 index.add(np.asarray(chunk, dtype=np.int64), self.vectors_for(chunk, progress=len(row_ids) > 20_000))

@@ -65,9 +65,12 @@ class SubjectIndex:
 
 
 def routing_report(router: Router, cases: Sequence[EditCase], edit_ids: Sequence[int], *, batch: int = 256,
-                   progress: bool = False, relations: Sequence[str | None] | None = None) -> dict[str, Any]:
+                   progress: bool = False, relations: Sequence[str | None] | None = None,
+                   query_cases: Sequence[int] | None = None) -> dict[str, Any]:
     """Route every rephrase and locality prompt of ``cases`` (whose edits are ``edit_ids`` in ``router.memory``);
-    with ``relations`` (one per case, None where unknown) also the relation-aware figures."""
+    with ``relations`` (one per case, None where unknown) also the relation-aware figures. ``query_cases`` (indices
+    into ``cases``) routes only those cases' prompts, the labels still coming from every stored case (so that cases
+    a scope head was trained on can be stored without being counted)."""
     from tqdm.auto import tqdm
 
     if relations is not None and len(relations) != len(cases):
@@ -76,7 +79,9 @@ def routing_report(router: Router, cases: Sequence[EditCase], edit_ids: Sequence
     subjects = SubjectIndex([c.subject for c in cases], edit_ids)
     # text, expected edit id (None: no edit), variant, case relation (locality prompts)
     queries: list[tuple[str, int | None, str, str | None]] = []
-    for i, (case, eid) in enumerate(zip(cases, edit_ids)):
+    chosen = range(len(cases)) if query_cases is None else query_cases
+    for i in chosen:
+        case, eid = cases[i], edit_ids[i]
         for r in case.rephrases:
             queries.append((r, eid, "bare", None))
             queries.append((_with_answer(r, case.target_new), eid, "with_answer", None))
@@ -104,7 +109,8 @@ def routing_report(router: Router, cases: Sequence[EditCase], edit_ids: Sequence
                         c["fp_wrong_edit"] += 1
             bar.update(len(chunk))
     seconds = time.perf_counter() - t0
-    out: dict[str, Any] = {"n_edits": len(edit_ids), "threshold": router.classifier.threshold, "k": router.k,
+    out: dict[str, Any] = {"n_edits": len(edit_ids), "query_cases": len(chosen),
+                           "threshold": router.classifier.threshold, "k": router.k,
                            "seconds": round(seconds, 2), "queries_per_second": round(len(queries) / seconds, 1)}
     for variant, c in counts.items():
         fp = c["fp_wrong_edit"] + c["fp_locality"]

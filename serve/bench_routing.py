@@ -5,6 +5,10 @@ counterfact-train, store the first ``--edit`` cases of counterfact-edit, route t
 Every text is encoded once (a memoising encoder; the cache is kept in ``--cache`` for reruns). Run::
 
     python -m serve.bench_routing --data-dir ../shared/data --train 800 --edit 1000 --focus-named
+    python -m serve.bench_routing --data-dir ../shared/data --train 2000 --store-all --query-cases 5000
+
+``--store-all`` stores every CounterFact case (21,919: train, edit and val) and routes the prompts of the cases the
+head was not trained on (all of them, or a sample of ``--query-cases``); the labels come from every stored case.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,7 +82,8 @@ def focus_named(cases: list[Any], n: int) -> list[Any]:
 
 
 def run(data_dir: Path, n_train: int, n_edit: int, cache: Path | None, powers: Sequence[float], *,
-        focus: bool = False) -> dict[str, Any]:
+        focus: bool = False, store_all: bool = False, n_query: int = 0, latency_queries: int = 200,
+        ) -> dict[str, Any]:
     from memory.formats import read_cases
     from memory.store import EditMemory
     from scope.evaluate import routing_report
@@ -91,8 +97,17 @@ def run(data_dir: Path, n_train: int, n_edit: int, cache: Path | None, powers: S
     table = RelationTable.from_rome_files(rome_files(data_dir))
     train = read_cases(cf / "counterfact-train.json")[:n_train]
     edit = read_cases(cf / "counterfact-edit.json")
-    edit = focus_named(edit, n_edit) if focus else edit[:n_edit]
-    out: dict[str, Any] = {"n_train": len(train), "n_edit": len(edit), "encoder": enc.name, "focus_named": focus}
+    query_cases: list[int] | None = None
+    if store_all:  # every CounterFact case stored (train, edit, val); the training cases' prompts are not routed
+        rest = read_cases(cf / "counterfact-train.json")
+        edit = rest + edit + read_cases(cf / "counterfact-val.json")
+        query_cases = list(range(n_train, len(edit)))
+        if 0 < n_query < len(query_cases):  # a fixed random sample, spread over the three splits
+            query_cases = sorted(random.Random(0).sample(query_cases, n_query))
+    else:
+        edit = focus_named(edit, n_edit) if focus else edit[:n_edit]
+    out: dict[str, Any] = {"n_train": len(train), "n_edit": len(edit), "encoder": enc.name, "focus_named": focus,
+                           "store_all": store_all, "query_cases": len(query_cases or edit)}
     t = time.perf_counter()
     head, _cosine, train_report = train_scope(train, enc, TrainSettings())
     out["scope_train_seconds"] = round(time.perf_counter() - t, 1)
@@ -112,16 +127,21 @@ def run(data_dir: Path, n_train: int, n_edit: int, cache: Path | None, powers: S
     relations = table.case_relations(edit)
     out["edit_relations_known"] = sum(r is not None and not r.startswith("tmpl:") for r in relations)
     with EditMemory.open("sqlite://", encoder=enc) as mem:
+        t = time.perf_counter()
         ids = [r.id for r in mem.add_many(edit)]
+        mem.wait_for_index()  # past 20k edits `auto` builds HNSW in the background: route on the final index
+        out["store_seconds"] = round(time.perf_counter() - t, 1)
+        out["index_kind"] = mem.index_kind
+        log.info("stored %d edits in %.1f s", len(ids), out["store_seconds"])
         enc.save()
         runs: dict[str, Any] = {}
         for power in (0.0, *powers):
             reranker.power = power
             router = Router(mem, head, k=5, reranker=reranker if power else None)
             name = "head" if not power else f"head+reranker(power={power:g})"
-            runs[name] = routing_report(router, edit, ids, relations=relations)
+            runs[name] = routing_report(router, edit, ids, relations=relations, query_cases=query_cases)
             lat = []
-            for case in edit[:200]:
+            for case in [edit[i] for i in (query_cases or range(len(edit)))][:latency_queries]:
                 q = case.locality[0].prompt if case.locality else case.prompt
                 t = time.perf_counter()
                 router.route([q])
@@ -142,12 +162,18 @@ def main() -> None:
     p.add_argument("--powers", default="0.5,1")
     p.add_argument("--focus-named", action="store_true",
                    help="store first the pairs of cases whose locality prompts name each other's subjects")
+    p.add_argument("--store-all", action="store_true",
+                   help="store all 21,919 CounterFact cases (train, edit, val); route the prompts of all but the "
+                        "first --train training cases (--edit is then ignored)")
+    p.add_argument("--query-cases", type=int, default=0,
+                   help="with --store-all, route the prompts of this many of those cases (a fixed random sample; "
+                        "0: all)")
     p.add_argument("--cache", type=Path, default=Path("bench_out/routing_vectors.npz"))
     p.add_argument("--json", type=Path, default=Path("bench_out/routing.json"))
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     result = run(a.data_dir, a.train, a.edit, a.cache, [float(x) for x in a.powers.split(",")],
-                 focus=a.focus_named)
+                 focus=a.focus_named, store_all=a.store_all, n_query=a.query_cases)
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

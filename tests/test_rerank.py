@@ -130,6 +130,29 @@ def test_relation_aware_labels_count_in_scope_locality_as_correct() -> None:
         assert ra["locality_fp_rate_named_subject"] == 1.0 and ra["locality_fp_rate_no_subject"] == 0.0
 
 
+def test_routing_report_routes_only_the_query_cases_with_labels_from_every_stored_case() -> None:
+    """Only B's and C's prompts are routed (A is stored, as a case a head was trained on would be): A's rephrase is not
+    counted, and B's locality prompt routed to A's edit is still in A's scope, since A's subject and relation are
+    known from the stored cases."""
+    a = EditCase("Tom Fletcher was born in", "Oslo", subject="Tom Fletcher", rephrases=("Tom Fletcher is native to",))
+    b = EditCase("Ada Berg was born in", "Rome", subject="Ada Berg", rephrases=("Ada Berg is native to",),
+                 locality=(Probe("Tom Fletcher originates from", "Leeds"),))
+    c = EditCase("Rui Costa plays the instrument", "harp", subject="Rui Costa",
+                 locality=(Probe("Nobody at all sings", "x"),))
+    with EditMemory.open("sqlite://", encoder=ENC) as mem:
+        ids = [r.id for r in mem.add_many([a, b, c])]
+        script = {"Tom Fletcher is native to": ids[0], "Tom Fletcher originates from": ids[0],
+                  "Ada Berg is native to": ids[1]}
+        report = routing_report(_Scripted(mem, script), [a, b, c], ids,  # type: ignore[arg-type]
+                                relations=["P19", "P19", "P1303"], query_cases=[1, 2])
+    assert report["query_cases"] == 2 and report["n_edits"] == 3
+    r = report["bare"]
+    assert (r["tp"], r["rephrases"], r["locality"], r["fp_locality"]) == (1, 1, 2, 1)
+    ra = r["relation_aware"]
+    assert (ra["tp_locality_in_scope"], ra["fp_locality_named_subject"], ra["locality_no_subject"]) == (1, 0, 1)
+    assert ra["precision"] == 1.0
+
+
 def test_counterfact_relations_from_the_rome_files(data_dir: Path) -> None:
     """The EasyEdit split's cases get relation ids through case ids and templates; ids agree with the ROME records."""
     import json

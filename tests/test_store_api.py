@@ -314,7 +314,8 @@ def test_hnsw_filters_removed_and_rebuilds_when_stale_piles_up(store_url: str,
         assert recs[0].id not in {h.edit.id for h in hits} and all(h.edit.is_current for h in hits)
         mem.verify()
         mem.delete(recs[2].id)
-        mem.delete(recs[3].id)  # 4 stale > 3: rebuilt
+        mem.delete(recs[3].id)  # 4 stale > 3: rebuilt (in the background)
+        assert mem.wait_for_index(30)
         assert mem._index.n_stale == 0
         mem.verify()
     with open_store(store_url) as mem:  # "auto" keeps the file's kind... and a reopen still agrees with SQL
@@ -328,7 +329,8 @@ def test_auto_switches_to_hnsw_for_large_stores(tmp_path: Path, monkeypatch: pyt
     with open_store(f"sqlite:///{tmp_path / 's.db'}") as mem:
         mem.add_many(FACTS[:1])
         assert mem.index_kind == "flat"
-        mem.add_many(FACTS[1:])  # grows past the threshold: rebuilt as HNSW on the spot
+        mem.add_many(FACTS[1:])  # grows past the threshold: rebuilt as HNSW in the background
+        assert mem.wait_for_index(30)
         assert mem.index_kind == "hnsw"
         mem.verify()
         mem.rebuild_index()
