@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 
 from editors.lm.tokens import encode_prompt, pad_id
 from editors.retrieval.batching import MicroBatcher
+from memory.errors import ValidationError
 from tests.tiny import tiny_model
 
 PROMPTS = ["The capital of France is", "Marie Curie was born in", "People in Japan speak",
@@ -133,6 +135,7 @@ def test_a_call_waits_for_the_clients_the_last_call_answered_but_a_lone_client_n
         for _ in range(3):  # one client, one request after another: it is its own returning client
             job = batcher.submit(model, rows[0], 2)
             assert job.done.wait(10)
+        batcher.max_wait = 0.0  # (the gated call's client does not come back: do not wait for it)
         gate = _Gate(model)
         blocker = batcher.submit(gate, rows[0], 2)
         assert gate.entered.wait(30)
@@ -141,6 +144,7 @@ def test_a_call_waits_for_the_clients_the_last_call_answered_but_a_lone_client_n
         for job in [blocker, *pair]:
             batcher.wait(job)
         calls = batcher.calls
+        batcher.max_wait = 30.0
         back = batcher.submit(model, rows[1], 2)  # one of the pair's clients comes back ...
         threading.Event().wait(0.3)
         assert not back.done.is_set()  # ... and waits for the other one
@@ -150,3 +154,34 @@ def test_a_call_waits_for_the_clients_the_last_call_answered_but_a_lone_client_n
         assert batcher.calls == calls + 1
     finally:
         batcher.close()
+
+
+def test_queries_waiting_for_the_routing_lock_are_routed_in_one_call(tmp_path):
+    from editors.retrieval.service import MemoryService, Sampling, ServiceSettings
+    from tests.serving import EDIT, new_store
+
+    model, tok = tiny_model("llama")
+    store = new_store(tmp_path / "s.db", EDIT, {"prompt": "Toko Yasuda plays the", "target_new": "piano"})
+    service = MemoryService(model, tok, store, ServiceSettings(scope="cosine", batch_wait=0.0))
+    try:
+        prompts = [EDIT["prompt"], "Toko Yasuda plays the", "Water boils at", "The author of Hamlet is"]
+        alone = [service.complete(p, Sampling(max_tokens=2)).shaping for p in prompts]
+        before = service.routed_batches
+        results: dict[int, object] = {}
+        with service._lock:  # another request is routing: these four wait for the lock together
+            threads = [threading.Thread(target=lambda i=i: results.__setitem__(
+                i, service.complete(prompts[i], Sampling(max_tokens=2)).shaping)) for i in range(len(prompts))]
+            for t in threads:
+                t.start()
+            while sum(len(v) for v in service._asks.values()) < len(prompts):
+                threading.Event().wait(0.001)
+        for t in threads:
+            t.join(30)
+        assert service.routed_batches == before + 1
+        assert [results[i] for i in range(len(prompts))] == alone
+        assert [s.route for s in alone] == ["serac", "serac", "base", "base"]
+        with pytest.raises(ValidationError, match=r"editmem\.method must be one of"):
+            service.complete(prompts[0], Sampling(max_tokens=2), method="nope")
+        assert service._asks == {}  # a request that fails before it is routed leaves no query behind
+    finally:
+        service.close()

@@ -161,9 +161,6 @@ class MicroBatcher:
                     singles.append([job])
             for group in [*groups.values(), *singles]:
                 self._run(group)
-            batched = sum(len(g) for g in groups.values())
-            if batched:
-                self._last_end, self._last_jobs = time.monotonic(), batched
 
     @torch.no_grad()
     def _run(self, jobs: list[_Job]) -> None:
@@ -191,6 +188,8 @@ class MicroBatcher:
             for job in jobs:
                 job.error = err
         finally:
+            if jobs[0].batchable:  # before any answer is handed over: a returning client submits after this
+                self._last_end, self._last_jobs = time.monotonic(), len(jobs)
             for job in jobs:
                 if job.streamer is not None:
                     job.streamer.end()  # again after an error: the reader must not wait forever

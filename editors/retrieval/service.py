@@ -6,7 +6,8 @@ completion's prompt, a chat's last user message) through a memory editor opened 
 :func:`editors.retrieval.session.open_memory_editor` (SERAC or IKE, opened on first use and kept), and generates
 with the base model (out of scope, or ``disable``) or with the edit's context put in front (in scope), the same
 conditioning :class:`~editors.retrieval.augmented.AugmentedModel` applies. Model calls run on one worker thread
-(:mod:`editors.retrieval.batching`): greedy requests that wait together share one batched generate call.
+(:mod:`editors.retrieval.batching`): greedy requests that wait together share one batched generate call, and
+queries that wait for the routing lock together are routed in one call.
 """
 
 from __future__ import annotations
@@ -119,6 +120,9 @@ class MemoryService:
             raise ValidationError(f"method must be one of {', '.join(ROUTES[1:])}, got {self.settings.method!r}")
         self._editors: dict[tuple[str, str], MemoryEditor] = {}  # (namespace, method) -> its editor
         self._lock = threading.Lock()  # routing (the editors' caches are not thread-safe)
+        self._asks: dict[tuple[str, str], list[_Ask]] = {}  # (namespace, method) -> queries waiting to be routed
+        self._asks_lock = threading.Lock()
+        self.routed_batches = 0  # routing calls made (queries that waited together count once)
         self._batcher = MicroBatcher(pad_id(tokenizer), max_batch=self.settings.max_batch,
                                      max_wait=self.settings.batch_wait)
         self._snapshots = Snapshots()
@@ -222,20 +226,28 @@ class MemoryService:
         if context is not None and len(row) + sampling.max_tokens > context:
             raise ValidationError(f"the prompt ({len(row)} tokens) and max_tokens ({sampling.max_tokens}) exceed the "
                                   f"model's context of {context} tokens")
-        with self._lock:
-            if disable:
+        if disable:
+            with self._lock:
                 seq, lm = row, self.model
                 ns = check_namespace(namespace or self.settings.namespace)
                 editor = self._editors.get((ns, method or self.settings.method))
                 change = change_number(editor.memory) if editor is not None else None
                 shaping = Shaping("base", change, namespace=ns)
-            else:
-                editor = self.editor(method, namespace)
+        else:
+            key = (check_namespace(namespace or self.settings.namespace), method or self.settings.method)
+            ask = None if as_of is not None else self._ask(key, route_text or prompt)
+            with self._lock:
+                try:
+                    editor = self.editor(method, namespace)
+                except BaseException:
+                    self._drop(key, ask)
+                    raise
                 wrapper = cast(AugmentedModel, editor.model)
-                if as_of is None:
-                    decision = wrapper.route([route_text or prompt])[0]
-                else:
+                if as_of is not None:
                     decision = self._snapshots.route(editor, as_of, route_text or prompt)
+                else:
+                    assert ask is not None
+                    decision = self._answer_asks(key, editor, ask)
                 if decision.edit is not None:
                     seq, lm = wrapper.condition_row(row, decision.edit), wrapper.counterfactual_model
                 else:
@@ -245,6 +257,41 @@ class MemoryService:
         if context is not None and len(seq) + sampling.max_tokens > context:  # the edit's context made it longer
             sampling = dataclasses.replace(sampling, max_tokens=max(1, context - len(seq)))
         return _Plan(len(row), seq, lm, shaping, sampling)
+
+    def _ask(self, key: tuple[str, str], text: str) -> _Ask:
+        """Put ``text`` among the queries waiting to be routed by the editor of ``key`` (namespace, method)."""
+        ask = _Ask(text)
+        with self._asks_lock:
+            self._asks.setdefault(key, []).append(ask)
+        return ask
+
+    def _drop(self, key: tuple[str, str], ask: _Ask | None) -> None:
+        with self._asks_lock:
+            waiting = self._asks.get(key, [])
+            if ask in waiting:
+                waiting.remove(ask)
+            if not waiting:
+                self._asks.pop(key, None)
+
+    def _answer_asks(self, key: tuple[str, str], editor: MemoryEditor, ask: _Ask) -> Decision:
+        """``ask``'s routing decision. Called holding the routing lock: if no other request has routed ``ask``
+        yet, every query waiting for ``key``'s ``editor`` is routed now in one call (one encoder batch, one index
+        search), so concurrent requests do not each pay for their own."""
+        if ask.decision is None and ask.error is None:
+            with self._asks_lock:
+                waiting = self._asks.pop(key, [])
+            try:
+                decisions = cast(AugmentedModel, editor.model).route([a.text for a in waiting])
+                for a, decision in zip(waiting, decisions, strict=True):
+                    a.decision = decision
+            except BaseException as err:  # every query of the batch gets the error
+                for a in waiting:
+                    a.error = err
+            self.routed_batches += 1
+        if ask.error is not None:
+            raise ask.error
+        assert ask.decision is not None
+        return ask.decision
 
     def _stream(self, plan: _Plan) -> Iterator[str | Completion]:
         s = plan.sampling
@@ -312,6 +359,15 @@ class MemoryService:
                 tokens = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             choices.append(Choice(text, finish, len(tokens)))
         return choices
+
+
+@dataclass(eq=False)
+class _Ask:
+    """A query waiting to be routed, and its decision (or error) once some request has routed the waiting ones."""
+
+    text: str
+    decision: Decision | None = None
+    error: BaseException | None = None
 
 
 @dataclass(frozen=True)
