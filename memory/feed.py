@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from memory.checks import is_int
 from memory.errors import ValidationError
 from memory.records import EditRecord
 from memory.schema import OP_ADD, changes, edits, meta
@@ -41,7 +42,7 @@ def change_number(memory: Any) -> int:
 def changes_since(memory: Any, since: int = 0, limit: int = 1000) -> list[Change]:
     """The change-log entries with a change number above ``since``, oldest first, at most ``limit``."""
     for name, value, low in (("since", since, 0), ("limit", limit, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        if not is_int(value) or value < low:
             raise ValidationError(f"{name} must be an integer >= {low}, got {value!r}")
     query = (select(changes.c.seq, changes.c.op, edits.c.edit_id, edits.c.version, edits.c.deleted)
              .join(edits, edits.c.row_id == changes.c.row_id)

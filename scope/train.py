@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from memory.checks import is_int, is_number
 from memory.encoder import Encoder, encode_chunked
 from memory.errors import ValidationError
 from memory.records import EditCase
@@ -54,14 +55,13 @@ NEGATIVE_KINDS = ("locality", "retrieved", "random")
 
 
 def _check_fraction(name: str, value: Any, *, open_right: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < 0 or value > 1 or (open_right and value >= 1):
+    if not is_number(value) or value < 0 or value > 1 or (open_right and value >= 1):
         raise ValidationError(f"scope training setting {name} must be in [0, 1{')' if open_right else ']'}, "
                               f"got {value!r}")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise ValidationError(f"scope training setting {name} must be an integer >= {minimum}, got {value!r}")
 
 
@@ -91,8 +91,7 @@ class TrainSettings:
         _check_int("seed", self.seed, 0)
         for name in ("lr", "weight_decay"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value < 0 or (name == "lr" and value == 0):
+            if not is_number(value) or value < 0 or (name == "lr" and value == 0):
                 kind = "positive" if name == "lr" else "non-negative"
                 raise ValidationError(f"scope training setting {name} must be a {kind} number, got {value!r}")
         _check_fraction("holdout", self.holdout, open_right=True)
