@@ -311,21 +311,59 @@ class _Runner:
         return result
 
 
-def run_eval(model: Any, tokenizer: Any, cases: Sequence[EditCase], methods: Sequence[str], *,
-             mode: str = "single", batch_size: int = 1, checkpoints: Sequence[int] | None = None,
-             protocol: str = TEACHER_FORCED, out_dir: str | Path, model_name: str = "model",
-             dataset_name: str = "dataset", editor_overrides: Mapping[str, Mapping[str, Any]] | None = None,
-             metric_settings: MetricSettings | None = None, checkpoint_sample: int = 200, sample_final: bool = False,
-             seed: int = 0, command: str | None = None, progress: bool = True, plots: bool = True) -> dict[str, Any]:
-    """Evaluate every method in ``methods`` on ``cases`` and return the summary (also written to ``out_dir``).
+@dataclass(frozen=True)
+class RunSettings:
+    """How :func:`run_eval` runs (mode, batch size, checkpoints, protocol, metric settings, sampling, seed), what
+    each method is given (``editor_overrides``: method name -> keyword overrides of its settings, as
+    ``get_editor(name, ..., **o)``) and where and how it reports (``out_dir``, the names in the report, the
+    ``command`` recorded in report.md, the progress bar, the plots). Checked when the run starts."""
 
-    ``editor_overrides`` maps a method name to keyword overrides of its settings (``get_editor(name, ..., **o)``).
-    ``command`` is recorded in report.md. See the module docstring for modes, timing and outputs.
-    """
-    settings = EvalSettings(methods=tuple(methods), mode=mode, batch_size=batch_size,
-                            checkpoints=tuple(checkpoints) if checkpoints is not None else None, protocol=protocol,
-                            checkpoint_sample=checkpoint_sample, sample_final=sample_final, seed=seed,
-                            metrics=metric_settings if metric_settings is not None else MetricSettings())
+    out_dir: str | Path
+    mode: str = "single"
+    batch_size: int = 1
+    checkpoints: Sequence[int] | None = None
+    protocol: str = TEACHER_FORCED
+    metric_settings: MetricSettings | None = None
+    checkpoint_sample: int = 200
+    sample_final: bool = False
+    seed: int = 0
+    model_name: str = "model"
+    dataset_name: str = "dataset"
+    editor_overrides: Mapping[str, Mapping[str, Any]] | None = None
+    command: str | None = None
+    progress: bool = True
+    plots: bool = True
+
+
+def run_eval(model: Any, tokenizer: Any, cases: Sequence[EditCase], methods: Sequence[str],
+             settings: RunSettings | None = None, **options: Any) -> dict[str, Any]:
+    """Evaluate every method in ``methods`` on ``cases`` and return the summary (also written to
+    ``settings.out_dir``). ``settings``: a :class:`RunSettings`; or give its fields as keyword ``options`` instead
+    (not both). See the module docstring for modes, timing and outputs."""
+    if settings is None:
+        try:
+            settings = RunSettings(**options)
+        except TypeError as err:
+            raise ValidationError(f"run_eval: {err}") from None
+    elif options:
+        raise ValidationError(f"run_eval takes a RunSettings or keyword options, not both (got {sorted(options)})")
+    run = settings
+    out_dir, model_name, dataset_name = run.out_dir, run.model_name, run.dataset_name
+    editor_overrides, command, progress, plots = run.editor_overrides, run.command, run.progress, run.plots
+    settings_ = EvalSettings(methods=tuple(methods), mode=run.mode, batch_size=run.batch_size,
+                             checkpoints=tuple(run.checkpoints) if run.checkpoints is not None else None,
+                             protocol=run.protocol, checkpoint_sample=run.checkpoint_sample,
+                             sample_final=run.sample_final, seed=run.seed,
+                             metrics=run.metric_settings if run.metric_settings is not None else MetricSettings())
+    return _run_eval(model, tokenizer, cases, settings_, out_dir=out_dir, model_name=model_name,
+                     dataset_name=dataset_name, editor_overrides=editor_overrides, command=command,
+                     progress=progress, plots=plots)
+
+
+def _run_eval(model: Any, tokenizer: Any, cases: Sequence[EditCase], settings: EvalSettings, *,
+              out_dir: str | Path, model_name: str, dataset_name: str,
+              editor_overrides: Mapping[str, Mapping[str, Any]] | None, command: str | None, progress: bool,
+              plots: bool) -> dict[str, Any]:
     cases = list(cases)
     if not cases:
         raise ValidationError("no cases to evaluate")

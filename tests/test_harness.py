@@ -11,7 +11,7 @@ import torch
 
 import editors.base as editors_base
 from editors.base import Editor, EditRequest, WeightEditHandle
-from eval.harness import EvalSettings, run_eval
+from eval.harness import EvalSettings, RunSettings, run_eval
 from eval.metrics import MetricSettings
 from memory.errors import EditmemError, ValidationError
 from memory.records import EditCase, Probe
@@ -190,6 +190,22 @@ def test_bad_settings_are_refused(tiny, tmp_path, kw):
     methods = kw.pop("methods", ["none"])
     with pytest.raises(ValidationError):
         run_eval(model, tok, _cases(), methods, out_dir=tmp_path, progress=False, **kw)
+
+
+def test_run_settings_give_the_same_run_as_keyword_options(tiny, tmp_path):
+    model, tok = tiny
+    by_kw = run_eval(model, tok, _cases()[:2], ["none"], out_dir=tmp_path / "kw", protocol="both", progress=False,
+                     plots=False, metric_settings=FAST_METRICS, model_name="tiny")
+    settings = RunSettings(out_dir=tmp_path / "rs", protocol="both", progress=False, plots=False,
+                           metric_settings=FAST_METRICS, model_name="tiny")
+    by_settings = run_eval(model, tok, _cases()[:2], ["none"], settings)
+    for summary in (by_kw, by_settings):
+        summary["methods"]["none"].pop("edit_seconds")
+    assert by_settings == by_kw and by_settings["model"] == "tiny"
+    with pytest.raises(ValidationError, match="not both"):
+        run_eval(model, tok, _cases(), ["none"], settings, seed=1)
+    with pytest.raises(ValidationError, match="unexpected keyword argument 'moed'"):
+        run_eval(model, tok, _cases(), ["none"], out_dir=tmp_path, moed="single")
 
 
 def test_settings_dataclass():

@@ -128,7 +128,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     from editors.lm.loading import load_model
     from editors.retrieval.session import check_memory_editors
     from eval.datasets import load_cases
-    from eval.harness import run_eval
+    from eval.harness import RunSettings, run_eval
     from eval.metrics import MetricSettings
     from eval.report import format_table
 
@@ -139,12 +139,12 @@ def run_eval_command(args: argparse.Namespace) -> int:
         raise ValidationError(f"{data}: no cases to evaluate")
     model, tokenizer = load_model(args.model)
     command = _command_line(args)
-    summary = run_eval(model, tokenizer, cases, methods, mode=args.mode, batch_size=args.batch_size,
-                       checkpoints=checkpoints, protocol=args.protocol, out_dir=args.out, model_name=args.model,
-                       dataset_name=data.name, editor_overrides=overrides, command=command,
-                       checkpoint_sample=args.checkpoint_sample, sample_final=args.sample_final,
-                       metric_settings=metric_settings,
-                       plots=not args.no_plots)
+    settings = RunSettings(out_dir=args.out, mode=args.mode, batch_size=args.batch_size, checkpoints=checkpoints,
+                           protocol=args.protocol, metric_settings=metric_settings,
+                           checkpoint_sample=args.checkpoint_sample, sample_final=args.sample_final,
+                           model_name=args.model, dataset_name=data.name, editor_overrides=overrides,
+                           command=command, plots=not args.no_plots)
+    summary = run_eval(model, tokenizer, cases, methods, settings)
     print(f"model {args.model} · data {data.name} ({summary['n_cases']} cases) · protocol {summary['protocol']} · "
           f"mode {summary['mode']}")
     print(format_table(summary), end="")
