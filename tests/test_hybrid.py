@@ -81,3 +81,20 @@ def test_hybrid_settings_are_checked():
         get_editor("hybrid", model, tok, memory="memit", memory_settings=MEMORY)
     with pytest.raises(ValidationError, match="weight editor"):
         get_editor("hybrid", model, tok, weights="serac", memory_settings=MEMORY)
+
+
+def test_hybrid_through_the_sequential_harness(tmp_path):
+    """The harness runs hybrid like any editor: 5 sequential edits with every=2 (4 in the weights, 1 in memory),
+    both protocols, and the run's own check that every weight is restored afterwards passes."""
+    from eval.harness import run_eval
+    from tests.test_harness import FAST_METRICS, _cases
+
+    model, tok = tiny_model("gpt2")
+    original = snapshot(model)
+    summary = run_eval(model, tok, _cases(), ["hybrid"], mode="sequential", checkpoints=[3], protocol="both",
+                       out_dir=tmp_path, editor_overrides={"hybrid": {"every": 2, "weight_settings": MEMIT,
+                                                                      "memory_settings": MEMORY}},
+                       progress=False, plots=False, metric_settings=FAST_METRICS)
+    rows = summary["methods"]["hybrid"]["checkpoints"]
+    assert [r["n_edits"] for r in rows] == [3, 5] and summary["methods"]["hybrid"]["n"] == 5
+    assert same_weights(model, original)
