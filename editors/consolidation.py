@@ -126,12 +126,11 @@ def rebuild_folder(mem: Any, out: str | Path, *, model: str | None = None) -> tu
         raise ValidationError(f"{out} is not an edited model of this store")
     row = known[0]
     from editors.lm.loading import load_model
-    from editors.weights import rebuild, save_model
+    from editors.weights import rebuild_stored
 
     base = model or row.base
     lm, tokenizer = load_model(base)
-    rebuild(mem, lm, row.id)
-    save_model(lm, tokenizer, out)
+    rebuild_stored(mem, lm, row.id, tokenizer).save(out)  # the weights, and the GRACE adaptor if any
     return base, len(mem.weight_records(model_id=row.id))
 
 

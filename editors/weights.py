@@ -17,6 +17,9 @@ base model. Nothing ever subtracts a delta (``W + d - d`` need not be ``W``). Th
 editor's ``edited - original`` in the parameter's dtype; what the model holds afterwards is ``original + delta``, which
 for FT (an editor that writes values, not deltas) may differ from the editor's own value in the last bit.
 
+GRACE edits change no parameter: each is one record holding its codebook insert, and the model's adaptor is the
+replay of the applied GRACE records in order (:mod:`editors.adaptors`), saved beside the weights in the folder.
+
 A record that wrote several edits at once (a MEMIT batch) is one joint update that cannot be split: removing one of
 its edits removes the whole record, then (given a tokenizer) writes the batch's other edits again as a new record
 with the same method and settings; without a tokenizer they are left for the next consolidation.
@@ -84,6 +87,35 @@ class StoredWeights:
         self.model = model
         self.tokenizer = tokenizer
         self.record = record
+        self.adaptor: Any = None  # the GRACE codebook replayed from the records (editors.adaptors), if any
+
+    def _replay_adaptor(self) -> None:
+        """Make the model's GRACE adaptor the replay of the applied GRACE records (none: no adaptor, no hook)."""
+        from editors.adaptors import is_adaptor_record, replay
+
+        found = [r for r in self.records() if is_adaptor_record(r)]
+        if not found and self.adaptor is None:
+            return
+        if self.adaptor is None:
+            from editors.methods.grace import Codebook
+
+            self.adaptor = Codebook(self.model, int(found[0].settings["layer"]))
+        replay(self.adaptor, [(r.settings, self.mem.weight_deltas(r.id)) for r in found])
+
+    def editor(self, method: str, **overrides: Any) -> Any:
+        """An editor for ``method`` on this model; GRACE's works on the model's recorded adaptor."""
+        editor = get_editor(method, self.model, self.tokenizer, **overrides)
+        from editors.methods.grace import GraceEditor
+
+        if isinstance(editor, GraceEditor):
+            book = editor.codebook()
+            if self.adaptor is None:
+                self.adaptor = book
+            elif self.adaptor.layer != book.layer:
+                raise ValidationError(f"edited model {self.record.id} has its GRACE adaptor at layer "
+                                      f"{self.adaptor.layer}, not {book.layer}")
+            editor._codebook = self.adaptor
+        return editor
 
     # --- opening --------------------------------------------------------------------------------------------------
     @classmethod
@@ -116,6 +148,7 @@ class StoredWeights:
         stored = cls(mem, model, tokenizer, record)
         if verify:
             stored.verify()
+        stored._replay_adaptor()
         return stored
 
     # --- reading the records ----------------------------------------------------------------------------------------
@@ -175,10 +208,17 @@ class StoredWeights:
     # --- writing ------------------------------------------------------------------------------------------------
     def apply(self, edit_ids: Sequence[int], method: str, *, editor: Any = None, **overrides: Any) -> Any:
         """Write the current versions of ``edit_ids`` into the weights with editor ``method`` (``overrides`` adjust
-        its settings) in one editor call, record the deltas in the store, and return the :class:`WeightRecord`.
+        its settings) in one editor call, record the deltas in the store, and return the :class:`WeightRecord`
+        (GRACE: one record per edit, the last one returned; :meth:`apply_records` returns all).
         The store is written before the model: if recording fails, the model is unchanged. ``editor``: an editor
-        for ``method`` built with ``overrides`` to use instead of a new one (:meth:`consolidate` passes one for all
-        its batches, so an editor that keeps state between edits, AlphaEdit's earlier keys, keeps it)."""
+        for ``method`` built with ``overrides`` (by :meth:`editor`) to use instead of a new one
+        (:meth:`consolidate` passes one for all its batches, so an editor that keeps state between edits,
+        AlphaEdit's earlier keys, keeps it)."""
+        return self.apply_records(edit_ids, method, editor=editor, **overrides)[-1]
+
+    def apply_records(self, edit_ids: Sequence[int], method: str, *, editor: Any = None,
+                      **overrides: Any) -> list[Any]:
+        """:meth:`apply`, returning every record written (one, or one per edit for GRACE)."""
         if self.tokenizer is None:
             raise ValidationError("applying a weight edit needs the model's tokenizer")
         records = [self.mem.get(i) for i in edit_ids]
@@ -187,12 +227,17 @@ class StoredWeights:
                 raise NotFoundError(f"edit {rec.id} is deleted")
         requests = [r.request() for r in records]
         if editor is None:
-            editor = get_editor(method, self.model, self.tokenizer, **overrides)
+            editor = self.editor(method, **overrides)
         handle = editor.apply(requests)
+        from editors.methods.grace import GraceHandle
+
+        if isinstance(handle, GraceHandle):
+            return self._record_inserts(records, handle, editor)
         if not isinstance(handle, WeightEditHandle):
             handle.restore()
             raise ValidationError(f"{method} is not a weight editor: only editors that change the weights "
-                                  "(rome, memit, alphaedit, ft) can be recorded or consolidated")
+                                  "(rome, memit, alphaedit, ft) or keep a GRACE adaptor (grace) can be recorded "
+                                  "or consolidated")
         originals = {k: v for k, v in handle.originals.items()}
         deltas = {k: handle.edited[k].to(originals[k].dtype) - originals[k] for k in originals}
         handle.release()
@@ -205,7 +250,26 @@ class StoredWeights:
                 live[name].copy_(_add(originals[name].to(live[name].device), delta))
         log.info("weight record %d: %s wrote edit(s) %s into %s", record.id, method, list(record.edit_ids),
                  ", ".join(record.params))
-        return record
+        return [record]
+
+    def _record_inserts(self, records: Sequence[Any], handle: Any, editor: Any) -> list[Any]:
+        """GRACE: undo the live inserts, record one insert per edit, then replay the adaptor from the records (so
+        the live adaptor is the recorded one by construction). A failure to record leaves the adaptor as recorded."""
+        from editors.adaptors import ADAPTOR_METHOD, pack_insert, record_settings
+
+        handle.restore()
+        settings = record_settings(editor.settings, editor.codebook().layer)
+        written = []
+        try:
+            for rec, (key, value, label) in zip(records, handle.inserted, strict=True):
+                written.append(self.mem.attach_weights(self.record.id, ADAPTOR_METHOD, [(rec.id, rec.version)], [],
+                                                       pack_insert(key, value, label), bases={},
+                                                       settings=settings))
+        finally:
+            self._replay_adaptor()
+        log.info("adaptor record(s) %s: grace wrote edit(s) %s into the codebook at layer %d",
+                 [r.id for r in written], [r.id for r in records], settings["layer"])
+        return written
 
     def remove_record(self, record_id: int, note: str | None = None) -> Any:
         """Remove one applied record: its parameters become base + the other applied deltas in order, exactly."""
@@ -219,6 +283,10 @@ class StoredWeights:
         with torch.no_grad():
             for name, value in values.items():
                 live[name].copy_(value)
+        from editors.adaptors import is_adaptor_record
+
+        if is_adaptor_record(record):
+            self._replay_adaptor()
         log.info("removed weight record %d (edit(s) %s)", record.id, list(record.edit_ids))
         return removed
 
@@ -252,7 +320,7 @@ class StoredWeights:
             if not mates:
                 continue
             if reapply and self.tokenizer is not None:
-                result.reapplied.append(self.apply(mates, rec.method, **rec.settings))
+                result.reapplied.extend(self.apply_records(mates, rec.method, **rec.settings))
             else:
                 result.pending.extend(mates)
         return result
@@ -277,7 +345,7 @@ class StoredWeights:
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                        or batch_size < 1):
             raise ValidationError(f"batch size must be a positive integer, got {batch_size!r}")
-        editor = get_editor(method, self.model, self.tokenizer, **overrides)  # a bad method or setting fails here
+        editor = self.editor(method, **overrides)  # a bad method or setting fails here
         todo = self.pending()
         if not todo:
             raise ValidationError(f"no edits to consolidate: the store {self.mem.url} has no live edit that "
@@ -291,17 +359,23 @@ class StoredWeights:
         with tqdm(total=len(todo), desc=f"consolidating ({method})", unit="edit", disable=not progress) as bar:
             for start in range(0, len(todo), size):
                 batch = todo[start:start + size]
-                written.append(self.apply([r.id for r in batch], method, editor=editor, **overrides))
+                written.extend(self.apply_records([r.id for r in batch], method, editor=editor, **overrides))
                 bar.update(len(batch))
         return written
 
     # --- saving -----------------------------------------------------------------------------------------------------
     def save(self, folder: str | Path | None = None) -> Path:
-        """Save the model (safetensors) and tokenizer to ``folder`` (default: the record's folder)."""
+        """Save the model (safetensors), tokenizer and GRACE adaptor (if it has entries) to ``folder`` (default: the
+        record's folder)."""
         target = Path(folder) if folder is not None else (Path(self.record.folder) if self.record.folder else None)
         if target is None:
             raise ValidationError(f"edited model {self.record.id} has no folder; give one")
-        save_model(self.model, self.tokenizer, target)
+        extra = {}
+        if self.adaptor is not None and self.adaptor.entries:
+            from editors.adaptors import ADAPTOR_FILE, adaptor_bytes
+
+            extra[ADAPTOR_FILE] = adaptor_bytes(self.adaptor)
+        save_model(self.model, self.tokenizer, target, extra=extra)
         return target
 
 
@@ -311,9 +385,11 @@ def pending_edits(mem: Any, model_id: int) -> list[Any]:
     return [r for r in mem if (r.id, r.version) not in written]
 
 
-def save_model(model: CausalLM, tokenizer: Any, folder: str | Path) -> None:
+def save_model(model: CausalLM, tokenizer: Any, folder: str | Path, *,
+               extra: Mapping[str, bytes] | None = None) -> None:
     """Write a safetensors model folder (loadable with :func:`editors.lm.loading.load_model`), replacing its weights
-    file as a whole: the new folder is written beside it and swapped in."""
+    file as a whole: the new folder is written beside it and swapped in. ``extra``: more files (name -> bytes) to
+    write into the folder (the GRACE adaptor)."""
     import os
     import shutil
     import tempfile
@@ -326,6 +402,8 @@ def save_model(model: CausalLM, tokenizer: Any, folder: str | Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, data in (extra or {}).items():
+            (tmp / name).write_bytes(data)
         old = None
         if folder.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}-old-", dir=folder.parent))
@@ -339,9 +417,15 @@ def save_model(model: CausalLM, tokenizer: Any, folder: str | Path) -> None:
 
 def rebuild(mem: Any, base_model: torch.nn.Module, model_id: int) -> torch.nn.Module:
     """Turn ``base_model`` (the unedited base) into edited model ``model_id``: every touched parameter becomes its
-    base value plus the applied records' deltas in order. Refuses a model with another fingerprint, or one whose
-    touched parameters are not exactly the recorded base values (an already edited copy, say)."""
-    stored = StoredWeights.open(mem, base_model, model_id=model_id, verify=False)
+    base value plus the applied records' deltas in order, and its GRACE adaptor the replay of its GRACE records.
+    Refuses a model with another fingerprint, or one whose touched parameters are not exactly the recorded base
+    values (an already edited copy, say)."""
+    return rebuild_stored(mem, base_model, model_id).model
+
+
+def rebuild_stored(mem: Any, base_model: torch.nn.Module, model_id: int, tokenizer: Any = None) -> StoredWeights:
+    """:func:`rebuild`, returning the :class:`StoredWeights` of the rebuilt model (to save it with its adaptor)."""
+    stored = StoredWeights.open(mem, base_model, tokenizer, model_id=model_id, verify=False)
     touched = stored.touched()
     bases = mem.weight_bases(model_id, touched)
     live = stored._params()
@@ -353,5 +437,4 @@ def rebuild(mem: Any, base_model: torch.nn.Module, model_id: int) -> torch.nn.Mo
             f"parameter(s) differ from the recorded base values (e.g. {differ[0]}); load the unedited "
             f"{stored.record.base}")
     stored.realize(touched)
-    return base_model
-
+    return stored

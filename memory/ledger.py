@@ -136,8 +136,8 @@ class WeightLedger:
         if not pairs or len({e for e, _ in pairs}) != len(pairs):
             raise ValidationError("a weight record needs at least one edit, each at most once")
         params = [str(p) for p in params]
-        if not params or len(set(params)) != len(params):
-            raise ValidationError("a weight record needs at least one parameter name, each at most once")
+        if len(set(params)) != len(params):  # none: a record that changes no parameter (a GRACE adaptor insert)
+            raise ValidationError("a weight record names each parameter at most once")
         if not isinstance(deltas, (bytes, bytearray, memoryview)):
             raise ValidationError(f"deltas must be bytes, got {type(deltas).__name__}")
         try:

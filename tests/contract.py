@@ -79,7 +79,7 @@ def check_editor_contract(name: str, model: torch.nn.Module, tok: Any, tmp_path:
         loaded.restore()
         assert same_weights(model, original)
     elif isinstance(handle, MemoryEditHandle):
-        loaded_memory = MemoryEditHandle.load(path, editor.memory)
+        loaded_memory = type(handle).load(path, editor.memory)
         assert loaded_memory.edits == handle.edits
     else:
         assert path.is_file()

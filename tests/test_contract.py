@@ -51,6 +51,8 @@ SETUPS: dict[str, Callable[[str, Path], dict[str, Any]]] = {
     "alphaedit": lambda arch, tmp: {**_LOCATE, "nullspace_threshold": 1e9, "l2": 1.0},
     "grace": lambda arch, tmp: {"v_steps": 10, "clamp_norm_factor": 1000.0},
     "serac": lambda arch, tmp: {"scope": "cosine", "encoder": "hashing-256", "threshold": 0.8},
+    "hybrid": lambda arch, tmp: {"memory_settings": {"scope": "cosine", "encoder": "hashing-256", "threshold": 0.8},
+                                 "weight_settings": {**_LOCATE, "mom2_update_weight": 1.0}},
     "ike": lambda arch, tmp: _demo_pool(tmp),
     "mend": lambda arch, tmp: {"checkpoint": _mend_checkpoint(arch, str(tmp.parent.parent / "mend-contract"))},
 }

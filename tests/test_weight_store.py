@@ -256,3 +256,102 @@ def test_cli_failed_batch_keeps_folder_and_store_in_step(store_url, tmp_path, ca
         assert sorted(m.consolidated()) == [1, 2]
         live = [r.id for r in m.weight_records()]
     assert same_weights(load_model(out)[0], snapshot(_replay_from(base_dir, m_url=store_url, ids=live)))
+
+
+GRACE = dict(v_steps=10, clamp_norm_factor=1000.0)
+
+
+def _adaptor(folder):
+    from editors.adaptors import ADAPTOR_FILE
+
+    path = folder / ADAPTOR_FILE
+    return path.read_bytes() if path.is_file() else None
+
+
+def test_grace_entries_follow_delete_and_rollback_and_rebuild(store_url, tmp_path, capsys):
+    """GRACE through the store: one record per edit; delete takes exactly its entry out of the saved adaptor, the
+    folder's adaptor equals a rebuild from the remaining records, and rollback + consolidate brings the entry back."""
+    import torch
+
+    from editors.adaptors import load_adaptor, unpack_insert
+    from editors.lm.loading import load_model
+    from editors.lm.tokens import encode_prompt
+
+    base_dir, out = tmp_path / "tiny-llama", tmp_path / "edited"
+    model, tok = tiny_model("llama")
+    model.save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    other = "Tokyo is a large city in"
+
+    def cli(*argv):
+        code = main(["--store", store_url, *argv])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        return captured.out
+
+    def logits(m, text):
+        with torch.no_grad():
+            return m(input_ids=torch.tensor([encode_prompt(tok, text)])).logits
+
+    def loaded():
+        m, _ = load_model(out)
+        book = load_adaptor(m, out)
+        return m, book
+
+    base, _ = load_model(base_dir)  # the base as a folder loads (not bit-equal to the in-memory tiny model)
+    cli("init", "--encoder", "hashing-256")
+    for prompt, target, subject in FACTS:
+        cli("add", "--prompt", prompt, "--target", target, "--subject", subject)
+    sets = [arg for k, v in GRACE.items() for arg in ("--set", f"{k}={v}")]
+    assert "consolidated 3 edit(s)" in cli("consolidate", "--method", "grace", "--batch-size", "2",
+                                           "--model", str(base_dir), "--out", str(out), *sets)
+    with open_store(store_url) as m:
+        records = m.weight_records()
+        assert [r.edit_ids for r in records] == [(1,), (2,), (3,)] and {r.params for r in records} == {()}
+        inserts = {r.edit_ids[0]: unpack_insert(m.weight_deltas(r.id)) for r in records}
+    edited, book = loaded()
+    assert same_weights(edited, snapshot(model))  # GRACE changes no weight
+    assert [e.label for e in book.entries.values()] == ["Rome", "English", "piano"]
+    assert torch.equal(logits(edited, other), logits(base, other))  # outside every radius: the base, bit for bit
+    assert not torch.equal(logits(edited, FACTS[0][0]), logits(base, FACTS[0][0]))
+
+    assert "removed record" in cli("delete", "2")
+    _, book = loaded()
+    keys = [e.key for e in book.entries.values()]
+    assert [e.label for e in book.entries.values()] == ["Rome", "piano"]
+    assert torch.equal(keys[0], inserts[1][0]) and torch.equal(keys[1], inserts[3][0])
+    after_delete = _adaptor(out)
+    cli("rebuild-weights", "--out", str(out))
+    assert _adaptor(out) == after_delete  # the same bytes as a rebuild from the remaining records
+
+    cli("rollback", "2", "1")
+    assert "consolidated 1 edit(s)" in cli("consolidate", "--method", "grace", "--out", str(out), *sets)
+    _, book = loaded()
+    assert sorted(e.label for e in book.entries.values()) == ["English", "Rome", "piano"]
+    for edit_id in (1, 2, 3):
+        assert "removed record" in cli("delete", str(edit_id))
+    assert _adaptor(out) is None and load_adaptor(load_model(out)[0], out) is None
+    assert torch.equal(logits(load_model(out)[0], FACTS[0][0]), logits(base, FACTS[0][0]))
+
+
+def test_grace_removal_replays_the_rest_exactly(mem):
+    """Removing a middle GRACE record in Python: the live adaptor equals a fresh replay of the other two, and the
+    radii a conflict shrank grow back."""
+    import torch
+
+    from editors.adaptors import adaptor_bytes
+
+    model, tok = tiny_model("llama")
+    stored = StoredWeights.open(mem, model, tok, base="tiny-llama")
+    records = stored.consolidate("grace", **GRACE, epsilon=10.0)  # huge radii: every pair conflicts
+    assert len(records) == 3 and len(stored.adaptor.entries) == 3
+    alone = StoredWeights.open(mem, tiny_model("llama")[0], tok, model_id=stored.record.id)
+    assert adaptor_bytes(alone.adaptor) == adaptor_bytes(stored.adaptor)  # a replay in another model is the same
+    mem.delete(2)
+    stored.sync_edit(2)
+    fresh, _ = tiny_model("llama")
+    replayed = StoredWeights.open(mem, fresh, tok, model_id=stored.record.id).adaptor
+    assert adaptor_bytes(replayed) == adaptor_bytes(stored.adaptor)
+    a, b = stored.adaptor.entries.values()
+    assert a.radius == b.radius == pytest.approx(float((a.key - b.key).norm()) / 2)
+    assert torch.equal(a.key, alone.adaptor.entries[0].key)

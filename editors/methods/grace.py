@@ -116,6 +116,12 @@ class Codebook:
     def new_id(self) -> int:
         return next(self._ids)
 
+    def clear(self) -> None:
+        """No entries, ids from 0 again (a codebook replayed from the store numbers its entries in order)."""
+        self.entries = {}
+        self._ids = itertools.count()
+        self.changed()
+
     def changed(self) -> None:
         self._tensors = None
         if self.entries and self._hook is None:
@@ -162,6 +168,8 @@ class GraceHandle(EditHandle):
     codebook: Codebook
     ops: list[tuple[Any, ...]] = field(default_factory=list)
     applied: bool = True
+    # (key, value, label) of each request, in order: what the store records (editors.adaptors) and replays
+    inserted: list[tuple[torch.Tensor, torch.Tensor, str]] = field(default_factory=list)
 
     def restore(self) -> None:
         if not self.applied:
@@ -251,27 +259,33 @@ class GraceEditor(Editor):
         handle = GraceHandle(book)
         for request in requests:
             key, value = self.key_value(request)
-            self._insert(book, handle, key, value, request.target_new)
+            insert_entry(book, handle.ops, key, value, request.target_new, epsilon=self.settings.epsilon,
+                         same_key=self.settings.same_key)
+            handle.inserted.append((key, value, request.target_new))
         book.changed()
         self.last_stats = {"layer": book.layer, "n_entries": len(book.entries), "n_requests": len(requests)}
         return handle
 
-    def _insert(self, book: Codebook, handle: GraceHandle, key: torch.Tensor, value: torch.Tensor,
-                label: str) -> None:
-        radius = self.settings.epsilon * float(key.norm())
-        found = book.nearest(key)
-        if found is not None:
-            near, dist = found
-            if dist <= self.settings.same_key * float(near.key.norm()):
-                handle.ops.append(("value", near.id, near.value, near.label))
-                near.value, near.label = value, label
+
+def insert_entry(book: Codebook, ops: list[tuple[Any, ...]], key: torch.Tensor, value: torch.Tensor, label: str, *,
+                 epsilon: float, same_key: float) -> None:
+    """Add one edit's (key, value) to ``book`` by GRACE's rules (module docstring), appending to ``ops`` what it
+    did so a :class:`GraceHandle` can undo it. Deterministic: the same inserts in the same order give the same
+    codebook (how :mod:`editors.adaptors` rebuilds a recorded adaptor). Call ``book.changed()`` afterwards."""
+    radius = epsilon * float(key.norm())
+    found = book.nearest(key)
+    if found is not None:
+        near, dist = found
+        if dist <= same_key * float(near.key.norm()):
+            ops.append(("value", near.id, near.value, near.label))
+            near.value, near.label = value, label
+            return
+        if dist <= near.radius + radius:
+            ops.append(("radius", near.id, near.radius))
+            if near.label == label:
+                near.radius = max(near.radius, dist)
                 return
-            if dist <= near.radius + radius:
-                handle.ops.append(("radius", near.id, near.radius))
-                if near.label == label:
-                    near.radius = max(near.radius, dist)
-                    return
-                near.radius, radius = min(near.radius, dist / 2), min(radius, dist / 2)
-        entry = Entry(book.new_id(), key, value, radius, label)
-        book.entries[entry.id] = entry
-        handle.ops.append(("add", entry))
+            near.radius, radius = min(near.radius, dist / 2), min(radius, dist / 2)
+    entry = Entry(book.new_id(), key, value, radius, label)
+    book.entries[entry.id] = entry
+    ops.append(("add", entry))

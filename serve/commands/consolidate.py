@@ -7,7 +7,8 @@ How the model is found. See :mod:`editors.consolidation`, which does the work
 (this module only parses and prints): the first ``consolidate --out DIR`` loads the base model ``--model`` (default
 smollm2-135m), registers DIR with the store and saves the edited model there; a later one continues from DIR.
 ``editmem delete`` / ``rollback`` / ``update`` of an edit that some recorded folder holds take it out of that
-folder's weights exactly (:func:`editors.consolidation.weights_follow`).
+folder's weights exactly (:func:`editors.consolidation.weights_follow`). ``--method grace`` keeps the edits in a
+GRACE codebook saved in DIR as ``grace-adaptor.safetensors`` instead (:mod:`editors.adaptors`), with the same follow.
 
 ``editmem rebuild-weights --out DIR [--model NAME]`` recomputes DIR from the base model and the store's records.
 """
@@ -25,7 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Write the store's live edits that the model in --out does not hold yet into its "
                                    "weights with a weight editor, in batches; record the deltas in the store, so "
                                    "delete/rollback restore the weights exactly; save the model to --out.")
-    p.add_argument("--method", required=True, help="weight editor: memit, rome or ft")
+    p.add_argument("--method", required=True,
+                   help="weight editor (memit, alphaedit, rome, ft) or grace (a codebook adaptor saved in --out, "
+                        "one record per edit)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="edits per editor call, one weight record each (default: all in one batch)")
     p.add_argument("--model", default=None,
