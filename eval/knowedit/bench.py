@@ -21,14 +21,14 @@ import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from eval.harness import PROTOCOL_CHOICES
 from eval.knowedit.cells import run_cell
 from eval.knowedit.tasks import TASK_NOTES, TASKS, load_task
-from eval.metrics import GENERATE, PROTOCOLS, TEACHER_FORCED
+from eval.metrics import GENERATE, PROTOCOLS, TEACHER_FORCED, MetricSettings
 from memory.errors import EditmemError, ValidationError
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,8 @@ class BenchSettings:
     resume: bool = False
     shard: tuple[int, int] = (0, 1)
     overrides: Mapping[str, Mapping[str, Any]] | None = None  # None: DEFAULT_OVERRIDES
+    # how answers are generated and fluency measured: the harness's settings (chat template when the model has one)
+    metrics: MetricSettings = field(default_factory=MetricSettings)
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOL_CHOICES:
@@ -97,7 +99,8 @@ def run_bench(model: Any, tokenizer: Any, settings: BenchSettings, *, progress: 
     cells = grid(settings)
     _write_json(settings.out_dir / "bench.json", {"data_dir": str(settings.data_dir), "limit": settings.limit,
                                                   "methods": list(settings.methods), "tasks": list(settings.tasks),
-                                                  "protocol": settings.protocol})
+                                                  "protocol": settings.protocol, "chat": settings.metrics.chat,
+                                                  "cloze": settings.metrics.cloze})
     todo = [c for c in cells if not (settings.resume and cell_path(settings.out_dir, *c).is_file())]
     cases = {t: load_task(t, settings.data_dir, settings.limit) for t in {t for t, _ in todo}}
     total = sum(len(cases[t]) for t, _ in todo)
@@ -108,7 +111,7 @@ def run_bench(model: Any, tokenizer: Any, settings: BenchSettings, *, progress: 
             try:
                 result = run_cell(model, tokenizer, method, task, cases[task], settings.protocols,
                                   settings.out_dir / "runs" / f"{task}__{method}",
-                                  overrides.get(method), tick=lambda: bar.update(1))
+                                  overrides.get(method), tick=lambda: bar.update(1), settings=settings.metrics)
             except (EditmemError, FileNotFoundError) as err:
                 log.warning("%s x %s not run: %s", task, method, err)
                 result = {"not_run": str(err).splitlines()[0][:300]}
