@@ -273,8 +273,10 @@ def plot_table(table: Mapping[str, Any], path: Path) -> Path | None:
 
 
 def write_table(out_dir: Path, methods: Sequence[str], tasks: Sequence[str] = TASKS,
-                protocols: Sequence[str] = (TEACHER_FORCED,), data_dir: Path | None = None) -> dict[str, Any]:
-    """Merge the cell files under ``out_dir`` into table.json, table.md and table.png; returns the table."""
+                protocols: Sequence[str] = (TEACHER_FORCED,), data_dir: Path | None = None, *,
+                plots: bool = True) -> dict[str, Any]:
+    """Merge the cell files under ``out_dir`` into table.json, table.md and (``plots``) table.png; returns the
+    table."""
     out_dir = Path(out_dir)
     published = load_published(data_dir) if data_dir else None
     if published is None:
@@ -284,5 +286,6 @@ def write_table(out_dir: Path, methods: Sequence[str], tasks: Sequence[str] = TA
     table = build_table(out_dir, methods, tasks, protocols, published)
     _write_json(out_dir / "table.json", table)
     (out_dir / "table.md").write_text(render_markdown(table), encoding="utf-8")
-    plot_table(table, out_dir / "table.png")
+    if plots:
+        plot_table(table, out_dir / "table.png")
     return table

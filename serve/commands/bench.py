@@ -54,7 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--out", type=Path, required=True, help="output folder (cells/, table.md, table.json, table.png)")
     k.add_argument("--resume", action="store_true", help="skip method x task cells already finished in --out")
     k.add_argument("--shard", default="0/1", help="run only cells i mod n of the grid, as i/n (default: %(default)s)")
-    k.add_argument("--merge-only", action="store_true", help="run nothing: merge the cell files in --out")
+    k.add_argument("--merge-only", action="store_true",
+                   help="run nothing: merge the cell files in --out (shards in other folders: editmem report)")
     k.add_argument("--chat", default="auto", choices=["auto", "never"],
                    help="generate protocol: the question as the user's message through the model's chat template "
                         "when it has one (auto), or plain completion always (default: %(default)s)")
