@@ -108,6 +108,7 @@ def run_bench(model: Any, tokenizer: Any, settings: BenchSettings, *, progress: 
     with tqdm(total=total, desc="knowedit", unit="edit", disable=not progress) as bar:
         for task, method in todo:
             bar.set_postfix_str(f"{task} x {method}")
+            start = bar.n
             try:
                 result = run_cell(model, tokenizer, method, task, cases[task], settings.protocols,
                                   settings.out_dir / "runs" / f"{task}__{method}",
@@ -115,6 +116,7 @@ def run_bench(model: Any, tokenizer: Any, settings: BenchSettings, *, progress: 
             except (EditmemError, FileNotFoundError) as err:
                 log.warning("%s x %s not run: %s", task, method, err)
                 result = {"not_run": str(err).splitlines()[0][:300]}
+                bar.update(start + len(cases[task]) - bar.n)  # a cell that cannot run counts as finished
             _write_json(cell_path(settings.out_dir, task, method), {"task": task, "method": method, **result})
     return write_table(settings.out_dir, settings.methods, settings.tasks, settings.protocols, settings.data_dir)
 
