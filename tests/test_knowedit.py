@@ -275,3 +275,12 @@ def test_bench_generate_protocol_is_the_harness_one(monkeypatch, tmp_path):
     run_cell(model, tok, "ft_m", "Sanitation", [question], [GENERATE], tmp_path / "n", ft, settings=never)
     assert {tuple(row) for row, _ in seen} == {tuple(encode_prompt(tok, question.prompt)),
                                                tuple(encode_prompt(tok, question.locality[0].prompt))}
+
+
+def test_progress_bar_counts_cells_that_cannot_run(data_dir, tmp_path, _private_cache, capsys):
+    model, tok = tiny_model("llama")
+    settings = BenchSettings(data_dir=data_dir / "knowedit", out_dir=tmp_path / "out", methods=("mend",),
+                             tasks=("ZsRE", "Sanitation"), limit=2)
+    table = run_bench(model, tok, settings, progress=True)
+    assert set(table["not_run"]) == {"ZsRE", "Sanitation"}
+    assert "4/4" in capsys.readouterr().err  # the bar ends full, not at 0/4
