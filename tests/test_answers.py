@@ -3,7 +3,6 @@ the wrapper's chat routing, and the scope head shipped in the package."""
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -18,17 +17,7 @@ from memory import EditMemory
 from memory.errors import ValidationError
 from memory.records import EditCase
 from scope import CosineScope
-from tests.tiny import tiny_model, tiny_tokenizer
-
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def chat_tokenizer():
-    """A copy of the tiny tokenizer with a ChatML template (its turn markers are plain text to it)."""
-    tok = copy.deepcopy(tiny_tokenizer())
-    tok.chat_template = CHATML
-    return tok
+from tests.tiny import chat_tokenizer, tiny_model, tiny_tokenizer
 
 
 def test_first_answer_stops_at_line_and_sentence():

@@ -12,6 +12,7 @@ import torch
 
 from editors import EditRequest, get_editor
 from eval.knowedit.bench import BenchSettings, build_table, cell_path, grid, run_bench, spearman, write_table
+from eval.knowedit.cells import run_cell
 from eval.knowedit.metrics import (
     convsent_success,
     kl_divergence,
@@ -21,7 +22,7 @@ from eval.knowedit.metrics import (
 )
 from eval.knowedit.tasks import TASKS, ConvSentCase, load_convsent, load_task, load_wikibio
 from memory.errors import ValidationError
-from tests.tiny import same_weights, snapshot, target_logprobs, tiny_model
+from tests.tiny import chat_tokenizer, same_weights, snapshot, target_logprobs, tiny_model
 
 # ----------------------------------------------------------------------------------------------------- metrics
 
@@ -210,3 +211,76 @@ def test_bench_end_to_end_on_tiny(data_dir, tmp_path, _private_cache):
     merged = write_table(tmp_path / "out", ("ft_m", "mend"), ("ZsRE",), ("teacher-forced",))  # --merge-only
     assert {r["task"] for r in merged["rows"]} == {"ZsRE"} and merged["published_source"]  # found via bench.json
     assert build_table(tmp_path / "out", ("ft_m",), ("ZsRE",), ("teacher-forced",), None)["rows"][0]["published"] == {}
+
+
+def _spy_generate(monkeypatch, model):
+    """Record every generate row (its unpadded input ids) and its new tokens."""
+    seen: list[tuple[list[int], list[int]]] = []
+    real = model.generate
+
+    def spy(input_ids=None, attention_mask=None, **kw):
+        out = real(input_ids=input_ids, attention_mask=attention_mask, **kw)
+        for b in range(input_ids.shape[0]):
+            seen.append((input_ids[b][attention_mask[b].bool()].tolist(), out[b, input_ids.shape[1]:].tolist()))
+        return out
+
+    monkeypatch.setattr(model, "generate", spy)
+    return seen
+
+
+def test_bench_generate_protocol_is_the_harness_one(monkeypatch, tmp_path):
+    """Cells generate through measure_case: the chat template for a chat model (question as the user's message),
+    plain completion with chat="never" or for a cloze prompt with cloze="complete"; Sanitation's containment is
+    scored on the first answer to the framed question."""
+    from editors.lm.chat import chat_frame
+    from editors.lm.tokens import encode_prompt
+    from eval.answers import first_answer
+    from eval.metrics import GENERATE, MetricSettings
+    from memory.records import EditCase, Probe
+
+    model, _ = tiny_model("llama")
+    tok = chat_tokenizer()
+    frame = chat_frame(tok)
+    assert frame is not None
+    seen = _spy_generate(monkeypatch, model)
+    quiet = MetricSettings(fluency_tokens=0, answer_tokens=3)
+    ft = {"steps": 2}
+    question = EditCase(prompt="Who wrote Hamlet?", target_new="I don't know.", ground_truth="Shakespeare",
+                        locality=(Probe("Which city is the capital of France?", "Paris"),))
+    recorded: list[str] = []
+    import eval.knowedit.cells as cells
+
+    real_success = cells.sanitation_success
+    monkeypatch.setattr(cells, "sanitation_success",
+                        lambda text, *a: recorded.append(text) or real_success(text, *a))
+    run_cell(model, tok, "ft_m", "Sanitation", [question], [GENERATE], tmp_path / "s", ft, settings=quiet)
+    inputs = [row for row, _ in seen]
+    assert frame.encode(question.prompt) in inputs and frame.encode(question.locality[0].prompt) in inputs
+    assert encode_prompt(tok, question.prompt) not in inputs
+    after = [new for row, new in seen if row == frame.encode(question.prompt)][-1]  # the post-edit answer
+    assert recorded == [first_answer(tok.decode(after, skip_special_tokens=True))]
+
+    cloze = EditCase(prompt="The capital of Spain is", target_new="Lima", ground_truth="Madrid",
+                     locality=(Probe("Which city is the capital of France?", "Paris"),))
+    for settings, framed in ((quiet, True), (MetricSettings(fluency_tokens=0, answer_tokens=3, cloze="complete"),
+                                             False)):
+        seen.clear()
+        run_cell(model, tok, "ft_m", "ZsRE", [cloze], [GENERATE], tmp_path / f"z{framed}", ft, settings=settings)
+        inputs = [row for row, _ in seen]
+        assert (frame.encode(cloze.prompt) in inputs) is framed
+        assert (encode_prompt(tok, cloze.prompt) in inputs) is not framed
+        assert frame.encode(cloze.locality[0].prompt) in inputs  # a question goes through the template either way
+    seen.clear()
+    never = MetricSettings(fluency_tokens=0, answer_tokens=3, chat="never")
+    run_cell(model, tok, "ft_m", "Sanitation", [question], [GENERATE], tmp_path / "n", ft, settings=never)
+    assert {tuple(row) for row, _ in seen} == {tuple(encode_prompt(tok, question.prompt)),
+                                               tuple(encode_prompt(tok, question.locality[0].prompt))}
+
+
+def test_progress_bar_counts_cells_that_cannot_run(data_dir, tmp_path, _private_cache, capsys):
+    model, tok = tiny_model("llama")
+    settings = BenchSettings(data_dir=data_dir / "knowedit", out_dir=tmp_path / "out", methods=("mend",),
+                             tasks=("ZsRE", "Sanitation"), limit=2)
+    table = run_bench(model, tok, settings, progress=True)
+    assert set(table["not_run"]) == {"ZsRE", "Sanitation"}
+    assert "4/4" in capsys.readouterr().err  # the bar ends full, not at 0/4

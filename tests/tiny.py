@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 from pathlib import Path
@@ -90,6 +91,17 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                                    unk_token="<|endoftext|>", pad_token="<|pad|>", model_max_length=_POSITIONS,
                                    clean_up_tokenization_spaces=False)
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def chat_tokenizer():
+    """A copy of the tiny tokenizer with a ChatML template (its turn markers are plain text to it)."""
+    tok = copy.deepcopy(tiny_tokenizer())
+    tok.chat_template = CHATML
+    return tok
 
 
 def _config(arch: str, vocab: int, eos: int, pad: int):

@@ -21,14 +21,14 @@ import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from eval.harness import PROTOCOL_CHOICES
 from eval.knowedit.cells import run_cell
 from eval.knowedit.tasks import TASK_NOTES, TASKS, load_task
-from eval.metrics import GENERATE, PROTOCOLS, TEACHER_FORCED
+from eval.metrics import GENERATE, PROTOCOLS, TEACHER_FORCED, MetricSettings
 from memory.errors import EditmemError, ValidationError
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,8 @@ class BenchSettings:
     resume: bool = False
     shard: tuple[int, int] = (0, 1)
     overrides: Mapping[str, Mapping[str, Any]] | None = None  # None: DEFAULT_OVERRIDES
+    # how answers are generated and fluency measured: the harness's settings (chat template when the model has one)
+    metrics: MetricSettings = field(default_factory=MetricSettings)
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOL_CHOICES:
@@ -97,7 +99,8 @@ def run_bench(model: Any, tokenizer: Any, settings: BenchSettings, *, progress: 
     cells = grid(settings)
     _write_json(settings.out_dir / "bench.json", {"data_dir": str(settings.data_dir), "limit": settings.limit,
                                                   "methods": list(settings.methods), "tasks": list(settings.tasks),
-                                                  "protocol": settings.protocol})
+                                                  "protocol": settings.protocol, "chat": settings.metrics.chat,
+                                                  "cloze": settings.metrics.cloze})
     todo = [c for c in cells if not (settings.resume and cell_path(settings.out_dir, *c).is_file())]
     cases = {t: load_task(t, settings.data_dir, settings.limit) for t in {t for t, _ in todo}}
     total = sum(len(cases[t]) for t, _ in todo)
@@ -105,13 +108,15 @@ def run_bench(model: Any, tokenizer: Any, settings: BenchSettings, *, progress: 
     with tqdm(total=total, desc="knowedit", unit="edit", disable=not progress) as bar:
         for task, method in todo:
             bar.set_postfix_str(f"{task} x {method}")
+            start = bar.n
             try:
                 result = run_cell(model, tokenizer, method, task, cases[task], settings.protocols,
                                   settings.out_dir / "runs" / f"{task}__{method}",
-                                  overrides.get(method), tick=lambda: bar.update(1))
+                                  overrides.get(method), tick=lambda: bar.update(1), settings=settings.metrics)
             except (EditmemError, FileNotFoundError) as err:
                 log.warning("%s x %s not run: %s", task, method, err)
                 result = {"not_run": str(err).splitlines()[0][:300]}
+                bar.update(start + len(cases[task]) - bar.n)  # a cell that cannot run counts as finished
             _write_json(cell_path(settings.out_dir, task, method), {"task": task, "method": method, **result})
     return write_table(settings.out_dir, settings.methods, settings.tasks, settings.protocols, settings.data_dir)
 
@@ -270,8 +275,10 @@ def plot_table(table: Mapping[str, Any], path: Path) -> Path | None:
 
 
 def write_table(out_dir: Path, methods: Sequence[str], tasks: Sequence[str] = TASKS,
-                protocols: Sequence[str] = (TEACHER_FORCED,), data_dir: Path | None = None) -> dict[str, Any]:
-    """Merge the cell files under ``out_dir`` into table.json, table.md and table.png; returns the table."""
+                protocols: Sequence[str] = (TEACHER_FORCED,), data_dir: Path | None = None, *,
+                plots: bool = True) -> dict[str, Any]:
+    """Merge the cell files under ``out_dir`` into table.json, table.md and (``plots``) table.png; returns the
+    table."""
     out_dir = Path(out_dir)
     published = load_published(data_dir) if data_dir else None
     if published is None:
@@ -281,5 +288,6 @@ def write_table(out_dir: Path, methods: Sequence[str], tasks: Sequence[str] = TA
     table = build_table(out_dir, methods, tasks, protocols, published)
     _write_json(out_dir / "table.json", table)
     (out_dir / "table.md").write_text(render_markdown(table), encoding="utf-8")
-    plot_table(table, out_dir / "table.png")
+    if plots:
+        plot_table(table, out_dir / "table.png")
     return table

@@ -56,7 +56,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--out", type=Path, required=True, help="output folder (cells/, table.md, table.json, table.png)")
     k.add_argument("--resume", action="store_true", help="skip method x task cells already finished in --out")
     k.add_argument("--shard", default="0/1", help="run only cells i mod n of the grid, as i/n (default: %(default)s)")
-    k.add_argument("--merge-only", action="store_true", help="run nothing: merge the cell files in --out")
+    k.add_argument("--merge-only", action="store_true",
+                   help="run nothing: merge the cell files in --out (shards in other folders: editmem report)")
+    k.add_argument("--chat", default="auto", choices=["auto", "never"],
+                   help="generate protocol: the question as the user's message through the model's chat template "
+                        "when it has one (auto), or plain completion always (default: %(default)s)")
+    k.add_argument("--cloze", default="chat", choices=["chat", "complete"],
+                   help="generate protocol: cloze prompts (not ending in '?') through the chat template too (chat) "
+                        "or continued as plain text (complete) (default: %(default)s)")
     k.set_defaults(func=run_knowedit)
 
     ld = bsub.add_parser("load", help="bounded load (clients mixing chat, search, writes) and a SIGKILL fault test")
@@ -121,6 +128,7 @@ def run_http(args: argparse.Namespace) -> int:
 def run_knowedit(args: argparse.Namespace) -> int:
     from eval.knowedit.bench import DEFAULT_METHODS, BenchSettings, run_bench, write_table
     from eval.knowedit.tasks import TASKS
+    from eval.metrics import MetricSettings
     from memory.errors import ValidationError
 
     try:
@@ -131,7 +139,8 @@ def run_knowedit(args: argparse.Namespace) -> int:
     methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else DEFAULT_METHODS
     tasks = tuple(t.strip() for t in args.tasks.split(",")) if args.tasks else TASKS
     settings = BenchSettings(data_dir=args.data, out_dir=args.out, methods=methods, tasks=tasks, limit=args.limit,
-                             protocol=args.protocol, resume=args.resume, shard=(i, n))
+                             protocol=args.protocol, resume=args.resume, shard=(i, n),
+                             metrics=MetricSettings(chat=args.chat, cloze=args.cloze))
     if args.merge_only:
         write_table(args.out, methods, tasks, settings.protocols, args.data)
     else:

@@ -9,7 +9,9 @@ Writes summary.json, cases.jsonl, report.md and PNG plots into DIR (see :mod:`ev
     editmem report RUN_DIR [RUN_DIR ...] --out DIR [--no-plots]
 
 merges several runs' summary.json (same model, data, protocol and mode) into one report and plot
-(:func:`eval.report.merge_summaries`). torch and transformers are imported inside the eval handler, so
+(:func:`eval.report.merge_summaries`); given ``editmem bench knowedit`` folders (shards, ``--shard i/n``) instead, it
+merges their cells into one KnowEdit table, table.md/json/png in DIR (:func:`eval.knowedit.merge.merge_bench_dirs`).
+torch and transformers are imported inside the eval handler, so
 ``editmem --help`` stays fast.
 """
 
@@ -59,12 +61,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.set_defaults(func=run_eval_command)
 
-    r = sub.add_parser("report", help="one report and plot from several eval runs (e.g. one method per run)",
+    r = sub.add_parser("report", help="one report and plot from several eval runs (e.g. one method per run) or "
+                                      "KnowEdit bench shards",
                        description="Merge the summary.json of several `editmem eval` runs of the same model, data, "
                                    "protocol and mode into one report.md, metrics.png and (sequential runs) "
                                    "sequential.png, so methods run separately can be compared in one table and "
-                                   "plot.")
-    r.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output folders of `editmem eval` (with summary.json)")
+                                   "plot. Given `editmem bench knowedit` output folders (e.g. one per --shard i/n), "
+                                   "merge their cells into one KnowEdit table (table.md, table.json, table.png).")
+    r.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="output folders of `editmem eval` (with summary.json) or of `editmem bench knowedit` "
+                        "(with bench.json)")
     r.add_argument("--out", required=True, help="output folder for the merged report")
     r.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     r.set_defaults(func=run_report_command)
@@ -167,9 +173,17 @@ def _read_summary(folder: Path) -> dict[str, Any]:
 
 
 def run_report_command(args: argparse.Namespace) -> int:
+    from eval.knowedit.merge import is_bench_dir
     from eval.report import format_table, merge_summaries, write_report, write_summary
 
     folders = [Path(r) for r in args.runs]
+    bench = [is_bench_dir(f) for f in folders]
+    if any(bench):
+        if not all(bench):
+            odd = [str(f) for f, b in zip(folders, bench) if not b]
+            raise ValidationError(f"cannot merge KnowEdit bench folders with eval runs ({', '.join(odd)} "
+                                  "has no bench.json)")
+        return _report_knowedit(folders, Path(args.out), plots=not args.no_plots)
     labels = [f.resolve().name for f in folders]
     if len(set(labels)) != len(labels):
         labels = [str(f) for f in folders]
@@ -182,4 +196,15 @@ def run_report_command(args: argparse.Namespace) -> int:
     write_report(out, summary, command=command, fluency_tokens=None, plots=not args.no_plots)
     print(format_table(summary), end="")
     print(f"written to {args.out}: summary.json, report.md" + ("" if args.no_plots else ", plots"))
+    return 0
+
+
+def _report_knowedit(folders: list[Path], out: Path, *, plots: bool) -> int:
+    from eval.knowedit.merge import merge_bench_dirs
+
+    table = merge_bench_dirs(folders, out, plots=plots)
+    print((out / "table.md").read_text(encoding="utf-8"), end="")
+    cells = sum(1 for _ in (out / "cells").glob("*.json"))
+    print(f"merged {cells} cells ({len(table['methods'])} methods x {len(table['tasks'])} tasks) into {out}: "
+          "table.md, table.json" + ("" if not plots else ", table.png"))
     return 0
