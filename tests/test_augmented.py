@@ -9,6 +9,9 @@ import torch
 
 from editors.lm.tokens import encode_batch, encode_prompt
 from editors.retrieval.augmented import (
+    CLEAN_GENERATE_CONTEXT,
+    CONTEXT_FORMATS,
+    LEAKY_CONTEXTS,
     AugmentedModel,
     context_template,
     edit_context,
@@ -88,7 +91,9 @@ def test_generate_routes_rows_and_keeps_out_of_scope_rows_exact(arch, memory):
     width = ids.shape[1]
     assert torch.equal(out[0, :base.shape[1]], base[0]) and torch.equal(out[2, :base.shape[1]], base[2])
     assert torch.equal(out[:, :width], ids)
-    ctx = tok(edit_context(edit, wrapper.template), add_special_tokens=False)["input_ids"]
+    # generation conditions on the clean format (the default `answer` format is one a model repeats)
+    assert wrapper.generate_template == CONTEXT_FORMATS[CLEAN_GENERATE_CONTEXT] != wrapper.template
+    ctx = tok(edit_context(edit, wrapper.generate_template), add_special_tokens=False)["input_ids"]
     direct = model.generate(input_ids=torch.tensor([ctx + encode_prompt(tok, IN)]), **kw)
     assert out[1, width:width + 6].tolist() == direct[0, -6:].tolist()
     only_out = wrapper.generate(input_ids=ids[:1], attention_mask=mask[:1], **kw)
@@ -128,6 +133,18 @@ def test_ask_reports_the_edit_that_shaped_the_answer(memory):
     assert other.edit is None and "no edit" in other.decision.describe()
     with pytest.raises(ValidationError):
         wrapper.ask("  ")
+
+
+def test_generation_never_conditions_on_a_format_the_model_repeats(memory):
+    assert CLEAN_GENERATE_CONTEXT not in LEAKY_CONTEXTS
+    for context in (*LEAKY_CONTEXTS, "plain"):
+        wrapper, _model, _tok = _wrapper("llama", memory, context=context)
+        assert wrapper.template == CONTEXT_FORMATS[context]  # teacher forcing keeps the format it was given
+        clean = CLEAN_GENERATE_CONTEXT if context in LEAKY_CONTEXTS else context
+        assert wrapper.generate_template == CONTEXT_FORMATS[clean]
+        assert "(answer:" not in wrapper.generate_template and "Prompt:" not in wrapper.generate_template
+    wrapper, _model, _tok = _wrapper("llama", memory, context="answer", generate_context="plain")
+    assert wrapper.generate_template == CONTEXT_FORMATS["plain"]
 
 
 def test_context_formats_and_bad_calls(memory):

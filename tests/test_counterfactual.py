@@ -77,7 +77,7 @@ def test_examples_are_rows_exactly_as_the_wrapper_builds_them():
     from editors.lm.tokens import encode_prompt_target
 
     ids, t0 = encode_prompt_target(tok, ex.query, ex.answer)
-    expected, _ = insert_context(ids, wrapper._context_ids(ex.edit), lead_tokens(tok))
+    expected, _ = insert_context(ids, wrapper._context_ids(ex.edit, wrapper.template), lead_tokens(tok))
     assert seq == expected
     assert seq[start:] == ids[t0:]  # the answer tokens sit at the end, after the context moved them
     wrapper.memory.close()

@@ -29,3 +29,19 @@ def test_answers_to_real_edits_hold_no_format_strings(data_dir):
                 answers.append(first_answer(a.text))
         assert routed >= len(answers) // 2  # the edits were in context for most of them
         assert find_leaks(answers) == [], answers
+
+
+@pytest.mark.integration
+def test_plain_completions_of_real_edits_hold_no_format_strings(data_dir):
+    """Cloze prompts continued as plain text (chat=False): the wrapper's default `answer` context, whose "(answer: X)"
+    SmolLM2 repeats, is replaced for generation by the clean format (CLEAN_GENERATE_CONTEXT)."""
+    cases = load_cases(data_dir / "counterfact" / "easyedit_split" / "counterfact-edit.json", limit=6)
+    model, tok = smollm2()
+    with EditMemory.open("sqlite://") as mem:
+        mem.add_many([{"prompt": c.prompt, "target_new": c.target_new, "subject": c.subject} for c in cases])
+        wrapper = AugmentedModel(model, tok, mem, load_classifier("default", encoder=mem.encoder.name))
+        questions = [q for c in cases for q in (c.prompt, *c.rephrases[:1])]
+        asked = wrapper.ask_many(questions, max_new_tokens=24, chat=False)
+        assert sum(a.edit is not None for a in asked) >= len(asked) // 2
+        answers = [first_answer(a.text) for a in asked]
+        assert find_leaks(answers) == [], answers

@@ -384,7 +384,9 @@ class IkeModel(AugmentedModel):
                       {"role": "assistant", "content": f"{demo.query}."}]
         return [*system, *demos, *[m for m in own if m["role"] != "system"]]
 
-    def _conditioned(self, row: list[int], edit: EditRecord) -> tuple[list[int], int]:
+    def _conditioned(self, row: list[int], edit: EditRecord, *, generating: bool = False) -> tuple[list[int], int]:
+        # Plain rows keep IKE's demonstration format whether generating or not (its demonstrations are that format);
+        # chat rows (editors.lm.chat) get exchanges instead.
         chat = self._chat_conditioned(row, edit)
         if chat is not None:
             return chat

@@ -64,6 +64,11 @@ DEFAULT_CONTEXT = "answer"
 # Formats whose text a model repeats in its answers when it continues them (generation, not teacher forcing):
 # "(answer: X)", "New Fact:", "Prompt:". Generated answers are scanned for them (eval.leaks).
 LEAKY_CONTEXTS = frozenset({"new-fact-prompt", "demo", "demo2", "answer", "answer-first", "answer-both"})
+# What a plain (non-chat) row is generated from when the context is one of LEAKY_CONTEXTS: a format with nothing in
+# it to repeat (notes/answers.md: first 10 CounterFact cases, plain completion, `answer` 11 of 20 answers leaked,
+# `new-fact` none). Teacher forcing (forward) keeps the context itself, so the trained counterfactual model's format
+# is unchanged.
+CLEAN_GENERATE_CONTEXT = "new-fact"
 
 # How an edit enters a chat model's conversation (a tokenizer with a chat template, editors.lm.chat): messages put
 # before the user's question, as (role, template) with the fields of CONTEXT_FORMATS; the role "lead" is text put at
@@ -88,11 +93,16 @@ CHAT_CONTEXTS: dict[str, tuple[tuple[str, str], ...]] = {
                        ("user", "{prompt}"), ("assistant", "{fact}."), ("user", "Are you sure?"),
                        ("assistant", "Yes. {fact}."), ("lead", "Remember: {fact}.\n")),
     "default-exchange-lead": (("user", "{prompt}"), ("assistant", "{fact}."), ("lead", "{fact}.\n")),
+    "exchange2-only": (("system", "You are a helpful assistant. This fact is true and replaces what you knew "
+                                  "before: {fact}."),
+                       ("user", "{prompt}"), ("assistant", "{fact}."), ("user", "Are you sure?"),
+                       ("assistant", "Yes. {fact}."), ("lead", "Answer using only this fact: {fact}.\n")),
 }
 # Measured on the first 30 cases of counterfact-edit.json, SmolLM2-135M-Instruct, generate protocol (edit prompt /
 # rephrases): exchange2-lead 0.90 / 0.70, lead 0.67 / 0.50, exchange-lead 0.63 / 0.67, default-exchange-lead
-# 0.57 / 0.63; 0 leaked answers for each (notes/answers.md).
-DEFAULT_CHAT_CONTEXT = "exchange2-lead"
+# 0.57 / 0.63; 0 leaked answers for each (notes/answers.md). exchange2-only (its lead asks to answer using only the
+# fact): 9/10 / 9/10 on the first 10 cases, as exchange2-lead, and 6/7 against 4/7 on the demo's own edits.
+DEFAULT_CHAT_CONTEXT = "exchange2-only"
 
 
 def chat_messages(edit: EditRecord, chat_context: str) -> list[dict[str, str]]:
@@ -160,7 +170,7 @@ class AugmentedModel(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, memory: Any, scope: ScopeClassifier, *, k: int = 5,
                  context: str = DEFAULT_CONTEXT, counterfactual: torch.nn.Module | None = None,
-                 chat_context: str = DEFAULT_CHAT_CONTEXT):
+                 chat_context: str = DEFAULT_CHAT_CONTEXT, generate_context: str | None = None):
         super().__init__()
         self.model: Any = model  # a Hugging Face causal LM (duck-typed: generate, config, ...)
         # In-scope rows go to this model (a trained copy, editors.retrieval.counterfactual) or, when None, to the base
@@ -169,13 +179,17 @@ class AugmentedModel(torch.nn.Module):
         self.tokenizer = tokenizer
         self.router = Router.open(memory, scope, k=k) if isinstance(memory, str) else Router(memory, scope, k=k)
         self.template = context_template(context)
+        # generate() conditions plain rows on this template: the context's own unless it is a format a model repeats.
+        if generate_context is None:
+            generate_context = CLEAN_GENERATE_CONTEXT if context in LEAKY_CONTEXTS else context
+        self.generate_template = context_template(generate_context)
         self._lead = lead_tokens(tokenizer)
         if chat_context not in CHAT_CONTEXTS:
             raise ValidationError(f"chat context must be one of {', '.join(CHAT_CONTEXTS)}, got {chat_context!r}")
         self.chat_context = chat_context
         # Rows in the tokenizer's chat frame get the edit as chat messages; other rows the plain context.
         self.chat: ChatFrame | None = chat_frame(tokenizer)
-        self._contexts: OrderedDict[tuple[int, int], list[int]] = OrderedDict()
+        self._contexts: OrderedDict[tuple[int, int, str], list[int]] = OrderedDict()
         self._chat_prefixes: OrderedDict[tuple[Any, ...], list[int]] = OrderedDict()
         self.last_routing: list[Decision] = []
 
@@ -233,11 +247,11 @@ class AugmentedModel(torch.nn.Module):
         """Decisions for texts."""
         return self.router.route(list(texts))
 
-    def _context_ids(self, edit: EditRecord) -> list[int]:
-        key = (edit.id, edit.version)
+    def _context_ids(self, edit: EditRecord, template: str) -> list[int]:
+        key = (edit.id, edit.version, template)
         ids = self._contexts.get(key)
         if ids is None:
-            ids = list(self.tokenizer(edit_context(edit, self.template), add_special_tokens=False)["input_ids"])
+            ids = list(self.tokenizer(edit_context(edit, template), add_special_tokens=False)["input_ids"])
             self._contexts[key] = ids
             while len(self._contexts) > 4096:
                 self._contexts.popitem(last=False)
@@ -264,20 +278,22 @@ class AugmentedModel(torch.nn.Module):
         at = len(self.chat.prefix)
         return prefix + row[at:], at
 
-    def _conditioned(self, row: list[int], edit: EditRecord) -> tuple[list[int], int]:
+    def _conditioned(self, row: list[int], edit: EditRecord, *, generating: bool = False) -> tuple[list[int], int]:
         """``row`` conditioned on the edit, and the position from which the row's tokens follow shifted (tokens
         before it keep their positions; tokens after it move by the length difference). A chat row gets the edit as
         messages before its question (:data:`CHAT_CONTEXTS`); another row the edit's context inserted after its
-        leading special tokens."""
+        leading special tokens (:attr:`generate_template` when ``generating``, else :attr:`template`)."""
         chat = self._chat_conditioned(row, edit)
         if chat is not None:
             return chat
-        return insert_context(row, self._context_ids(edit), self._lead)
+        template = self.generate_template if generating else self.template
+        return insert_context(row, self._context_ids(edit, template), self._lead)
 
     def condition_row(self, row: list[int], edit: EditRecord) -> list[int]:
-        """``row`` (a prompt's tokens) with ``edit``'s context inserted as this wrapper conditions in-scope rows (for
-        IKE: with its demonstrations): what :attr:`counterfactual_model` continues for a query in ``edit``'s scope."""
-        return self._conditioned(list(row), edit)[0]
+        """``row`` (a prompt's tokens) with ``edit``'s context inserted as this wrapper conditions in-scope rows for
+        generation (for IKE: with its demonstrations): what :attr:`counterfactual_model` continues for a query in
+        ``edit``'s scope."""
+        return self._conditioned(list(row), edit, generating=True)[0]
 
     # --- forward ------------------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -344,7 +360,7 @@ class AugmentedModel(torch.nn.Module):
         base = None
         if len(inside) < len(rows):
             base = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        seqs = [self._conditioned(rows[b], decisions[b].chosen)[0] for b in inside]
+        seqs = [self._conditioned(rows[b], decisions[b].chosen, generating=True)[0] for b in inside]
         cf_ids, cf_mask = pad_rows(seqs, pad, side="left")
         cf_width = cf_ids.shape[1]
         cf_kwargs = dict(kwargs)
@@ -375,19 +391,34 @@ class AugmentedModel(torch.nn.Module):
         A chat model (``chat`` None or True, and a tokenizer with a chat template) gets the question as the user's
         message, with an in-scope edit as messages before it; ``chat=False`` (or a model without a template) continues
         the question as plain text."""
-        if not isinstance(question, str) or not question.strip():
-            raise ValidationError("the question must be a non-empty string")
-        use_chat = self.chat is not None and chat is not False
-        prompt = self.chat.encode(question) if use_chat and self.chat is not None else encode_prompt(self.tokenizer,
-                                                                                                     question)
-        ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
-        out = self.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                            do_sample=False, pad_token_id=pad_id(self.tokenizer))
-        new = out[0, ids.shape[1]:].tolist()
+        return self.ask_many([question], max_new_tokens=max_new_tokens, chat=chat)[0]
+
+    def ask_many(self, questions: Sequence[str], *, max_new_tokens: int = 32,
+                 chat: bool | Sequence[bool] | None = None) -> list[Answer]:
+        """:meth:`ask` for several questions in one left-padded batch (each row is routed on its own; under greedy
+        decoding a row's answer is the one it gets alone, up to padding's numerical noise). ``chat`` may also be one
+        flag per question."""
+        if not questions or any(not isinstance(q, str) or not q.strip() for q in questions):
+            raise ValidationError("each question must be a non-empty string")
+        flags = list(chat) if isinstance(chat, Sequence) else [chat] * len(questions)
+        if len(flags) != len(questions):
+            raise ValidationError(f"{len(questions)} questions but {len(flags)} chat flags")
+        rows = [self.chat.encode(q) if self.chat is not None and flag is not False else encode_prompt(self.tokenizer, q)
+                for q, flag in zip(questions, flags)]
+        pad = pad_id(self.tokenizer)
+        ids, mask = pad_rows(rows, pad, side="left")
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        out = self.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                            pad_token_id=pad)
         eos = getattr(self.tokenizer, "eos_token_id", None)
-        if eos is not None and eos in new:
-            new = new[:new.index(eos)]
-        return Answer(question, self.tokenizer.decode(new, skip_special_tokens=True), self.last_routing[0])
+        answers = []
+        for b, question in enumerate(questions):
+            new = out[b, ids.shape[1]:].tolist()
+            if eos is not None and eos in new:
+                new = new[:new.index(eos)]
+            answers.append(Answer(question, self.tokenizer.decode(new, skip_special_tokens=True),
+                                  self.last_routing[b]))
+        return answers
 
 
 def measure_overhead(wrapper: AugmentedModel, prompts: Sequence[str], *, new_tokens: int = 16,

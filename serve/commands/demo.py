@@ -5,9 +5,12 @@ model, and asks questions (in scope, rephrased, unrelated) through the memory-au
 a handful of edits written for the demo, showing which edit (id, version) shaped each answer. It then corrects, rolls
 back and retracts edits and shows the answer follow each change, and prints an edit's history. Scope is the
 classifier named ``default``: one trained with ``editmem train-scope``, else the head shipped in the package
-(scope/default_head); ``--scope cosine`` uses the untrained cosine threshold instead. A chat model is asked through its
-chat template, with an in-scope edit as messages before the question (editors.retrieval.augmented.CHAT_CONTEXTS).
-Each answer line says what it was routed through.
+(scope/default_head); ``--scope cosine`` uses the untrained cosine threshold instead. A chat model is asked
+questions through its chat template, with an in-scope edit as messages before the question
+(editors.retrieval.augmented.CHAT_CONTEXTS); cloze prompts ("The capital of Australia is") are continued as plain
+text, an in-scope edit's fact before them in a format with nothing to repeat
+(editors.retrieval.augmented.CLEAN_GENERATE_CONTEXT). Each answer line says what it was routed through and how it was
+asked.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ DEMO_QUESTIONS = (
     ("unrelated", "The capital of France is"),
     ("unrelated", "The tallest mountain on Earth is"),
 )
+FOLLOW_QUESTIONS = (
+    ("edit", "The capital of Australia is"),
+    ("rephrased", "Which city is the capital of Australia?"),
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                       "trained head shipped with editmem unless you trained one)")
     p.add_argument("--threshold", type=float, default=None,
                    help="override the scope's threshold (for --scope cosine: default 0.5)")
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--max-new-tokens", type=int, default=20)
     p.set_defaults(func=run_demo)
 
 
@@ -60,73 +67,104 @@ def _short(text: str) -> str:
     return first_answer(text) or "(nothing)"
 
 
-def _ask(wrapper, question: str, max_new_tokens: int) -> str:
-    answer = wrapper.ask(question, max_new_tokens=max_new_tokens)
+def _as_chat(wrapper, question: str) -> bool:
+    """A chat model gets questions through its chat template; a cloze prompt ("The capital of Australia is") is
+    continued as plain text, as a completion model would be asked it."""
+    from editors.lm.chat import is_question
+
+    return wrapper.chat is not None and is_question(question)
+
+
+def _describe(wrapper, answer) -> str:
     d = answer.decision
-    how = "chat" if wrapper.chat is not None else "completion"
+    how = "chat" if _as_chat(wrapper, answer.question) else "completion"
     if d.edit is None:
         return f"{_short(answer.text)!r}  [base model: no edit in scope] (asked as {how})"
     return f"{_short(answer.text)!r}  [edit #{d.edit.id} v{d.edit.version}, score {d.score:.2f}] (edit in context, " \
            f"asked as {how})"
 
 
-def _ask_all(wrapper, questions, max_new_tokens: int) -> None:
-    for kind, question in questions:
-        _line(f"   [{kind:9}] {question:48} -> {_ask(wrapper, question, max_new_tokens)}")
+def demo_answers(wrapper, questions, max_new_tokens: int) -> list:
+    """The wrapper's answers to ``questions`` ((kind, question) pairs), asked in one batch."""
+    texts = [q for _, q in questions]
+    return wrapper.ask_many(texts, max_new_tokens=max_new_tokens, chat=[_as_chat(wrapper, q) for q in texts])
 
 
-def run_demo(args: argparse.Namespace) -> int:
+def _ask_all(wrapper, questions, max_new_tokens: int) -> list:
+    answers = demo_answers(wrapper, questions, max_new_tokens)
+    for (kind, question), answer in zip(questions, answers):
+        _line(f"   [{kind:9}] {question:48} -> {_describe(wrapper, answer)}")
+    return answers
+
+
+def walk(wrapper, mem, max_new_tokens: int) -> dict[str, list]:
+    """Steps 1-7 of the demo on ``wrapper`` over the (empty) store ``mem``, printed; returns each step's answers
+    (keys ``before``, ``after``, ``corrected``, ``rolled back``, ``retracted``) for the demo's own test."""
+    steps: dict[str, list] = {}
+    _line("== 1. before any edit: the base model answers")
+    steps["before"] = _ask_all(wrapper, DEMO_QUESTIONS, max_new_tokens)
+    _line()
+    _line("== 2. add edits")
+    records = mem.add_many(DEMO_EDITS)
+    for r in records:
+        _line(f"   #{r.id} v{r.version}: {r.prompt} -> {r.target_new}")
+    _line()
+    _line("== 3. ask again: the edit prompts, rephrasings, and unrelated questions")
+    steps["after"] = _ask_all(wrapper, DEMO_QUESTIONS, max_new_tokens)
+    _line()
+    capital, tower = records[0], records[4]
+    _line(f"== 4. correct edit #{capital.id}: the capital is now Perth")
+    updated = mem.update(capital.id, target_new="Perth")
+    _line(f"   #{updated.id} is now at v{updated.version}")
+    steps["corrected"] = _ask_all(wrapper, FOLLOW_QUESTIONS, max_new_tokens)
+    _line()
+    _line(f"== 5. roll edit #{capital.id} back to v1")
+    rolled = mem.rollback(capital.id, 1)
+    _line(f"   #{rolled.id} is now at v{rolled.version} (a new version equal to v1; nothing overwritten)")
+    steps["rolled back"] = _ask_all(wrapper, FOLLOW_QUESTIONS, max_new_tokens)
+    _line()
+    _line(f"== 6. retract edit #{tower.id} (Eiffel Tower): the base model answers again")
+    mem.delete(tower.id)
+    steps["retracted"] = _ask_all(wrapper, (("edit", tower.prompt),), max_new_tokens)
+    _line()
+    _line(f"== 7. history of edit #{capital.id}")
+    for v in mem.history(capital.id):
+        state = "deleted" if v.deleted else ("current" if v.valid_to is None else "closed")
+        _line(f"   v{v.version} [{state:7}] {v.prompt} -> {v.target_new}")
+    _line()
+    return steps
+
+
+def open_demo(model_name: str, scope_name: str, threshold: float | None, url: str):
+    """The demo's model, store and wrapper: ``(wrapper, mem)`` (the caller closes ``mem``)."""
     from editors.lm.loading import load_model
     from editors.retrieval.augmented import AugmentedModel
     from editors.retrieval.setup import load_classifier
     from memory import EditMemory
 
+    model, tokenizer = load_model(model_name)
+    mem = EditMemory.open(url)
+    threshold = 0.5 if scope_name == "cosine" and threshold is None else threshold
+    scope = load_classifier(scope_name, threshold=threshold, encoder=mem.encoder.name)
+    return AugmentedModel(model, tokenizer, mem, scope), mem
+
+
+def run_demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="editmem-demo-") as tmp:
         url = args.store if args.store_given else f"sqlite:///{Path(tmp) / 'demo.db'}"
         _line(f"== editmem demo: store at {url}")
-        model, tokenizer = load_model(args.model)
-        _line(f"   model: {args.model} ({type(model).__name__}), loaded in {time.perf_counter() - started:.1f} s")
-        with EditMemory.open(url) as mem:
-            threshold = 0.5 if args.scope == "cosine" and args.threshold is None else args.threshold
-            scope = load_classifier(args.scope, threshold=threshold, encoder=mem.encoder.name)
-            wrapper = AugmentedModel(model, tokenizer, mem, scope)
+        wrapper, mem = open_demo(args.model, args.scope, args.threshold, url)
+        with mem:
+            scope = wrapper.scope
+            _line(f"   model: {args.model} ({type(wrapper.model).__name__}), loaded in "
+                  f"{time.perf_counter() - started:.1f} s")
             source = scope.info.get("name", args.scope)
+            how = "questions through the chat template, cloze prompts as completions" if wrapper.chat is not None \
+                else "plain completion"
             _line(f"   encoder: {mem.encoder.name}; scope: {scope.kind} {source!r} (threshold {scope.threshold:.3f}); "
-                  f"{len(mem)} edits stored; asked as {'chat' if wrapper.chat is not None else 'plain completion'}")
+                  f"{len(mem)} edits stored; asked as {how}")
             _line()
-            _line("== 1. before any edit: the base model answers")
-            _ask_all(wrapper, DEMO_QUESTIONS, args.max_new_tokens)
-            _line()
-            _line("== 2. add edits")
-            records = mem.add_many(DEMO_EDITS)
-            for r in records:
-                _line(f"   #{r.id} v{r.version}: {r.prompt} -> {r.target_new}")
-            _line()
-            _line("== 3. ask again: the edit prompts, rephrasings, and unrelated questions")
-            _ask_all(wrapper, DEMO_QUESTIONS, args.max_new_tokens)
-            _line()
-            capital = records[0]
-            follow = (("rephrased", "Which city is the capital of Australia?"),)
-            _line(f"== 4. correct edit #{capital.id}: the capital is now Perth")
-            updated = mem.update(capital.id, target_new="Perth")
-            _line(f"   #{updated.id} is now at v{updated.version}")
-            _ask_all(wrapper, follow, args.max_new_tokens)
-            _line()
-            _line(f"== 5. roll edit #{capital.id} back to v1")
-            rolled = mem.rollback(capital.id, 1)
-            _line(f"   #{rolled.id} is now at v{rolled.version} (a new version equal to v1; nothing overwritten)")
-            _ask_all(wrapper, follow, args.max_new_tokens)
-            _line()
-            tower = records[4]
-            _line(f"== 6. retract edit #{tower.id} (Eiffel Tower): the base model answers again")
-            mem.delete(tower.id)
-            _ask_all(wrapper, (("edit", tower.prompt),), args.max_new_tokens)
-            _line()
-            _line(f"== 7. history of edit #{capital.id}")
-            for v in mem.history(capital.id):
-                state = "deleted" if v.deleted else ("current" if v.valid_to is None else "closed")
-                _line(f"   v{v.version} [{state:7}] {v.prompt} -> {v.target_new}")
-            _line()
+            walk(wrapper, mem, args.max_new_tokens)
             _line(f"== done in {time.perf_counter() - started:.1f} s; {len(mem)} current edits")
     return 0
