@@ -280,6 +280,21 @@ class EditMemory:
             raise ValidationError(f"limit must be a non-negative integer, got {limit!r}")
         if not isinstance(offset, int) or offset < 0:
             raise ValidationError(f"offset must be a non-negative integer, got {offset!r}")
+        where = self._list_where(include_deleted, subject, contains)
+        query = select(edits).where(*where).order_by(edits.c.edit_id).offset(offset)
+        if limit is not None:
+            query = query.limit(limit)
+        with self._read() as conn:
+            return [_record(r) for r in conn.execute(query)]
+
+    def count(self, include_deleted: bool = False, *, subject: str | None = None,
+              contains: str | None = None) -> int:
+        """How many edits :meth:`list` with the same filters gives, without limit or offset."""
+        where = self._list_where(include_deleted, subject, contains)
+        with self._read() as conn:
+            return int(conn.execute(select(func.count()).select_from(edits).where(*where)).scalar_one())
+
+    def _list_where(self, include_deleted: bool, subject: str | None, contains: str | None) -> builtins.list[Any]:
         where = [edits.c.valid_to.is_(None) if include_deleted else CURRENT, self._ns]
         if subject is not None:
             where.append(edits.c.subject == _filter_text("subject", subject))
@@ -287,11 +302,7 @@ class EditMemory:
             needle = "%" + _like_escaped(_filter_text("contains", contains).lower()) + "%"
             where.append(func.lower(edits.c.prompt).like(needle, escape="\\")
                          | func.lower(edits.c.target_new).like(needle, escape="\\"))
-        query = select(edits).where(*where).order_by(edits.c.edit_id).offset(offset)
-        if limit is not None:
-            query = query.limit(limit)
-        with self._read() as conn:
-            return [_record(r) for r in conn.execute(query)]
+        return where
 
     def history(self, id: int) -> builtins.list[EditRecord]:
         """Every version of edit ``id``, oldest first."""

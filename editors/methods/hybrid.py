@@ -122,11 +122,9 @@ class HybridHandle(MemoryEditHandle):
     def load(cls, path: str | Path, memory: Any) -> MemoryEditHandle:
         """The memory part of a saved hybrid edit (as :meth:`MemoryEditHandle.load`); its weight moves are in the
         saved state under ``consolidated`` (each a :class:`WeightEditHandle` state)."""
-        blob = torch.load(Path(path), map_location="cpu", weights_only=True)
-        if blob.get("kind") != cls.__name__:
-            raise ValidationError(f"{path}: not a saved hybrid edit (kind {blob.get('kind')!r})")
-        handle = MemoryEditHandle(memory, [tuple(e) for e in blob["state"]["edits"]])
-        handle.applied = bool(blob["state"]["applied"])
+        edits, applied = cls.read_saved(path, ValidationError(f"{path}: not a saved hybrid edit"))
+        handle = MemoryEditHandle(memory, edits)
+        handle.applied = applied
         return handle
 
 

@@ -59,12 +59,19 @@ class MemoryEditHandle(EditHandle):
 
     @classmethod
     def load(cls, path: str | Path, memory: Any) -> MemoryEditHandle:
+        edits, applied = cls.read_saved(path, EditmemError(f"{path}: not a saved memory edit"))
+        handle = cls(memory, edits)
+        handle.applied = applied
+        return handle
+
+    @classmethod
+    def read_saved(cls, path: str | Path, wrong_kind: EditmemError) -> tuple[list[tuple[int, int]], bool]:
+        """The ``(edit id, version)`` pairs and the applied flag of a file saved by a handle of class ``cls``;
+        ``wrong_kind``, with the kind found added, when the file holds another kind."""
         blob = torch.load(Path(path), map_location="cpu", weights_only=True)
         if blob.get("kind") != cls.__name__:
-            raise EditmemError(f"{path}: not a saved memory edit (kind {blob.get('kind')!r})")
-        handle = cls(memory, [tuple(e) for e in blob["state"]["edits"]])
-        handle.applied = bool(blob["state"]["applied"])
-        return handle
+            raise type(wrong_kind)(f"{wrong_kind} (kind {blob.get('kind')!r})")
+        return [(int(i), int(v)) for i, v in blob["state"]["edits"]], bool(blob["state"]["applied"])
 
 
 class MemoryEditor(Editor):

@@ -61,10 +61,8 @@ def list_edits(request: Request, namespace: str | None = NAMESPACE, limit: int =
     mem = _memory(request, namespace)
     filters = {"include_deleted": include_deleted, "subject": subject, "contains": contains}
     records = mem.list(limit=limit, offset=offset, **filters)
-    filtered = subject is not None or contains is not None or include_deleted
     return {"object": "list", "data": [edit_json(r) for r in records], "limit": limit, "offset": offset,
-            "total": len(mem), "matched": len(mem.list(**filters)) if filtered else len(mem),
-            "change": change_number(mem)}
+            "total": len(mem), "matched": mem.count(**filters), "change": change_number(mem)}
 
 
 @router.get("/search", dependencies=[READ])

@@ -77,14 +77,6 @@ class JobRunner:
         with self._lock:
             return list(self._jobs.values())
 
-    def wait(self, job_id: int, timeout: float) -> Job:
-        """The job once it has finished, or as it is after ``timeout`` seconds (for tests and scripts)."""
-        end = time.monotonic() + timeout
-        job = self.get(job_id)
-        while job.status in ("queued", "running") and time.monotonic() < end:
-            time.sleep(0.05)
-        return job
-
     def close(self, timeout: float = 5.0) -> None:
         if self._thread is not None:
             self._work.put(None)
