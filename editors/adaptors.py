@@ -13,7 +13,9 @@ earlier conflict shrank grow back, as if the deleted edit had never been made).
 
 Saved with the model folder as :data:`ADAPTOR_FILE` (safetensors: ``keys``, ``values``, ``radii`` in float64,
 ``layer``, and ``labels`` as UTF-8 JSON bytes; no metadata map, so equal codebooks give equal bytes), written only
-when the codebook has entries; :func:`load_adaptor` attaches a saved one to a model loaded from that folder.
+when the codebook has entries; :func:`load_adaptor` attaches a saved one to a model loaded from that folder, and
+:func:`load_edited_model` (what ``editmem serve``, ``ask`` and ``eval`` load) does both, so a consolidated folder
+answers with its adaptor wherever it is named.
 """
 
 from __future__ import annotations
@@ -108,3 +110,18 @@ def load_adaptor(model: torch.nn.Module, folder: str | Path) -> Any:
         book.entries[i] = Entry(book.new_id(), keys[i].clone(), values[i].clone(), float(radii[i]), label)
     book.changed()
     return book
+
+
+def load_edited_model(name_or_path: str | Path) -> tuple[Any, Any]:
+    """``load_model(name_or_path)`` with the folder's saved GRACE adaptor (if any) attached: the model a consolidated
+    folder holds is its weights *and* its codebook. Returns ``(model, tokenizer)``."""
+    import logging
+
+    from editors.lm.loading import load_model, resolve_model
+
+    model, tokenizer = load_model(name_or_path)
+    book = load_adaptor(model, resolve_model(name_or_path))
+    if book is not None:
+        logging.getLogger(__name__).info("attached the GRACE adaptor of %s: %d entries at layer %d", name_or_path,
+                                         len(book.entries), book.layer)
+    return model, tokenizer

@@ -187,4 +187,5 @@ def test_admin_key_list_shows_roles_and_namespaces_never_keys(server):
     assert not any(key in r.text for key in KEYS)
     denied = httpx.get(f"{url}/v1/admin/keys", headers={"Authorization": "Bearer free-writer-0001"})
     assert denied.status_code == 403 and denied.json()["error"]["code"] == "insufficient_role"
+    assert denied.json()["error"]["message"] == "this needs an admin key; the key given is write"
     assert httpx.get(f"{url}/v1/admin/keys").status_code == 401

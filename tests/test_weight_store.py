@@ -311,6 +311,7 @@ def test_grace_entries_follow_delete_and_rollback_and_rebuild(store_url, tmp_pat
         inserts = {r.edit_ids[0]: unpack_insert(m.weight_deltas(r.id)) for r in records}
     edited, book = loaded()
     assert same_weights(edited, snapshot(model))  # GRACE changes no weight
+    _serves_with_adaptor(out, store_url, logits(edited, FACTS[0][0]), lambda m: logits(m, FACTS[0][0]))
     assert [e.label for e in book.entries.values()] == ["Rome", "English", "piano"]
     assert torch.equal(logits(edited, other), logits(base, other))  # outside every radius: the base, bit for bit
     assert not torch.equal(logits(edited, FACTS[0][0]), logits(base, FACTS[0][0]))
@@ -332,6 +333,23 @@ def test_grace_entries_follow_delete_and_rollback_and_rebuild(store_url, tmp_pat
         assert "removed record" in cli("delete", str(edit_id))
     assert _adaptor(out) is None and load_adaptor(load_model(out)[0], out) is None
     assert torch.equal(logits(load_model(out)[0], FACTS[0][0]), logits(base, FACTS[0][0]))
+
+
+def _serves_with_adaptor(folder, store_url, expected, logits_of):
+    """What ``editmem serve`` / ``ask`` / ``eval`` load for a consolidated folder answers with its GRACE adaptor."""
+    import torch
+
+    from editors.adaptors import load_edited_model
+    from serve.http.app import ServerSettings, create_app
+
+    m, _ = load_edited_model(folder)
+    assert torch.equal(logits_of(m), expected)
+    app = create_app(ServerSettings(store=store_url, model=str(folder), scope="cosine"))
+    try:
+        assert torch.equal(logits_of(app.state.ctx.service.model), expected)
+    finally:
+        app.state.ctx.service.close()
+        app.state.ctx.close()
 
 
 def test_grace_removal_replays_the_rest_exactly(mem):

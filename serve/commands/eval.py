@@ -131,7 +131,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
         raise ValidationError(f"--limit must be >= 1, got {args.limit}")
     data = Path(args.data)
 
-    from editors.lm.loading import load_model
+    from editors.adaptors import load_edited_model
     from editors.retrieval.session import check_memory_editors
     from eval.datasets import load_cases
     from eval.harness import RunSettings, run_eval
@@ -143,7 +143,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     cases = load_cases(data, format=args.format, limit=args.limit)
     if not cases:
         raise ValidationError(f"{data}: no cases to evaluate")
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_edited_model(args.model)  # a consolidated folder with its GRACE adaptor
     command = _command_line(args)
     settings = RunSettings(out_dir=args.out, mode=args.mode, batch_size=args.batch_size, checkpoints=checkpoints,
                            protocol=args.protocol, metric_settings=metric_settings,

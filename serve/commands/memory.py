@@ -175,14 +175,14 @@ def _ask(args: argparse.Namespace) -> int:
     _positive(args.k, "-k")
     if args.demos is not None and args.demos < 0:
         raise ValidationError(f"--demos must be >= 0, got {args.demos}")
-    from editors.lm.loading import load_model
+    from editors.adaptors import load_edited_model
     from editors.retrieval.session import memory_editor_settings, open_memory_editor
 
     options = {"counterfactual": args.counterfactual, "mode": args.mode, "demos": args.demos,
                "demo_file": args.demo_file}  # None: the method's default; a method refuses options it lacks
     # the store, the settings and the scope classifier are checked before the model loads
     memory_editor_settings(args.method, args.store, scope=args.scope, threshold=args.threshold, k=args.k, **options)
-    model, tok = load_model(args.model)
+    model, tok = load_edited_model(args.model)
     editor = open_memory_editor(args.method, args.store, model, tok, scope=args.scope, threshold=args.threshold,
                                 k=args.k, **options)
     try:

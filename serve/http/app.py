@@ -123,9 +123,9 @@ def create_app(settings: ServerSettings, *, model: Any = None, tokenizer: Any = 
             # routing only: the store, its encoder and the scope classifier; no language model is loaded
             proxy = _context_router(settings, settings.namespace)
         elif model is None and settings.model != "none":
-            from editors.lm.loading import load_model
+            from editors.adaptors import load_edited_model
 
-            model, tokenizer = load_model(settings.model)
+            model, tokenizer = load_edited_model(settings.model)  # a consolidated folder's GRACE adaptor attached
         if model is not None:
             service = MemoryService(model, tokenizer, settings.store, ServiceSettings(
                 method=settings.method, scope=settings.scope, threshold=settings.threshold, k=settings.k,

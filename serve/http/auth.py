@@ -119,7 +119,8 @@ def require(role: str) -> Callable[[Request], None]:
             raise ApiError(401, "the API key is not valid", type="authentication_error", code="invalid_api_key")
         have, request.state.key_namespace = found
         if ROLES.index(have) < needed:
-            raise ApiError(403, f"this needs a {role} key; the key given is {have}", type="permission_error",
+            article = "an" if role[0] in "aeiou" else "a"
+            raise ApiError(403, f"this needs {article} {role} key; the key given is {have}", type="permission_error",
                            code="insufficient_role")
 
     return check
