@@ -4,13 +4,16 @@ llama.cpp's server (:func:`serve.llamacpp.llamacpp_server`, the shipped GGUF, 2 
 --upstream`` (its own process, cosine scope) in front of it, over a store holding the edits of the first ``N``
 CounterFact and ``N`` zsRE evaluation cases. Figures (greedy, temperature 0):
 
-- out of scope: p50 latency of a chat request through editmem vs the same request to llama.cpp, interleaved;
-- in scope: p50 of an in-scope chat request through editmem vs the prompt editmem forwards (the edit in context)
+- out of scope: p50 latency of a chat request through editmem vs the same request to llama.cpp, interleaved, each
+  timed request after the same unmeasured one (llama.cpp reuses its previous prompt's evaluated prefix);
+- in scope: p50 of an in-scope chat request through editmem vs the messages editmem forwards (the edit in context)
   sent to llama.cpp directly (the routing's own cost), and vs the bare question (what the longer prompt costs);
 - throughput: ``clients`` concurrent clients, out-of-scope chat requests, through editmem vs llama.cpp alone;
-- quality (generation protocol, completions, ``max_tokens`` 8): edit success (the continuation of the edit's prompt
-  starts with the new target, :func:`eval.metrics.generation_matches`), generalization (the first rephrase),
-  locality (the first locality prompt's continuation equals llama.cpp's own without the memory).
+- quality, through each of ``--paths`` (``llamacpp``: editmem in front of llama.cpp; ``torch``: ``editmem serve``
+  with its own float32 torch model, made from the same GGUF): the harness's generation protocol (each probe as the
+  user's chat message, greedy, 24 new tokens, the normalised target at word boundaries in the first answer) for edit
+  success, generalization (the first rephrase) and locality (the first locality prompt's first answer equals the one
+  with the memory off), plus the count of answers with a leaked format string.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+RESET = "Tell me a short joke."  # sent before every timed request (see _latency)
 OUT_OF_SCOPE = ["Who wrote Hamlet?", "What is the boiling point of water?", "Name a popular programming language.",
                 "What is the largest ocean in the world?", "What is the chemical symbol for gold?",
                 "Who was the first man on the moon?", "How fast is the speed of light?", "What is photosynthesis?"]
@@ -50,29 +54,33 @@ def _p50(xs: list[float]) -> float:
 
 def _latency(client: Any, front: str, upstream: str, questions: list[str], forwarded: list[list[dict[str, Any]]],
              tokens: int, repeats: int) -> dict[str, Any]:
-    # llama.cpp reuses the evaluated prefix of its previous prompt, so a request never follows one with the same
-    # question: at each step the two (three) paths ask different questions, and each path asks every question once
-    # per repeat.
+    # llama.cpp reuses the evaluated prefix of its previous prompt. So every measured request follows the same
+    # unmeasured one (RESET, sent to llama.cpp directly): each starts from the same cache, the chat template's opening
+    # tokens, whatever path and prompt it is (an in-scope prompt right after another with the same context would
+    # otherwise reuse the context's tokens and look cheaper).
+    def timed(url: str, body: dict[str, Any]) -> tuple[dict[str, Any], float]:
+        _post(client, upstream, "chat/completions", _chat(RESET, 1))
+        return _post(client, url, "chat/completions", body)
+
     n = len(OUT_OF_SCOPE)
     via, direct = [], []
     for _ in range(repeats):
         for i in range(n):
-            a, t_via = _post(client, front, "chat/completions", _chat(OUT_OF_SCOPE[i], tokens))
+            a, t_via = timed(front, _chat(OUT_OF_SCOPE[i], tokens))
             assert a["editmem"]["route"] == "base", a["editmem"]
-            _, t_direct = _post(client, upstream, "chat/completions", _chat(OUT_OF_SCOPE[(i + n // 2) % n], tokens))
+            _, t_direct = timed(upstream, _chat(OUT_OF_SCOPE[i], tokens))
             via.append(t_via)
             direct.append(t_direct)
     m = len(questions)
     ins, ins_direct, bare = [], [], []
     for _ in range(repeats):
         for i in range(m):
-            a, t_in = _post(client, front, "chat/completions", _chat(questions[i], tokens))
+            a, t_in = timed(front, _chat(questions[i], tokens))
             assert a["editmem"]["route"] != "base", a["editmem"]
-            j = (i + m // 2) % m
-            body = _chat(questions[j], tokens)
-            body["messages"] = forwarded[j]
-            _, t_fwd = _post(client, upstream, "chat/completions", body)
-            _, t_bare = _post(client, upstream, "chat/completions", _chat(questions[(i + m // 4) % m], tokens))
+            body = _chat(questions[i], tokens)
+            body["messages"] = forwarded[i]
+            _, t_fwd = timed(upstream, body)
+            _, t_bare = timed(upstream, _chat(questions[i], tokens))
             ins.append(t_in)
             ins_direct.append(t_fwd)
             bare.append(t_bare)
@@ -98,46 +106,69 @@ def _throughput(front: str, upstream: str, tokens: int, clients: int, requests: 
     return {"clients": clients, "requests": requests, "direct_rps": direct, "via_rps": via, "ratio": via / direct}
 
 
-def _quality(client: Any, front: str, upstream: str, cases: list[Any], tokens: int) -> dict[str, Any]:
-    from eval.metrics import generation_matches
+def _quality(client: Any, front: str, cases: list[Any], tokens: int, reset: str | None = None) -> dict[str, Any]:
+    """The harness's generation protocol (:mod:`eval.answers`) through ``front``: each probe as the user's chat
+    message, greedy, ``tokens`` new tokens; a probe scores 1 if the normalised target occurs at word boundaries in
+    the first answer (first line, first sentence); locality: the first locality prompt's normalised first answer
+    equals the one with the memory off (``editmem.disable``: the base model's own answer). ``reset``: a llama.cpp
+    URL sent :data:`RESET` before each of the two locality requests, so both start from the same prompt cache
+    (llama.cpp's greedy answer to the same request can differ with the prefix it reuses)."""
+    from eval.answers import answer_matches, find_leaks, first_answer
+    from eval.metrics import normalize_answer
 
-    def complete(url: str, prompt: str) -> tuple[str, dict[str, Any]]:
-        data, _ = _post(client, url, "completions", {"model": "smollm2", "prompt": prompt, "max_tokens": tokens,
-                                                     "temperature": 0})
-        return data["choices"][0]["text"], data.get("editmem", {})
+    model = client.get(f"{front}/models", timeout=60).json()["data"][0]["id"]  # editmem serve checks the name
 
-    es, gen, loc, routed = [], [], [], []
+    def ask(prompt: str, disable: bool = False) -> tuple[str, dict[str, Any]]:
+        body = _chat(prompt, tokens) | {"model": model}
+        if disable:
+            body["editmem"] = {"disable": True}
+        data, _ = _post(client, front, "chat/completions", body)
+        return data["choices"][0]["message"]["content"] or "", data.get("editmem", {})
+
+    es, gen, loc, routed, answers, rows = [], [], [], [], [], []
     for c in cases:
-        text, shaping = complete(front, c.prompt)
-        es.append(generation_matches(text, [c.target_new]))
+        text, shaping = ask(c.prompt)
+        es.append(answer_matches(text, [c.target_new]))
         routed.append(shaping.get("route") != "base")
+        row: dict[str, Any] = {"prompt": c.prompt, "target": c.target_new, "answer": text}
+        answers.append(text)
         if c.rephrases:
-            gen.append(generation_matches(complete(front, c.rephrases[0])[0], [c.target_new]))
+            row["rephrase_answer"] = ask(c.rephrases[0])[0]
+            gen.append(answer_matches(row["rephrase_answer"], [c.target_new]))
+            answers.append(row["rephrase_answer"])
         if c.locality:
             p = c.locality[0].prompt
-            loc.append(complete(front, p)[0] == complete(upstream, p)[0])
+            if reset:
+                _post(client, reset, "chat/completions", _chat(RESET, 1))
+            row["locality_answer"] = ask(p)[0]
+            if reset:
+                _post(client, reset, "chat/completions", _chat(RESET, 1))
+            row["locality_base"] = ask(p, disable=True)[0]
+            loc.append(normalize_answer(first_answer(row["locality_answer"]))
+                       == normalize_answer(first_answer(row["locality_base"])))
+            answers.append(row["locality_answer"])
+        rows.append(row)
     mean = statistics.fmean
     return {"cases": len(cases), "edit_success": mean(es), "routed": mean(routed),
-            "generalization": mean(gen) if gen else None, "locality": mean(loc) if loc else None}
+            "generalization": mean(gen) if gen else None, "locality": mean(loc) if loc else None,
+            "leaks": len(find_leaks(answers)), "answers": rows}
 
 
-def _show(what: str, figures: dict[str, Any]) -> dict[str, Any]:
-    """Print a section as soon as it is measured (a run cut short keeps what it measured)."""
-    import sys
-
-    print(what, json.dumps(figures), file=sys.stderr, flush=True)
-    return figures
+SECTIONS: tuple[str, ...] = ("latency", "throughput", "quality")
+PATHS: tuple[str, ...] = ("llamacpp", "torch")
 
 
 def run_bench(data_dir: Path, *, cases: int = 200, encoder: str = "all-MiniLM-L6-v2", scope: str = "cosine",
-              tokens: int = 16, repeats: int = 3, clients: int = 8, requests: int = 32,
-              quality_tokens: int = 8) -> dict[str, Any]:
+              tokens: int = 16, repeats: int = 3, clients: int = 8, requests: int = 32, quality_tokens: int = 24,
+              sections: tuple[str, ...] = SECTIONS, paths: tuple[str, ...] = ("llamacpp",)) -> dict[str, Any]:
+    """The figures of ``sections``; quality through each of ``paths`` (``llamacpp``: editmem in front of llama.cpp;
+    ``torch``: ``editmem serve`` with its own torch model, the same store and scope)."""
     import httpx
 
     from editors.retrieval.proxy import ContextRouter
     from memory.formats import read_cases
     from memory.store import EditMemory
-    from serve.llamacpp import editmem_proxy, llamacpp_server
+    from serve.llamacpp import editmem_proxy, editmem_server, llamacpp_server
 
     sets = {name: read_cases(data_dir / path)[:cases] for name, path in DATA.items()}
     with tempfile.TemporaryDirectory(prefix="editmem-bench-llamacpp-") as tmp:
@@ -149,19 +180,49 @@ def run_bench(data_dir: Path, *, cases: int = 200, encoder: str = "all-MiniLM-L6
         router = ContextRouter(store, scope=scope)
         forwarded = [router.chat([{"role": "user", "content": q}])[0] for q in questions]
         router.close()
-        result: dict[str, Any] = {"edits": sum(len(cs) for cs in sets.values()), "encoder": encoder, "scope": scope}
-        with llamacpp_server(threads=2) as upstream, editmem_proxy(store, upstream, scope=scope) as front, \
-                httpx.Client() as client:
-            for q in OUT_OF_SCOPE[:2]:  # warm both
-                _post(client, front, "chat/completions", _chat(q, tokens))
-            t0 = time.perf_counter()
-            result["latency"] = _show("latency", _latency(client, front, upstream, questions, forwarded, tokens,
-                                                          repeats))
-            result["throughput"] = _show("throughput", _throughput(front, upstream, tokens, clients, requests))
-            result["quality"] = {name: _show(f"quality {name}", _quality(client, front, upstream, cs, quality_tokens))
-                                 for name, cs in sets.items()}
-            result["seconds"] = time.perf_counter() - t0
+        result: dict[str, Any] = {"edits": sum(len(cs) for cs in sets.values()), "encoder": encoder, "scope": scope,
+                                  "quality": {}}
+        t0 = time.perf_counter()
+        if "llamacpp" in paths or {"latency", "throughput"} & set(sections):
+            with llamacpp_server(threads=2) as upstream, editmem_proxy(store, upstream, scope=scope) as front, \
+                    httpx.Client() as client:
+                for q in OUT_OF_SCOPE[:2]:  # warm both
+                    _post(client, front, "chat/completions", _chat(q, tokens))
+                if "latency" in sections:
+                    result["latency"] = _show("latency", _latency(client, front, upstream, questions, forwarded,
+                                                                  tokens, repeats))
+                if "throughput" in sections:
+                    result["throughput"] = _show("throughput", _throughput(front, upstream, tokens, clients,
+                                                                           requests))
+                if "quality" in sections and "llamacpp" in paths:
+                    result["quality"]["llamacpp"] = {
+                        name: _show(f"quality llamacpp {name}", _quality(client, front, cs, quality_tokens,
+                                                                   reset=upstream))
+                        for name, cs in sets.items()}
+        if "quality" in sections and "torch" in paths:
+            with editmem_server(store, scope=scope, threads=2) as front, httpx.Client() as client:
+                result["quality"]["torch"] = {
+                    name: _show(f"quality torch {name}", _quality(client, front, cs, quality_tokens))
+                    for name, cs in sets.items()}
+        result["seconds"] = time.perf_counter() - t0
     return result
+
+
+def _show(what: str, figures: dict[str, Any]) -> dict[str, Any]:
+    """Print a section's figures as soon as they are measured (a run cut short keeps them); per-answer rows only go
+    to the final JSON."""
+    import sys
+
+    print(what, json.dumps({k: v for k, v in figures.items() if k != "answers"}), file=sys.stderr, flush=True)
+    return figures
+
+
+def _names(text: str, known: tuple[str, ...], flag: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise SystemExit(f"{flag}: choose from {', '.join(known)} (got {text!r})")
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,16 +231,26 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=os.environ.get("EDITMEM_DATA", str(Path(__file__).resolve().parents[2] /
                                                                          "shared" / "data")))
-    p.add_argument("--cases", type=int, default=200)
+    p.add_argument("--cases", type=int, default=200, help="CounterFact and zsRE cases each (default: %(default)s)")
     p.add_argument("--encoder", default="all-MiniLM-L6-v2")
     p.add_argument("--scope", default="cosine")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated: " + ", ".join(SECTIONS))
+    p.add_argument("--paths", default="llamacpp", help="quality through: " + ", ".join(PATHS) + " (comma-separated)")
+    p.add_argument("--out", default=None, help="also write the result (with every answer) to this JSON file")
     args = p.parse_args(argv)
     result = run_bench(Path(args.data), cases=args.cases, encoder=args.encoder, scope=args.scope,
-                       repeats=args.repeats, clients=args.clients, requests=args.requests)
-    print(json.dumps(result, indent=2))
+                       repeats=args.repeats, clients=args.clients, requests=args.requests,
+                       sections=_names(args.sections, SECTIONS, "--sections"),
+                       paths=_names(args.paths, PATHS, "--paths"))
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    print(json.dumps({k: v for k, v in result.items() if k != "quality"} | {"quality": {
+        path: {name: {k: v for k, v in q.items() if k != "answers"} for name, q in sets.items()}
+        for path, sets in result["quality"].items()}}, indent=2))
     return 0
 
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 from memory.errors import EditmemError
 
@@ -40,14 +41,24 @@ def server_command(gguf: str | Path, port: int, *, host: str = "127.0.0.1", thre
             "--chat_format", chat_format, "--verbose", "False"]
 
 
-def _wait(url: str, proc: subprocess.Popen, what: str, timeout: float) -> None:
+def _start(cmd: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, IO[bytes]]:
+    """Start ``cmd`` with its output in a temporary file (a pipe nobody reads fills up and blocks a server that logs
+    every request); the file is read back when the process fails to start."""
+    import tempfile
+
+    log_file = tempfile.TemporaryFile()  # noqa: SIM115 (closed by _stop, when the process is)
+    return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env), log_file
+
+
+def _wait(url: str, proc: subprocess.Popen, log_file: IO[bytes], what: str, timeout: float) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
-            raise EditmemError(f"{what} exited with {proc.returncode}: {err}")
+            log_file.seek(0)
+            tail = log_file.read().decode(errors="replace")[-2000:]
+            raise EditmemError(f"{what} exited with {proc.returncode}: {tail}")
         try:
             if httpx.get(url, timeout=2.0).status_code == 200:
                 return
@@ -58,34 +69,42 @@ def _wait(url: str, proc: subprocess.Popen, what: str, timeout: float) -> None:
         time.sleep(0.2)
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def _stop(proc: subprocess.Popen, log_file: IO[bytes]) -> None:
     proc.terminate()
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-    if proc.stderr:
-        proc.stderr.close()
+    log_file.close()
 
 
 @contextmanager
 def editmem_proxy(store: str, upstream: str, *, scope: str = "cosine", method: str = "serac",
                   extra: tuple[str, ...] = (), start_timeout: float = 120.0) -> Iterator[str]:
     """``editmem serve --upstream`` (the CLI, in its own process) on a free loopback port; yields its ``/v1`` URL."""
+    with editmem_server(store, scope=scope, method=method, extra=("--upstream", upstream, *extra), threads=1,
+                        start_timeout=start_timeout) as url:
+        yield url
+
+
+@contextmanager
+def editmem_server(store: str, *, scope: str = "cosine", method: str = "serac", extra: tuple[str, ...] = (),
+                   threads: int = 1, start_timeout: float = 300.0) -> Iterator[str]:
+    """``editmem serve`` (the CLI, in its own process, ``threads`` threads) on a free loopback port, with the local
+    model unless ``extra`` names ``--upstream``; yields its ``/v1`` URL."""
     from serve.http.live import free_port
 
     port = free_port()
-    cmd = [sys.executable, "-m", "serve.cli", "--store", store, "serve", "--upstream", upstream, "--scope", scope,
-           "--method", method, "--port", str(port), *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [sys.executable, "-m", "serve.cli", "--store", store, "serve", "--scope", scope, "--method", method,
+           "--port", str(port), "--threads", str(threads), *extra]
+    proc, log_file = _start(cmd, {**os.environ, "OMP_NUM_THREADS": str(threads)})
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait(f"{url}/healthz", proc, "editmem serve", start_timeout)
+        _wait(f"{url}/healthz", proc, log_file, "editmem serve", start_timeout)
         yield f"{url}/v1"
     finally:
-        _stop(proc)
+        _stop(proc, log_file)
 
 
 @contextmanager
@@ -100,10 +119,10 @@ def llamacpp_server(gguf: str | Path | None = None, *, threads: int = 2, n_ctx: 
     port = free_port()
     cmd = server_command(gguf or default_gguf(), port, threads=threads, n_ctx=n_ctx)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    proc, log_file = _start(cmd, env)
     url = f"http://127.0.0.1:{port}/v1"
     try:
-        _wait(f"{url}/models", proc, "llama.cpp's server", start_timeout)
+        _wait(f"{url}/models", proc, log_file, "llama.cpp's server", start_timeout)
         yield url
     finally:
-        _stop(proc)
+        _stop(proc, log_file)

@@ -113,3 +113,18 @@ def test_packaged_default_scope_head_loads_on_a_fresh_machine(tmp_path, monkeypa
     assert clf.threshold == manifest["threshold"] and manifest["calibration"]["met"]
     assert "train-scope" in manifest["command"]
     assert (PACKAGED_DEFAULT_FOLDER / "head.pt").stat().st_size < 4_000_000
+
+
+def test_chat_context_reply_is_the_sentence_after_a_cloze_prompt_and_the_target_after_a_question():
+    from editors.retrieval.augmented import chat_messages
+    from memory.records import EditRecord
+
+    def replies(prompt: str, target: str) -> list[str]:
+        return [m["content"] for m in chat_messages(EditRecord(1, 1, prompt, target), "exchange2-only")
+                if m["role"] == "assistant"]
+
+    assert replies("The capital of Japan is", "Lima") == ["The capital of Japan is Lima.",
+                                                          "Yes. The capital of Japan is Lima."]
+    assert replies("Which city is the capital of Japan?", "Lima") == ["Lima.", "Yes. Lima."]
+    system = chat_messages(EditRecord(1, 1, "Which city is the capital of Japan?", "Lima"), "exchange2-only")[0]
+    assert system["content"].endswith("Which city is the capital of Japan? Lima.")  # the fact keeps its question

@@ -45,3 +45,20 @@ def test_plain_completions_of_real_edits_hold_no_format_strings(data_dir):
         assert sum(a.edit is not None for a in asked) >= len(asked) // 2
         answers = [first_answer(a.text) for a in asked]
         assert find_leaks(answers) == [], answers
+
+
+@pytest.mark.integration
+def test_question_edits_are_answered_not_echoed(data_dir):
+    """zsRE's edits are questions: the answer names the target in its first sentence instead of repeating the
+    question first (what the example exchange taught when its reply was the question plus the target)."""
+    cases = load_cases(data_dir / "zsre" / "zsre_mend_eval_portability_gpt4.json", limit=3)
+    model, tok = smollm2()
+    with EditMemory.open("sqlite://") as mem:
+        mem.add_many([{"prompt": c.prompt, "target_new": c.target_new, "subject": c.subject} for c in cases])
+        wrapper = AugmentedModel(model, tok, mem, load_classifier("default", encoder=mem.encoder.name))
+        for c in cases:
+            a = wrapper.ask(c.prompt, max_new_tokens=24)
+            assert a.edit is not None and a.edit.target_new == c.target_new
+            first = first_answer(a.text)
+            assert c.target_new.lower() in first.lower(), (c.prompt, a.text)
+            assert not first.rstrip().endswith("?"), a.text

@@ -38,6 +38,7 @@ def test_in_scope_answer_names_the_edit(servers):
     a = _chat(front, EDIT["prompt"])
     assert a["editmem"]["route"] == "serac" and a["editmem"]["edit_id"] == 1
     assert a["editmem"]["target_new"] == EDIT["target_new"]
+    assert EDIT["target_new"] in a["choices"][0]["message"]["content"]  # the answer itself names the edit
     # the routing adds the edit's context: llama.cpp saw a longer prompt than the bare question
     assert a["usage"]["prompt_tokens"] > _chat(upstream, EDIT["prompt"])["usage"]["prompt_tokens"]
 

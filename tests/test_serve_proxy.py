@@ -9,6 +9,7 @@ import pytest
 from tests.serving import EDIT, live_server, new_store, settings, tiny_model_folder
 
 openai = pytest.importorskip("openai")
+CHAT_CONTEXT = "system-lead"
 httpx = pytest.importorskip("httpx")
 
 
@@ -20,7 +21,9 @@ def servers(tmp_path_factory):
     folder = tiny_model_folder(tmp / "tiny-llama")
     upstream_app = create_app(settings(new_store(tmp / "upstream.db"), folder))
     with live_server(upstream_app) as upstream:
-        proxy_app = create_app(settings(new_store(tmp / "front.db", EDIT), "none", upstream=f"{upstream}/v1"))
+        # the tiny model's context is 128 tokens: the short "system-lead" chat context, not the default
+        proxy_app = create_app(settings(new_store(tmp / "front.db", EDIT), "none", upstream=f"{upstream}/v1",
+                                        options={"chat_context": CHAT_CONTEXT}))
         with live_server(proxy_app) as front:
             yield front, upstream, folder.name
 
@@ -46,20 +49,30 @@ def test_out_of_scope_is_forwarded_untouched(servers):
 
 
 def test_in_scope_puts_the_edit_in_context(servers):
-    from editors.retrieval.augmented import DEFAULT_CONTEXT, context_template, edit_context
+    from editors.retrieval.augmented import CHAT_CONTEXTS, chat_messages, context_template, edit_context
     from memory.records import EditRecord
 
     via, direct = _clients(servers)
     prompt = EDIT["prompt"]
     a = via.completions.create(model=servers[2], prompt=prompt, max_tokens=5)
     assert a.model_extra["editmem"]["route"] == "serac" and a.model_extra["editmem"]["edit_id"] == 1
-    context = edit_context(EditRecord(1, 1, EDIT["prompt"], EDIT["target_new"], EDIT["subject"]),
-                           context_template(DEFAULT_CONTEXT))
+    edit = EditRecord(1, 1, EDIT["prompt"], EDIT["target_new"], EDIT["subject"])
+    # a completion gets the clean plain-text format (the default "answer" format is one a model repeats)
+    context = edit_context(edit, context_template("new-fact"))
+    assert context == "New fact: The capital of Japan is Lima.\n"
     b = direct.completions.create(model=servers[2], prompt=context + prompt, max_tokens=5)
     assert a.choices[0].text == b.choices[0].text and a.usage.prompt_tokens == b.usage.prompt_tokens
     chat = via.chat.completions.create(model=servers[2], max_tokens=4,
                                        messages=[{"role": "user", "content": prompt}])
     assert chat.model_extra["editmem"]["edit_id"] == 1
+    # a chat gets the chat context (default: the torch path's): its messages first, its lead in front of the question
+    messages = chat_messages(edit, CHAT_CONTEXT)
+    assert [m["role"] for m in messages] == [role for role, _ in CHAT_CONTEXTS[CHAT_CONTEXT]] == ["system", "lead"]
+    lead = "".join(m["content"] for m in messages if m["role"] == "lead")
+    sent = [m for m in messages if m["role"] != "lead"] + [{"role": "user", "content": lead + prompt}]
+    same = direct.chat.completions.create(model=servers[2], max_tokens=4, messages=sent)
+    assert chat.choices[0].message.content == same.choices[0].message.content
+    assert chat.usage.prompt_tokens == same.usage.prompt_tokens
     off = via.completions.create(model=servers[2], prompt=prompt, max_tokens=5,
                                  extra_body={"editmem": {"disable": True}})
     assert off.model_extra["editmem"]["route"] == "base"
@@ -114,7 +127,9 @@ def test_ike_puts_demonstrations_and_the_edit_in_context(data_dir, tmp_path, mon
     text = router.ike_context
     hits = text.pool.nearest([EDIT["prompt"]], 2, text.kinds)[0]
     local = IkeModel.prompt_text(text, [i for i, _ in hits], router.router.route([EDIT["prompt"]])[0].edit)
+    chat, chat_shaping = router.chat([{"role": "user", "content": EDIT["prompt"]}])
     router.close()
+    assert chat == [{"role": "user", "content": local + EDIT["prompt"]}] and chat_shaping.route == "ike"
     assert isinstance(text.pool, DemoPool) and len(hits) == 2
     assert shaping.route == "ike" and sent == local + EDIT["prompt"] and sent.count("New Fact:") >= 4
     with live_server(_echo_upstream()) as upstream:
@@ -126,7 +141,8 @@ def test_ike_puts_demonstrations_and_the_edit_in_context(data_dir, tmp_path, mon
             assert a.choices[0].text == sent
             serac = via.completions.create(model="m", prompt=EDIT["prompt"], max_tokens=5,
                                            extra_body={"editmem": {"method": "serac"}})
-            assert serac.model_extra["editmem"]["route"] == "serac" and serac.choices[0].text.count("New Fact:") == 2
+            assert serac.model_extra["editmem"]["route"] == "serac"
+            assert serac.choices[0].text == "New fact: The capital of Japan is Lima.\n" + EDIT["prompt"]
             out = via.completions.create(model="m", prompt="Marie Curie was born in", max_tokens=5)
             assert out.model_extra["editmem"]["route"] == "base" and out.choices[0].text == "Marie Curie was born in"
 
@@ -143,3 +159,24 @@ def test_proxy_loads_no_language_model(tmp_path, monkeypatch):
     app = create_app(settings(new_store(tmp_path / "front.db", EDIT), "smollm2-135m",
                               upstream="http://127.0.0.1:9/v1"))
     assert app.state.ctx.service is None and app.state.ctx.proxy is not None
+
+
+def test_router_chat_context_defaults_to_the_torch_paths_and_refuses_unknown_names(tmp_path):
+    from editors.retrieval.augmented import DEFAULT_CHAT_CONTEXT
+    from editors.retrieval.proxy import ContextRouter
+    from memory.errors import ValidationError
+
+    store = new_store(tmp_path / "chat.db", EDIT)
+    router = ContextRouter(store, scope="cosine")
+    try:
+        assert router.chat_context == DEFAULT_CHAT_CONTEXT == "exchange2-only"
+        sent, shaping = router.chat([{"role": "user", "content": EDIT["prompt"]}])
+        assert shaping.route == "serac" and [m["role"] for m in sent] == ["system", "user", "assistant", "user",
+                                                                          "assistant", "user"]
+        assert sent[-1]["content"] == "Answer using only this fact: The capital of Japan is Lima.\n" + EDIT["prompt"]
+        out, shaping = router.chat([{"role": "user", "content": "Who wrote Hamlet?"}])
+        assert shaping.route == "base" and out == [{"role": "user", "content": "Who wrote Hamlet?"}]
+    finally:
+        router.close()
+    with pytest.raises(ValidationError, match="chat context must be one of"):
+        ContextRouter(store, scope="cosine", chat_context="nope")

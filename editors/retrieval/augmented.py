@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from editors.lm.chat import ChatFrame, chat_frame
+from editors.lm.chat import ChatFrame, chat_frame, is_question
 from editors.lm.tokens import completed, encode_prompt, pad_id, pad_rows
 from memory.errors import ValidationError
 from memory.records import EditRecord
@@ -71,32 +71,35 @@ LEAKY_CONTEXTS = frozenset({"new-fact-prompt", "demo", "demo2", "answer", "answe
 CLEAN_GENERATE_CONTEXT = "new-fact"
 
 # How an edit enters a chat model's conversation (a tokenizer with a chat template, editors.lm.chat): messages put
-# before the user's question, as (role, template) with the fields of CONTEXT_FORMATS; the role "lead" is text put at
-# the start of the user's own message, before the question. The model reads them as context and answers the question;
-# nothing of their wording is a format to continue, so nothing of it is repeated.
+# before the user's question, as (role, template) with the fields of CONTEXT_FORMATS and ``reply``, the assistant's
+# answer in the example exchange: the fact as a sentence after a cloze prompt ("The capital of Japan is Lima"), the
+# target alone after a question ("Lima"; a reply that repeated the question taught the model to start its own answer
+# with the question: zsRE, notes/answers.md). The role "lead" is text put at the start of the user's own message,
+# before the question. The model reads them as context and answers the question; nothing of their wording is a format
+# to continue, so nothing of it is repeated.
 CHAT_CONTEXTS: dict[str, tuple[tuple[str, str], ...]] = {
     "system": (("system", "You are a helpful assistant. Answer with this fact, which is true and replaces what you "
                           "knew before: {fact}."),),
     "system-fact": (("system", "{fact}."),),
-    "exchange": (("user", "{prompt}"), ("assistant", "{fact}.")),
+    "exchange": (("user", "{prompt}"), ("assistant", "{reply}.")),
     "system-exchange": (("system", "You are a helpful assistant. This fact is true and replaces what you knew "
                                    "before: {fact}."),
-                        ("user", "{prompt}"), ("assistant", "{fact}.")),
+                        ("user", "{prompt}"), ("assistant", "{reply}.")),
     "lead": (("lead", "{fact}.\n"),),
     "system-lead": (("system", "You are a helpful assistant. This fact is true and replaces what you knew before: "
                                "{fact}."), ("lead", "Fact: {fact}.\nQuestion: ")),
     "exchange-lead": (("system", "You are a helpful assistant. This fact is true and replaces what you knew "
                                  "before: {fact}."),
-                      ("user", "{prompt}"), ("assistant", "{fact}."), ("lead", "Remember: {fact}.\n")),
+                      ("user", "{prompt}"), ("assistant", "{reply}."), ("lead", "Remember: {fact}.\n")),
     "exchange2-lead": (("system", "You are a helpful assistant. This fact is true and replaces what you knew "
                                   "before: {fact}."),
-                       ("user", "{prompt}"), ("assistant", "{fact}."), ("user", "Are you sure?"),
-                       ("assistant", "Yes. {fact}."), ("lead", "Remember: {fact}.\n")),
-    "default-exchange-lead": (("user", "{prompt}"), ("assistant", "{fact}."), ("lead", "{fact}.\n")),
+                       ("user", "{prompt}"), ("assistant", "{reply}."), ("user", "Are you sure?"),
+                       ("assistant", "Yes. {reply}."), ("lead", "Remember: {fact}.\n")),
+    "default-exchange-lead": (("user", "{prompt}"), ("assistant", "{reply}."), ("lead", "{fact}.\n")),
     "exchange2-only": (("system", "You are a helpful assistant. This fact is true and replaces what you knew "
                                   "before: {fact}."),
-                       ("user", "{prompt}"), ("assistant", "{fact}."), ("user", "Are you sure?"),
-                       ("assistant", "Yes. {fact}."), ("lead", "Answer using only this fact: {fact}.\n")),
+                       ("user", "{prompt}"), ("assistant", "{reply}."), ("user", "Are you sure?"),
+                       ("assistant", "Yes. {reply}."), ("lead", "Answer using only this fact: {fact}.\n")),
 }
 # Measured on the first 30 cases of counterfact-edit.json, SmolLM2-135M-Instruct, generate protocol (edit prompt /
 # rephrases): exchange2-lead 0.90 / 0.70, lead 0.67 / 0.50, exchange-lead 0.63 / 0.67, default-exchange-lead
@@ -110,7 +113,8 @@ def chat_messages(edit: EditRecord, chat_context: str) -> list[dict[str, str]]:
     if chat_context not in CHAT_CONTEXTS:
         raise ValidationError(f"chat context must be one of {', '.join(CHAT_CONTEXTS)}, got {chat_context!r}")
     fact = completed(edit.prompt, edit.target_new)
-    fields = dict(fact=fact, prompt=edit.prompt, target_new=edit.target_new, subject=edit.subject or "")
+    reply = edit.target_new.strip() if is_question(edit.prompt) else fact
+    fields = dict(fact=fact, reply=reply, prompt=edit.prompt, target_new=edit.target_new, subject=edit.subject or "")
     return [{"role": role, "content": text.format(**fields)} for role, text in CHAT_CONTEXTS[chat_context]]
 
 

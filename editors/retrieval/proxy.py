@@ -5,9 +5,12 @@ and the scope classifier, without any language model (the store, its encoder and
 loads): out of scope the request is left as it is; in scope a text context is put in front of the prompt, or of the
 last user message:
 
-- ``serac`` (default): the edit's context (the text SERAC puts before a query,
-  :data:`editors.retrieval.augmented.DEFAULT_CONTEXT`); the upstream model is the reader, as SERAC's untrained
-  counterfactual model (the base model itself) is locally;
+- ``serac`` (default): the edit as the local path puts it before a query the base model generates from, the upstream
+  model being the reader (as SERAC's untrained counterfactual model, the base model itself, is locally). A chat
+  request gets the edit as messages before the conversation and a lead in its last user message
+  (:data:`editors.retrieval.augmented.CHAT_CONTEXTS`, default ``exchange2-only``, the torch path's); a completion
+  gets the edit's text in front of the prompt in a format nothing of which is repeated (``new-fact`` in place of a
+  leaky format such as the default ``answer``: :data:`~editors.retrieval.augmented.LEAKY_CONTEXTS`);
 - ``ike``: IKE's gated mode as text: the ``demos`` nearest demonstrations of IKE's pool (farthest first), then the
   edit's context (:meth:`editors.methods.ike.IkeModel.prompt_text`, the same rendering). The pool is built (or read
   from its cache) on the first IKE request, with the store's encoder.
@@ -23,7 +26,16 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from editors.retrieval.augmented import DEFAULT_CONTEXT, context_template, edit_context
+from editors.retrieval.augmented import (
+    CHAT_CONTEXTS,
+    CLEAN_GENERATE_CONTEXT,
+    DEFAULT_CHAT_CONTEXT,
+    DEFAULT_CONTEXT,
+    LEAKY_CONTEXTS,
+    chat_messages,
+    context_template,
+    edit_context,
+)
 from editors.retrieval.service import Shaping
 from editors.retrieval.setup import DEFAULT_SCOPE, load_classifier
 from memory.errors import ValidationError
@@ -44,7 +56,7 @@ class ContextRouter:
 
     def __init__(self, store: str, *, scope: str = DEFAULT_SCOPE, threshold: float | None = None, k: int = 5,
                  context: str = DEFAULT_CONTEXT, method: str = "serac", ike: Mapping[str, Any] | None = None,
-                 namespace: str = "default"):
+                 namespace: str = "default", chat_context: str = DEFAULT_CHAT_CONTEXT):
         from memory.store import EditMemory
 
         if method not in METHODS:
@@ -55,7 +67,11 @@ class ContextRouter:
                                   f"{', '.join(IKE_OPTIONS)})")
         classifier = load_classifier(scope, threshold=threshold)
         self.router = Router(EditMemory.open(store, encoder=classifier.encoder, namespace=namespace), classifier, k=k)
-        self.template = context_template(context)
+        self.template = context_template(context)  # IKE's edit context (its demonstrations' own format)
+        self.completion_template = context_template(CLEAN_GENERATE_CONTEXT if context in LEAKY_CONTEXTS else context)
+        if chat_context not in CHAT_CONTEXTS:
+            raise ValidationError(f"chat context must be one of {', '.join(CHAT_CONTEXTS)}, got {chat_context!r}")
+        self.chat_context = chat_context
         self.method = method
         self._ike_options = dict(ike or {})
         self._ike: Any = None
@@ -78,8 +94,8 @@ class ContextRouter:
                 self._ike = IkeText.build(self.memory.encoder, self._ike_options, self.template)
             return self._ike
 
-    def _decide(self, query: str, method: str | None) -> tuple[str, Shaping]:
-        """The context to put in front of ``query`` ("" out of scope) and what shaped it."""
+    def _decide(self, query: str, method: str | None) -> tuple[str, EditRecord | None, Shaping]:
+        """The method that answers ``query``, the edit in scope (None: out of scope) and what shaped it."""
         method = method or self.method
         if method not in METHODS:
             raise ValidationError(f"editmem.method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -87,29 +103,39 @@ class ContextRouter:
         change = change_number(self.memory)
         namespace = self.memory.namespace
         if d.edit is None:
-            return "", Shaping("base", change, score=d.score, threshold=d.threshold, namespace=namespace)
-        text = self.ike_context.text(query, d.edit) if method == "ike" else edit_context(d.edit, self.template)
-        return text, Shaping(method, change, d.edit.id, d.edit.version, d.score, d.threshold, d.edit.prompt,
-                             d.edit.target_new, namespace=namespace)
+            return method, None, Shaping("base", change, score=d.score, threshold=d.threshold, namespace=namespace)
+        return method, d.edit, Shaping(method, change, d.edit.id, d.edit.version, d.score, d.threshold,
+                                       d.edit.prompt, d.edit.target_new, namespace=namespace)
 
     def completion(self, prompt: str, method: str | None = None) -> tuple[str, Shaping]:
         """The prompt to forward (the edit's context in front when one is in scope) and what shaped it."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValidationError("the prompt must be a non-empty string")
-        context, shaping = self._decide(prompt, method)
-        return context + prompt, shaping
+        method, edit, shaping = self._decide(prompt, method)
+        if edit is None:
+            return prompt, shaping
+        if method == "ike":
+            return self.ike_context.text(prompt, edit) + prompt, shaping
+        return edit_context(edit, self.completion_template) + prompt, shaping
 
     def chat(self, messages: Sequence[dict[str, Any]], method: str | None = None
              ) -> tuple[list[dict[str, Any]], Shaping]:
-        """The messages to forward (the edit's context in front of the last user message when it is in scope)."""
+        """The messages to forward: in scope, SERAC's chat context (messages before the conversation, its lead in
+        front of the last user message); IKE's text in front of the last user message."""
         out = [dict(m) for m in messages]
         users = [i for i, m in enumerate(out) if m.get("role") == "user" and isinstance(m.get("content"), str)]
         if not users or not out[users[-1]]["content"].strip():
             raise ValidationError("messages need a non-empty user message")
         last = users[-1]
-        context, shaping = self._decide(out[last]["content"], method)
-        out[last]["content"] = context + out[last]["content"]
-        return out, shaping
+        method, edit, shaping = self._decide(out[last]["content"], method)
+        if edit is None:
+            return out, shaping
+        if method == "ike":
+            out[last]["content"] = self.ike_context.text(out[last]["content"], edit) + out[last]["content"]
+            return out, shaping
+        context = chat_messages(edit, self.chat_context)
+        out[last]["content"] = "".join(m["content"] for m in context if m["role"] == "lead") + out[last]["content"]
+        return [m for m in context if m["role"] != "lead"] + out, shaping
 
 
 class IkeText:

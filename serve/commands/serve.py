@@ -58,6 +58,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ike-demo-file", default=None, help="IKE: the demonstration pool file (default: "
                                                          "counterfact-train.json under $EDITMEM_DATA)")
     p.add_argument("--ike-demo-limit", type=int, default=None, help="IKE: use only the pool file's first N cases")
+    p.add_argument("--chat-context", default=None,
+                   help="proxy mode: how an in-scope edit enters a chat request, a name of "
+                        "editors.retrieval.augmented.CHAT_CONTEXTS (default: exchange2-only, as the local model's "
+                        "chat answers)")
     p.add_argument("--upstream-key", default=None, help="key sent to the upstream (default: $EDITMEM_UPSTREAM_KEY)")
     p.add_argument("--cors-origin", action="append", default=[], help="allow this origin (CORS is off without)")
     p.add_argument("--weights-dir", default=None, help="folder under which POST /v1/admin/consolidate saves edited "
@@ -77,7 +81,13 @@ def is_loopback(host: str) -> bool:
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     ike = {"demos": args.ike_demos, "demo_file": args.ike_demo_file, "demo_limit": args.ike_demo_limit}
     ike = {key: value for key, value in ike.items() if value is not None}
-    return {"ike": ike} if ike else {}
+    options: dict[str, Any] = {"ike": ike} if ike else {}
+    if args.chat_context is not None:
+        if not args.upstream:
+            raise ValidationError("--chat-context is for proxy mode (--upstream URL); the local model's chat "
+                                  "answers use exchange2-only")
+        options["chat_context"] = args.chat_context
+    return options
 
 
 def _serve(args: argparse.Namespace) -> int:

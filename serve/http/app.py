@@ -173,7 +173,9 @@ def _context_router(settings: ServerSettings, namespace: str) -> Any:
     from editors.retrieval.proxy import ContextRouter
 
     return ContextRouter(settings.store, scope=settings.scope, threshold=settings.threshold, k=settings.k,
-                         method=settings.method, ike=settings.options.get("ike"), namespace=namespace)
+                         method=settings.method, ike=settings.options.get("ike"), namespace=namespace,
+                         **({"chat_context": settings.options["chat_context"]} if "chat_context" in settings.options
+                            else {}))
 
 
 def _upstream_client(settings: ServerSettings) -> Any:
