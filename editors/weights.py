@@ -152,6 +152,12 @@ class StoredWeights:
         return stored
 
     # --- reading the records ----------------------------------------------------------------------------------------
+    def held_requests(self) -> list[Any]:
+        """The edit versions the weights hold (applied weight records, not GRACE inserts), as edit requests."""
+        from editors.adaptors import is_adaptor_record
+
+        return [self.mem.get(e, v).request() for r in self.records() if not is_adaptor_record(r) for e, v in r.edits]
+
     def records(self, applied: bool | None = True) -> list[Any]:
         return self.mem.weight_records(model_id=self.record.id, applied=applied)
 
@@ -352,6 +358,11 @@ class StoredWeights:
                                   f"edited model {self.record.id} does not already hold")
         for rec in todo:  # a bad edit fails here, before any weight changes
             rec.request()
+        from editors.methods.alphaedit import AlphaEditEditor
+
+        if isinstance(editor, AlphaEditEditor):
+            # the edits already in the weights constrain the new ones, as in the process that wrote them
+            editor.keep(self.held_requests())
         size = batch_size or len(todo)
         from tqdm.auto import tqdm
 

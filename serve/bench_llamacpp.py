@@ -91,7 +91,10 @@ def _latency(client: Any, front: str, upstream: str, questions: list[str], forwa
             "in_scope_vs_bare": _p50(ins) / _p50(bare), "in_scope_requests": len(ins)}
 
 
-def _throughput(front: str, upstream: str, tokens: int, clients: int, requests: int) -> dict[str, Any]:
+def _throughput(front: str, upstream: str, tokens: int, clients: int, requests: int, rounds: int = 3
+                ) -> dict[str, Any]:
+    """``rounds`` rounds, each ``requests`` out-of-scope requests from ``clients`` clients to llama.cpp alone and then
+    through editmem; the medians and each round's ratio (one round's ratio ranged 0.80-1.03 on this VM)."""
     import httpx
 
     def run(url: str) -> float:
@@ -102,8 +105,13 @@ def _throughput(front: str, upstream: str, tokens: int, clients: int, requests: 
                 list(pool.map(lambda q: _post(c, url, "chat/completions", _chat(q, tokens)), qs))
             return requests / (time.perf_counter() - t0)
 
-    direct, via = run(upstream), run(front)
-    return {"clients": clients, "requests": requests, "direct_rps": direct, "via_rps": via, "ratio": via / direct}
+    direct, via = [], []
+    for _ in range(rounds):
+        direct.append(run(upstream))
+        via.append(run(front))
+    return {"clients": clients, "requests": requests, "rounds": rounds, "direct_rps": statistics.median(direct),
+            "via_rps": statistics.median(via), "ratio": statistics.median(v / d for v, d in zip(via, direct)),
+            "round_ratios": [round(v / d, 3) for v, d in zip(via, direct)]}
 
 
 def _quality(client: Any, front: str, cases: list[Any], tokens: int, reset: str | None = None) -> dict[str, Any]:
@@ -160,7 +168,8 @@ PATHS: tuple[str, ...] = ("llamacpp", "torch")
 
 def run_bench(data_dir: Path, *, cases: int = 200, encoder: str = "all-MiniLM-L6-v2", scope: str = "cosine",
               tokens: int = 16, repeats: int = 3, clients: int = 8, requests: int = 32, quality_tokens: int = 24,
-              sections: tuple[str, ...] = SECTIONS, paths: tuple[str, ...] = ("llamacpp",)) -> dict[str, Any]:
+              sections: tuple[str, ...] = SECTIONS, paths: tuple[str, ...] = ("llamacpp",), rounds: int = 3
+              ) -> dict[str, Any]:
     """The figures of ``sections``; quality through each of ``paths`` (``llamacpp``: editmem in front of llama.cpp;
     ``torch``: ``editmem serve`` with its own torch model, the same store and scope)."""
     import httpx
@@ -193,7 +202,7 @@ def run_bench(data_dir: Path, *, cases: int = 200, encoder: str = "all-MiniLM-L6
                                                                   tokens, repeats))
                 if "throughput" in sections:
                     result["throughput"] = _show("throughput", _throughput(front, upstream, tokens, clients,
-                                                                           requests))
+                                                                           requests, rounds))
                 if "quality" in sections and "llamacpp" in paths:
                     result["quality"]["llamacpp"] = {
                         name: _show(f"quality llamacpp {name}", _quality(client, front, cs, quality_tokens,
@@ -237,12 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=3, help="throughput rounds (medians reported)")
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated: " + ", ".join(SECTIONS))
     p.add_argument("--paths", default="llamacpp", help="quality through: " + ", ".join(PATHS) + " (comma-separated)")
     p.add_argument("--out", default=None, help="also write the result (with every answer) to this JSON file")
     args = p.parse_args(argv)
     result = run_bench(Path(args.data), cases=args.cases, encoder=args.encoder, scope=args.scope,
-                       repeats=args.repeats, clients=args.clients, requests=args.requests,
+                       repeats=args.repeats, clients=args.clients, requests=args.requests, rounds=args.rounds,
                        sections=_names(args.sections, SECTIONS, "--sections"),
                        paths=_names(args.paths, PATHS, "--paths"))
     text = json.dumps(result, indent=2)

@@ -225,3 +225,53 @@ def test_consolidation_keeps_alphaedit_keys_across_batches(tmp_path, monkeypatch
         records = stored.consolidate("alphaedit", batch_size=1, **LOCATE, nullspace_threshold=1e9, l2=1.0)
         assert len(records) == 2 and seen == [0, 1]
         stored.verify()  # the model holds exactly base + the recorded deltas
+
+
+def test_a_later_consolidation_counts_the_edits_already_in_the_weights(tmp_path, monkeypatch):
+    """A second ``consolidate`` (a fresh editor, as in a new process) recomputes the keys of the edits the weights
+    already hold and counts them among the earlier keys: its update moves those keys' outputs less than an editor
+    that knows nothing of them."""
+    from editors.lm.architectures import param_name
+    from editors.methods.alphaedit import AlphaEditEditor
+    from editors.weights import StoredWeights
+    from tests.test_store_fixtures import open_store
+
+    third = EditRequest("The official language of Germany is", "French", subject="Germany")
+    # the tiny model's keys are short (|k|^2 ~ 2e-4 d): a small ridge, so the held keys' term counts beside it
+    settings = dict(LOCATE, nullspace_threshold=1e9, l2=1e-5)
+    model, tok = tiny_model("llama")
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    with open_store(url) as mem:
+        for request in (FRANCE, DARRIEUX):
+            mem.add(request.prompt, request.target_new, subject=request.subject)
+        first = StoredWeights.open(mem, model, tok, base="tiny")
+        first.consolidate("alphaedit", **settings)
+        after_first = snapshot(model)
+        mem.add(third.prompt, third.target_new, subject=third.subject)
+        probe = get_editor("alphaedit", model, tok, **settings)
+        layers = probe.edit_layers()
+        held = {layer: probe._keys(layer, [FRANCE, DARRIEUX], probe.prefixes(), {}).double().T for layer in layers}
+
+        def moved() -> float:
+            """How far the newest consolidation moved the held edits' keys' outputs, over the window."""
+            params = dict(model.named_parameters())
+            total = 0.0
+            for layer in layers:
+                name = param_name(model, layer, "mlp_out")
+                delta = (params[name].detach() - after_first[name]).double()
+                delta = delta if delta.shape[1] == held[layer].shape[0] else delta.T
+                total += float((delta @ held[layer]).norm())
+            return total
+
+        kept: list[int] = []
+        keep = AlphaEditEditor.keep
+        monkeypatch.setattr(AlphaEditEditor, "keep", lambda self, rs: kept.append(len(rs)) or keep(self, rs))
+        second = StoredWeights.open(mem, model, tok, model_id=first.record.id)
+        (record,) = second.consolidate("alphaedit", **settings)
+        assert kept == [2] and record.edit_ids == (3,)
+        with_keys = moved()
+        second.remove_record(record.id)
+        assert same_weights(model, after_first)
+        monkeypatch.setattr(AlphaEditEditor, "keep", lambda self, rs: None)  # an editor blind to the held edits
+        StoredWeights.open(mem, model, tok, model_id=first.record.id).consolidate("alphaedit", **settings)
+        assert with_keys < 0.5 * moved()

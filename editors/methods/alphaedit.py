@@ -30,6 +30,7 @@ through :meth:`AlphaEditHandle.add_deltas` and records the batch's keys.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,11 +38,13 @@ from typing import Any
 
 import torch
 
-from editors.base import EditRequest, WeightEditHandle, register_editor
+from editors.base import EditRequest, WeightEditHandle, check_requests, register_editor
 from editors.locate.nullspace import Projection, null_space_projection
 from editors.locate.stats import LayerStats
 from editors.methods.memit import MEMITEditor, MEMITSettings, default_layers, default_mom2_update_weight
 from memory.checks import check_number
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,22 @@ class AlphaEditEditor(MEMITEditor):
     def remember(self, blocks: Sequence[KeyBlock]) -> None:
         known = {b.serial for b in self._blocks}
         self._blocks.extend(b for b in blocks if b.serial not in known)
+
+    def keep(self, requests: Sequence[EditRequest]) -> KeyBlock | None:
+        """Count ``requests``, edits the weights already hold (written by an earlier process, whose key blocks are
+        gone), among the earlier edits: their keys at every window layer, computed at the current weights, become one
+        remembered :class:`KeyBlock`. (In the process that wrote them the keys were taken as each layer was updated,
+        so these differ from those by the window's own updates.)"""
+        if not requests:
+            return None
+        requests = check_requests(requests, "AlphaEdit", need_subject=True)
+        prefixes = self.prefixes()
+        t0 = time.perf_counter()
+        block = KeyBlock({layer: self._keys(layer, requests, prefixes, {}).double().T for layer in self.edit_layers()})
+        self.remember([block])
+        log.info("alphaedit: keys of %d edit(s) already in the weights computed in %.1f s", len(requests),
+                 time.perf_counter() - t0)
+        return block
 
     def forget(self, blocks: Sequence[KeyBlock]) -> None:
         gone = {b.serial for b in blocks}
