@@ -168,10 +168,12 @@ PATHS: tuple[str, ...] = ("llamacpp", "torch")
 
 def run_bench(data_dir: Path, *, cases: int = 200, encoder: str = "all-MiniLM-L6-v2", scope: str = "cosine",
               tokens: int = 16, repeats: int = 3, clients: int = 8, requests: int = 32, quality_tokens: int = 24,
-              sections: tuple[str, ...] = SECTIONS, paths: tuple[str, ...] = ("llamacpp",), rounds: int = 3
-              ) -> dict[str, Any]:
+              sections: tuple[str, ...] = SECTIONS, paths: tuple[str, ...] = ("llamacpp",), rounds: int = 3,
+              out: Path | None = None, quality_cases: int | None = None) -> dict[str, Any]:
     """The figures of ``sections``; quality through each of ``paths`` (``llamacpp``: editmem in front of llama.cpp;
-    ``torch``: ``editmem serve`` with its own torch model, the same store and scope)."""
+    ``torch``: ``editmem serve`` with its own torch model, the same store and scope). ``out``: the result so far is
+    written there (JSON, every answer) after each section, so a run cut short keeps what it measured.
+    ``quality_cases``: measure quality on the first that many cases of each set (the store still holds ``cases``)."""
     import httpx
 
     from editors.retrieval.proxy import ContextRouter
@@ -200,21 +202,32 @@ def run_bench(data_dir: Path, *, cases: int = 200, encoder: str = "all-MiniLM-L6
                 if "latency" in sections:
                     result["latency"] = _show("latency", _latency(client, front, upstream, questions, forwarded,
                                                                   tokens, repeats))
+                    _save(out, result)
                 if "throughput" in sections:
                     result["throughput"] = _show("throughput", _throughput(front, upstream, tokens, clients,
                                                                            requests, rounds))
+                    _save(out, result)
                 if "quality" in sections and "llamacpp" in paths:
-                    result["quality"]["llamacpp"] = {
-                        name: _show(f"quality llamacpp {name}", _quality(client, front, cs, quality_tokens,
-                                                                   reset=upstream))
-                        for name, cs in sets.items()}
+                    result["quality"]["llamacpp"] = {}
+                    for name, cs in sets.items():
+                        result["quality"]["llamacpp"][name] = _show(f"quality llamacpp {name}", _quality(
+                            client, front, cs[:quality_cases], quality_tokens, reset=upstream))
+                        _save(out, result)
         if "quality" in sections and "torch" in paths:
             with editmem_server(store, scope=scope, threads=2) as front, httpx.Client() as client:
-                result["quality"]["torch"] = {
-                    name: _show(f"quality torch {name}", _quality(client, front, cs, quality_tokens))
-                    for name, cs in sets.items()}
+                result["quality"]["torch"] = {}
+                for name, cs in sets.items():
+                    result["quality"]["torch"][name] = _show(f"quality torch {name}", _quality(
+                        client, front, cs[:quality_cases], quality_tokens))
+                    _save(out, result)
         result["seconds"] = time.perf_counter() - t0
+        _save(out, result)
     return result
+
+
+def _save(out: Path | None, result: dict[str, Any]) -> None:
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
 
 def _show(what: str, figures: dict[str, Any]) -> dict[str, Any]:
@@ -249,15 +262,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="throughput rounds (medians reported)")
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated: " + ", ".join(SECTIONS))
     p.add_argument("--paths", default="llamacpp", help="quality through: " + ", ".join(PATHS) + " (comma-separated)")
+    p.add_argument("--quality-cases", type=int, default=None,
+                   help="quality on the first N cases of each set only (default: all --cases)")
     p.add_argument("--out", default=None, help="also write the result (with every answer) to this JSON file")
     args = p.parse_args(argv)
     result = run_bench(Path(args.data), cases=args.cases, encoder=args.encoder, scope=args.scope,
                        repeats=args.repeats, clients=args.clients, requests=args.requests, rounds=args.rounds,
                        sections=_names(args.sections, SECTIONS, "--sections"),
-                       paths=_names(args.paths, PATHS, "--paths"))
-    text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
+                       paths=_names(args.paths, PATHS, "--paths"), out=Path(args.out) if args.out else None,
+                       quality_cases=args.quality_cases)
     print(json.dumps({k: v for k, v in result.items() if k != "quality"} | {"quality": {
         path: {name: {k: v for k, v in q.items() if k != "answers"} for name, q in sets.items()}
         for path, sets in result["quality"].items()}}, indent=2))
