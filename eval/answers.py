@@ -60,6 +60,13 @@ def answer_matches(generated: str, answers: Iterable[str]) -> bool:
     return False
 
 
+def same_answer(a: str, b: str) -> bool:
+    """The generation protocol's locality test: the normalised first answers of ``a`` and ``b`` are equal."""
+    from eval.metrics import normalize_answer
+
+    return normalize_answer(first_answer(a)) == normalize_answer(first_answer(b))
+
+
 def find_leaks(texts: Sequence[str]) -> list[tuple[int, str]]:
     """``(index, pattern)`` for every text that contains a pattern of :data:`LEAK_PATTERNS` (the first one found)."""
     found = []

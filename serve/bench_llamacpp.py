@@ -48,6 +48,13 @@ def _chat(content: str, tokens: int) -> dict[str, Any]:
             "temperature": 0}
 
 
+def _reset(client: Any, upstream: str | None) -> None:
+    """Send llama.cpp (``upstream``; None: nothing) the unmeasured :data:`RESET` request, so the next request starts
+    from the same prompt cache whatever came before it."""
+    if upstream:
+        _post(client, upstream, "chat/completions", _chat(RESET, 1))
+
+
 def _p50(xs: list[float]) -> float:
     return statistics.median(xs) * 1e3
 
@@ -59,7 +66,7 @@ def _latency(client: Any, front: str, upstream: str, questions: list[str], forwa
     # tokens, whatever path and prompt it is (an in-scope prompt right after another with the same context would
     # otherwise reuse the context's tokens and look cheaper).
     def timed(url: str, body: dict[str, Any]) -> tuple[dict[str, Any], float]:
-        _post(client, upstream, "chat/completions", _chat(RESET, 1))
+        _reset(client, upstream)
         return _post(client, url, "chat/completions", body)
 
     n = len(OUT_OF_SCOPE)
@@ -121,8 +128,7 @@ def _quality(client: Any, front: str, cases: list[Any], tokens: int, reset: str 
     equals the one with the memory off (``editmem.disable``: the base model's own answer). ``reset``: a llama.cpp
     URL sent :data:`RESET` before each of the two locality requests, so both start from the same prompt cache
     (llama.cpp's greedy answer to the same request can differ with the prefix it reuses)."""
-    from eval.answers import answer_matches, find_leaks, first_answer
-    from eval.metrics import normalize_answer
+    from eval.answers import answer_matches, find_leaks, same_answer
 
     model = client.get(f"{front}/models", timeout=60).json()["data"][0]["id"]  # editmem serve checks the name
 
@@ -146,14 +152,11 @@ def _quality(client: Any, front: str, cases: list[Any], tokens: int, reset: str 
             answers.append(row["rephrase_answer"])
         if c.locality:
             p = c.locality[0].prompt
-            if reset:
-                _post(client, reset, "chat/completions", _chat(RESET, 1))
+            _reset(client, reset)
             row["locality_answer"] = ask(p)[0]
-            if reset:
-                _post(client, reset, "chat/completions", _chat(RESET, 1))
+            _reset(client, reset)
             row["locality_base"] = ask(p, disable=True)[0]
-            loc.append(normalize_answer(first_answer(row["locality_answer"]))
-                       == normalize_answer(first_answer(row["locality_base"])))
+            loc.append(same_answer(row["locality_answer"], row["locality_base"]))
             answers.append(row["locality_answer"])
         rows.append(row)
     mean = statistics.fmean

@@ -128,3 +128,10 @@ def test_chat_context_reply_is_the_sentence_after_a_cloze_prompt_and_the_target_
     assert replies("Which city is the capital of Japan?", "Lima") == ["Lima.", "Yes. Lima."]
     system = chat_messages(EditRecord(1, 1, "Which city is the capital of Japan?", "Lima"), "exchange2-only")[0]
     assert system["content"].endswith("Which city is the capital of Japan? Lima.")  # the fact keeps its question
+
+
+def test_same_answer_compares_normalised_first_answers():
+    from eval.answers import same_answer
+
+    assert same_answer("The Eiffel Tower.\nIt is in Paris.", "the eiffel tower! It is tall")
+    assert not same_answer("Paris.", "Rome.")

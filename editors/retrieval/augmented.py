@@ -108,14 +108,27 @@ CHAT_CONTEXTS: dict[str, tuple[tuple[str, str], ...]] = {
 DEFAULT_CHAT_CONTEXT = "exchange2-only"
 
 
-def chat_messages(edit: EditRecord, chat_context: str) -> list[dict[str, str]]:
-    """The messages that put ``edit`` before a chat model's question (a name of :data:`CHAT_CONTEXTS`)."""
+def check_chat_context(chat_context: str) -> str:
+    """``chat_context`` if it names one of :data:`CHAT_CONTEXTS`, else a :class:`ValidationError`."""
     if chat_context not in CHAT_CONTEXTS:
         raise ValidationError(f"chat context must be one of {', '.join(CHAT_CONTEXTS)}, got {chat_context!r}")
+    return chat_context
+
+
+def chat_messages(edit: EditRecord, chat_context: str) -> list[dict[str, str]]:
+    """The messages that put ``edit`` before a chat model's question (a name of :data:`CHAT_CONTEXTS`)."""
+    check_chat_context(chat_context)
     fact = completed(edit.prompt, edit.target_new)
     reply = edit.target_new.strip() if is_question(edit.prompt) else fact
     fields = dict(fact=fact, reply=reply, prompt=edit.prompt, target_new=edit.target_new, subject=edit.subject or "")
     return [{"role": role, "content": text.format(**fields)} for role, text in CHAT_CONTEXTS[chat_context]]
+
+
+def split_lead(messages: Sequence[dict[str, str]]) -> tuple[list[dict[str, str]], str]:
+    """A chat context's messages (:func:`chat_messages`) as the conversation to put before the question and the lead
+    text to put at the start of the question itself."""
+    return ([m for m in messages if m["role"] != "lead"],
+            "".join(m["content"] for m in messages if m["role"] == "lead"))
 
 
 def context_template(context: str) -> str:
@@ -188,9 +201,7 @@ class AugmentedModel(torch.nn.Module):
             generate_context = CLEAN_GENERATE_CONTEXT if context in LEAKY_CONTEXTS else context
         self.generate_template = context_template(generate_context)
         self._lead = lead_tokens(tokenizer)
-        if chat_context not in CHAT_CONTEXTS:
-            raise ValidationError(f"chat context must be one of {', '.join(CHAT_CONTEXTS)}, got {chat_context!r}")
-        self.chat_context = chat_context
+        self.chat_context = check_chat_context(chat_context)
         # Rows in the tokenizer's chat frame get the edit as chat messages; other rows the plain context.
         self.chat: ChatFrame | None = chat_frame(tokenizer)
         self._contexts: OrderedDict[tuple[int, int, str], list[int]] = OrderedDict()
@@ -274,8 +285,7 @@ class AugmentedModel(torch.nn.Module):
         key = tuple((m["role"], m["content"]) for m in messages)
         prefix = self._chat_prefixes.get(key)
         if prefix is None:
-            prefix = self.chat.prefix_for([m for m in messages if m["role"] != "lead"],
-                                          "".join(m["content"] for m in messages if m["role"] == "lead"))
+            prefix = self.chat.prefix_for(*split_lead(messages))
             self._chat_prefixes[key] = prefix
             while len(self._chat_prefixes) > 4096:
                 self._chat_prefixes.popitem(last=False)

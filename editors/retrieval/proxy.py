@@ -27,14 +27,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from editors.retrieval.augmented import (
-    CHAT_CONTEXTS,
     CLEAN_GENERATE_CONTEXT,
     DEFAULT_CHAT_CONTEXT,
     DEFAULT_CONTEXT,
     LEAKY_CONTEXTS,
     chat_messages,
+    check_chat_context,
     context_template,
     edit_context,
+    split_lead,
 )
 from editors.retrieval.service import Shaping
 from editors.retrieval.setup import DEFAULT_SCOPE, load_classifier
@@ -69,9 +70,7 @@ class ContextRouter:
         self.router = Router(EditMemory.open(store, encoder=classifier.encoder, namespace=namespace), classifier, k=k)
         self.template = context_template(context)  # IKE's edit context (its demonstrations' own format)
         self.completion_template = context_template(CLEAN_GENERATE_CONTEXT if context in LEAKY_CONTEXTS else context)
-        if chat_context not in CHAT_CONTEXTS:
-            raise ValidationError(f"chat context must be one of {', '.join(CHAT_CONTEXTS)}, got {chat_context!r}")
-        self.chat_context = chat_context
+        self.chat_context = check_chat_context(chat_context)
         self.method = method
         self._ike_options = dict(ike or {})
         self._ike: Any = None
@@ -133,9 +132,9 @@ class ContextRouter:
         if method == "ike":
             out[last]["content"] = self.ike_context.text(out[last]["content"], edit) + out[last]["content"]
             return out, shaping
-        context = chat_messages(edit, self.chat_context)
-        out[last]["content"] = "".join(m["content"] for m in context if m["role"] == "lead") + out[last]["content"]
-        return [m for m in context if m["role"] != "lead"] + out, shaping
+        before, lead = split_lead(chat_messages(edit, self.chat_context))
+        out[last]["content"] = lead + out[last]["content"]
+        return before + out, shaping
 
 
 class IkeText:

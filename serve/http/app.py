@@ -170,12 +170,12 @@ def create_app(settings: ServerSettings, *, model: Any = None, tokenizer: Any = 
 
 
 def _context_router(settings: ServerSettings, namespace: str) -> Any:
+    from editors.retrieval.augmented import DEFAULT_CHAT_CONTEXT
     from editors.retrieval.proxy import ContextRouter
 
     return ContextRouter(settings.store, scope=settings.scope, threshold=settings.threshold, k=settings.k,
                          method=settings.method, ike=settings.options.get("ike"), namespace=namespace,
-                         **({"chat_context": settings.options["chat_context"]} if "chat_context" in settings.options
-                            else {}))
+                         chat_context=settings.options.get("chat_context", DEFAULT_CHAT_CONTEXT))
 
 
 def _upstream_client(settings: ServerSettings) -> Any:
