@@ -1,9 +1,10 @@
 """GRACE codebook adaptors recorded in the store, beside the weight records (:mod:`editors.weights`).
 
 A GRACE edit changes no parameter, so its store record (a :class:`memory.ledger.WeightRecord` with method ``grace``
-and no parameters) holds, instead of deltas, the one edit's codebook insert: its key, its value and its label (the
-target), with the editor's full settings (layer, ``epsilon``, ``same_key``). There is one record per edit, so
-deleting or rolling back an edit removes exactly its record.
+and no parameters) holds, instead of deltas, the one edit's codebook insert: its keys, its values (one row per entry:
+the plain prompt's, and the chat-framed prompt's when the model has a chat template) and its label (the target),
+with the editor's full settings (layer, ``epsilon``, ``same_key``). There is one record per edit, so deleting or
+rolling back an edit removes exactly its record (all its entries).
 
 Exactness. The adaptor of an edited model is **defined** as the replay of its applied GRACE records, in order,
 through :func:`editors.methods.grace.insert_entry` (deterministic: no forward pass, no optimisation). A live apply
@@ -39,19 +40,26 @@ def is_adaptor_record(record: Any) -> bool:
     return record.method == ADAPTOR_METHOD
 
 
-def pack_insert(key: torch.Tensor, value: torch.Tensor, label: str) -> bytes:
-    """One edit's codebook insert as the blob its record keeps in place of deltas."""
+def pack_insert(keys: torch.Tensor, values: torch.Tensor, label: str) -> bytes:
+    """One edit's codebook insert (``keys`` (k, d_in) and ``values`` (k, d_out), or one entry's 1-D key and value)
+    as the blob its record keeps in place of deltas."""
     from safetensors.torch import save
 
-    return save({"key": key.detach().float().cpu().contiguous(), "value": value.detach().float().cpu().contiguous(),
+    keys, values = torch.atleast_2d(keys.detach()), torch.atleast_2d(values.detach())
+    if keys.shape[0] != values.shape[0]:
+        raise ValidationError(f"a GRACE insert needs one value per key ({keys.shape[0]} keys, {values.shape[0]} "
+                              "values)")
+    return save({"key": keys.float().cpu().contiguous(), "value": values.float().cpu().contiguous(),
                  "label": torch.tensor(list(label.encode("utf-8")), dtype=torch.uint8)})
 
 
 def unpack_insert(blob: bytes) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """``(keys (k, d_in), values (k, d_out), label)`` of a recorded insert (a record written before edits had
+    several entries holds 1-D tensors: one entry)."""
     from safetensors.torch import load
 
     t = load(blob)
-    return t["key"], t["value"], bytes(t["label"].tolist()).decode("utf-8")
+    return torch.atleast_2d(t["key"]), torch.atleast_2d(t["value"]), bytes(t["label"].tolist()).decode("utf-8")
 
 
 def record_settings(settings: Any, layer: int) -> dict[str, Any]:
@@ -69,9 +77,10 @@ def replay(book: Any, inserts: Iterable[tuple[Mapping[str, Any], bytes]]) -> Non
     for settings, blob in inserts:
         if int(settings["layer"]) != book.layer:
             raise EditmemError(f"a GRACE record is at layer {settings['layer']}, the model's adaptor at {book.layer}")
-        key, value, label = unpack_insert(blob)
-        insert_entry(book, [], key, value, label, epsilon=float(settings["epsilon"]),
-                     same_key=float(settings["same_key"]))
+        keys, values, label = unpack_insert(blob)
+        for key, value in zip(keys, values):
+            insert_entry(book, [], key, value, label, epsilon=float(settings["epsilon"]),
+                         same_key=float(settings["same_key"]))
     book.changed()
 
 

@@ -267,9 +267,9 @@ class StoredWeights:
         settings = record_settings(editor.settings, editor.codebook().layer)
         written = []
         try:
-            for rec, (key, value, label) in zip(records, handle.inserted, strict=True):
+            for rec, (keys, values, label) in zip(records, handle.inserted, strict=True):
                 written.append(self.mem.attach_weights(self.record.id, ADAPTOR_METHOD, [(rec.id, rec.version)], [],
-                                                       pack_insert(key, value, label), bases={},
+                                                       pack_insert(keys, values, label), bases={},
                                                        settings=settings))
         finally:
             self._replay_adaptor()

@@ -213,11 +213,13 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
+_POSSESSIVE = re.compile(r"(?<=\w)['\u2019]s\b")
 
 
 def normalize_answer(text: str) -> str:
-    """Lowercase, drop punctuation and the articles a/an/the, collapse whitespace (SQuAD-style)."""
-    text = text.lower().translate(_PUNCT)
+    """Lowercase, drop possessive 's, punctuation and the articles a/an/the, collapse whitespace (SQuAD-style, with
+    "Microsoft's" read as "microsoft" rather than "microsofts")."""
+    text = _POSSESSIVE.sub("", text.lower()).translate(_PUNCT)
     text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
 

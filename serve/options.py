@@ -65,3 +65,12 @@ def check_output_folder(folder: str | os.PathLike[str], flag: str) -> None:
         raise ValidationError(f"{flag}: cannot create {path}: {probe} is not a folder")
     if not os.access(probe, os.W_OK):
         raise ValidationError(f"{flag}: cannot write {path}: {probe} is not writable")
+
+
+def method_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``--set METHOD.KEY=VALUE`` items as {method: {key: value}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in key_values(items, form="METHOD.KEY=VALUE", example="ft.lr=1e-3", dotted=True).items():
+        method, _, name = key.partition(".")
+        out.setdefault(method.strip(), {})[name.strip()] = value
+    return out

@@ -35,6 +35,9 @@ def test_answer_matching_normalises_and_uses_aliases():
     assert not answer_matches("Sydney. Melbourne is second.", ["Melbourne"])  # only the first sentence counts
     assert not answer_matches("Sydney\nMelbourne", ["Melbourne"])  # only the first line counts
     assert not answer_matches("anything", ["The"])  # an answer that normalises to nothing never matches
+    assert answer_matches("Microsoft's F14 is a sports car.", ["Microsoft"])  # a possessive names the answer
+    assert answer_matches("HBO\u2019s The Loner.", ["HBO"]) and answer_matches("McDonald's.", ["McDonald's"])
+    assert not answer_matches("Microsofts are many.", ["Microsoft"])
 
 
 def test_leaks_are_found():

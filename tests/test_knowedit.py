@@ -284,3 +284,29 @@ def test_progress_bar_counts_cells_that_cannot_run(data_dir, tmp_path, _private_
     table = run_bench(model, tok, settings, progress=True)
     assert set(table["not_run"]) == {"ZsRE", "Sanitation"}
     assert "4/4" in capsys.readouterr().err  # the bar ends full, not at 0/4
+
+
+def test_bench_jobs_runs_shard_processes_and_merges_them_like_one_process(data_dir, tmp_path, _private_cache):
+    from eval.knowedit.parallel import run_bench_jobs, shard_dir
+    from tests.serving import tiny_model_folder
+
+    folder = tiny_model_folder(tmp_path / "tiny")
+    base = {"data_dir": data_dir / "knowedit", "methods": ("ft_m", "mend"), "tasks": ("ZsRE", "Sanitation"),
+            "limit": 1, "protocol": "teacher-forced"}
+    table = run_bench_jobs(str(folder), BenchSettings(**base, out_dir=tmp_path / "jobs"), 2, plots=False)
+    assert [(t, m) for t in base["tasks"] for m in base["methods"] if cell_path(shard_dir(tmp_path / "jobs", 0, 2),
+            t, m).is_file()] == [("ZsRE", "ft_m"), ("Sanitation", "ft_m")]  # shard 0 of 2: the even grid cells
+    from editors.lm.loading import load_model
+
+    model, tok = load_model(folder)
+    one = run_bench(model, tok, BenchSettings(**base, out_dir=tmp_path / "one"), progress=False)
+    values = [(r["task"], r["metric"], r["values"]) for r in table["rows"]]
+    assert values and len(values) == len(one["rows"])
+    for (task, metric, got), r in zip(values, one["rows"]):
+        assert (task, metric) == (r["task"], r["metric"])
+        assert got.keys() == r["values"].keys()
+        for m, v in got.items():
+            assert (v is None and r["values"][m] is None) or v == pytest.approx(r["values"][m], abs=1e-6)
+    assert table["not_run"] == one["not_run"] and "mend" in table["not_run"]["ZsRE"]
+    with pytest.raises(ValidationError, match="not both"):
+        run_bench_jobs(str(folder), BenchSettings(**base, out_dir=tmp_path / "x", shard=(0, 2)), 2)

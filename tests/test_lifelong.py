@@ -275,3 +275,57 @@ def test_a_later_consolidation_counts_the_edits_already_in_the_weights(tmp_path,
         monkeypatch.setattr(AlphaEditEditor, "keep", lambda self, rs: None)  # an editor blind to the held edits
         StoredWeights.open(mem, model, tok, model_id=first.record.id).consolidate("alphaedit", **settings)
         assert with_keys < 0.5 * moved()
+
+
+def test_grace_chat_key_edits_the_question_as_a_chat_model_is_asked():
+    """With a chat template, an edit gets a second entry at the chat-framed prompt: the assistant's first answer token
+    is the target's there; without ``chat_key`` the chat-framed prompt is outside every radius (the base's logits)."""
+    from editors.lm.chat import chat_frame
+    from tests.tiny import chat_tokenizer
+
+    model, _ = tiny_model("llama")
+    tok = chat_tokenizer()
+    framed = torch.tensor([chat_frame(tok).encode(FRANCE.prompt)])
+    first_target = tok("Rome", add_special_tokens=False)["input_ids"][0]
+
+    def last_logits():
+        with torch.no_grad():
+            return model(input_ids=framed).logits[0, -1]
+
+    base = last_logits()
+    plain_only = get_editor("grace", model, tok, v_steps=10, clamp_norm_factor=1000.0, chat_key=False)
+    handle = plain_only.apply([FRANCE])
+    assert len(plain_only.codebook().entries) == 1 and torch.equal(last_logits(), base)
+    handle.restore()
+
+    editor = get_editor("grace", model, tok, v_steps=25, clamp_norm_factor=1000.0)
+    handle = editor.apply([FRANCE])
+    (keys, values, label), = handle.inserted
+    assert keys.shape[0] == values.shape[0] == 2 and label == "Rome" and len(editor.codebook().entries) == 2
+    assert int(last_logits().argmax()) == first_target and int(base.argmax()) != first_target
+    handle.restore()
+    assert not editor.codebook().entries and torch.equal(last_logits(), base)
+    with pytest.raises(Exception, match="chat_key"):
+        get_editor("grace", model, tok, chat_key="yes")
+
+
+def test_a_recorded_grace_insert_replays_all_its_entries_and_old_one_entry_records_still_load():
+    from safetensors.torch import save
+
+    from editors.adaptors import pack_insert, replay, unpack_insert
+    from editors.methods.grace import Codebook
+
+    model, _ = tiny_model("llama")
+    settings = {"layer": 2, "epsilon": 0.1, "same_key": 1e-4}
+    keys, values = torch.randn(3, 8), torch.randn(3, 8)  # far apart: no radius overlaps another
+    keys, values, old_key, old_value = keys[:2], values[:2], keys[2], values[2]
+    got_keys, got_values, label = unpack_insert(pack_insert(keys, values, "Rome"))
+    assert torch.equal(got_keys, keys) and torch.equal(got_values, values) and label == "Rome"
+    legacy = save({"key": old_key, "value": old_value, "label": torch.tensor(list(b"Oslo"), dtype=torch.uint8)})
+    book = Codebook(model, 2)
+    replay(book, [(settings, pack_insert(keys, values, "Rome")), (settings, legacy)])
+    assert [e.label for e in book.entries.values()] == ["Rome", "Rome", "Oslo"]
+    assert torch.equal(book.entries[1].key, keys[1]) and torch.equal(book.entries[2].key, old_key)
+    with pytest.raises(Exception, match="one value per key"):
+        pack_insert(keys, values[:1], "Rome")
+    book.clear()

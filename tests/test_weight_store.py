@@ -320,7 +320,7 @@ def test_grace_entries_follow_delete_and_rollback_and_rebuild(store_url, tmp_pat
     _, book = loaded()
     keys = [e.key for e in book.entries.values()]
     assert [e.label for e in book.entries.values()] == ["Rome", "piano"]
-    assert torch.equal(keys[0], inserts[1][0]) and torch.equal(keys[1], inserts[3][0])
+    assert torch.equal(keys[0], inserts[1][0][0]) and torch.equal(keys[1], inserts[3][0][0])
     after_delete = _adaptor(out)
     cli("rebuild-weights", "--out", str(out))
     assert _adaptor(out) == after_delete  # the same bytes as a rebuild from the remaining records

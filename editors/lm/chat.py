@@ -103,6 +103,14 @@ def chat_frame(tokenizer: Any) -> ChatFrame | None:
     return frame
 
 
+def chat_text(tokenizer: Any, question: str) -> str | None:
+    """``question`` as the user's message, rendered by the tokenizer's chat template ready for the assistant's
+    answer (its tokens are :meth:`ChatFrame.encode`'s), or None for a tokenizer without a usable chat frame."""
+    if chat_frame(tokenizer) is None:
+        return None
+    return _render(tokenizer, [{"role": "user", "content": question}])
+
+
 def is_question(prompt: str) -> bool:
     """A prompt that asks (ends with '?'), as opposed to a cloze prompt to be continued."""
     return prompt.rstrip().endswith("?")

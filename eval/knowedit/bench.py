@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.harness import PROTOCOL_CHOICES
+from eval.knowedit import DEFAULT_LIMIT
 from eval.knowedit.cells import run_cell
 from eval.knowedit.tasks import TASK_NOTES, TASKS, load_task
 from eval.metrics import GENERATE, PROTOCOLS, TEACHER_FORCED, MetricSettings
@@ -49,8 +50,8 @@ class BenchSettings:
     out_dir: Path
     methods: tuple[str, ...] = DEFAULT_METHODS
     tasks: tuple[str, ...] = TASKS
-    limit: int | None = 5
-    protocol: str = TEACHER_FORCED
+    limit: int | None = DEFAULT_LIMIT
+    protocol: str = "both"
     resume: bool = False
     shard: tuple[int, int] = (0, 1)
     overrides: Mapping[str, Mapping[str, Any]] | None = None  # None: DEFAULT_OVERRIDES
@@ -92,8 +93,11 @@ def _write_json(path: Path, value: Any) -> None:
     tmp.replace(path)
 
 
-def run_bench(model: Any, tokenizer: Any, settings: BenchSettings, *, progress: bool = True) -> dict[str, Any]:
-    """Run this shard's cells (skipping finished ones with ``resume``), then merge every cell file into the table."""
+def run_bench(model: Any, tokenizer: Any, settings: BenchSettings, *, progress: bool = True,
+              position: int | None = None) -> dict[str, Any]:
+    """Run this shard's cells (skipping finished ones with ``resume``), then merge every cell file into the table.
+
+    ``position``: the progress bar's line (one per shard process under ``--jobs``)."""
     from tqdm import tqdm
 
     cells = grid(settings)
@@ -105,7 +109,9 @@ def run_bench(model: Any, tokenizer: Any, settings: BenchSettings, *, progress: 
     cases = {t: load_task(t, settings.data_dir, settings.limit) for t in {t for t, _ in todo}}
     total = sum(len(cases[t]) for t, _ in todo)
     overrides = DEFAULT_OVERRIDES if settings.overrides is None else settings.overrides
-    with tqdm(total=total, desc="knowedit", unit="edit", disable=not progress) as bar:
+    i, n = settings.shard
+    desc = "knowedit" if n == 1 else f"knowedit {i}/{n}"
+    with tqdm(total=total, desc=desc, unit="edit", disable=not progress, position=position) as bar:
         for task, method in todo:
             bar.set_postfix_str(f"{task} x {method}")
             start = bar.n

@@ -8,6 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from eval.knowedit import DEFAULT_LIMIT as KNOWEDIT_LIMIT
 from memory.encoder import DEFAULT_ENCODER
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -51,8 +52,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--methods", default=None,
                    help="comma-separated methods (default: ft,ft_m,adalora,kn,rome,memit,mend)")
     k.add_argument("--tasks", default=None, help="comma-separated tasks (default: all six)")
-    k.add_argument("--limit", type=int, default=5, help="cases per task (default: %(default)s)")
-    k.add_argument("--protocol", default="teacher-forced", choices=["teacher-forced", "generate", "both"])
+    k.add_argument("--limit", type=int, default=KNOWEDIT_LIMIT, help="cases per task (default: %(default)s)")
+    k.add_argument("--protocol", default="both", choices=["teacher-forced", "generate", "both"],
+                   help="teacher-forced (the published tables' protocol), generate (what a person reads) or both, "
+                        "with the gap as a row (default: %(default)s)")
+    k.add_argument("--set", dest="overrides", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="override an editor setting, e.g. mend.checkpoint=smollm2-cf (value parsed as JSON, else a "
+                        "string); repeatable; ft keeps KnowEdit's FT-L settings unless they are overridden")
+    k.add_argument("--jobs", type=int, default=1,
+                   help="run the grid as N shard processes on this machine and merge them into --out (default: "
+                        "%(default)s; 2 on a 2-core machine halves the wall time)")
     k.add_argument("--out", type=Path, required=True, help="output folder (cells/, table.md, table.json, table.png)")
     k.add_argument("--resume", action="store_true", help="skip method x task cells already finished in --out")
     k.add_argument("--shard", default="0/1", help="run only cells i mod n of the grid, as i/n (default: %(default)s)")
@@ -126,7 +135,7 @@ def run_http(args: argparse.Namespace) -> int:
 
 
 def run_knowedit(args: argparse.Namespace) -> int:
-    from eval.knowedit.bench import DEFAULT_METHODS, BenchSettings, run_bench, write_table
+    from eval.knowedit.bench import DEFAULT_METHODS, DEFAULT_OVERRIDES, BenchSettings, run_bench, write_table
     from eval.knowedit.tasks import TASKS
     from eval.metrics import MetricSettings
     from memory.errors import ValidationError
@@ -138,11 +147,19 @@ def run_knowedit(args: argparse.Namespace) -> int:
         raise ValidationError(f"--shard must be i/n, got {args.shard!r}") from None
     methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else DEFAULT_METHODS
     tasks = tuple(t.strip() for t in args.tasks.split(",")) if args.tasks else TASKS
+    from serve.options import method_overrides
+
+    given = method_overrides(args.overrides)
+    overrides = {m: {**DEFAULT_OVERRIDES.get(m, {}), **given.get(m, {})} for m in {*DEFAULT_OVERRIDES, *given}}
     settings = BenchSettings(data_dir=args.data, out_dir=args.out, methods=methods, tasks=tasks, limit=args.limit,
-                             protocol=args.protocol, resume=args.resume, shard=(i, n),
+                             protocol=args.protocol, resume=args.resume, shard=(i, n), overrides=overrides,
                              metrics=MetricSettings(chat=args.chat, cloze=args.cloze))
     if args.merge_only:
         write_table(args.out, methods, tasks, settings.protocols, args.data)
+    elif args.jobs != 1:
+        from eval.knowedit.parallel import run_bench_jobs
+
+        run_bench_jobs(args.model, settings, args.jobs)
     else:
         from editors.lm.loading import load_model
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from memory.errors import ValidationError
-from serve.options import key_values
+from serve.options import method_overrides
 
 MODES = ("single", "batch", "sequential")
 PROTOCOLS = ("teacher-forced", "generate", "both")
@@ -92,15 +92,6 @@ def _checkpoints(text: str | None) -> list[int] | None:
         raise ValidationError(f"--checkpoints must be comma-separated integers, got {text!r}") from None
 
 
-def _overrides(items: list[str]) -> dict[str, dict[str, Any]]:
-    """``--set METHOD.KEY=VALUE`` items as {method: {key: value}}."""
-    out: dict[str, dict[str, Any]] = {}
-    for key, value in key_values(items, form="METHOD.KEY=VALUE", example="ft.lr=1e-3", dotted=True).items():
-        method, _, name = key.partition(".")
-        out.setdefault(method.strip(), {})[name.strip()] = value
-    return out
-
-
 def _command_line(args: argparse.Namespace) -> str:
     """The command as parsed (canonical form, defaults spelled out), for the report."""
     parts = ["editmem", "eval", "--data", args.data, "--format", args.format, "--methods", args.methods,
@@ -126,7 +117,7 @@ def _command_line(args: argparse.Namespace) -> str:
 def run_eval_command(args: argparse.Namespace) -> int:
     methods = _split_names(args.methods, "methods")
     checkpoints = _checkpoints(args.checkpoints)
-    overrides = _overrides(args.overrides)
+    overrides = method_overrides(args.overrides)
     if args.limit is not None and args.limit < 1:
         raise ValidationError(f"--limit must be >= 1, got {args.limit}")
     data = Path(args.data)
