@@ -272,7 +272,7 @@ def plot_trace(scores: Mapping[str, Sequence[Sequence[float]]], labels: Sequence
 
 
 def trace_cases(model: torch.nn.Module, tokenizer: Any, path: str | Path, n: int, *, noise: float = 3.0,
-                samples: int = 10, seed: int = 0) -> tuple[list[Trace], dict[str, Any]]:
+                samples: int = 10, seed: int = 0, progress: bool = True) -> tuple[list[Trace], dict[str, Any]]:
     """Trace the first ``n`` facts of a JSON file of ``{prompt, subject[, attribute]}`` records (ROME's
     ``known_1000.json``; records whose subject is not in the prompt are skipped) and average them over token
     groups; returns ``(traces, average)``. The answer traced is the model's own top token, as in ROME."""
@@ -281,13 +281,17 @@ def trace_cases(model: torch.nn.Module, tokenizer: Any, path: str | Path, n: int
     records = json.loads(Path(path).read_text(encoding="utf-8"))
     if not isinstance(records, list):
         raise ValidationError(f"{path}: expected a JSON array of {{prompt, subject}} records")
+    from tqdm import tqdm
+
     traces: list[Trace] = []
-    for r in records:
-        if len(traces) >= n:
-            break
-        if isinstance(r, dict) and isinstance(r.get("prompt"), str) and r.get("subject") in r["prompt"]:
-            traces.append(causal_trace(model, tokenizer, r["prompt"], r["subject"], noise=noise, samples=samples,
-                                       seed=seed))
+    with tqdm(total=n, desc="causal trace", unit="fact", disable=not progress) as bar:
+        for r in records:
+            if len(traces) >= n:
+                break
+            if isinstance(r, dict) and isinstance(r.get("prompt"), str) and r.get("subject") in r["prompt"]:
+                traces.append(causal_trace(model, tokenizer, r["prompt"], r["subject"], noise=noise,
+                                           samples=samples, seed=seed))
+                bar.update(1)
     return traces, average_traces(traces)
 
 
