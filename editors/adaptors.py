@@ -71,16 +71,15 @@ def record_settings(settings: Any, layer: int) -> dict[str, Any]:
 
 def replay(book: Any, inserts: Iterable[tuple[Mapping[str, Any], bytes]]) -> None:
     """Make ``book`` the codebook of ``inserts`` ((settings, blob) per applied record, in order) from empty."""
-    from editors.methods.grace import insert_entry
+    from editors.methods.grace import insert_edit
 
     book.clear()
     for settings, blob in inserts:
         if int(settings["layer"]) != book.layer:
             raise EditmemError(f"a GRACE record is at layer {settings['layer']}, the model's adaptor at {book.layer}")
         keys, values, label = unpack_insert(blob)
-        for key, value in zip(keys, values):
-            insert_entry(book, [], key, value, label, epsilon=float(settings["epsilon"]),
-                         same_key=float(settings["same_key"]))
+        insert_edit(book, [], keys, values, label, epsilon=float(settings["epsilon"]),
+                    same_key=float(settings["same_key"]))
     book.changed()
 
 

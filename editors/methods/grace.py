@@ -291,9 +291,8 @@ class GraceEditor(Editor):
         handle = GraceHandle(book)
         for request in requests:
             keys, values = self.key_value(request)
-            for key, value in zip(keys, values):
-                insert_entry(book, handle.ops, key, value, request.target_new, epsilon=self.settings.epsilon,
-                             same_key=self.settings.same_key)
+            insert_edit(book, handle.ops, keys, values, request.target_new, epsilon=self.settings.epsilon,
+                        same_key=self.settings.same_key)
             handle.inserted.append((keys, values, request.target_new))
         book.changed()
         self.last_stats = {"layer": book.layer, "n_entries": len(book.entries), "n_requests": len(requests)}
@@ -322,3 +321,11 @@ def insert_entry(book: Codebook, ops: list[tuple[Any, ...]], key: torch.Tensor, 
     entry = Entry(book.new_id(), key, value, radius, label)
     book.entries[entry.id] = entry
     ops.append(("add", entry))
+
+
+def insert_edit(book: Codebook, ops: list[tuple[Any, ...]], keys: torch.Tensor, values: torch.Tensor, label: str, *,
+                epsilon: float, same_key: float) -> None:
+    """:func:`insert_entry` for each row of one edit's ``keys`` (k, d_in) and ``values`` (k, d_out), in order (the
+    plain prompt's entry, then the chat-framed one's): how an apply and a store replay insert an edit."""
+    for key, value in zip(keys, values):
+        insert_entry(book, ops, key, value, label, epsilon=epsilon, same_key=same_key)

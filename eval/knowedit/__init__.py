@@ -2,7 +2,7 @@
 tasks that are not plain fact edits (:mod:`.metrics`), one method x task cell (:mod:`.cells`) and the whole table
 (:mod:`.bench`), run as shard processes on one machine (:mod:`.parallel`) or merged from several (:mod:`.merge`)."""
 
-# Cases per task of the default run: 7 methods x 6 tasks x 6 cases, both protocols, fits in about 2 hours on 2 CPU
-# cores (measured with --jobs 2: BENCHMARKS.md, "KnowEdit table: the full default run"). Here, not in .bench, so the
-# CLI can show it without importing torch.
+# Cases per task of the default run: 7 methods x 6 tasks x 6 cases, both protocols, took 1 h 56 min on the shared
+# 2-core machine (BENCHMARKS.md, "KnowEdit table: the full default run", says how it was run). Here, not in .bench,
+# so the CLI can show it without importing torch.
 DEFAULT_LIMIT = 6

@@ -44,6 +44,12 @@ PERCENT = {"edit_succ", "portability", "locality"}
 DEFAULT_OVERRIDES: dict[str, dict[str, Any]] = {"ft": {"objective": "prompt_last", "norm_constraint": None}}
 
 
+def with_default_overrides(given: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``given`` (method -> settings) laid over :data:`DEFAULT_OVERRIDES`: ft stays KnowEdit's FT-L in the settings
+    not given."""
+    return {m: {**DEFAULT_OVERRIDES.get(m, {}), **given.get(m, {})} for m in {*DEFAULT_OVERRIDES, *given}}
+
+
 @dataclass(frozen=True)
 class BenchSettings:
     data_dir: Path

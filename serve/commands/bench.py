@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "string); repeatable; ft keeps KnowEdit's FT-L settings unless they are overridden")
     k.add_argument("--jobs", type=int, default=1,
                    help="run the grid as N shard processes on this machine and merge them into --out (default: "
-                        "%(default)s; 2 on a 2-core machine halves the wall time)")
+                        "%(default)s; 2 keeps both cores of a 2-core machine busy)")
     k.add_argument("--out", type=Path, required=True, help="output folder (cells/, table.md, table.json, table.png)")
     k.add_argument("--resume", action="store_true", help="skip method x task cells already finished in --out")
     k.add_argument("--shard", default="0/1", help="run only cells i mod n of the grid, as i/n (default: %(default)s)")
@@ -135,7 +135,7 @@ def run_http(args: argparse.Namespace) -> int:
 
 
 def run_knowedit(args: argparse.Namespace) -> int:
-    from eval.knowedit.bench import DEFAULT_METHODS, DEFAULT_OVERRIDES, BenchSettings, run_bench, write_table
+    from eval.knowedit.bench import DEFAULT_METHODS, BenchSettings, run_bench, with_default_overrides, write_table
     from eval.knowedit.tasks import TASKS
     from eval.metrics import MetricSettings
     from memory.errors import ValidationError
@@ -149,8 +149,7 @@ def run_knowedit(args: argparse.Namespace) -> int:
     tasks = tuple(t.strip() for t in args.tasks.split(",")) if args.tasks else TASKS
     from serve.options import method_overrides
 
-    given = method_overrides(args.overrides)
-    overrides = {m: {**DEFAULT_OVERRIDES.get(m, {}), **given.get(m, {})} for m in {*DEFAULT_OVERRIDES, *given}}
+    overrides = with_default_overrides(method_overrides(args.overrides))
     settings = BenchSettings(data_dir=args.data, out_dir=args.out, methods=methods, tasks=tasks, limit=args.limit,
                              protocol=args.protocol, resume=args.resume, shard=(i, n), overrides=overrides,
                              metrics=MetricSettings(chat=args.chat, cloze=args.cloze))
