@@ -3,10 +3,12 @@
 Memory: an :class:`memory.store.EditMemory` (default ``sqlite://``, a fresh in-memory store per editor, so the harness
 can use it as is; give ``store`` to attach a persistent one). Scope: a saved scope classifier (:mod:`scope`, default
 the one named ``default``; train it with ``editmem train-scope``), or ``scope="cosine"`` for the untrained cosine
-threshold. Counterfactual model: the base model itself, prompted with the retrieved edit
-(:mod:`editors.retrieval.augmented`; the context format is a setting), or a copy trained to use edits
-(``counterfactual=NAME``, made by ``editmem train-counterfactual``, :mod:`editors.retrieval.counterfactual`), which
-then brings its own context format. ``editor.model`` is the :class:`AugmentedModel` wrapper.
+threshold. Counterfactual model: the model that answers an in-scope query with the retrieved edit in its context
+(:mod:`editors.retrieval.augmented`; the context format is a setting). By default a chat adapter trained here under
+the name ``default`` or shipped for the model (``editmem train-chat-adapter``, :mod:`editors.retrieval.chat_adapter`),
+else the base model itself; ``counterfactual=NAME`` names another adapter or a copy trained to use edits (``editmem
+train-counterfactual``, :mod:`editors.retrieval.counterfactual`, which brings its own context format), and
+``counterfactual=None`` the base model. ``editor.model`` is the :class:`AugmentedModel` wrapper.
 
 ``apply(requests)`` inserts the edits into the store (no training) and returns a :class:`MemoryEditHandle` holding
 their store ids; ``restore()`` deletes exactly those edits (tombstones, so the store's history keeps them). The base
@@ -24,11 +26,18 @@ import torch
 
 from editors.base import EditorSettings, register_editor
 from editors.retrieval.augmented import (
+    DEFAULT_CHAT_CONTEXT,
     DEFAULT_CONTEXT,
     AugmentedModel,
     context_template,
 )
-from editors.retrieval.setup import DEFAULT_SCOPE, MemoryEditor, load_classifier
+from editors.retrieval.setup import (
+    DEFAULT_COUNTERFACTUAL,
+    DEFAULT_SCOPE,
+    MemoryEditor,
+    load_classifier,
+    load_counterfactual_model,
+)
 from memory.errors import ValidationError
 from memory.namespaces import check_namespace
 
@@ -44,7 +53,9 @@ class SeracSettings(EditorSettings):
     (name or folder) or ``"cosine"``. ``threshold``: replaces the classifier's calibrated threshold (for ``cosine``
     without a saved calibration: default 0.8). ``encoder``: the store's encoder (default: the classifier's; MiniLM for
     an uncalibrated cosine). ``k``: candidates retrieved per query. ``counterfactual``: the name (or folder) of a
-    trained counterfactual model; None uses the base model. ``context``: a format name of
+    trained counterfactual model or chat adapter; the default, ``"default"``, is the one trained here under that name,
+    else the chat adapter shipped for the model (SmolLM2-135M-Instruct), else the base model; None uses the base
+    model (:func:`editors.retrieval.setup.load_counterfactual_model`). ``context``: a format name of
     :data:`editors.retrieval.augmented.CONTEXT_FORMATS` or a template; None means the trained counterfactual model's own
     format, or :data:`editors.retrieval.augmented.DEFAULT_CONTEXT` for the base model. ``namespace``: the store
     namespace the edits are read from and written to.
@@ -55,7 +66,7 @@ class SeracSettings(EditorSettings):
     threshold: float | None = None
     encoder: str | None = None
     k: int = 5
-    counterfactual: str | None = None
+    counterfactual: str | None = DEFAULT_COUNTERFACTUAL
     context: str | None = None
     namespace: str = "default"
 
@@ -93,15 +104,13 @@ class SeracEditor(MemoryEditor):
         super().__init__(model, tokenizer, settings)
         s = self.settings
         clf = load_classifier(s.scope, threshold=s.threshold)
-        counterfactual, context = None, s.context or DEFAULT_CONTEXT
-        if s.counterfactual is not None:
-            from editors.retrieval.counterfactual import load_counterfactual
-
-            counterfactual, trained_context = load_counterfactual(s.counterfactual, model)
-            context = s.context or trained_context
+        counterfactual, trained_context, chat_context = load_counterfactual_model(s.counterfactual, model, tokenizer)
+        context = s.context or trained_context or DEFAULT_CONTEXT
         self.open_memory(s.store, s.encoder or clf.encoder, clf, namespace=s.namespace)
         self._wrapper = AugmentedModel(model, tokenizer, self.memory, clf, k=s.k, context=context,
-                                       counterfactual=counterfactual)
+                                       counterfactual=counterfactual,
+                                       chat_context=chat_context or DEFAULT_CHAT_CONTEXT,
+                                       counterfactual_rows="chat" if chat_context else "all")
 
     @property
     def model(self) -> AugmentedModel:

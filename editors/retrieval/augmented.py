@@ -187,12 +187,17 @@ class AugmentedModel(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, memory: Any, scope: ScopeClassifier, *, k: int = 5,
                  context: str = DEFAULT_CONTEXT, counterfactual: torch.nn.Module | None = None,
-                 chat_context: str = DEFAULT_CHAT_CONTEXT, generate_context: str | None = None):
+                 chat_context: str = DEFAULT_CHAT_CONTEXT, generate_context: str | None = None,
+                 counterfactual_rows: str = "all"):
         super().__init__()
         self.model: Any = model  # a Hugging Face causal LM (duck-typed: generate, config, ...)
         # In-scope rows go to this model (a trained copy, editors.retrieval.counterfactual) or, when None, to the base
-        # model.
+        # model. counterfactual_rows="chat": only chat-framed rows go to it (a chat adapter,
+        # editors.retrieval.chat_adapter, was trained on those alone); plain rows go to the base model.
+        if counterfactual_rows not in ("all", "chat"):
+            raise ValidationError(f"counterfactual_rows must be 'all' or 'chat', got {counterfactual_rows!r}")
         self.counterfactual = counterfactual
+        self.counterfactual_rows = counterfactual_rows
         self.tokenizer = tokenizer
         self.router = Router.open(memory, scope, k=k) if isinstance(memory, str) else Router(memory, scope, k=k)
         self.template = context_template(context)
@@ -221,6 +226,22 @@ class AugmentedModel(torch.nn.Module):
     def counterfactual_model(self) -> Any:
         """The model that answers in-scope rows: the trained counterfactual copy if given, else the base model."""
         return self.counterfactual if self.counterfactual is not None else self.model
+
+    def counterfactual_for(self, row: Sequence[int]) -> Any:
+        """The model that answers ``row`` (a prompt's tokens, before conditioning) when it is in an edit's scope:
+        :attr:`counterfactual_model`, except that with ``counterfactual_rows="chat"`` a row outside the chat frame
+        goes to the base model."""
+        if self.counterfactual_rows == "chat" and (self.chat is None or self.chat.split(row) is None):
+            return self.model
+        return self.counterfactual_model
+
+    def _by_model(self, rows: Sequence[Sequence[int]]) -> list[tuple[Any, list[int]]]:
+        """The indices of ``rows`` grouped by the model that answers them in scope (:meth:`counterfactual_for`)."""
+        groups: dict[int, tuple[Any, list[int]]] = {}
+        for j, row in enumerate(rows):
+            lm = self.counterfactual_for(row)
+            groups.setdefault(id(lm), (lm, []))[1].append(j)
+        return list(groups.values())
 
     @property
     def config(self) -> Any:
@@ -331,13 +352,16 @@ class AugmentedModel(torch.nn.Module):
         kwargs = {k: v for k, v in kwargs.items() if k != "use_cache"}
         seqs, leads = zip(*(self._conditioned(rows[b], decisions[b].chosen) for b in inside))
         device = input_ids.device
-        cf_ids, cf_mask = pad_rows(seqs, pad_id(self.tokenizer))
-        cf_logits = self.counterfactual_model(input_ids=cf_ids.to(device), attention_mask=cf_mask.to(device),
-                                              use_cache=False, **kwargs).logits
+        cf_logits: list[torch.Tensor] = [torch.empty(0)] * len(inside)  # per in-scope row, right-padded
+        for lm, group in self._by_model([rows[b] for b in inside]):
+            cf_ids, cf_mask = pad_rows([seqs[j] for j in group], pad_id(self.tokenizer))
+            out = lm(input_ids=cf_ids.to(device), attention_mask=cf_mask.to(device), use_cache=False, **kwargs).logits
+            for at, j in enumerate(group):
+                cf_logits[j] = out[at]
         if base_logits is not None:
             logits = base_logits.clone()
         else:
-            logits = cf_logits.new_zeros((*input_ids.shape, cf_logits.shape[-1]))
+            logits = cf_logits[0].new_zeros((*input_ids.shape, cf_logits[0].shape[-1]))
         for j, b in enumerate(inside):
             positions = mask[b].nonzero().squeeze(-1)
             n, lead = len(rows[b]), leads[j]
@@ -345,7 +369,7 @@ class AugmentedModel(torch.nn.Module):
             new_positions = torch.arange(n)
             new_positions[lead:] += shift
             new_positions.clamp_(max=len(seqs[j]) - 1)  # a chat prefix may be shorter than the one it replaced
-            logits[b, positions.to(device)] = cf_logits[j, new_positions.to(device)]
+            logits[b, positions.to(device)] = cf_logits[j][new_positions.to(device)]
         return CausalLMOutputWithPast(logits=logits)
 
     # --- generate -----------------------------------------------------------------------------------------------------
@@ -375,15 +399,18 @@ class AugmentedModel(torch.nn.Module):
         if len(inside) < len(rows):
             base = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         seqs = [self._conditioned(rows[b], decisions[b].chosen, generating=True)[0] for b in inside]
-        cf_ids, cf_mask = pad_rows(seqs, pad, side="left")
-        cf_width = cf_ids.shape[1]
         cf_kwargs = dict(kwargs)
         if "max_length" in cf_kwargs and "max_new_tokens" not in cf_kwargs:
             cf_kwargs["max_new_tokens"] = max(0, cf_kwargs.pop("max_length") - width)
         device = input_ids.device
-        new = self.counterfactual_model.generate(input_ids=cf_ids.to(device), attention_mask=cf_mask.to(device),
-                                                 **cf_kwargs)[:, cf_width:]
-        n_new = max(new.shape[1], base.shape[1] - width if base is not None else 0)
+        new: list[torch.Tensor] = [torch.empty(0)] * len(inside)  # per in-scope row, the tokens generated
+        for lm, group in self._by_model([rows[b] for b in inside]):
+            cf_ids, cf_mask = pad_rows([seqs[j] for j in group], pad, side="left")
+            out = lm.generate(input_ids=cf_ids.to(device), attention_mask=cf_mask.to(device),
+                              **cf_kwargs)[:, cf_ids.shape[1]:]
+            for at, j in enumerate(group):
+                new[j] = out[at]
+        n_new = max(max(len(t) for t in new), base.shape[1] - width if base is not None else 0)
         out = torch.full((len(rows), width + n_new), pad, dtype=input_ids.dtype, device=device)
         if base is not None:
             out[:, :base.shape[1]] = base
@@ -391,7 +418,7 @@ class AugmentedModel(torch.nn.Module):
             out[:, :width] = input_ids
         for j, b in enumerate(inside):
             out[b, width:] = pad
-            out[b, width:width + new.shape[1]] = new[j]
+            out[b, width:width + len(new[j])] = new[j]
         return out
 
     # --- asking -------------------------------------------------------------------------------------------------------

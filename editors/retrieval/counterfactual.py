@@ -164,7 +164,7 @@ class _Encoder:
         return ids, mask, [(start, len(r)) for r, start in rows]
 
 
-def _answer_logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+def answer_logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
                    spans: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits at the positions that predict the answer tokens (only there: the vocabulary projection is the costly
     part, see :func:`editors.lm.architectures.logits_at`), and those answer tokens."""
@@ -196,7 +196,7 @@ def evaluate(model: torch.nn.Module, encoder: _Encoder, examples: dict[str, list
         for i in range(0, len(items), batch_size):
             chunk = items[i:i + batch_size]
             ids, mask, spans = encoder.batch(chunk)
-            logits, answers = _answer_logits(model, ids, mask, spans)
+            logits, answers = answer_logits(model, ids, mask, spans)
             hits = (logits.argmax(-1) == answers).float()
             at = 0
             for start, end in spans:
@@ -287,7 +287,7 @@ def train_counterfactual(model: torch.nn.Module, tokenizer: Any, cases: Sequence
             ids, mask, spans = encoder.batch(batch)
             for group in optim.param_groups:
                 group["lr"] = lr_at(step - 1)
-            logits, answers = _answer_logits(cf, ids, mask, spans)
+            logits, answers = answer_logits(cf, ids, mask, spans)
             loss = torch.nn.functional.cross_entropy(logits.float(), answers)
             optim.zero_grad(set_to_none=True)
             loss.backward()

@@ -249,7 +249,7 @@ class MemoryService:
                     assert ask is not None
                     decision = self._answer_asks(key, editor, ask)
                 if decision.edit is not None:
-                    seq, lm = wrapper.condition_row(row, decision.edit), wrapper.counterfactual_model
+                    seq, lm = wrapper.condition_row(row, decision.edit), wrapper.counterfactual_for(row)
                 else:
                     seq, lm = row, self.model
                 shaping = _shaping(editor.name if decision.in_scope else "base", decision,

@@ -15,6 +15,9 @@ from memory.errors import EditmemError, NotFoundError
 
 DEFAULT_SCOPE = "default"
 DEFAULT_COSINE_THRESHOLD = 0.8
+# The counterfactual model SERAC (and the demo) use unless told otherwise: one trained on this machine under this
+# name, else the chat adapter shipped for the model (editors/retrieval/default_adapter), else the base model itself.
+DEFAULT_COUNTERFACTUAL = "default"
 
 
 def load_classifier(scope: str, *, threshold: float | None = None, encoder: str | None = None) -> Any:
@@ -27,6 +30,34 @@ def load_classifier(scope: str, *, threshold: float | None = None, encoder: str 
     if threshold is not None:
         clf.threshold = float(threshold)
     return clf
+
+
+def load_counterfactual_model(name: str | None, model: torch.nn.Module,
+                              tokenizer: Any) -> tuple[torch.nn.Module | None, str | None, str | None]:
+    """The counterfactual model a setting names, as ``(model, plain context template, chat context)``.
+
+    ``None`` is the base model itself (``(None, None, None)``). A name (or folder) holds either a full counterfactual
+    model (:mod:`editors.retrieval.counterfactual`, which brings its plain context template) or a chat adapter
+    (:mod:`editors.retrieval.chat_adapter`, which brings its chat context). :data:`DEFAULT_COUNTERFACTUAL`, when
+    nothing of that name was trained here, is the shipped chat adapter if it was trained for ``model`` and the
+    tokenizer has a chat template, and the base model otherwise. A chat adapter answers chat-framed rows only (the
+    wrapper's ``counterfactual_rows="chat"``): plain rows go to the base model with the plain context."""
+    if name is None:
+        return None, None, None
+    from editors.lm.chat import chat_frame
+    from editors.retrieval.chat_adapter import SHIPPED_DIR, is_chat_adapter, load_chat_adapter, shipped_adapter_fits
+    from editors.retrieval.counterfactual import counterfactual_dir, load_counterfactual
+
+    folder = counterfactual_dir(name)
+    if name == DEFAULT_COUNTERFACTUAL and not (folder / "meta.json").is_file():
+        if chat_frame(tokenizer) is None or not shipped_adapter_fits(model):
+            return None, None, None
+        folder = SHIPPED_DIR
+    if is_chat_adapter(folder):
+        cf, chat_context = load_chat_adapter(folder, model)
+        return cf, None, chat_context
+    cf, template = load_counterfactual(folder, model)
+    return cf, template, None
 
 
 class MemoryEditHandle(EditHandle):

@@ -5,6 +5,7 @@
     editmem ask "question" [--method serac|ike] [--model smollm2-135m] [-k 5] [--scope default] [--max-new-tokens 32]
                 [--mode classic|gated] [--demos N] [--demo-file FILE]                       (the last three: ike)
     editmem train-counterfactual --data FILE [--name default] [--model smollm2-135m] [--steps N] [--train-layers L]
+    editmem train-chat-adapter --data FILE [--data FILE ...] [--name default] [--limit N] [--steps N] [--rank R]
     editmem eval-scope --data FILE [--scope default] [--limit N] [-k 5]      (routing precision/recall at scale)
     editmem bench-overhead [--model smollm2-135m] [--scope default] [--new-tokens 16] [--repeats 5]
 
@@ -52,8 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scope", default="default", help="scope classifier name or 'cosine' (default: %(default)s)")
     p.add_argument("--threshold", type=float, default=None, help="override the classifier's threshold")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--counterfactual", default=None, help="serac: a trained counterfactual model's name (default: "
-                                                          "the base model prompted with the edit)")
+    p.add_argument("--counterfactual", default=None, help="serac: a trained counterfactual model or chat adapter "
+                                                          "(name or folder; default: the one named 'default', else "
+                                                          "the adapter shipped for SmolLM2, else the base model)")
     p.add_argument("--mode", default=None, choices=["classic", "gated"],
                    help="ike: the nearest edit always in context (classic) or only when in scope (gated) "
                         "(default: ike's, classic)")
@@ -81,6 +83,28 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument(flag, type=kind, default=None,
                        help=f"{helptext} (default: see editors.retrieval.counterfactual)")
     p.set_defaults(func=_train_counterfactual)
+
+    p = sub.add_parser("train-chat-adapter", help="train a LoRA adapter that makes a chat model answer from an edit "
+                                                  "in its conversation (SERAC's counterfactual model, chat rows)",
+                       description="Train a LoRA adapter (peft) on edit cases put in the chat conversation the "
+                                   "memory wrapper builds (edit prompt, rephrases, locality prompts; replies as the "
+                                   "generation protocol reads them) and save it under "
+                                   "$EDITMEM_CACHE/counterfactual/NAME (or a folder). SERAC uses the one named "
+                                   "`default`, else the adapter shipped for SmolLM2-135M-Instruct; "
+                                   "`--set serac.counterfactual=NAME` picks another.")
+    p.add_argument("--data", required=True, action="append", help="edit cases with rephrases (repeatable: e.g. "
+                                                                  "counterfact-train.json and zsre_mend_train-1k.json)")
+    p.add_argument("--name", default="default", help="name or folder to save under (default: %(default)s)")
+    p.add_argument("--model", default="smollm2-135m", help="base model alias or local folder (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N cases of each file")
+    for flag, kind, helptext in (("--steps", int, "optimizer steps"), ("--batch-size", int, "examples per step"),
+                                 ("--rank", int, "LoRA rank"), ("--layers", int, "top blocks adapted"),
+                                 ("--lr", float, "peak learning rate"),
+                                 ("--val-cases", int, "held-out cases"),
+                                 ("--val-every", int, "steps between validations")):
+        p.add_argument(flag, type=kind, default=None,
+                       help=f"{helptext} (default: see editors.retrieval.chat_adapter)")
+    p.set_defaults(func=_train_chat_adapter)
 
     p = sub.add_parser("eval-scope", help="routing precision/recall with every case of a file in one store")
     p.add_argument("--data", required=True)
@@ -233,6 +257,37 @@ def _train_counterfactual(args: argparse.Namespace) -> int:
         scores = "  ".join(f"{k} {point[k]:.3f}" for k in ("copy", "update", "retain") if k in point)
         loss = "" if point["train_loss"] is None else f"  train loss {point['train_loss']:.3f}"
         print(f"  step {point['step']:5d}  {point['seconds']:7.1f} s  held-out accuracy: {scores}{loss}")
+    return 0
+
+
+def _train_chat_adapter(args: argparse.Namespace) -> int:
+    _positive(args.limit, "--limit")
+    from editors.lm.loading import load_model
+    from editors.retrieval.chat_adapter import ChatAdapterSettings, save_chat_adapter, train_chat_adapter
+    from editors.retrieval.counterfactual import counterfactual_dir
+    from memory.formats import read_cases
+
+    fields = ("steps", "batch_size", "rank", "layers", "lr", "val_cases", "val_every")
+    settings = ChatAdapterSettings(**{f: getattr(args, f) for f in fields if getattr(args, f) is not None})
+    folder = counterfactual_dir(args.name)
+    check_output_folder(folder.parent, "--name")
+    cases = []
+    for path in args.data:
+        found = read_cases(path, skip_incomplete=True)[:args.limit]
+        if not found:
+            raise ValidationError(f"{path}: no cases to train on")
+        cases.extend(found)
+    model, tok = load_model(args.model)
+    tensors, meta = train_chat_adapter(model, tok, cases, settings, progress=True, data=args.data)
+    meta["command"] = " ".join(shlex.quote(a) for a in ["editmem", *sys.argv[1:]])
+    meta["model"] = args.model
+    save_chat_adapter(tensors, meta, folder)
+    print(f"chat adapter {args.name!r} saved to {folder} ({meta['train_seconds']:.0f} s, best at step "
+          f"{meta['best_step']})")
+    for point in meta["curve"]:
+        scores = "  ".join(f"{k} {point[k]:.3f}" for k in ("copy", "update", "retain") if k in point)
+        loss = "" if point["train_loss"] is None else f"  train loss {point['train_loss']:.3f}"
+        print(f"  step {point['step']:5d}  {point['seconds']:7.1f} s  held-out replies exact: {scores}{loss}")
     return 0
 
 
