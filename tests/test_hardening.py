@@ -154,6 +154,9 @@ def test_unwritable_location_opens_read_only(store, tmp_path, monkeypatch) -> No
                                   ("train-scope", "--data", "missing.json", "--encoder", "no-such-encoder"),
                                   ("train-counterfactual", "--data", "missing.json", "--steps", "0"),
                                   ("train-counterfactual", "--data", "missing.json", "--name", "/proc/1/x"),
+                                  ("train-chat-adapter", "--data", "missing.json", "--steps", "0"),
+                                  ("train-chat-adapter", "--data", "missing.json", "--name", "/proc/1/x"),
+                                  ("train-chat-adapter", "--data", "missing.json", "--limit", "0"),
                                   ("train-mend", "--data", "missing.json", "--out", "x", "--set", "steps=-1")])
 def test_training_commands_check_before_work(run, argv, monkeypatch) -> None:
     import editors.lm.loading as loading

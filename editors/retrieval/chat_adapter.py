@@ -51,7 +51,14 @@ from editors.lm.architectures import Which, model_fingerprint, module_path, num_
 from editors.lm.chat import ChatFrame, chat_frame, is_question
 from editors.lm.tokens import completed, pad_id, pad_rows
 from editors.retrieval.augmented import DEFAULT_CHAT_CONTEXT, chat_messages, check_chat_context, split_lead
-from editors.retrieval.counterfactual import KINDS, Example, answer_logits, build_examples
+from editors.retrieval.counterfactual import (
+    KINDS,
+    Example,
+    answer_logits,
+    answer_step,
+    build_examples,
+    warmup_cosine,
+)
 from memory.errors import EditmemError, ValidationError
 from memory.records import EditCase
 
@@ -233,12 +240,6 @@ def train_chat_adapter(model: torch.nn.Module, tokenizer: Any, cases: Sequence[E
     params = [p for p in wrapped.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
 
-    def lr_at(step: int) -> float:
-        if step < s.warmup:
-            return s.lr * (step + 1) / s.warmup
-        frac = (step - s.warmup) / max(1, s.steps - s.warmup)
-        return s.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-
     def state() -> dict[str, torch.Tensor]:
         return {k: v.detach().clone().contiguous() for k, v in peft.get_peft_model_state_dict(wrapped).items()}
 
@@ -268,16 +269,8 @@ def train_chat_adapter(model: torch.nn.Module, tokenizer: Any, cases: Sequence[E
         for step in range(1, s.steps + 1):
             kinds = rng.choices(KINDS, weights=weights, k=s.batch_size)
             batch = [rng.choice(pools[k]) for k in kinds]
-            ids, mask, spans = rows.batch(batch)
-            for group in optim.param_groups:
-                group["lr"] = lr_at(step - 1)
-            logits, answers = answer_logits(net, ids, mask, spans)
-            loss = torch.nn.functional.cross_entropy(logits.float(), answers)
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optim.step()
-            losses.append(loss.item())
+            losses.append(answer_step(net, optim, params, rows.batch(batch),
+                                      warmup_cosine(step - 1, s.lr, s.warmup, s.steps)))
             if not math.isfinite(losses[-1]):
                 raise EditmemError(f"chat adapter training diverged at step {step} (loss {losses[-1]}); lower "
                                    "the learning rate")

@@ -174,6 +174,31 @@ def answer_logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
     return logits, ids[rows, cols]
 
 
+def warmup_cosine(step: int, peak: float, warmup: int, total: int) -> float:
+    """The learning rate at 0-based ``step``: a linear warm-up to ``peak`` over ``warmup`` steps, then a cosine decay
+    to zero at ``total``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+def answer_step(model: torch.nn.Module, optim: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter],
+                batch: tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]], lr: float) -> float:
+    """One optimiser step at learning rate ``lr`` on the cross-entropy of a batch's answer tokens (``batch``: ids,
+    mask and answer spans, as the row encoders give them), gradients clipped to norm 1; returns the loss."""
+    ids, mask, spans = batch
+    for group in optim.param_groups:
+        group["lr"] = lr
+    logits, answers = answer_logits(model, ids, mask, spans)
+    loss = torch.nn.functional.cross_entropy(logits.float(), answers)
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optim.step()
+    return float(loss.item())
+
+
 def trainable_names(model: torch.nn.Module, train_layers: int) -> list[str]:
     """Parameter names of the top ``train_layers`` blocks."""
     n = num_layers(model)
@@ -250,12 +275,6 @@ def train_counterfactual(model: torch.nn.Module, tokenizer: Any, cases: Sequence
             params.append(p)
     optim = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
 
-    def lr_at(step: int) -> float:
-        if step < s.warmup:
-            return s.lr * (step + 1) / s.warmup
-        frac = (step - s.warmup) / max(1, s.steps - s.warmup)
-        return s.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-
     rng = random.Random(s.seed)
     torch.manual_seed(s.seed)
     curve: list[dict[str, Any]] = []
@@ -284,16 +303,8 @@ def train_counterfactual(model: torch.nn.Module, tokenizer: Any, cases: Sequence
         for step in range(1, s.steps + 1):
             kinds = rng.choices(KINDS, weights=weights, k=s.batch_size)
             batch = [rng.choice(pools[k]) for k in kinds]
-            ids, mask, spans = encoder.batch(batch)
-            for group in optim.param_groups:
-                group["lr"] = lr_at(step - 1)
-            logits, answers = answer_logits(cf, ids, mask, spans)
-            loss = torch.nn.functional.cross_entropy(logits.float(), answers)
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optim.step()
-            losses.append(loss.item())
+            losses.append(answer_step(cf, optim, params, encoder.batch(batch),
+                                      warmup_cosine(step - 1, s.lr, s.warmup, s.steps)))
             bar.update(1)
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
             if step % s.val_every == 0 or step == s.steps:

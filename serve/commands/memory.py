@@ -253,11 +253,16 @@ def _train_counterfactual(args: argparse.Namespace) -> int:
     folder = save_counterfactual(cf, meta, args.name)
     print(f"counterfactual model {args.name!r} saved to {folder} ({meta['train_seconds']:.0f} s, best at step "
           f"{meta['best_step']})")
+    _print_curve(meta, "held-out accuracy")
+    return 0
+
+
+def _print_curve(meta: dict[str, Any], measure: str) -> None:
+    """The validation curve of a trained counterfactual model or chat adapter, one line per validation."""
     for point in meta["curve"]:
         scores = "  ".join(f"{k} {point[k]:.3f}" for k in ("copy", "update", "retain") if k in point)
         loss = "" if point["train_loss"] is None else f"  train loss {point['train_loss']:.3f}"
-        print(f"  step {point['step']:5d}  {point['seconds']:7.1f} s  held-out accuracy: {scores}{loss}")
-    return 0
+        print(f"  step {point['step']:5d}  {point['seconds']:7.1f} s  {measure}: {scores}{loss}")
 
 
 def _train_chat_adapter(args: argparse.Namespace) -> int:
@@ -284,10 +289,7 @@ def _train_chat_adapter(args: argparse.Namespace) -> int:
     save_chat_adapter(tensors, meta, folder)
     print(f"chat adapter {args.name!r} saved to {folder} ({meta['train_seconds']:.0f} s, best at step "
           f"{meta['best_step']})")
-    for point in meta["curve"]:
-        scores = "  ".join(f"{k} {point[k]:.3f}" for k in ("copy", "update", "retain") if k in point)
-        loss = "" if point["train_loss"] is None else f"  train loss {point['train_loss']:.3f}"
-        print(f"  step {point['step']:5d}  {point['seconds']:7.1f} s  held-out replies exact: {scores}{loss}")
+    _print_curve(meta, "held-out replies exact")
     return 0
 
 
