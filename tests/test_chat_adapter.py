@@ -12,6 +12,7 @@ import torch
 
 from editors import EditRequest, get_editor
 from editors.lm.chat import chat_frame
+from editors.lm.tokens import pad_rows
 from editors.retrieval.augmented import AugmentedModel
 from editors.retrieval.chat_adapter import (
     SHIPPED_DIR,
@@ -152,9 +153,7 @@ def test_serac_answers_in_scope_chat_rows_with_the_merged_copy_and_keeps_the_res
     frame = chat_frame(tok)
     assert frame is not None
     rows = [frame.encode("The capital of France is"), frame.encode("Bananas are yellow and")]
-    width = max(map(len, rows))
-    ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    ids, mask = pad_rows(rows, tok.pad_token_id)
     try:
         with torch.no_grad():
             out = wrapper(input_ids=ids, attention_mask=mask).logits
@@ -202,9 +201,8 @@ def test_a_chat_adapter_answers_chat_rows_only(trained, tmp_path):
     plain = tok("The capital of France is")["input_ids"]
     rows = [frame.encode("The capital of France is"), plain]
     assert wrapper.counterfactual_for(rows[0]) is merged and wrapper.counterfactual_for(plain) is model
-    width = max(map(len, rows))
-    ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    ids, mask = pad_rows(rows, tok.pad_token_id)
+    width = ids.shape[1]
     try:
         with torch.no_grad():
             out = wrapper(input_ids=ids, attention_mask=mask).logits

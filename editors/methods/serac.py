@@ -25,18 +25,13 @@ from typing import Any
 import torch
 
 from editors.base import EditorSettings, register_editor
-from editors.retrieval.augmented import (
-    DEFAULT_CHAT_CONTEXT,
-    DEFAULT_CONTEXT,
-    AugmentedModel,
-    context_template,
-)
+from editors.retrieval.augmented import AugmentedModel, context_template
 from editors.retrieval.setup import (
     DEFAULT_COUNTERFACTUAL,
     DEFAULT_SCOPE,
     MemoryEditor,
+    counterfactual_options,
     load_classifier,
-    load_counterfactual_model,
 )
 from memory.errors import ValidationError
 from memory.namespaces import check_namespace
@@ -104,13 +99,9 @@ class SeracEditor(MemoryEditor):
         super().__init__(model, tokenizer, settings)
         s = self.settings
         clf = load_classifier(s.scope, threshold=s.threshold)
-        counterfactual, trained_context, chat_context = load_counterfactual_model(s.counterfactual, model, tokenizer)
-        context = s.context or trained_context or DEFAULT_CONTEXT
+        options = counterfactual_options(s.counterfactual, model, tokenizer, context=s.context)
         self.open_memory(s.store, s.encoder or clf.encoder, clf, namespace=s.namespace)
-        self._wrapper = AugmentedModel(model, tokenizer, self.memory, clf, k=s.k, context=context,
-                                       counterfactual=counterfactual,
-                                       chat_context=chat_context or DEFAULT_CHAT_CONTEXT,
-                                       counterfactual_rows="chat" if chat_context else "all")
+        self._wrapper = AugmentedModel(model, tokenizer, self.memory, clf, k=s.k, **options)
 
     @property
     def model(self) -> AugmentedModel:

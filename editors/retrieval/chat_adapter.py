@@ -43,7 +43,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, cast, get_args
 
 import torch
 
@@ -59,6 +59,7 @@ from editors.retrieval.counterfactual import (
     build_examples,
     warmup_cosine,
 )
+from memory.checks import check_number
 from memory.errors import EditmemError, ValidationError
 from memory.records import EditCase
 
@@ -66,7 +67,7 @@ log = logging.getLogger(__name__)
 
 KIND = "chat-lora"
 SHIPPED_DIR = Path(__file__).with_name("default_adapter")
-_MODULES = ("block", "mlp", "mlp_in", "mlp_gate", "mlp_out", "attn_out")
+_MODULES: tuple[str, ...] = get_args(Which)
 
 
 @dataclass(frozen=True)
@@ -97,17 +98,10 @@ class ChatAdapterSettings:
 
     def __post_init__(self) -> None:
         check_chat_context(self.chat_context)
-        for name in ("rank", "layers", "steps", "batch_size", "val_cases", "val_every", "patience"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValidationError(f"chat adapter setting {name} must be a positive integer, got {value!r}")
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValidationError(f"chat adapter setting warmup must be >= 0, got {self.warmup!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int) or self.alpha < 1:
-            raise ValidationError(f"chat adapter setting alpha must be a positive integer, got {self.alpha!r}")
-        if (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr)
-                or self.lr <= 0):
-            raise ValidationError(f"chat adapter setting lr must be a positive number, got {self.lr!r}")
+        for name in ("rank", "alpha", "layers", "steps", "batch_size", "val_cases", "val_every", "patience"):
+            check_number("chat adapter", name, getattr(self, name), integer=True)
+        check_number("chat adapter", "warmup", self.warmup, integer=True, strict=False)
+        check_number("chat adapter", "lr", self.lr)
         if not self.modules or any(m not in _MODULES for m in self.modules):
             raise ValidationError(f"chat adapter setting modules must name some of {', '.join(_MODULES)}, got "
                                   f"{self.modules!r}")

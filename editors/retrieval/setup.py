@@ -60,6 +60,20 @@ def load_counterfactual_model(name: str | None, model: torch.nn.Module,
     return cf, template, None
 
 
+def counterfactual_options(name: str | None, model: torch.nn.Module, tokenizer: Any, *,
+                           context: str | None = None) -> dict[str, Any]:
+    """The :class:`~editors.retrieval.augmented.AugmentedModel` keyword arguments for the counterfactual model
+    ``name`` names (:func:`load_counterfactual_model`): the model, the plain context (``context`` if given, else a
+    trained model's own, else the default), the chat context and which rows the model answers (a chat adapter: chat
+    rows only)."""
+    from editors.retrieval.augmented import DEFAULT_CHAT_CONTEXT, DEFAULT_CONTEXT
+
+    counterfactual, trained_context, chat_context = load_counterfactual_model(name, model, tokenizer)
+    return {"counterfactual": counterfactual, "context": context or trained_context or DEFAULT_CONTEXT,
+            "chat_context": chat_context or DEFAULT_CHAT_CONTEXT,
+            "counterfactual_rows": "chat" if chat_context else "all"}
+
+
 class MemoryEditHandle(EditHandle):
     """Undo for memory editors: the store ids (and versions) of the edits one ``apply`` added."""
 

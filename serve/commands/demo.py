@@ -138,18 +138,16 @@ def walk(wrapper, mem, max_new_tokens: int) -> dict[str, list]:
 def open_demo(model_name: str, scope_name: str, threshold: float | None, url: str):
     """The demo's model, store and wrapper: ``(wrapper, mem)`` (the caller closes ``mem``)."""
     from editors.lm.loading import load_model
-    from editors.retrieval.augmented import DEFAULT_CHAT_CONTEXT, AugmentedModel
-    from editors.retrieval.setup import DEFAULT_COUNTERFACTUAL, load_classifier, load_counterfactual_model
+    from editors.retrieval.augmented import AugmentedModel
+    from editors.retrieval.setup import DEFAULT_COUNTERFACTUAL, counterfactual_options, load_classifier
     from memory import EditMemory
 
     model, tokenizer = load_model(model_name)
     mem = EditMemory.open(url)
     threshold = 0.5 if scope_name == "cosine" and threshold is None else threshold
     scope = load_classifier(scope_name, threshold=threshold, encoder=mem.encoder.name)
-    counterfactual, _, chat_context = load_counterfactual_model(DEFAULT_COUNTERFACTUAL, model, tokenizer)
-    return AugmentedModel(model, tokenizer, mem, scope, counterfactual=counterfactual,
-                          chat_context=chat_context or DEFAULT_CHAT_CONTEXT,
-                          counterfactual_rows="chat" if chat_context else "all"), mem
+    options = counterfactual_options(DEFAULT_COUNTERFACTUAL, model, tokenizer)
+    return AugmentedModel(model, tokenizer, mem, scope, **options), mem
 
 
 def run_demo(args: argparse.Namespace) -> int:
