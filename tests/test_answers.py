@@ -138,3 +138,50 @@ def test_same_answer_compares_normalised_first_answers():
 
     assert same_answer("The Eiffel Tower.\nIt is in Paris.", "the eiffel tower! It is tall")
     assert not same_answer("Paris.", "Rome.")
+
+
+def test_last_sentence():
+    from editors.lm.chat import last_sentence
+
+    assert last_sentence("The capital of Peru is") == "The capital of Peru is"
+    assert last_sentence("One person was hurt. The capital of Peru is") == "The capital of Peru is"
+    assert last_sentence("What is the twin city of Lyon? It is") == "It is"
+    assert last_sentence("Dr. Who is") == "Who is"  # a plain rule: an abbreviation ends a sentence too
+    assert last_sentence("  ") == ""
+
+
+def test_an_in_scope_cloze_chat_reply_starts_with_the_prompts_last_sentence_within_the_budget():
+    model, _ = tiny_model("llama")
+    tok = chat_tokenizer()
+    with EditMemory.open("sqlite://", encoder="hashing-256") as mem:
+        mem.add("The capital of France is", "Rome", subject="France")
+        wrapper = AugmentedModel(model, tok, mem, CosineScope(0.6))
+        free = AugmentedModel(model, tok, mem, CosineScope(0.6), cloze_reply="free")
+        frame = wrapper.chat
+        assert frame is not None
+        cloze = frame.encode("It rained. The capital of France is")
+        question = frame.encode("What is the capital of France?")
+        start = tok("The capital of France is", add_special_tokens=False)["input_ids"]
+        assert wrapper.reply_start(cloze) == start
+        assert wrapper.reply_start(question) == [] and free.reply_start(cloze) == []
+        assert wrapper.reply_start(encode_prompt(tok, "The capital of France is")) == []  # a plain row
+        assert wrapper.reply_start(cloze + start) == []  # an answer already follows the frame
+        budget = len(start) + 3
+        for lm, first in ((wrapper, start), (free, None)):
+            out = lm.generate(input_ids=torch.tensor([cloze]), max_new_tokens=budget, do_sample=False,
+                              pad_token_id=tok.pad_token_id)
+            assert lm.last_routing[0].in_scope
+            reply = out[0, len(cloze):].tolist()
+            assert len(reply) <= budget
+            if first is not None:
+                assert reply[:len(start)] == start
+                seq = wrapper.condition_row(cloze, lm.last_routing[0].edit) + start
+                alone = model.generate(input_ids=torch.tensor([seq]), max_new_tokens=3, do_sample=False,
+                                       pad_token_id=tok.pad_token_id)
+                assert reply[len(start):] == alone[0, len(seq):].tolist()
+        # a budget the start would fill: the model starts the reply itself
+        out = wrapper.generate(input_ids=torch.tensor([cloze]), max_new_tokens=len(start), do_sample=False,
+                               pad_token_id=tok.pad_token_id)
+        assert out.shape[1] - len(cloze) <= len(start)
+        with pytest.raises(ValidationError, match="cloze_reply"):
+            AugmentedModel(model, tok, mem, CosineScope(0.6), cloze_reply="nope")

@@ -185,3 +185,30 @@ def test_queries_waiting_for_the_routing_lock_are_routed_in_one_call(tmp_path):
         assert service._asks == {}  # a request that fails before it is routed leaves no query behind
     finally:
         service.close()
+
+
+def test_an_in_scope_cloze_chat_answer_starts_with_the_prompts_last_sentence(tmp_path):
+    """The service starts the answer as the wrapper's generate does (AugmentedModel.reply_start), within max_tokens,
+    streamed and not."""
+    from editors.retrieval.service import MemoryService, Sampling, ServiceSettings
+    from tests.serving import EDIT, new_store
+    from tests.tiny import chat_tokenizer
+
+    model, _ = tiny_model("llama")
+    tok = chat_tokenizer()
+    service = MemoryService(model, tok, new_store(tmp_path / "s.db", EDIT),
+                            ServiceSettings(scope="cosine", threshold=0.6))
+    try:
+        prompt, route = service.chat_prompt([{"role": "user", "content": "It rained. The capital of Japan is"}])
+        sampling = Sampling(max_tokens=12)
+        done = service.complete(prompt, sampling, route_text=route, templated=True)
+        assert done.shaping.route == "serac"
+        text = done.choices[0].text
+        assert text.startswith("The capital of Japan is") and done.choices[0].tokens <= 12
+        *pieces, streamed = list(service.stream(prompt, sampling, route_text=route, templated=True))
+        assert "".join(pieces) == text == streamed.choices[0].text
+        question, route = service.chat_prompt([{"role": "user", "content": "What is the capital of Japan?"}])
+        asked = service.complete(question, sampling, route_text=route, templated=True)
+        assert asked.shaping.route == "serac" and not asked.choices[0].text.startswith("What is")
+    finally:
+        service.close()

@@ -19,6 +19,7 @@ None and callers prompt it as a plain completion model. A template whose renderi
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -114,3 +115,14 @@ def chat_text(tokenizer: Any, question: str) -> str | None:
 def is_question(prompt: str) -> bool:
     """A prompt that asks (ends with '?'), as opposed to a cloze prompt to be continued."""
     return prompt.rstrip().endswith("?")
+
+
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+")
+
+
+def last_sentence(text: str) -> str:
+    """The last sentence of ``text`` (sentences end in '.', '!' or '?' followed by white space), stripped; "" for
+    blank text. ``last_sentence("One person was hurt. The capital of Peru is") == "The capital of Peru is"``."""
+    parts = [part for part in _SENTENCE_BREAK.split(text.strip()) if part]
+    return parts[-1] if parts else ""
+

@@ -37,7 +37,6 @@ import json
 import logging
 import math
 import random
-import re
 import time
 import weakref
 from collections.abc import Sequence
@@ -48,7 +47,7 @@ from typing import Any, cast, get_args
 import torch
 
 from editors.lm.architectures import Which, model_fingerprint, module_path, num_layers
-from editors.lm.chat import ChatFrame, chat_frame, is_question
+from editors.lm.chat import ChatFrame, chat_frame, is_question, last_sentence
 from editors.lm.tokens import completed, pad_id, pad_rows
 from editors.retrieval.augmented import DEFAULT_CHAT_CONTEXT, chat_messages, check_chat_context, split_lead
 from editors.retrieval.counterfactual import (
@@ -115,11 +114,7 @@ def reply_text(query: str, answer: str) -> str:
     """The reply a chat model should give: the answer alone after a question, the completed last sentence after a
     cloze prompt (CounterFact's rephrases often start with an unrelated sentence, which the reply must not repeat: the
     generation protocol reads the first sentence); ending in a full stop."""
-    if is_question(query):
-        text = answer.strip()
-    else:
-        last = [part for part in re.split(r"(?<=[.!?])\s+", query.strip()) if part][-1]
-        text = completed(last, answer).strip()
+    text = answer.strip() if is_question(query) else completed(last_sentence(query), answer).strip()
     return text if text.endswith((".", "!", "?")) else text + "."
 
 

@@ -201,7 +201,8 @@ class MemoryService:
         except BaseException:
             self._batcher.withdraw()
             raise
-        return Completion(self._generate(plan.lm, plan.seq, plan.sampling), plan.prompt_tokens, plan.shaping)
+        return Completion(self._generate(plan.lm, plan.seq, plan.sampling, plan.start), plan.prompt_tokens,
+                          plan.shaping)
 
     def stream(self, prompt: str, sampling: Sampling, **options: Any) -> Iterator[str | Completion]:
         """Like :meth:`complete` for one answer (``sampling.n`` must be 1), as it is generated: the new text piece
@@ -226,6 +227,7 @@ class MemoryService:
         if context is not None and len(row) + sampling.max_tokens > context:
             raise ValidationError(f"the prompt ({len(row)} tokens) and max_tokens ({sampling.max_tokens}) exceed the "
                                   f"model's context of {context} tokens")
+        start: list[int] = []
         if disable:
             with self._lock:
                 seq, lm = row, self.model
@@ -250,13 +252,19 @@ class MemoryService:
                     decision = self._answer_asks(key, editor, ask)
                 if decision.edit is not None:
                     seq, lm = wrapper.condition_row(row, decision.edit), wrapper.counterfactual_for(row)
+                    start = wrapper.reply_start(row)
+                    if len(start) < sampling.max_tokens:  # the reply's start counts in its token budget
+                        seq = seq + start
+                        sampling = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - len(start))
+                    else:
+                        start = []
                 else:
                     seq, lm = row, self.model
                 shaping = _shaping(editor.name if decision.in_scope else "base", decision,
                                    change_number(editor.memory), as_of, editor.memory.namespace)
         if context is not None and len(seq) + sampling.max_tokens > context:  # the edit's context made it longer
             sampling = dataclasses.replace(sampling, max_tokens=max(1, context - len(seq)))
-        return _Plan(len(row), seq, lm, shaping, sampling)
+        return _Plan(len(row), seq, lm, shaping, sampling, tuple(start))
 
     def _ask(self, key: tuple[str, str], text: str) -> _Ask:
         """Put ``text`` among the queries waiting to be routed by the editor of ``key`` (namespace, method)."""
@@ -299,7 +307,7 @@ class MemoryService:
         job = self._batcher.submit(plan.lm, plan.seq, s.max_tokens, 1, _sampling_kwargs(s), streamer=streamer)
         eos = getattr(self.tokenizer, "eos_token_id", None)
         hold = max((len(x) for x in s.stop), default=1) - 1
-        tokens: list[int] = []
+        tokens: list[int] = list(plan.start)
         sent, finish, stopped = "", "length", False
         while True:
             token = streamer.tokens.get()
@@ -343,13 +351,13 @@ class MemoryService:
         if len(s.stop) > 4 or not all(isinstance(x, str) and x for x in s.stop):
             raise ValidationError("stop takes at most 4 non-empty strings")
 
-    def _generate(self, lm: Any, seq: list[int], s: Sampling) -> list[Choice]:
+    def _generate(self, lm: Any, seq: list[int], s: Sampling, start: Sequence[int] = ()) -> list[Choice]:
         rows = self._batcher.wait(self._batcher.submit(lm, seq, s.max_tokens, s.n, _sampling_kwargs(s),
                                                        announced=True))
         eos = getattr(self.tokenizer, "eos_token_id", None)
         choices = []
-        for tokens in rows:
-            finish = "length"
+        for generated in rows:
+            tokens, finish = [*start, *generated], "length"
             if eos is not None and eos in tokens:
                 tokens, finish = tokens[:tokens.index(eos)], "stop"
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -379,6 +387,7 @@ class _Plan:
     lm: Any
     shaping: Shaping
     sampling: Sampling
+    start: tuple[int, ...] = ()  # the reply's first tokens, given (AugmentedModel.reply_start), not generated
 
 
 def _sampling_kwargs(s: Sampling) -> dict[str, Any]:
