@@ -56,6 +56,7 @@ from editors.retrieval.counterfactual import (
     answer_logits,
     answer_step,
     build_examples,
+    check_mix,
     warmup_cosine,
 )
 from memory.checks import check_number
@@ -104,10 +105,7 @@ class ChatAdapterSettings:
         if not self.modules or any(m not in _MODULES for m in self.modules):
             raise ValidationError(f"chat adapter setting modules must name some of {', '.join(_MODULES)}, got "
                                   f"{self.modules!r}")
-        mix = tuple(self.mix)
-        if len(mix) != 3 or any(not isinstance(w, (int, float)) or w < 0 for w in mix) or not sum(mix) > 0:
-            raise ValidationError(f"chat adapter setting mix must be three non-negative weights (copy, update, "
-                                  f"retain) with a positive sum, got {self.mix!r}")
+        check_mix("chat adapter", self.mix)
 
 
 def reply_text(query: str, answer: str) -> str:

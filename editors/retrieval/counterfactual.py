@@ -61,6 +61,16 @@ from memory.records import EditCase, EditRecord
 log = logging.getLogger(__name__)
 
 KINDS = ("copy", "update", "retain")
+
+
+def check_mix(owner: str, mix: Any) -> None:
+    """Raise :class:`ValidationError` unless ``mix`` is three non-negative sampling weights of :data:`KINDS` with a
+    positive sum."""
+    weights = tuple(mix) if isinstance(mix, (tuple, list)) else ()
+    if (len(weights) != 3 or any(isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0
+                                 for w in weights) or not sum(weights) > 0):
+        raise ValidationError(f"{owner} setting mix must be three non-negative weights (copy, update, retain) with a "
+                              f"positive sum, got {mix!r}")
 # Both measured on SmolLM2-135M (notes/memory_editing.md): with the `answer` format (whose "(answer: X)" hint has the
 # base model at 1.000 copy accuracy already), 150 steps reach held-out rephrase accuracy 0.975; `new-fact-prompt` peaked
 # at 0.965 after 100 of 300 steps.
@@ -105,10 +115,7 @@ class CounterfactualSettings:
                 raise ValidationError(f"counterfactual setting {name} must be a non-negative number, got {value!r}")
         if self.lr <= 0:
             raise ValidationError(f"counterfactual setting lr must be > 0, got {self.lr!r}")
-        mix = tuple(self.mix)
-        if len(mix) != 3 or any(not isinstance(w, (int, float)) or w < 0 for w in mix) or not sum(mix) > 0:
-            raise ValidationError(f"counterfactual setting mix must be three non-negative weights (copy, update, "
-                                  f"retain) with a positive sum, got {self.mix!r}")
+        check_mix("counterfactual", self.mix)
 
 
 @dataclass(frozen=True)
