@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from memory.errors import ValidationError
@@ -48,3 +49,9 @@ def check_text(owner: str, name: str, value: Any, *, optional: bool = False, wha
         return
     if not isinstance(value, str) or not value:
         raise ValidationError(f"{owner} setting {name} must be {what}{' or None' if optional else ''}, not {value!r}")
+
+
+def check_choice(owner: str, name: str, value: Any, choices: Sequence[str]) -> None:
+    """Raise :class:`ValidationError` unless ``value`` is one of ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValidationError(f"{owner} setting {name} must be one of {', '.join(choices)}, not {value!r}")

@@ -185,3 +185,16 @@ def test_an_in_scope_cloze_chat_reply_starts_with_the_prompts_last_sentence_with
         assert out.shape[1] - len(cloze) <= len(start)
         with pytest.raises(ValidationError, match="cloze_reply"):
             AugmentedModel(model, tok, mem, CosineScope(0.6), cloze_reply="nope")
+
+
+def test_serac_and_ike_take_the_cloze_reply_setting():
+    from editors import get_editor
+
+    model, _ = tiny_model("llama")
+    tok = chat_tokenizer()
+    for method in ("serac", "ike"):
+        with pytest.raises(ValidationError, match="cloze_reply"):
+            get_editor(method, model, tok, scope="cosine", encoder="hashing-256", cloze_reply="nope")
+    serac = get_editor("serac", model, tok, scope="cosine", encoder="hashing-256", cloze_reply="free")
+    assert serac.model.cloze_reply == "free"
+    assert get_editor("serac", model, tok, scope="cosine", encoder="hashing-256").model.cloze_reply == "complete"

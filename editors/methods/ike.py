@@ -58,12 +58,15 @@ from editors.base import (
 )
 from editors.lm.tokens import completed
 from editors.retrieval.augmented import (
+    CLOZE_REPLIES,
+    DEFAULT_CLOZE_REPLY,
     AugmentedModel,
     context_template,
     edit_context,
     insert_context,
 )
 from editors.retrieval.setup import DEFAULT_SCOPE, MemoryEditor, load_classifier
+from memory.checks import check_choice
 from memory.encoder import DEFAULT_ENCODER, encode_chunked
 from memory.errors import EditmemError, ValidationError
 from memory.namespaces import check_namespace
@@ -114,7 +117,7 @@ class IkeSettings(EditorSettings):
     SQLite store of the editor's own). ``scope``, ``threshold``: the scope classifier of ``gated`` mode, as SERAC's.
     ``encoder``: the store's and the pool's encoder (default: the classifier's in gated mode, MiniLM in classic).
     ``candidates``: stored edits retrieved per query for the scope classifier. ``namespace``: the store namespace of
-    the edits.
+    the edits. ``cloze_reply``: as SERAC's (:data:`editors.retrieval.augmented.CLOZE_REPLIES`).
     """
 
     mode: str = "classic"
@@ -132,8 +135,10 @@ class IkeSettings(EditorSettings):
     encoder: str | None = None
     candidates: int = 5
     namespace: str = "default"
+    cloze_reply: str = DEFAULT_CLOZE_REPLY
 
     def __post_init__(self) -> None:
+        check_choice("ike", "cloze_reply", self.cloze_reply, CLOZE_REPLIES)
         if self.mode not in MODES:
             raise ValidationError(f"ike setting mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 0:
@@ -318,8 +323,9 @@ class IkeModel(AugmentedModel):
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, memory: Any, scope: Any, pool: DemoPool, *,
                  n_demos: int, kinds: Sequence[str] = ("copy", "update"), demo_template: str = "answer",
-                 retrieve: str = "query", k: int = 5, context: str = "answer"):
-        super().__init__(model, tokenizer, memory, scope, k=k, context=context)
+                 retrieve: str = "query", k: int = 5, context: str = "answer",
+                 cloze_reply: str = DEFAULT_CLOZE_REPLY):
+        super().__init__(model, tokenizer, memory, scope, k=k, context=context, cloze_reply=cloze_reply)
         self.pool = pool
         self.n_demos = n_demos
         self.kinds = tuple(kinds)
@@ -427,7 +433,7 @@ class IkeEditor(MemoryEditor):
         self.pool = DemoPool.from_file(s.demos, self.memory.encoder, format=s.demo_format, limit=s.demo_limit)
         self._wrapper = IkeModel(model, tokenizer, self.memory, clf, self.pool, n_demos=s.k, kinds=s.kinds,
                                  demo_template=s.demo_template, retrieve=s.retrieve, k=candidates,
-                                 context=s.context)
+                                 context=s.context, cloze_reply=s.cloze_reply)
 
     @classmethod
     def scope_in_use(cls, settings: Any) -> str | None:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from editors.base import EditorSettings, register_editor
-from editors.retrieval.augmented import AugmentedModel, context_template
+from editors.retrieval.augmented import CLOZE_REPLIES, DEFAULT_CLOZE_REPLY, AugmentedModel, context_template
 from editors.retrieval.setup import (
     DEFAULT_COUNTERFACTUAL,
     DEFAULT_SCOPE,
@@ -33,6 +33,7 @@ from editors.retrieval.setup import (
     counterfactual_options,
     load_classifier,
 )
+from memory.checks import check_choice
 from memory.errors import ValidationError
 from memory.namespaces import check_namespace
 
@@ -53,7 +54,9 @@ class SeracSettings(EditorSettings):
     model (:func:`editors.retrieval.setup.load_counterfactual_model`). ``context``: a format name of
     :data:`editors.retrieval.augmented.CONTEXT_FORMATS` or a template; None means the trained counterfactual model's own
     format, or :data:`editors.retrieval.augmented.DEFAULT_CONTEXT` for the base model. ``namespace``: the store
-    namespace the edits are read from and written to.
+    namespace the edits are read from and written to. ``cloze_reply``: how an in-scope chat question that is a cloze
+    prompt is answered (:data:`editors.retrieval.augmented.CLOZE_REPLIES`: ``complete`` starts the reply with the
+    prompt's last sentence, ``free`` lets the model start it).
     """
 
     store: str = "sqlite://"
@@ -64,8 +67,10 @@ class SeracSettings(EditorSettings):
     counterfactual: str | None = DEFAULT_COUNTERFACTUAL
     context: str | None = None
     namespace: str = "default"
+    cloze_reply: str = DEFAULT_CLOZE_REPLY
 
     def __post_init__(self) -> None:
+        check_choice("serac", "cloze_reply", self.cloze_reply, CLOZE_REPLIES)
         if not isinstance(self.store, str) or not self.store:
             raise ValidationError(f"serac setting store must be a store URL, got {self.store!r}")
         check_namespace(self.namespace)
@@ -101,7 +106,8 @@ class SeracEditor(MemoryEditor):
         clf = load_classifier(s.scope, threshold=s.threshold)
         options = counterfactual_options(s.counterfactual, model, tokenizer, context=s.context)
         self.open_memory(s.store, s.encoder or clf.encoder, clf, namespace=s.namespace)
-        self._wrapper = AugmentedModel(model, tokenizer, self.memory, clf, k=s.k, **options)
+        self._wrapper = AugmentedModel(model, tokenizer, self.memory, clf, k=s.k, cloze_reply=s.cloze_reply,
+                                       **options)
 
     @property
     def model(self) -> AugmentedModel:
