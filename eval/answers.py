@@ -9,8 +9,8 @@ which format strings must never appear in it.
 - :func:`answer_matches`: the normalised target (or an alias) occurs, at word boundaries, in the normalised first
   answer. "Melbourne." matches "Melbourne"; "The capital of Australia is Melbourne, of course" matches too;
   "Melbournian" does not.
-- :func:`find_leaks`: the context formats' own words ("(answer: X)", "New Fact:", "Prompt:") or chat-template
-  residue in an answer: a sign that the model repeated the format instead of reading it.
+- :func:`find_leaks`: the context formats' own words ("(answer: X)", "New Fact:", "Prompt:", IKE's "(Example:") or
+  chat-template residue in an answer: a sign that the model repeated the format instead of reading it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ CLOZE_MODES: tuple[str, ...] = ("chat", "complete")
 
 # Case-insensitive; each is a piece of a context or demonstration format, or of a chat template, that a clean
 # answer never contains.
-LEAK_PATTERNS: tuple[str, ...] = ("(answer:", "answer:", "new fact", "prompt:", "<|im_", "<|", "|>")
+LEAK_PATTERNS: tuple[str, ...] = ("(answer:", "answer:", "new fact", "prompt:", "(example:", "<|im_", "<|", "|>")
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
 

@@ -15,10 +15,12 @@ import torch
 from editors import EditRequest, available_editors, get_editor
 from editors.methods.ike import (
     DEMO_TEMPLATES,
+    Demo,
     DemoPool,
     IkeModel,
     IkeSettings,
     build_demos,
+    with_examples,
 )
 from editors.retrieval.setup import MemoryEditHandle
 from eval.harness import run_eval
@@ -69,7 +71,8 @@ def test_ike_is_registered_and_settings_validate():
     for bad in ({"mode": "always"}, {"k": -1}, {"k": 1.5}, {"k": True}, {"retrieve": "edit"}, {"demo_limit": 0},
                 {"candidates": 0}, {"threshold": "high"}, {"context": "no fields"}, {"store": ""}, {"scope": ""},
                 {"demos": ""}, {"encoder": 3}, {"kinds": ()}, {"kinds": ("copy", "copy")},
-                {"kinds": "copy,forget"}, {"demo_template": "New Fact: {fact}"}, {"demo_template": "{query} {nope}"}):
+                {"kinds": "copy,forget"}, {"demo_template": "New Fact: {fact}"}, {"demo_template": "{query} {nope}"},
+                {"chat_demos": "turns"}):
         with pytest.raises(ValidationError, match=r"ike setting|context"):
             IkeSettings(**bad)
     assert IkeSettings(kinds="copy,retain").kinds == ("copy", "retain")  # as `--set ike.kinds=copy,retain` gives it
@@ -268,3 +271,43 @@ def test_cli_ask_with_ike_names_the_edit_and_the_demonstrations(pool_file, one_e
     assert "no edit in scope" in out and "demonstration" not in out
     assert main(["--store", store, "ask", "The capital of Japan is", *gated]) == 0
     assert "-- shaped by edit 1 v1" in capsys.readouterr().out
+
+
+def test_demonstrations_go_into_the_system_message_as_examples_before_the_fact():
+    demo = Demo("copy", "The capital of Italy is Paris", "Paris", "The capital of Italy is", "Paris")
+    messages = [{"role": "system", "content": "You are a helpful assistant. This fact is true: X is Y."},
+                {"role": "user", "content": "X is"}, {"role": "assistant", "content": "X is Y."}]
+    out = with_examples(messages, [demo])
+    assert out[1:] == messages[1:] and messages[0]["content"].endswith("X is Y.")  # the input is left alone
+    assert out[0] == {"role": "system", "content": 'You are a helpful assistant. (Example: given "The capital of '
+                      'Italy is Paris", "The capital of Italy is" is completed as "The capital of Italy is Paris".) '
+                      'This fact is true: X is Y.'}
+    # a context without a system message gets one of its own, in front
+    assert with_examples(messages[1:], [demo])[0]["role"] == "system"
+    assert with_examples(messages[1:], [demo])[1:] == messages[1:]
+
+
+@pytest.mark.parametrize("chat_demos", ["system", "exchanges"])
+def test_a_chat_row_in_scope_gets_the_demonstrations_as_chat_demos_says(pool_file, chat_demos):
+    from tests.tiny import chat_tokenizer
+
+    model, _ = tiny_model("llama")
+    tok = chat_tokenizer()
+    ike = get_editor("ike", model, tok, demos=str(pool_file), encoder="hashing-256", k=1, mode="gated",
+                     scope="cosine", threshold=0.5, chat_demos=chat_demos)
+    ike.apply([EditRequest("The capital of France is", "Rome", subject="France")])
+    wrapper = ike.model
+    framed = wrapper.chat.encode("The capital of France is")
+    decision = wrapper.route_rows([framed])[0]
+    assert decision.in_scope
+    messages = wrapper.chat_messages(framed, decision.edit)
+    demo = wrapper.demo(wrapper._demo_ids(framed, decision.edit)[0])
+    system = [m["content"] for m in messages if m["role"] == "system"]
+    turns = [m["content"] for m in messages if m["role"] == "user"]
+    if chat_demos == "system":
+        assert len(system) == 1 and f'(Example: given "{demo.fact}"' in system[0]
+        assert f"{demo.fact}. {demo.prompt}" not in turns
+    else:
+        assert "(Example:" not in system[0] and f"{demo.fact}. {demo.prompt}" in turns
+    text = tok.decode(wrapper._conditioned(framed, decision.edit)[0])
+    assert "The capital of France is Rome." in text

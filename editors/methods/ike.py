@@ -23,6 +23,8 @@ Prompt. For a query in the scope of a stored edit: the ``k`` demonstrations near
 or to the edit's new fact (``retrieve="fact"``, as EasyEdit's IKE does), farthest first so the nearest sits next to the
 query, then the edit's own context (a format of :data:`editors.retrieval.augmented.CONTEXT_FORMATS`; default
 ``answer``: a copy demonstration of the edit and ``New Fact: {f} (answer: {new target})\\nPrompt: ``), then the query.
+A chat row (a question through the chat template) gets the edit's chat context instead, with the demonstrations as
+worked examples in its system message (``chat_demos="system"``, :func:`with_examples`) or as exchanges after it.
 The wrapper, its routing, the context insertion after BOS and the read-back of logits at the original positions are
 :class:`editors.retrieval.augmented.AugmentedModel`'s; this module only decides what context a row gets.
 
@@ -79,6 +81,12 @@ log = logging.getLogger(__name__)
 MODES: tuple[str, ...] = ("classic", "gated")
 RETRIEVE: tuple[str, ...] = ("query", "fact")
 DEMO_KINDS: tuple[str, ...] = ("copy", "update", "retain")
+# How a chat row gets its demonstrations: "system", as worked examples in the edit's system message; "exchanges", as
+# user/assistant turns after it. With "exchanges", SmolLM2-135M often answered with the demonstration's target
+# ("... employed in Dresden", the demonstration's, for the edit's Paris). Generated answers, SmolLM2-135M-Instruct:
+# on CounterFact cases 60-99 reliability 39 / 39 of 40, generalization 22 / 26 ("exchanges" / "system"); of the 11 edit
+# prompts "exchanges" missed in cases 0-123, "system" answers 7 (notes/answers.md, round 6).
+CHAT_DEMOS: tuple[str, ...] = ("system", "exchanges")
 # Fields: {fact} (the new fact), {target_new} (its new target), {query} (the demonstration's prompt and answer).
 DEMO_TEMPLATES: dict[str, str] = {
     "paper": "New Fact: {fact}\nPrompt: {query}\n\n",
@@ -117,7 +125,8 @@ class IkeSettings(EditorSettings):
     SQLite store of the editor's own). ``scope``, ``threshold``: the scope classifier of ``gated`` mode, as SERAC's.
     ``encoder``: the store's and the pool's encoder (default: the classifier's in gated mode, MiniLM in classic).
     ``candidates``: stored edits retrieved per query for the scope classifier. ``namespace``: the store namespace of
-    the edits. ``cloze_reply``: as SERAC's (:data:`editors.retrieval.augmented.CLOZE_REPLIES`).
+    the edits. ``cloze_reply``: as SERAC's (:data:`editors.retrieval.augmented.CLOZE_REPLIES`). ``chat_demos``: how
+    a chat row gets its demonstrations (:data:`CHAT_DEMOS`).
     """
 
     mode: str = "classic"
@@ -136,9 +145,11 @@ class IkeSettings(EditorSettings):
     candidates: int = 5
     namespace: str = "default"
     cloze_reply: str = DEFAULT_CLOZE_REPLY
+    chat_demos: str = "system"
 
     def __post_init__(self) -> None:
         check_choice("ike", "cloze_reply", self.cloze_reply, CLOZE_REPLIES)
+        check_choice("ike", "chat_demos", self.chat_demos, CHAT_DEMOS)
         if self.mode not in MODES:
             raise ValidationError(f"ike setting mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 0:
@@ -190,6 +201,24 @@ def demo_template_text(template: str) -> str:
     except (KeyError, IndexError, ValueError) as err:
         raise ValidationError(f"ike setting demo_template {template!r} is malformed: {err}") from None
     return template
+
+
+def example_text(demos: Sequence[Demo]) -> str:
+    """Demonstrations as worked examples for a system message, one sentence in parentheses each."""
+    return " ".join(f'(Example: given "{d.fact}", "{d.prompt}" is completed as "{d.query}".)' for d in demos)
+
+
+def with_examples(messages: Sequence[dict[str, str]], demos: Sequence[Demo]) -> list[dict[str, str]]:
+    """``messages`` (a chat context) with ``demos`` as examples in the first system message, after its first
+    sentence (the assistant's role), before the fact; a system message of its own in front where there is none."""
+    out = [dict(m) for m in messages]
+    examples = example_text(demos)
+    for m in out:
+        if m["role"] == "system":
+            head, sep, tail = m["content"].partition(". ")
+            m["content"] = f"{head}. {examples} {tail}" if sep else f"{examples} {m['content']}"
+            return out
+    return [{"role": "system", "content": examples}, *out]
 
 
 @dataclass(frozen=True)
@@ -324,8 +353,10 @@ class IkeModel(AugmentedModel):
     def __init__(self, model: torch.nn.Module, tokenizer: Any, memory: Any, scope: Any, pool: DemoPool, *,
                  n_demos: int, kinds: Sequence[str] = ("copy", "update"), demo_template: str = "answer",
                  retrieve: str = "query", k: int = 5, context: str = "answer",
-                 cloze_reply: str = DEFAULT_CLOZE_REPLY):
+                 cloze_reply: str = DEFAULT_CLOZE_REPLY, chat_demos: str = "system"):
         super().__init__(model, tokenizer, memory, scope, k=k, context=context, cloze_reply=cloze_reply)
+        check_choice("ike", "chat_demos", chat_demos, CHAT_DEMOS)
+        self.chat_demos = chat_demos
         self.pool = pool
         self.n_demos = n_demos
         self.kinds = tuple(kinds)
@@ -378,21 +409,24 @@ class IkeModel(AugmentedModel):
                 + edit_context(edit, self.template))
 
     def chat_messages(self, row: list[int], edit: EditRecord) -> list[dict[str, str]]:
-        """For a chat row: the edit's system message, then each demonstration (nearest last) as an exchange whose
-        user turn gives its fact and asks its prompt and whose assistant turn completes it, then the rest of the
-        edit's chat context."""
+        """For a chat row, the edit's chat context with the demonstrations (nearest last) put in: as worked examples
+        in its system message (``chat_demos="system"``) or as exchanges after it (``"exchanges"``)."""
         own = super().chat_messages(row, edit)
+        demos = [self.pool.demos[i] for i in reversed(self._demo_ids(row, edit))]
+        if not demos:
+            return own
+        if self.chat_demos == "system":
+            return with_examples(own, demos)
         system = [m for m in own if m["role"] == "system"]
-        demos = []
-        for i in reversed(self._demo_ids(row, edit)):
-            demo = self.pool.demos[i]
-            demos += [{"role": "user", "content": f"{demo.fact}. {demo.prompt}"},
-                      {"role": "assistant", "content": f"{demo.query}."}]
-        return [*system, *demos, *[m for m in own if m["role"] != "system"]]
+        exchanges = []
+        for demo in demos:
+            exchanges += [{"role": "user", "content": f"{demo.fact}. {demo.prompt}"},
+                          {"role": "assistant", "content": f"{demo.query}."}]
+        return [*system, *exchanges, *[m for m in own if m["role"] != "system"]]
 
     def _conditioned(self, row: list[int], edit: EditRecord, *, generating: bool = False) -> tuple[list[int], int]:
         # Plain rows keep IKE's demonstration format whether generating or not (its demonstrations are that format);
-        # chat rows (editors.lm.chat) get exchanges instead.
+        # chat rows (editors.lm.chat) get a conversation instead (chat_messages).
         chat = self._chat_conditioned(row, edit)
         if chat is not None:
             return chat
@@ -433,7 +467,7 @@ class IkeEditor(MemoryEditor):
         self.pool = DemoPool.from_file(s.demos, self.memory.encoder, format=s.demo_format, limit=s.demo_limit)
         self._wrapper = IkeModel(model, tokenizer, self.memory, clf, self.pool, n_demos=s.k, kinds=s.kinds,
                                  demo_template=s.demo_template, retrieve=s.retrieve, k=candidates,
-                                 context=s.context, cloze_reply=s.cloze_reply)
+                                 context=s.context, cloze_reply=s.cloze_reply, chat_demos=s.chat_demos)
 
     @classmethod
     def scope_in_use(cls, settings: Any) -> str | None:
