@@ -11,6 +11,7 @@ which format strings must never appear in it.
   "Melbournian" does not.
 - :func:`find_leaks`: the context formats' own words ("(answer: X)", "New Fact:", "Prompt:", IKE's "(Example:") or
   chat-template residue in an answer: a sign that the model repeated the format instead of reading it.
+  :func:`edit_leaks` counts only those an edit caused: an answer the same as the unedited model's is left out.
 """
 
 from __future__ import annotations
@@ -77,3 +78,10 @@ def find_leaks(texts: Sequence[str]) -> list[tuple[int, str]]:
                 found.append((i, pattern))
                 break
     return found
+
+
+def edit_leaks(before: Sequence[str], after: Sequence[str]) -> list[tuple[int, str]]:
+    """:func:`find_leaks` of ``after`` (answers after an edit), leaving out each answer that is the same text as the
+    unedited model's answer to the same probe in ``before``: that one the model gives itself ("The answer: ..."), so no
+    context put it there. With ``before`` empty (not measured) every leak counts."""
+    return [(i, p) for i, p in find_leaks(after) if not (i < len(before) and before[i] == after[i])]

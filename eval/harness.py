@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from editors.base import EditRequest, WeightEditHandle, available_editors, get_editor
+from eval.answers import edit_leaks
 from eval.metrics import (
     GENERATE,
     PROTOCOLS,
@@ -164,7 +165,7 @@ def _case_line(index: int, case: EditCase, method: str, settings: EvalSettings, 
     line.update(extra)
     line["scores"] = {p: {"pre": pre.values[p], "post": post.values[p]} for p in settings.protocols}
     if GENERATE in settings.protocols:
-        line["leaks"] = post.leaks
+        line["leaks"] = len(edit_leaks(pre.answers, post.answers))
         line["answers"] = list(post.answers)
     return line
 

@@ -188,7 +188,8 @@ def write_report(out_dir: str | Path, summary: Mapping[str, Any], *, command: st
         "(EasyEdit, Wang et al. 2024). Generate: the answer a user reads (the question through the chat template "
         "when the model has one, greedy decoding to end of turn, first line and sentence), scored 1 when it contains "
         "the normalised target or an alias; locality is 1 when the normalised answer is unchanged; leaked answers "
-        "hold a context format's words ('(answer:', 'New Fact', 'Prompt:'). "
+        "hold a context format's words ('(answer:', 'New Fact', 'Prompt:', '(Example:') or chat-template residue "
+        "and differ from the unedited model's answer. "
         + (f"Fluency: weighted 2/3-gram entropy in bits of the edit prompt and {fluency_tokens} greedy new tokens "
            "(ROME); the same number under either protocol. " if fluency_tokens
            else "Fluency: weighted 2/3-gram entropy in bits of the edit prompt and its greedy continuation (ROME; "

@@ -11,7 +11,7 @@ import torch
 from editors.lm.chat import chat_frame
 from editors.lm.tokens import encode_prompt
 from editors.retrieval.augmented import AugmentedModel
-from eval.answers import answer_matches, find_leaks, first_answer, probe_input
+from eval.answers import answer_matches, edit_leaks, find_leaks, first_answer, probe_input
 from eval.metrics import GENERATE, MetricSettings, measure_case
 from memory import EditMemory
 from memory.errors import ValidationError
@@ -43,6 +43,14 @@ def test_answer_matching_normalises_and_uses_aliases():
 def test_leaks_are_found():
     answers = ["Melbourne (answer: Melbourne)", "New Fact: The capital of", "Prompt: x", "Melbourne.", "Perth"]
     assert find_leaks(answers) == [(0, "(answer:"), (1, "new fact"), (2, "prompt:")]
+
+
+def test_a_leak_counts_only_where_the_answer_differs_from_the_unedited_model_s():
+    before = ["The answer: The United States of America.", "Paris.", "Lima."]
+    after = ["The answer: The United States of America.", "New Fact: Rome.", "The answer: Rome."]
+    assert edit_leaks(before, after) == [(1, "new fact"), (2, "answer:")]
+    assert edit_leaks([], after) == find_leaks(after)  # nothing measured before: every leak counts
+
 
 
 def test_chat_template_applied_only_when_the_tokenizer_has_one():
