@@ -22,9 +22,8 @@ Two protocols; every number carries the name of the one that produced it:
     and the end of the first sentence. A probe scores 1 if its normalised target (or an alias) occurs at word
     boundaries in that normalised first answer, else 0. Normalisation: lowercase, drop punctuation, drop the articles
     a/an/the, collapse whitespace. Locality of a probe is 1 if the normalised first answers before and after the edit
-    are equal, else 0. Every generated answer is also scanned for leaked format strings
-    (:func:`eval.answers.find_leaks`);
-    the count is in ``CaseScores.leaks``.
+    are equal, else 0. The generated answers are kept in ``CaseScores.answers``; the harness counts the leaked
+    format strings among them that the edit caused (:func:`eval.answers.edit_leaks`).
 
 Fluency (either protocol) is ROME's weighted n-gram entropy, in **bits** (not a fraction): the edit prompt is
 continued greedily for ``fluency_tokens`` (default 50) new tokens; the prompt plus continuation is split into word
@@ -53,7 +52,7 @@ import torch
 
 from editors.lm.chat import chat_frame
 from editors.lm.tokens import encode_batch, encode_prompt, pad_id
-from eval.answers import CHAT_MODES, CLOZE_MODES, answer_matches, find_leaks, first_answer, probe_input
+from eval.answers import CHAT_MODES, CLOZE_MODES, answer_matches, first_answer, probe_input
 from memory.errors import ValidationError
 from memory.records import EditCase
 
@@ -309,7 +308,6 @@ class CaseScores:
     values: dict[str, dict[str, float | None]] = field(default_factory=dict)
     reference: CaseReference = field(default_factory=CaseReference)
     answers: tuple[str, ...] = ()  # generate: the first answer of every probe, in case_probes order
-    leaks: int = 0  # generate: answers holding a leaked format string (eval.answers.find_leaks)
 
 
 def _mean(xs: Sequence[float]) -> float | None:
@@ -351,7 +349,6 @@ def measure_case(model: Any, tokenizer: Any, case: EditCase, protocols: Sequence
     fluency: float | None = None
     loc_texts: tuple[str, ...] | None = None
     answers: tuple[str, ...] = ()
-    leaks = 0
     if GENERATE in protocols:
         frame = chat_frame(tokenizer) if settings.chat == "auto" else None
         inputs = [probe_input(tokenizer, r.prompt, frame, cloze=settings.cloze) for r in rows]
@@ -359,7 +356,6 @@ def measure_case(model: Any, tokenizer: Any, case: EditCase, protocols: Sequence
         gen_ids = generate_from_ids(model, tokenizer, inputs, budgets, max_rows_per_pass=settings.max_rows_per_pass)
         texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in gen_ids]
         answers = tuple(first_answer(t) for t in texts)
-        leaks = len(find_leaks(answers))
         gen_groups: dict[str, list[float]] = {g: [] for g in PROBE_GROUPS}
         normalised_loc: list[str] = []
         for row, answer in zip(rows, answers):
@@ -383,7 +379,7 @@ def measure_case(model: Any, tokenizer: Any, case: EditCase, protocols: Sequence
     for protocol_values in values.values():
         protocol_values["fluency"] = fluency
     return CaseScores(values=values, reference=CaseReference(tokens=tuple(loc_tokens), texts=loc_texts),
-                      answers=answers, leaks=leaks)
+                      answers=answers)
 
 
 def aggregate(per_case: Sequence[Mapping[str, float | None]]) -> dict[str, float | None]:

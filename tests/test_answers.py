@@ -52,7 +52,6 @@ def test_a_leak_counts_only_where_the_answer_differs_from_the_unedited_model_s()
     assert edit_leaks([], after) == find_leaks(after)  # nothing measured before: every leak counts
 
 
-
 def test_chat_template_applied_only_when_the_tokenizer_has_one():
     plain = tiny_tokenizer()
     assert chat_frame(plain) is None

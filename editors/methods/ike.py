@@ -87,6 +87,7 @@ DEMO_KINDS: tuple[str, ...] = ("copy", "update", "retain")
 # on CounterFact cases 60-99 reliability 39 / 39 of 40, generalization 22 / 26 ("exchanges" / "system"); of the 11 edit
 # prompts "exchanges" missed in cases 0-123, "system" answers 7 (notes/answers.md, round 6).
 CHAT_DEMOS: tuple[str, ...] = ("system", "exchanges")
+DEFAULT_CHAT_DEMOS = "system"
 # Fields: {fact} (the new fact), {target_new} (its new target), {query} (the demonstration's prompt and answer).
 DEMO_TEMPLATES: dict[str, str] = {
     "paper": "New Fact: {fact}\nPrompt: {query}\n\n",
@@ -145,7 +146,7 @@ class IkeSettings(EditorSettings):
     candidates: int = 5
     namespace: str = "default"
     cloze_reply: str = DEFAULT_CLOZE_REPLY
-    chat_demos: str = "system"
+    chat_demos: str = DEFAULT_CHAT_DEMOS
 
     def __post_init__(self) -> None:
         check_choice("ike", "cloze_reply", self.cloze_reply, CLOZE_REPLIES)
@@ -353,7 +354,7 @@ class IkeModel(AugmentedModel):
     def __init__(self, model: torch.nn.Module, tokenizer: Any, memory: Any, scope: Any, pool: DemoPool, *,
                  n_demos: int, kinds: Sequence[str] = ("copy", "update"), demo_template: str = "answer",
                  retrieve: str = "query", k: int = 5, context: str = "answer",
-                 cloze_reply: str = DEFAULT_CLOZE_REPLY, chat_demos: str = "system"):
+                 cloze_reply: str = DEFAULT_CLOZE_REPLY, chat_demos: str = DEFAULT_CHAT_DEMOS):
         super().__init__(model, tokenizer, memory, scope, k=k, context=context, cloze_reply=cloze_reply)
         check_choice("ike", "chat_demos", chat_demos, CHAT_DEMOS)
         self.chat_demos = chat_demos

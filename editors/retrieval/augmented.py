@@ -63,7 +63,7 @@ CONTEXT_FORMATS: dict[str, str] = {
 }
 DEFAULT_CONTEXT = "answer"
 # Formats whose text a model repeats in its answers when it continues them (generation, not teacher forcing):
-# "(answer: X)", "New Fact:", "Prompt:". Generated answers are scanned for them (eval.leaks).
+# "(answer: X)", "New Fact:", "Prompt:". Generated answers are scanned for them (eval.answers.find_leaks).
 LEAKY_CONTEXTS = frozenset({"new-fact-prompt", "demo", "demo2", "answer", "answer-first", "answer-both"})
 # What a plain (non-chat) row is generated from when the context is one of LEAKY_CONTEXTS: a format with nothing in
 # it to repeat (notes/answers.md: first 10 CounterFact cases, plain completion, `answer` 11 of 20 answers leaked,
