@@ -1,4 +1,5 @@
-"""The edit-time benchmark (serve.bench_edit_time) on a tiny model: every method timed, the one-off work apart."""
+"""The lifelong-editing benchmarks on a tiny model: edit time per method (serve.bench_edit_time) and consolidate +
+delete + rebuild (serve.bench_consolidation)."""
 
 from __future__ import annotations
 
@@ -45,3 +46,25 @@ def test_every_method_is_timed_in_one_run_and_a_method_that_cannot_run_is_report
     assert "not_run" in rows["mend+checkpoint=missing"]
     text = table(list(rows.values()))
     assert "not run" in text and "| alphaedit |" in text
+
+
+def test_consolidation_bench_deletes_and_finds_the_folder_equal_to_a_rebuild(tmp_path, monkeypatch):
+    from serve.bench_consolidation import main as consolidation_main
+    from serve.bench_consolidation import spread
+
+    assert spread([1, 2, 3, 4, 5, 6], 2) == [2, 5] and spread([1, 2], 0) == []
+    model, tok = tiny_model("llama")
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    cases = [dict(c, prompt=f"The capital of Land{i} is", subject=f"Land{i}") for i, c in enumerate(CASES * 2)]
+    data = tmp_path / "cases.json"
+    data.write_text(json.dumps(cases), encoding="utf-8")
+    monkeypatch.setenv("EDITMEM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert consolidation_main(["--data", str(data), "--model", str(tmp_path / "m"), "--edits", "6",
+                               "--batch-size", "3", "--delete", "2", "--method", "memit", "--sample", "3",
+                               "--protocol", "teacher-forced", "--out", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["bit_identical"] and result["files_differing"] == [] and result["tensors_differing"] == []
+    assert len(result["deleted"]) == 2 and result["held_edits"] == 4  # the batch mates were written again
+    assert result["after_delete"]["teacher-forced"]["locality"] is not None
