@@ -27,7 +27,9 @@ Outputs, in ``out_dir``, written as the run goes:
     ``checkpoints.jsonl``  sequential mode: one line per method and checkpoint (``{"method": ..., "n_edits": ...,
                       "n_measured": ..., five metrics}``) as soon as it is measured, so a long run that is stopped
                       keeps its curve so far;
-    ``summary.json``  rewritten after each method; its shape is documented in :data:`eval.report.SUMMARY_SHAPE`;
+    ``summary.json``  written at the start, after each method and, in sequential mode, after each checkpoint (an
+                      unfinished method's entry is its last checkpoint's, with ``"unfinished"``); its shape is
+                      documented in :data:`eval.report.SUMMARY_SHAPE`;
     ``report.md`` and PNG plots (see :mod:`eval.report`), at the end.
 """
 
@@ -38,7 +40,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,10 +198,12 @@ def _write_line(sink: Any, record: Mapping[str, Any]) -> None:
 
 class _Runner:
     def __init__(self, model: Any, tokenizer: Any, cases: Sequence[EditCase], settings: EvalSettings,
-                 sink: Any, progress: bool, checkpoint_sink: Any = None):
+                 sink: Any, progress: bool, checkpoint_sink: Any = None,
+                 on_checkpoint: Callable[[str, _MethodResult], None] | None = None):
         self.model, self.tokenizer, self.cases, self.settings = model, tokenizer, cases, settings
         self.sink = sink
         self.checkpoint_sink = checkpoint_sink
+        self.on_checkpoint = on_checkpoint
         self.progress = progress
         self.pre = _PreCache(model, tokenizer, cases, settings)
 
@@ -306,6 +310,8 @@ class _Runner:
                     log.info("%s: %d edits, %s", method, checkpoint, entry)
                     if self.checkpoint_sink is not None:
                         _write_line(self.checkpoint_sink, {"method": method, **entry})
+                    if self.on_checkpoint is not None and not final:
+                        self.on_checkpoint(method, result)
         finally:
             for handle in reversed(handles):
                 handle.restore()
@@ -388,7 +394,19 @@ def _run_eval(model: Any, tokenizer: Any, cases: Sequence[EditCase], settings: E
         sink = files.enter_context(open(out / "cases.jsonl", "w", encoding="utf-8"))
         checkpoint_sink = (files.enter_context(open(out / "checkpoints.jsonl", "w", encoding="utf-8"))
                            if settings.mode == "sequential" else None)
-        runner = _Runner(model, tokenizer, cases, settings, sink, progress, checkpoint_sink)
+        def unfinished(method: str, result: _MethodResult) -> None:
+            # A sequential run's summary.json holds each checkpoint as soon as it is measured, so a run stopped
+            # before its last checkpoint can still be reported (editmem report): its numbers are the last
+            # checkpoint's, marked unfinished.
+            entry = {k: v for k, v in result.checkpoints[-1].items() if k not in ("n_edits", "n_measured")}
+            entry.update({"edit_seconds": result.apply_seconds / result.n_edits if result.n_edits else None,
+                          "n": result.checkpoints[-1]["n_measured"], "checkpoints": list(result.checkpoints),
+                          "unfinished": {"n_edits": result.checkpoints[-1]["n_edits"], "of": len(cases)}})
+            summary["methods"][method] = entry
+            write_summary(out, summary)
+
+        write_summary(out, summary)  # model, data, protocol and mode, before any method has finished
+        runner = _Runner(model, tokenizer, cases, settings, sink, progress, checkpoint_sink, unfinished)
         for method in settings.methods:
             editor = get_editor(method, model, tokenizer, **overrides.get(method, {}))
             started = time.perf_counter()

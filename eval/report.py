@@ -29,7 +29,9 @@ summary.json
   protocol "both": the five metrics at the top of each method are the teacher-forced ones (so the single-protocol shape
   still reads right), and "by_protocol": {"teacher-forced": {five metrics}, "generate": {five metrics}} holds both.
   mode "sequential": each method also has "checkpoints": [{"n_edits": k, "n_measured": m, five metrics
-  [, "by_protocol": {...}]}, ...]; the top-level numbers are those after all edits (the last checkpoint).
+  [, "by_protocol": {...}]}, ...]; the top-level numbers are those after all edits (the last checkpoint). A method
+  still running (or stopped) after a checkpoint has "unfinished": {"n_edits": k, "of": n}, and its top-level numbers
+  are those of its last checkpoint so far.
 """
 
 HEADERS = {"reliability": "Reliability", "generalization": "Generalization", "locality": "Locality",
@@ -70,6 +72,8 @@ def format_table(summary: Mapping[str, Any]) -> str:
         for name, entry in summary["methods"].items():
             values = _blocks(summary, entry)[protocol]
             cells = [_pct(values.get(m)) for m in FRACTIONS]
+            if entry.get("unfinished"):
+                name = f"{name} (unfinished: {entry['unfinished']['n_edits']} of {entry['unfinished']['of']} edits)"
             out.append(f"| {name} | " + " | ".join(cells) + f" | {_num(values.get('fluency'))} | "
                        f"{_seconds(entry.get('edit_seconds'))} | {entry.get('n')} |")
         out.append("")

@@ -146,6 +146,31 @@ def test_sequential_samples_intermediate_checkpoints(tiny, tmp_path):
     assert [w["method"] for w in written] == ["none", "none", "ft", "ft"]
 
 
+def test_a_stopped_sequential_run_keeps_its_checkpoints_in_summary_json_marked_unfinished(tiny, tmp_path,
+                                                                                          monkeypatch):
+    from eval import harness
+    from eval.report import format_table
+
+    real_apply = harness._Runner._apply
+
+    def stop_after_three(self, editor, indices, result):
+        if indices[0] >= 3 and editor.name == "ft":
+            raise RuntimeError("stopped")  # as a run killed after its first checkpoint
+        return real_apply(self, editor, indices, result)
+
+    monkeypatch.setattr(harness._Runner, "_apply", stop_after_three)
+    with pytest.raises(RuntimeError, match="stopped"):
+        _run(tiny, tmp_path, mode="sequential", checkpoints=[3], checkpoint_sample=2, protocol="both")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["model"] == "tiny-gpt2" and summary["mode"] == "sequential"
+    assert "unfinished" not in summary["methods"]["none"]  # finished before ft started
+    ft = summary["methods"]["ft"]
+    assert ft["unfinished"] == {"n_edits": 3, "of": 5} and ft["n"] == 2
+    assert [r["n_edits"] for r in ft["checkpoints"]] == [3]
+    assert ft["by_protocol"] == ft["checkpoints"][0]["by_protocol"] and ft["edit_seconds"] > 0
+    assert "| ft (unfinished: 3 of 5 edits) |" in format_table(summary)
+
+
 def test_sequential_sample_final_measures_a_sample_at_the_end_and_pre_edit_only_where_needed(tiny, tmp_path,
                                                                                              monkeypatch):
     from eval import harness
