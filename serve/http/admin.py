@@ -64,8 +64,9 @@ def consolidate(body: ConsolidateBody, request: Request, namespace: str | None =
 
     def run() -> dict[str, Any]:
         out.parent.mkdir(parents=True, exist_ok=True)
-        with EditMemory.open(ctx.settings.store, create=False, namespace=ns) as mem:
+        with ctx.weights_lock, EditMemory.open(ctx.settings.store, create=False, namespace=ns) as mem:
             done = run_consolidation(mem, plan, overrides=body.settings)
+        ctx.after_write()  # the served model follows, if this is its folder
         return {"edits": done.n_edits, "folder": str(done.folder), "model_id": done.model.id,
                 "base": done.model.base, "records": [_record_json(r) for r in done.records]}
 

@@ -54,6 +54,12 @@ class ServerSettings:
     namespace: str = "default"  # the store namespace of requests that name none (and whose key is not bound to one)
     max_namespaces: int = 64  # namespaces the server keeps a store handle (and editors) open for
     weights_dir: str | None = None  # where admin consolidations save models (default: <cache dir>/weights)
+    # Memory first, the weights as the fallback: after writes, when this many edits are pending, a background job
+    # consolidates the oldest (whole groups of this many) into the served model's folder and the live model.
+    consolidate_every: int | None = None
+    consolidate_method: str = "memit"
+    consolidate_out: str | None = None  # the edited model folder (default: --model, which must be one of the store)
+    consolidate_settings: dict[str, Any] = field(default_factory=dict)  # the weight editor's settings
 
 
 @dataclass
@@ -69,7 +75,14 @@ class Context:
     memories: dict[str, Any] = field(default_factory=dict)  # namespace -> its open EditMemory (one handle each)
     proxies: dict[str, Any] = field(default_factory=dict)  # proxy mode: namespace -> its ContextRouter
     jobs: JobRunner = field(default_factory=JobRunner)  # admin work in the background (consolidation)
+    live: Any = None  # editors.consolidation.LiveWeights: the served model follows its folder's weight records
+    # Held by whatever writes a saved model folder here (consolidation jobs, a delete/rollback/update that the
+    # weights follow), so two of them never load, change and save the same folder at once.
+    weights_lock: threading.Lock = field(default_factory=threading.Lock)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _auto_lock: threading.Lock = field(default_factory=threading.Lock)
+    _auto_running: bool = False
+    _auto_again: bool = False
 
     def __post_init__(self) -> None:
         self.memories[self.memory.namespace] = self.memory
@@ -104,6 +117,59 @@ class Context:
                 router = self.proxies[namespace] = _context_router(self.settings, namespace)
             return router
 
+    def after_write(self) -> None:
+        """After a write to the store: the served model follows its folder's weight records (a delete, rollback or
+        update may have taken an edit out of them), and with ``consolidate_every`` a consolidation job is queued
+        when enough edits are pending (one at a time; a write during a job makes it look again when done)."""
+        live, every = self.live, self.settings.consolidate_every
+        if live is None:
+            return
+        live.follow()
+        if every is None:
+            return
+        with self._auto_lock:
+            if self._auto_running:
+                self._auto_again = True
+                return
+            if not live.due(every):
+                return
+            self._auto_running = True
+        s = self.settings
+        params = {"every": every, "method": s.consolidate_method, "out": str(live.folder),
+                  "settings": s.consolidate_settings, "namespace": s.namespace}
+        self.jobs.submit("auto-consolidate", params, self._auto_consolidate)
+
+    def _auto_consolidate(self) -> dict[str, Any]:
+        """The job :meth:`after_write` queues: consolidate what is due (again while writes came in meanwhile)."""
+        from editors.consolidation import NothingDue
+        from memory.store import EditMemory
+
+        live, s = self.live, self.settings
+        assert live is not None and s.consolidate_every is not None
+        records: list[Any] = []
+        try:
+            with EditMemory.open(s.store, create=False, namespace=s.namespace) as mem:
+                while True:
+                    with self._auto_lock:
+                        self._auto_again = False
+                    try:
+                        with self.weights_lock:
+                            records += live.consolidate_due(mem, s.consolidate_every, s.consolidate_method,
+                                                            overrides=s.consolidate_settings).records
+                    except NothingDue:
+                        pass
+                    with self._auto_lock:
+                        if not self._auto_again:
+                            self._auto_running = False
+                            break
+        except BaseException:
+            with self._auto_lock:
+                self._auto_running = False
+            raise
+        return {"edits": sum(len(r.edits) for r in records), "folder": str(live.folder), "model_id": live.model_id,
+                "records": [{"id": r.id, "edit_ids": list(r.edit_ids), "params": list(r.params)} for r in records],
+                "in_weights": len(live.held.versions()), "in_memory": live.pending()}
+
     def close(self) -> None:
         for router in self.proxies.values():
             router.close()
@@ -116,6 +182,7 @@ def create_app(settings: ServerSettings, *, model: Any = None, tokenizer: Any = 
     from memory.store import EditMemory
 
     keys = load_keys(settings.api_keys)
+    _check_consolidation(settings)
     memory = EditMemory.open(settings.store, create=False, namespace=settings.namespace)
     service, proxy = None, None
     try:
@@ -132,11 +199,14 @@ def create_app(settings: ServerSettings, *, model: Any = None, tokenizer: Any = 
                 options=settings.options, limits=settings.limits, max_batch=settings.max_batch,
                 batch_wait=settings.batch_wait, namespace=settings.namespace))
             service.editor()  # open the default method now: a bad scope or option fails at start, not per request
+        live = _served_weights(settings, memory, service)
     except BaseException:
+        if service is not None:
+            service.close()
         memory.close()
         raise
     name = Path(settings.model).name if settings.model not in ("", "none") else "none"
-    ctx = Context(settings, memory, service, keys, Metrics(), name, proxy, _upstream_client(settings))
+    ctx = Context(settings, memory, service, keys, Metrics(), name, proxy, _upstream_client(settings), live=live)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -167,6 +237,53 @@ def create_app(settings: ServerSettings, *, model: Any = None, tokenizer: Any = 
         return FileResponse(STATIC / "index.html")
 
     return app
+
+
+def _check_consolidation(settings: ServerSettings) -> None:
+    """Before anything loads: ``consolidate_every`` is a positive integer, for a local model, with a weight editor."""
+    every = settings.consolidate_every
+    if every is None:
+        return
+    from editors.base import available_editors, editor_class
+    from editors.retrieval.setup import MemoryEditor
+    from memory.checks import check_number
+
+    check_number("serve", "consolidate_every", every, integer=True)
+    method = settings.consolidate_method
+    if method not in available_editors():
+        raise ValidationError(f"unknown editing method {method!r}; available: {', '.join(available_editors())}")
+    if method == "grace" or issubclass(editor_class(method), MemoryEditor):
+        raise ValidationError(f"--consolidate-method must be a weight editor (memit, alphaedit, rome, ft), not "
+                              f"{method!r}")
+    if settings.upstream or settings.model in ("", "none"):
+        raise ValidationError("--consolidate-every needs a local model to write the edits into (--model DIR)")
+    if settings.consolidate_out is None and not Path(settings.model).expanduser().is_dir():
+        raise ValidationError("--consolidate-every needs the edited model folder: serve it as --model DIR, or give "
+                              "--consolidate-out DIR (a new folder; the served model becomes its base)")
+
+
+def _served_weights(settings: ServerSettings, memory: Any, service: MemoryService | None) -> Any:
+    """When the served model is an edited model folder of the store (or ``consolidate_every`` names one): the
+    router leaves the edits its weights hold to them. With ``consolidate_every`` the model object follows the
+    folder's records and takes consolidations in place (:class:`editors.consolidation.LiveWeights`), returned."""
+    if service is None:
+        return None
+    from editors.consolidation import LiveWeights, folder_key, held_edits
+
+    if settings.consolidate_every is None:
+        held = held_edits(memory, settings.model)
+        if held is not None:
+            service.hold(held)
+        return None
+    folder = Path(settings.consolidate_out or settings.model).expanduser()
+    if settings.consolidate_out is None and not memory.weight_models(folder=folder_key(folder)):
+        raise ValidationError(f"{folder} is not an edited model of the store {settings.store}; make it one with "
+                              "editmem consolidate --out, or give --consolidate-out DIR (a new folder; the served "
+                              "model becomes its base)")
+    live = LiveWeights.open(memory, service.model, service.tokenizer, folder, base=settings.model,
+                            lock=service.batcher.lock)
+    service.hold(live.held)
+    return live
 
 
 def _context_router(settings: ServerSettings, namespace: str) -> Any:
