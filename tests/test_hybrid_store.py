@@ -148,6 +148,12 @@ def test_cli_consolidate_every(store, tmp_path, capsys):
     assert code == 2 and "not both" in err
     code, listing, _ = cli("list")
     assert [line.split()[2] for line in listing.splitlines()[1:]] == ["consolidated", "consolidated", "current"]
+    asked = [cli("ask", prompt, "--model", str(out), "--scope", "cosine", "--max-new-tokens", "1")[1]
+             for prompt, _, _ in FACTS[:3]]
+    assert "edit 1 v1" in asked[0] and "held by the weights" in asked[0]
+    assert "shaped by edit 3 v1" in asked[2]
+    assert "shaped by edit 1 v1" in cli("ask", FACTS[0][0], "--model", str(base_dir), "--scope", "cosine",
+                                        "--max-new-tokens", "1")[1]  # the base model: memory answers
 
 
 def _wait_jobs(url, n, kind="auto-consolidate"):
@@ -232,3 +238,34 @@ def test_serve_consolidate_every_is_checked(tmp_path):
             create_app(ServerSettings(**settings))
     code = main(["--store", store, "serve", "--model", str(base), "--consolidate-out", str(tmp_path / "x")])
     assert code == 2
+
+
+def test_a_served_edited_folder_follows_a_delete_in_place(tmp_path):
+    """Serving a folder written by consolidate (no automatic consolidation): its edits answer from the weights, and
+    an HTTP delete takes the edit out of the loaded model as well as the folder (bit-identical to it)."""
+    httpx = pytest.importorskip("httpx")
+    from editors.lm.loading import load_model
+    from serve.http.app import ServerSettings, create_app
+    from tests.serving import live_server, new_store, tiny_model_folder
+
+    base = tiny_model_folder(tmp_path / "tiny-llama")
+    out = tmp_path / "edited"
+    store = new_store(tmp_path / "store.db", *[{"prompt": p, "target_new": t, "subject": s} for p, t, s in FACTS[:3]])
+    with open_store(store) as mem:
+        consolidate(mem, "memit", out, model=str(base), batch_size=2, overrides=MEMIT)
+    app = create_app(ServerSettings(store=store, model=str(out), scope="cosine", batch_wait=0.0))
+    served = app.state.ctx.service.model
+    assert same_weights(served, snapshot(load_model(out)[0]))
+
+    def route(prompt):
+        r = httpx.post(f"{url}/v1/completions", json={"model": "edited", "prompt": prompt, "max_tokens": 1})
+        assert r.status_code == 200, r.text
+        return r.json()["editmem"]["route"], r.json()["editmem"]["edit_id"]
+
+    with live_server(app) as url:
+        assert [route(p) for p, _, _ in FACTS[:3]] == [("weights", 1), ("weights", 2), ("weights", 3)]
+        before = snapshot(served)
+        assert httpx.delete(f"{url}/v1/edits/3").status_code == 200
+        assert not same_weights(served, before) and same_weights(served, snapshot(load_model(out)[0]))
+        assert httpx.post(f"{url}/v1/edits/3/rollback", json={"version": 1}).status_code == 200
+        assert route(FACTS[2][0]) == ("serac", 3)  # live again, not in the weights: memory answers it

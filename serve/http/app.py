@@ -121,6 +121,12 @@ class Context:
         """After a write to the store: the served model follows its folder's weight records (a delete, rollback or
         update may have taken an edit out of them), and with ``consolidate_every`` a consolidation job is queued
         when enough edits are pending (one at a time; a write during a job makes it look again when done)."""
+        try:
+            self._after_write()
+        except Exception:  # the write itself is done; the served model is left as it was
+            log.exception("the served model could not follow the store's weight records")
+
+    def _after_write(self) -> None:
         live, every = self.live, self.settings.consolidate_every
         if live is None:
             return
@@ -264,17 +270,21 @@ def _check_consolidation(settings: ServerSettings) -> None:
 
 def _served_weights(settings: ServerSettings, memory: Any, service: MemoryService | None) -> Any:
     """When the served model is an edited model folder of the store (or ``consolidate_every`` names one): the
-    router leaves the edits its weights hold to them. With ``consolidate_every`` the model object follows the
-    folder's records and takes consolidations in place (:class:`editors.consolidation.LiveWeights`), returned."""
+    router leaves the edits its weights hold to them, and the model object follows the folder's weight records (a
+    delete through this server takes the edit out of it too; :class:`editors.consolidation.LiveWeights`, returned),
+    taking consolidations in place with ``consolidate_every``. A folder with GRACE records is served as loaded."""
     if service is None:
         return None
+    from editors.adaptors import is_adaptor_record
     from editors.consolidation import LiveWeights, folder_key, held_edits
 
     if settings.consolidate_every is None:
         held = held_edits(memory, settings.model)
-        if held is not None:
-            service.hold(held)
-        return None
+        if held is None:
+            return None
+        if any(is_adaptor_record(r) for r in memory.weight_records(model_id=held.model_id)):
+            service.hold(held)  # a GRACE adaptor is not followed live: the folder's records as loaded
+            return None
     folder = Path(settings.consolidate_out or settings.model).expanduser()
     if settings.consolidate_out is None and not memory.weight_models(folder=folder_key(folder)):
         raise ValidationError(f"{folder} is not an edited model of the store {settings.store}; make it one with "
