@@ -255,6 +255,9 @@ class LiveWeights:
         self._sync = threading.Lock()  # one follow at a time
         self.held = HeldEdits(stored.mem, stored.record.id, loaded=())
         self.consolidations = 0  # consolidations this object made (not counting other processes')
+        self._policy = threading.Lock()  # guards the two flags below (claim / run_due)
+        self._running = False  # a run_due is queued or running
+        self._again = False  # a write came in while it ran: look once more before stopping
 
     @property
     def model_id(self) -> int:
@@ -327,6 +330,45 @@ class LiveWeights:
         from editors.weights import pending_edits
 
         return len(pending_edits(self.stored.mem, self.model_id))
+
+    def claim(self, every: int) -> bool:
+        """After a write: whether the caller should start a :meth:`run_due` now (``every`` or more edits are due and
+        none is queued or running; the caller must then run it). A write while one runs makes it look again."""
+        with self._policy:
+            if self._running:
+                self._again = True
+                return False
+            if not self.due(every):
+                return False
+            self._running = True
+            return True
+
+    def run_due(self, open_store: Callable[[], Any], every: int, method: str, *,
+                overrides: Mapping[str, Any] | None = None, lock: Any = None) -> list[Any]:
+        """What a :meth:`claim` starts (in a background job): :meth:`consolidate_due` on a store handle of its own
+        (``open_store()``, closed after), once more whenever a write came in meanwhile, holding ``lock`` (the one
+        every writer of saved model folders takes) while it writes. Returns the weight records written."""
+        import contextlib
+
+        records: list[Any] = []
+        try:
+            with open_store() as mem:
+                while True:
+                    with self._policy:
+                        self._again = False
+                    try:
+                        with lock if lock is not None else contextlib.nullcontext():
+                            records += self.consolidate_due(mem, every, method, overrides=overrides).records
+                    except NothingDue:
+                        pass
+                    with self._policy:
+                        if not self._again:
+                            self._running = False
+                            return records
+        except BaseException:
+            with self._policy:
+                self._running = False
+            raise
 
     def consolidate_due(self, mem: Any, every: int, method: str, *,
                         overrides: Mapping[str, Any] | None = None) -> Consolidated:

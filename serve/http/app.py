@@ -80,9 +80,6 @@ class Context:
     # weights follow), so two of them never load, change and save the same folder at once.
     weights_lock: threading.Lock = field(default_factory=threading.Lock)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _auto_lock: threading.Lock = field(default_factory=threading.Lock)
-    _auto_running: bool = False
-    _auto_again: bool = False
 
     def __post_init__(self) -> None:
         self.memories[self.memory.namespace] = self.memory
@@ -131,50 +128,23 @@ class Context:
         if live is None:
             return
         live.follow()
-        if every is None:
+        if every is None or not live.claim(every):
             return
-        with self._auto_lock:
-            if self._auto_running:
-                self._auto_again = True
-                return
-            if not live.due(every):
-                return
-            self._auto_running = True
         s = self.settings
         params = {"every": every, "method": s.consolidate_method, "out": str(live.folder),
                   "settings": s.consolidate_settings, "namespace": s.namespace}
-        self.jobs.submit("auto-consolidate", params, self._auto_consolidate)
 
-    def _auto_consolidate(self) -> dict[str, Any]:
-        """The job :meth:`after_write` queues: consolidate what is due (again while writes came in meanwhile)."""
-        from editors.consolidation import NothingDue
-        from memory.store import EditMemory
+        def run() -> dict[str, Any]:
+            from memory.store import EditMemory
+            from serve.http.admin import record_json
 
-        live, s = self.live, self.settings
-        assert live is not None and s.consolidate_every is not None
-        records: list[Any] = []
-        try:
-            with EditMemory.open(s.store, create=False, namespace=s.namespace) as mem:
-                while True:
-                    with self._auto_lock:
-                        self._auto_again = False
-                    try:
-                        with self.weights_lock:
-                            records += live.consolidate_due(mem, s.consolidate_every, s.consolidate_method,
-                                                            overrides=s.consolidate_settings).records
-                    except NothingDue:
-                        pass
-                    with self._auto_lock:
-                        if not self._auto_again:
-                            self._auto_running = False
-                            break
-        except BaseException:
-            with self._auto_lock:
-                self._auto_running = False
-            raise
-        return {"edits": sum(len(r.edits) for r in records), "folder": str(live.folder), "model_id": live.model_id,
-                "records": [{"id": r.id, "edit_ids": list(r.edit_ids), "params": list(r.params)} for r in records],
-                "in_weights": len(live.held.versions()), "in_memory": live.pending()}
+            records = live.run_due(lambda: EditMemory.open(s.store, create=False, namespace=s.namespace), every,
+                                   s.consolidate_method, overrides=s.consolidate_settings, lock=self.weights_lock)
+            return {"edits": sum(len(r.edits) for r in records), "folder": str(live.folder),
+                    "model_id": live.model_id, "records": [record_json(r) for r in records],
+                    "in_weights": len(live.held.versions()), "in_memory": live.pending()}
+
+        self.jobs.submit("auto-consolidate", params, run)
 
     def close(self) -> None:
         for router in self.proxies.values():
