@@ -231,7 +231,9 @@ def test_serve_consolidate_every_is_checked(tmp_path):
            ({"consolidate_every": 2, "consolidate_method": "serac"}, "weight editor"),
            ({"consolidate_every": 2, "consolidate_method": "grace"}, "weight editor"),
            ({"consolidate_every": 2}, "is not an edited model of the store"),
-           ({"consolidate_every": 2, "model": "none"}, "needs a local model")]
+           ({"consolidate_every": 2, "model": "none"}, "needs a local model"),
+           ({"consolidate_every": 2, "consolidate_out": str(tmp_path / "o"), "consolidate_settings": {"nope": 1}},
+            "nope")]
     for overrides, message in bad:
         settings = {"store": store, "model": str(base), "scope": "cosine", **overrides}
         with pytest.raises(ValidationError, match=message):
@@ -269,3 +271,6 @@ def test_a_served_edited_folder_follows_a_delete_in_place(tmp_path):
         assert not same_weights(served, before) and same_weights(served, snapshot(load_model(out)[0]))
         assert httpx.post(f"{url}/v1/edits/3/rollback", json={"version": 1}).status_code == 200
         assert route(FACTS[2][0]) == ("serac", 3)  # live again, not in the weights: memory answers it
+    with pytest.raises(ValidationError, match="another edited model"):
+        create_app(ServerSettings(store=store, model=str(out), scope="cosine", consolidate_every=2,
+                                  consolidate_out=str(tmp_path / "other")))

@@ -228,9 +228,11 @@ def _check_consolidation(settings: ServerSettings) -> None:
     method = settings.consolidate_method
     if method not in available_editors():
         raise ValidationError(f"unknown editing method {method!r}; available: {', '.join(available_editors())}")
-    if method == "grace" or issubclass(editor_class(method), MemoryEditor):
+    cls = editor_class(method)
+    if method == "grace" or issubclass(cls, MemoryEditor):
         raise ValidationError(f"--consolidate-method must be a weight editor (memit, alphaedit, rome, ft), not "
                               f"{method!r}")
+    cls.Settings.with_overrides(cls.Settings(), dict(settings.consolidate_settings))  # a bad setting fails now
     if settings.upstream or settings.model in ("", "none"):
         raise ValidationError("--consolidate-every needs a local model to write the edits into (--model DIR)")
     if settings.consolidate_out is None and not Path(settings.model).expanduser().is_dir():
@@ -256,6 +258,10 @@ def _served_weights(settings: ServerSettings, memory: Any, service: MemoryServic
             service.hold(held)  # a GRACE adaptor is not followed live: the folder's records as loaded
             return None
     folder = Path(settings.consolidate_out or settings.model).expanduser()
+    served = held_edits(memory, settings.model)
+    if served is not None and memory.get_weight_model(served.model_id).folder != folder_key(folder):
+        raise ValidationError(f"--model {settings.model} is another edited model of this store; serve {folder} "
+                              "itself, or its base, with --consolidate-out")
     if settings.consolidate_out is None and not memory.weight_models(folder=folder_key(folder)):
         raise ValidationError(f"{folder} is not an edited model of the store {settings.store}; make it one with "
                               "editmem consolidate --out, or give --consolidate-out DIR (a new folder; the served "
