@@ -130,7 +130,8 @@ def consolidate(mem: Any, method: str, out: str | Path, *, model: str | None = N
 
 def run_consolidation(mem: Any, plan: Plan, *, overrides: Mapping[str, Any] | None = None,
                       progress: bool = False) -> Consolidated:
-    """Carry out a checked :class:`Plan`: load the model, write the pending edits, save the folder."""
+    """Carry out a checked :class:`Plan`: load the model, write the pending edits (with ``every``: the due ones,
+    chosen now), save the folder."""
     from editors.lm.loading import load_model
     from editors.weights import StoredWeights, due_edits
 

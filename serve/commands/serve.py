@@ -149,6 +149,11 @@ def _serve(args: argparse.Namespace) -> int:
     logging.getLogger("editmem.http").setLevel(logging.INFO)
     app = create_app(settings)
     front = f"in front of {args.upstream}" if args.upstream else f"with {args.model}"
+    live = app.state.ctx.live
+    if live is not None:
+        policy = (f"; every {args.consolidate_every} pending edits go into it with {args.consolidate_method}"
+                  if args.consolidate_every else "")
+        front += f" (following the weight records of {live.folder}{policy})"
     print(f"editmem: serving {args.store} (namespace {settings.namespace}) {front} on "
           f"http://{args.host}:{args.port}/", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="warning",
