@@ -8,6 +8,13 @@ folder, loadable with :func:`editors.lm.loading.load_model`). A later one contin
 :func:`weights_follow` wraps a delete / rollback / update of an edit that some recorded folder holds: it loads that
 folder, takes the edit out of its weights exactly (base + the remaining recorded deltas, in order), writes the other
 edits of its batch again, and saves the folder; edits with no weight records never load a model.
+
+Memory first, the weights as the fallback (``every``). With ``every=N`` a consolidation writes only the *oldest*
+pending edits (:func:`editors.weights.due_edits`), in whole groups of N (one editor call and one weight record each),
+and leaves fewer than N answering from memory; with fewer than N pending it does nothing (:class:`NothingDue`).
+Served through the memory router, the edits the folder's weights hold are not gated (:func:`held_edits`,
+:class:`scope.router.HeldEdits`): the weights answer them. :class:`LiveWeights` does the same for a model object a
+server keeps loaded: it follows the store's records for its folder in place, and consolidates due edits into it.
 """
 
 from __future__ import annotations
@@ -17,10 +24,13 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memory.checks import check_number
 from memory.errors import ValidationError
+
+if TYPE_CHECKING:
+    from scope.router import HeldEdits
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +65,27 @@ class Plan:
     base: str
     model_id: int | None  # the store's row of ``out`` when it is continued
     batch_size: int | None
+    every: int | None = None  # only whole groups of the oldest pending edits, ``every`` per editor call
+
+
+class NothingDue(ValidationError):
+    """A consolidation with ``every`` found fewer than ``every`` pending edits: nothing is written, they keep
+    answering from memory. Not a failure of the policy (``editmem consolidate --every`` exits 0)."""
 
 
 def plan_consolidation(mem: Any, method: str, out: str | Path, *, model: str | None = None,
-                       batch_size: int | None = None) -> Plan:
+                       batch_size: int | None = None, every: int | None = None) -> Plan:
     """Check everything about a consolidation that can be checked without loading a model (the method, the batch
     size, that there are edits to write, that ``out`` is new, empty or this store's folder for the same base), and
-    say where the model comes from. Raises ValidationError with a one-line reason."""
+    say where the model comes from. Raises ValidationError with a one-line reason; with ``every``,
+    :class:`NothingDue` while fewer than ``every`` edits are pending."""
     from editors.base import available_editors
 
     check_number("consolidate", "batch_size", batch_size, integer=True, optional=True)
+    check_number("consolidate", "every", every, integer=True, optional=True)
+    if every is not None and batch_size is not None:
+        raise ValidationError("give batch_size or every, not both: with every, each group of every edits is one "
+                              "editor call")
     if method not in available_editors():
         raise ValidationError(f"unknown editing method {method!r}; available: {', '.join(available_editors())}")
     if len(mem) == 0:
@@ -78,37 +99,53 @@ def plan_consolidation(mem: Any, method: str, out: str | Path, *, model: str | N
         if model is not None and model != row.base:
             raise ValidationError(f"{out} holds edits of base model {row.base}, not {model}; "
                                   "use another --out for another base model")
-        if not pending_edits(mem, row.id):
+        pending = len(pending_edits(mem, row.id))
+        if every is None and not pending:
             raise ValidationError(f"no edits to consolidate: {out} already holds every live edit of the store")
-        return Plan(method, out, out, row.base, row.id, batch_size)
+        _check_due(pending, every)
+        return Plan(method, out, out, row.base, row.id, every or batch_size, every)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValidationError(f"{out} exists and is not an edited model of this store; give a new or "
                               "empty folder as --out")
-    return Plan(method, out, model or DEFAULT_MODEL, str(model or DEFAULT_MODEL), None, batch_size)
+    _check_due(len(mem), every)
+    return Plan(method, out, model or DEFAULT_MODEL, str(model or DEFAULT_MODEL), None, every or batch_size, every)
+
+
+def _check_due(pending: int, every: int | None) -> None:
+    if every is not None and pending < every:
+        raise NothingDue(f"nothing due: {pending} edit(s) pending, fewer than every={every}; they keep answering "
+                         "from memory")
 
 
 def consolidate(mem: Any, method: str, out: str | Path, *, model: str | None = None, batch_size: int | None = None,
-                overrides: Mapping[str, Any] | None = None, progress: bool = False) -> Consolidated:
+                every: int | None = None, overrides: Mapping[str, Any] | None = None,
+                progress: bool = False) -> Consolidated:
     """Write ``mem``'s live edits that the model saved in ``out`` does not hold yet into its weights with ``method``,
-    ``batch_size`` edits per editor call (default all at once), and save the model to ``out``. Everything that can
-    be checked is checked before a model is loaded (:func:`plan_consolidation`)."""
-    plan = plan_consolidation(mem, method, out, model=model, batch_size=batch_size)
+    ``batch_size`` edits per editor call (default all at once), and save the model to ``out``. ``every``: only the
+    oldest pending edits in whole groups of ``every`` (module docstring). Everything that can be checked is checked
+    before a model is loaded (:func:`plan_consolidation`)."""
+    plan = plan_consolidation(mem, method, out, model=model, batch_size=batch_size, every=every)
     return run_consolidation(mem, plan, overrides=overrides, progress=progress)
 
 
 def run_consolidation(mem: Any, plan: Plan, *, overrides: Mapping[str, Any] | None = None,
                       progress: bool = False) -> Consolidated:
-    """Carry out a checked :class:`Plan`: load the model, write the pending edits, save the folder."""
+    """Carry out a checked :class:`Plan`: load the model, write the pending edits (with ``every``: the due ones,
+    chosen now), save the folder."""
     from editors.lm.loading import load_model
-    from editors.weights import StoredWeights
+    from editors.weights import StoredWeights, due_edits
 
     lm, tokenizer = load_model(plan.source)
     stored = StoredWeights.open(mem, lm, tokenizer, base=plan.base, folder=plan.out, model_id=plan.model_id)
     held = len(stored.records())
     written: list[Any] = []
     try:
-        written = stored.consolidate(plan.method, batch_size=plan.batch_size, progress=progress,
-                                     **dict(overrides or {}))
+        chosen = None
+        if plan.every is not None:  # chosen now: the store may have changed since the plan
+            chosen = [r.id for r in due_edits(mem, stored.record.id, plan.every)]
+        if chosen != []:
+            written = stored.consolidate(plan.method, batch_size=plan.batch_size, progress=progress,
+                                         edit_ids=chosen, **dict(overrides or {}))
     finally:
         # Save whatever SQL now records, also after a failed batch; a newly registered folder always holds its
         # model, even with no edits yet.
@@ -175,3 +212,175 @@ def weights_follow(mem: Any, edit_id: int, report: Callable[[str], None] = log.i
         if result.pending:
             line += f"; edits {', '.join(map(str, result.pending))} are pending (run consolidate)"
         report(line)
+
+
+def held_edits(mem: Any, folder: str | Path) -> HeldEdits | None:
+    """What the router leaves to the weights of a model loaded from ``folder``: the edit versions its applied weight
+    records hold (:class:`scope.router.HeldEdits`, pinned to those the folder holds now: a model loaded from it and
+    not written in this process), or None when ``folder`` is not an edited model of this store (a base model, an
+    alias)."""
+    from scope.router import HeldEdits
+
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        return None
+    known = mem.weight_models(folder=folder_key(path))
+    if not known:
+        return None
+    return HeldEdits(mem, known[0].id, loaded=mem.held_versions(known[0].id))  # what the folder holds as loaded
+
+
+class LiveWeights:
+    """A model object a server keeps loaded, kept equal to the store's weight records of one edited model folder,
+    and the policy that moves the oldest pending edits into it (memory first, the weights as the fallback).
+
+    :meth:`open` makes the model base + the folder's applied deltas in place (it may be the folder's model or its
+    base model) or, for a new folder, registers the model as its base and saves it there. :meth:`follow` brings the
+    model object up to the store's applied records (after a consolidation, or a delete/rollback/update that took an
+    edit out of the folder's weights): each parameter those records touch becomes base + the applied deltas, exactly
+    as the folder holds it, written while holding ``lock`` (the lock the server's generate calls hold, so no
+    generation sees half-written weights). :meth:`consolidate_due` writes the due edits (:func:`due_edits`) into the
+    folder as ``editmem consolidate --every`` does, on a copy loaded from the folder (generation goes on meanwhile),
+    then follows. ``held`` is what the router leaves to these weights. Weight editors only: a folder with GRACE
+    records (a codebook adaptor, not parameters) is refused."""
+
+    def __init__(self, stored: Any, folder: Path, lock: Any):
+        import threading
+
+        self.stored = stored
+        self.folder = folder
+        self.lock = lock
+        from scope.router import HeldEdits
+
+        self._records: dict[int, Any] = {}
+        self._sync = threading.Lock()  # one follow at a time
+        self.held = HeldEdits(stored.mem, stored.record.id, loaded=())
+        self.consolidations = 0  # consolidations this object made (not counting other processes')
+        self._policy = threading.Lock()  # guards the two flags below (claim / run_due)
+        self._running = False  # a run_due is queued or running
+        self._again = False  # a write came in while it ran: look once more before stopping
+
+    @property
+    def model_id(self) -> int:
+        return int(self.stored.record.id)
+
+    @classmethod
+    def open(cls, mem: Any, model: Any, tokenizer: Any, folder: str | Path, *, base: str,
+             lock: Any = None) -> LiveWeights:
+        import threading
+
+        from editors.adaptors import is_adaptor_record
+        from editors.weights import StoredWeights
+
+        folder = Path(folder).expanduser()
+        known = mem.weight_models(folder=folder_key(folder))
+        if known:
+            if any(is_adaptor_record(r) for r in mem.weight_records(model_id=known[0].id)):
+                raise ValidationError(f"{folder} holds GRACE records; a served model follows weight records only "
+                                      "(serve it without automatic consolidation)")
+            stored = StoredWeights.open(mem, model, tokenizer, model_id=known[0].id, verify=False)
+        else:
+            if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+                raise ValidationError(f"{folder} exists and is not an edited model of this store; give a new or "
+                                      "empty folder (the served model becomes its base)")
+            stored = StoredWeights.open(mem, model, tokenizer, base=base, folder=folder)
+            stored.save(folder)
+        live = cls(stored, folder, lock if lock is not None else threading.Lock())
+        live.follow(everything=True)
+        return live
+
+    def follow(self, *, everything: bool = False) -> bool:
+        """Bring the model object up to the store's applied weight records of its folder (see the class docstring);
+        ``everything``: rewrite every touched parameter, not only those of records added or removed since the last
+        call. Returns whether anything was written."""
+        with self._sync:
+            return self._follow(everything)
+
+    def _follow(self, everything: bool) -> bool:
+        from editors.adaptors import is_adaptor_record
+
+        mem = self.stored.mem
+        applied = {r.id: r for r in mem.weight_records(model_id=self.model_id)}
+        changed = set(applied) ^ set(self._records)
+        if not changed and not everything:
+            return False
+        if everything:
+            params = set(self.stored.touched())
+        else:
+            params = {p for rid in changed for p in (applied.get(rid) or self._records[rid]).params}
+        adaptors = [r for r in applied.values() if is_adaptor_record(r)]
+        if adaptors:
+            log.warning("edited model %d has GRACE record(s) %s written by another process; the served model does "
+                        "not follow them (their edits keep answering from memory)", self.model_id,
+                        [r.id for r in adaptors])
+        with self.lock:
+            self.stored.realize(sorted(params))
+            self.held.loaded = frozenset((e, v) for r in applied.values() if not is_adaptor_record(r)
+                                         for e, v in r.edits)
+        self._records = applied
+        return True
+
+    def due(self, every: int) -> int:
+        """How many edits a consolidation with ``every`` would write now."""
+        from editors.weights import due_edits
+
+        return len(due_edits(self.stored.mem, self.model_id, every))
+
+    def pending(self) -> int:
+        """Live edits the folder's weights do not hold (answering from memory)."""
+        from editors.weights import pending_edits
+
+        return len(pending_edits(self.stored.mem, self.model_id))
+
+    def claim(self, every: int) -> bool:
+        """After a write: whether the caller should start a :meth:`run_due` now (``every`` or more edits are due and
+        none is queued or running; the caller must then run it). A write while one runs makes it look again."""
+        with self._policy:
+            if self._running:
+                self._again = True
+                return False
+            if not self.due(every):
+                return False
+            self._running = True
+            return True
+
+    def run_due(self, open_store: Callable[[], Any], every: int, method: str, *,
+                overrides: Mapping[str, Any] | None = None, lock: Any = None) -> list[Any]:
+        """What a :meth:`claim` starts (in a background job): :meth:`consolidate_due` on a store handle of its own
+        (``open_store()``, closed after), once more whenever a write came in meanwhile, holding ``lock`` (the one
+        every writer of saved model folders takes) while it writes. Returns the weight records written."""
+        import contextlib
+
+        records: list[Any] = []
+        try:
+            with open_store() as mem:
+                while True:
+                    with self._policy:
+                        self._again = False
+                    try:
+                        with lock if lock is not None else contextlib.nullcontext():
+                            records += self.consolidate_due(mem, every, method, overrides=overrides).records
+                    except NothingDue:
+                        pass
+                    with self._policy:
+                        if not self._again:
+                            self._running = False
+                            return records
+        except BaseException:
+            with self._policy:
+                self._running = False
+            raise
+
+    def consolidate_due(self, mem: Any, every: int, method: str, *,
+                        overrides: Mapping[str, Any] | None = None) -> Consolidated:
+        """Write the due edits of ``mem`` (a store handle of this thread's own) into the folder with ``method`` in
+        groups of ``every`` (:class:`NothingDue` if none), then follow. The model object changes only in
+        :meth:`follow`."""
+        plan = plan_consolidation(mem, method, self.folder, every=every)
+        try:
+            done = run_consolidation(mem, plan, overrides=overrides)
+        finally:
+            self.follow()
+        if done.records:
+            self.consolidations += 1
+        return done

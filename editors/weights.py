@@ -344,15 +344,23 @@ class StoredWeights:
         return pending_edits(self.mem, self.record.id)
 
     def consolidate(self, method: str, *, batch_size: int | None = None, progress: bool = False,
-                    **overrides: Any) -> list[Any]:
+                    edit_ids: Sequence[int] | None = None, **overrides: Any) -> list[Any]:
         """Write every pending edit (:meth:`pending`) into the weights with ``method``, ``batch_size`` edits per
         editor call (None: all in one), one record per batch. Returns the new records. Each batch is recorded
-        before the next starts, so an error leaves the earlier batches written and recorded."""
+        before the next starts, so an error leaves the earlier batches written and recorded. ``edit_ids``: write
+        only these pending edits, in this order (the rest stay pending; :func:`due_edits` picks the oldest)."""
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                        or batch_size < 1):
             raise ValidationError(f"batch size must be a positive integer, got {batch_size!r}")
         editor = self.editor(method, **overrides)  # a bad method or setting fails here
         todo = self.pending()
+        if edit_ids is not None:
+            by_id = {r.id: r for r in todo}
+            missing = [i for i in edit_ids if i not in by_id]
+            if missing:
+                raise ValidationError(f"edit(s) {', '.join(map(str, missing))} are not pending for edited model "
+                                      f"{self.record.id} (not live, or already in its weights)")
+            todo = [by_id[i] for i in edit_ids]
         if not todo:
             raise ValidationError(f"no edits to consolidate: the store {self.mem.url} has no live edit that "
                                   f"edited model {self.record.id} does not already hold")
@@ -390,10 +398,27 @@ class StoredWeights:
         return target
 
 
-def pending_edits(mem: Any, model_id: int) -> list[Any]:
-    """The store's live edits whose current version edited model ``model_id`` does not hold yet, by id."""
-    written = {(e, v) for rec in mem.weight_records(model_id=model_id) for e, v in rec.edits}
+def pending_edits(mem: Any, model_id: int | None) -> list[Any]:
+    """The store's live edits whose current version edited model ``model_id`` does not hold yet, by id (every live
+    edit for ``None``, a model not registered yet)."""
+    written = mem.held_versions(model_id) if model_id is not None else set()
     return [r for r in mem if (r.id, r.version) not in written]
+
+
+def oldest_first(records: Iterable[Any]) -> list[Any]:
+    """Edits in the order they have been answering from memory: by the time their current version was written (an
+    update or rollback makes an edit new again), then by id."""
+    return sorted(records, key=lambda r: (r.valid_from.timestamp() if r.valid_from is not None else 0.0, r.id))
+
+
+def due_edits(mem: Any, model_id: int | None, every: int) -> list[Any]:
+    """The policy "memory first, the weights as the fallback": the oldest pending edits (:func:`oldest_first`) in
+    whole groups of ``every``, so that fewer than ``every`` stay answering from memory; none while fewer than
+    ``every`` are pending."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValidationError(f"every must be a positive integer, got {every!r}")
+    todo = oldest_first(pending_edits(mem, model_id))
+    return todo[:len(todo) // every * every]
 
 
 def save_model(model: CausalLM, tokenizer: Any, folder: str | Path, *,

@@ -190,6 +190,16 @@ class WeightLedger:
                     links.setdefault(int(rid), []).append((int(e), int(v)))
         return [_weight_record(r, links.get(int(r.record_id), [])) for r in rows]
 
+    def held_versions(self, model_id: int) -> set[tuple[int, int]]:
+        """The ``(edit id, version)`` pairs that model ``model_id``'s applied weight records wrote: what its weights
+        hold (an edit whose current version is among them answers from the weights)."""
+        query = (select(weight_links.c.edit_id, weight_links.c.version)
+                 .join(weight_records, weight_records.c.record_id == weight_links.c.record_id)
+                 .where(weight_records.c.model_id == check_id(model_id, "model id"),
+                        weight_records.c.applied.is_(True)))
+        with self._store._read() as conn:
+            return {(int(e), int(v)) for e, v in conn.execute(query)}
+
     def weight_deltas(self, record_id: int) -> bytes:
         """The deltas blob of a weight record."""
         record_id = check_id(record_id, "record id")

@@ -516,6 +516,10 @@ class EditMemory:
         """Weight records in the order applied: :meth:`WeightLedger.weight_records`."""
         return self._ledger.weight_records(model_id=model_id, edit_id=edit_id, applied=applied)
 
+    def held_versions(self, model_id: int) -> set[tuple[int, int]]:
+        """The edit versions a model's applied weight records wrote: :meth:`WeightLedger.held_versions`."""
+        return self._ledger.held_versions(model_id)
+
     def weight_deltas(self, record_id: int) -> bytes:
         """The deltas blob of a weight record: :meth:`WeightLedger.weight_deltas`."""
         return self._ledger.weight_deltas(record_id)

@@ -18,6 +18,13 @@ scope scores from the hits' similarities alone.
 
 An optional reranker (:class:`scope.rerank.RelationReranker`) rescales each candidate's score by how well what the
 query asks agrees with what the edit asks, from the same vectors; the exact-prompt rule still applies after it.
+
+Edits the weights hold. When the wrapped model is an edited model the store keeps weight records for (a folder
+written by ``editmem consolidate``), the router takes ``held`` (:class:`HeldEdits`): the edit versions those weights
+answer. Routing is unchanged up to the choice; a query whose chosen edit's *current* version is held is not gated
+(``Decision.edit`` is None, ``Decision.weights`` names the edit): the model answers it from its weights. The choice is
+made over every live edit first, so a held edit still wins against a weaker neighbour that memory would have answered
+wrongly. An update, rollback or delete gives the edit a new version (or none), so it routes from memory again at once.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import numpy as np
 
 from memory.encoder import Encoder
 from memory.errors import ValidationError
+from memory.feed import change_number
 from memory.records import EditRecord
 from scope.classifier import ScopeClassifier
 
@@ -81,6 +89,7 @@ class Decision:
     score: float | None  # the classifier's score of the chosen edit (of the best candidate when none is chosen)
     threshold: float
     candidates: tuple[Candidate, ...] = ()
+    weights: EditRecord | None = None  # the chosen edit, when the served weights hold it (then ``edit`` is None)
 
     @property
     def in_scope(self) -> bool:
@@ -94,6 +103,9 @@ class Decision:
         return self.edit
 
     def describe(self) -> str:
+        if self.weights is not None:
+            return (f"edit {self.weights.id} v{self.weights.version} (score {self.score:.3f}), held by the weights: "
+                    "the model answers")
         if self.edit is None:
             best = f" (best candidate score {self.score:.3f} < threshold {self.threshold:.3f})" \
                 if self.score is not None else " (no candidates)"
@@ -102,10 +114,38 @@ class Decision:
                 f"{self.edit.prompt} -> {self.edit.target_new}")
 
 
-class Router:
-    """Retrieval + scope for one store (see the module docstring)."""
+class HeldEdits:
+    """The edit versions the weights of the served edited model ``model_id`` hold, which the router leaves to them.
 
-    def __init__(self, memory: Any, classifier: ScopeClassifier, *, k: int = 5, reranker: Any = None):
+    The store's applied weight records of the model decide, re-read whenever the store's change counter moves (so a
+    record removed by this or another process counts at once). ``loaded``, when given, must hold a version too: the
+    versions the model object in this process holds (a model loaded from the folder and not written here: the
+    store's at load time, :func:`editors.consolidation.held_edits`; a process that writes the loaded weights moves it
+    after writing them, :class:`editors.consolidation.LiveWeights`). A version the store records but the loaded
+    weights lack (another process consolidated into the folder since) keeps answering from memory. None: the
+    store's records alone (the model is the one a :class:`editors.weights.StoredWeights` in this process writes)."""
+
+    def __init__(self, memory: Any, model_id: int, loaded: Any = None):
+        self.memory = memory
+        self.model_id = int(model_id)
+        self._seq: int | None = None
+        self._stored: frozenset[tuple[int, int]] = frozenset()
+        self.loaded: frozenset[tuple[int, int]] | None = None if loaded is None else frozenset(loaded)
+
+    def versions(self) -> frozenset[tuple[int, int]]:
+        """The ``(edit id, version)`` pairs held now."""
+        seq = change_number(self.memory)
+        if seq != self._seq:
+            self._stored, self._seq = frozenset(self.memory.held_versions(self.model_id)), seq
+        return self._stored if self.loaded is None else self._stored & self.loaded
+
+
+class Router:
+    """Retrieval + scope for one store (see the module docstring). ``held``: the edits the wrapped model's weights
+    hold (:class:`HeldEdits`), not gated; settable after construction."""
+
+    def __init__(self, memory: Any, classifier: ScopeClassifier, *, k: int = 5, reranker: Any = None,
+                 held: HeldEdits | None = None):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValidationError(f"k must be a positive integer, got {k!r}")
         classifier.check_encoder(memory.encoder.name)
@@ -116,6 +156,7 @@ class Router:
             raise ValidationError(f"reranker was trained on {reranker.encoder} embeddings, the store's encoder is "
                                   f"{memory.encoder.name}")
         self.reranker = reranker
+        self.held = held
 
     @classmethod
     def open(cls, url: str, classifier: ScopeClassifier, *, encoder: str | Encoder | None = None,
@@ -163,6 +204,7 @@ class Router:
             best = merged[owner[w]].get(h.edit.id)
             if best is None or score > best[2]:
                 merged[owner[w]][h.edit.id] = (h.edit, float(h.score), float(score))
+        held = self.held.versions() if self.held is not None else frozenset()
         decisions = []
         for q, found in enumerate(merged):
             if not found:
@@ -171,5 +213,8 @@ class Router:
             ranked = sorted(found.values(), key=lambda c: -c[2])
             cands = tuple(Candidate(e.id, e.version, sim, score) for e, sim, score in ranked)
             edit, _, top = ranked[0]
-            decisions.append(Decision(texts[q], edit if top >= threshold else None, top, threshold, cands))
+            if top >= threshold and (edit.id, edit.version) in held:
+                decisions.append(Decision(texts[q], None, top, threshold, cands, weights=edit))
+            else:
+                decisions.append(Decision(texts[q], edit if top >= threshold else None, top, threshold, cands))
         return decisions

@@ -22,6 +22,10 @@ ends, so it routes on the whole decoded row (as EasyEdit's SERAC does). The scop
 to a share of its queries (:mod:`scope.train`), so a trailing answer does not move the decision; notes/
 memory_editing.md measures how often prompt-only and prompt+answer routing agree. ``generate`` routes on the prompt.
 
+Edits the model's own weights hold (it is an edited model folder the store keeps weight records for) are not
+gated: ``held`` (:class:`scope.router.HeldEdits`, also settable as ``router.held``); such a row goes to the model as
+an out-of-scope one does, and its decision names the edit under ``weights``.
+
 Which edit shaped each row is in ``last_routing`` (one :class:`scope.Decision` per row, with edit id, version and
 score) after every call; :meth:`ask` answers one question and returns it with its decision.
 """
@@ -43,7 +47,7 @@ from editors.lm.tokens import completed, encode_prompt, pad_id, pad_rows
 from memory.errors import ValidationError
 from memory.records import EditRecord
 from scope.classifier import ScopeClassifier
-from scope.router import Decision, Router
+from scope.router import Decision, HeldEdits, Router
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +202,8 @@ class AugmentedModel(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, tokenizer: Any, memory: Any, scope: ScopeClassifier, *, k: int = 5,
                  context: str = DEFAULT_CONTEXT, counterfactual: torch.nn.Module | None = None,
                  chat_context: str = DEFAULT_CHAT_CONTEXT, generate_context: str | None = None,
-                 counterfactual_rows: str = "all", cloze_reply: str = DEFAULT_CLOZE_REPLY):
+                 counterfactual_rows: str = "all", cloze_reply: str = DEFAULT_CLOZE_REPLY,
+                 held: HeldEdits | None = None):
         super().__init__()
         self.model: Any = model  # a Hugging Face causal LM (duck-typed: generate, config, ...)
         # In-scope rows go to this model (a trained copy, editors.retrieval.counterfactual) or, when None, to the base
@@ -213,6 +218,7 @@ class AugmentedModel(torch.nn.Module):
         self.cloze_reply = cloze_reply
         self.tokenizer = tokenizer
         self.router = Router.open(memory, scope, k=k) if isinstance(memory, str) else Router(memory, scope, k=k)
+        self.router.held = held  # edits the model's own weights hold: not gated (scope.router.HeldEdits)
         self.template = context_template(context)
         # generate() conditions plain rows on this template: the context's own unless it is a format a model repeats.
         if generate_context is None:

@@ -78,6 +78,9 @@ class MicroBatcher:
         self._last_end = float("-inf")  # when the last batched call ended, and how many requests it answered
         self._last_jobs = 0
         self._queue: queue.Queue[_Job | None] = queue.Queue()
+        # Held for the whole of every generate call: whoever changes a model's weights in place between calls
+        # (editors.consolidation.LiveWeights) takes it, so no generation runs on half-written weights.
+        self.lock = threading.Lock()
         self._thread = threading.Thread(target=self._work, name="editmem-generate", daemon=True)
         self._thread.start()
         self.calls = 0  # model calls made (a batch counts once)
@@ -176,8 +179,9 @@ class MicroBatcher:
                 torch.manual_seed(seed)
             if jobs[0].streamer is not None:
                 kwargs["streamer"] = jobs[0].streamer
-            out = lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), pad_token_id=self.pad,
-                              max_new_tokens=max(job.max_tokens for job in jobs), **kwargs)[:, width:].tolist()
+            with self.lock:
+                out = lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), pad_token_id=self.pad,
+                                  max_new_tokens=max(job.max_tokens for job in jobs), **kwargs)[:, width:].tolist()
             self.calls += 1
             self.rows += len(seqs)
             at = 0

@@ -5,7 +5,9 @@ service (``editmem serve``) calls, knowing nothing of HTTP.
 completion's prompt, a chat's last user message) through a memory editor opened with
 :func:`editors.retrieval.session.open_memory_editor` (SERAC or IKE, opened on first use and kept), and generates
 with the base model (out of scope, or ``disable``) or with the edit's context put in front (in scope), the same
-conditioning :class:`~editors.retrieval.augmented.AugmentedModel` applies. Model calls run on one worker thread
+conditioning :class:`~editors.retrieval.augmented.AugmentedModel` applies. When the model is an edited model
+folder of the store (:meth:`MemoryService.hold`), a query in the scope of an edit its weights hold goes to the model
+as it is, with route ``weights``. Model calls run on one worker thread
 (:mod:`editors.retrieval.batching`): greedy requests that wait together share one batched generate call, and
 queries that wait for the routing lock together are routed in one call.
 """
@@ -126,6 +128,15 @@ class MemoryService:
         self._batcher = MicroBatcher(pad_id(tokenizer), max_batch=self.settings.max_batch,
                                      max_wait=self.settings.batch_wait)
         self._snapshots = Snapshots()
+        self.held: Any = None  # the edits the model's own weights hold (scope.router.HeldEdits): see hold()
+
+    def hold(self, held: Any) -> None:
+        """Leave the edits ``held`` (:class:`scope.router.HeldEdits`: the served model is an edited model folder of
+        the store) to the model's weights: every router, open now or later, stops gating them; their answers say
+        route ``weights``."""
+        self.held = held
+        for editor in self._editors.values():
+            editor.model.router.held = held
 
     # --- editors ------------------------------------------------------------------------------------------------------
     def editor(self, method: str | None = None, namespace: str | None = None) -> MemoryEditor:
@@ -144,6 +155,7 @@ class MemoryService:
             editor = open_memory_editor(method, self.store, self.model, self.tokenizer, scope=s.scope,
                                         threshold=s.threshold, k=s.k, namespace=namespace,
                                         **s.options.get(method, {}))
+            editor.model.router.held = self.held
             self._editors[(namespace, method)] = editor
         return editor
 
@@ -260,7 +272,8 @@ class MemoryService:
                         start = []
                 else:
                     seq, lm = row, self.model
-                shaping = _shaping(editor.name if decision.in_scope else "base", decision,
+                route = editor.name if decision.in_scope else "weights" if decision.weights is not None else "base"
+                shaping = _shaping(route, decision,
                                    change_number(editor.memory), as_of, editor.memory.namespace)
         if context is not None and len(seq) + sampling.max_tokens > context:  # the edit's context made it longer
             sampling = dataclasses.replace(sampling, max_tokens=max(1, context - len(seq)))
@@ -402,7 +415,7 @@ def _first_stop(text: str, stops: Sequence[str]) -> int:
 
 
 def _shaping(route: str, decision: Decision, change: int, as_of: int | str | None, namespace: str) -> Shaping:
-    edit = decision.edit
+    edit = decision.edit or decision.weights  # route "weights": the edit the model's own weights answered
     return Shaping(route, change, edit.id if edit else None, edit.version if edit else None,
                    None if decision.score is None else float(decision.score), float(decision.threshold),
                    edit.prompt if edit else None, edit.target_new if edit else None, as_of, namespace)

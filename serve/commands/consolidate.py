@@ -1,7 +1,7 @@
 """`editmem consolidate`: write the store's memory edits into a model's weights, and keep those weights in step when an
 edit is deleted, rolled back or updated.
 
-    editmem consolidate --method memit [--batch-size N] [--model NAME] --out DIR [--set KEY=VALUE ...]
+    editmem consolidate --method memit [--batch-size N | --every N] [--model NAME] --out DIR [--set KEY=VALUE ...]
 
 How the model is found. See :mod:`editors.consolidation`, which does the work
 (this module only parses and prints): the first ``consolidate --out DIR`` loads the base model ``--model`` (default
@@ -9,6 +9,11 @@ smollm2-135m), registers DIR with the store and saves the edited model there; a 
 ``editmem delete`` / ``rollback`` / ``update`` of an edit that some recorded folder holds take it out of that
 folder's weights exactly (:func:`editors.consolidation.weights_follow`). ``--method grace`` keeps the edits in a
 GRACE codebook saved in DIR as ``grace-adaptor.safetensors`` instead (:mod:`editors.adaptors`), with the same follow.
+
+``--every N`` is the policy "memory first, the weights as the fallback": only the N oldest pending edits, in whole
+groups of N (one weight record each), go into the weights, and fewer than N keep answering from memory; with fewer
+than N pending it writes nothing and exits 0. Served with ``--model DIR``, the edits DIR's weights hold are left to
+them by the memory router.
 
 ``editmem rebuild-weights --out DIR [--model NAME]`` recomputes DIR from the base model and the store's records.
 """
@@ -31,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "one record per edit)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="edits per editor call, one weight record each (default: all in one batch)")
+    p.add_argument("--every", type=int, default=None, metavar="N",
+                   help="only the N oldest pending edits in whole groups of N (one editor call each), leaving fewer "
+                        "than N answering from memory; nothing (exit 0) while fewer than N are pending")
     p.add_argument("--model", default=None,
                    help=f"base model (alias or local folder) for a new --out (default: {DEFAULT_MODEL}); "
                         "an --out the store already knows continues from the model saved there")
@@ -48,13 +56,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_consolidate(args: argparse.Namespace) -> int:
-    from editors.consolidation import consolidate
+    from editors.consolidation import NothingDue, consolidate
     from memory import EditMemory
 
     overrides = key_values(args.overrides, example="layers=[3,4]")
     with EditMemory.open(args.store, create=False, namespace=getattr(args, "namespace", "default")) as mem:
-        done = consolidate(mem, args.method, args.out, model=args.model, batch_size=args.batch_size,
-                           overrides=overrides, progress=True)
+        try:
+            done = consolidate(mem, args.method, args.out, model=args.model, batch_size=args.batch_size,
+                               every=args.every, overrides=overrides, progress=True)
+        except NothingDue as err:
+            print(err)
+            return 0
     print(f"consolidated {done.n_edits} edit(s) into {done.folder} with {args.method} in {len(done.records)} weight "
           f"record(s); edited model {done.model.id}, base {done.model.base}")
     for r in done.records:

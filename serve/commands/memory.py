@@ -210,6 +210,9 @@ def _ask(args: argparse.Namespace) -> int:
     editor = open_memory_editor(args.method, args.store, model, tok, scope=args.scope, threshold=args.threshold,
                                 k=args.k, **options)
     try:
+        from editors.consolidation import held_edits
+
+        editor.model.router.held = held_edits(editor.memory, args.model)  # edits an edited folder's weights hold
         answer = editor.model.ask(args.question, max_new_tokens=args.max_new_tokens)
         _print_answer(answer)
         for line in editor.model.explain(0):
@@ -225,6 +228,8 @@ def _print_answer(answer: Any) -> None:
     if d.edit is not None:
         print(f"-- shaped by edit {d.edit.id} v{d.edit.version} (score {d.score:.3f}, threshold {d.threshold:.3f}): "
               f"{d.edit.prompt} -> {d.edit.target_new}")
+    elif d.weights is not None:
+        print(f"-- {d.describe()}: {d.weights.prompt} -> {d.weights.target_new}")
     else:
         print(f"-- no edit in scope; the base model answered ({d.describe()})")
 

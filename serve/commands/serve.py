@@ -4,12 +4,22 @@
                   [--host 127.0.0.1] [--port 8000] [--api-keys FILE] [--threads N] [--max-body-bytes B]
                   [--max-tokens N] [--max-n N] [--max-batch N] [--batch-wait S] [--max-prompt-tokens N]
                   [--cors-origin URL ...] [--weights-dir DIR]
+                  [--consolidate-every N [--consolidate-method memit] [--consolidate-out DIR]
+                   [--consolidate-set KEY=VALUE ...]]
                   [--upstream URL [--upstream-key KEY]] [--namespace NAME] [--ike-demos N] [--ike-demo-file FILE]
                   [--ike-demo-limit N]
 
 Binds to loopback by default; any other address needs API keys (--api-keys or $EDITMEM_API_KEYS_FILE).
 ``--namespace`` (the global option, or $EDITMEM_NAMESPACE) is the store namespace of requests that name none and whose
 key is not bound to one.
+
+Serving an edited model folder of the store (``--model DIR``, written by ``editmem consolidate --out DIR``), the
+memory router leaves the edits DIR's weights hold to them. ``--consolidate-every N`` makes the server apply the policy
+"memory first, the weights as the fallback" itself: after each write through it, when N or more edits of its
+``--namespace`` are pending, a background job (``/v1/admin/jobs``, kind ``auto-consolidate``) writes the oldest, in
+whole groups of N, into DIR with ``--consolidate-method`` and then into the loaded model in place (between generate
+calls), so they answer from the weights without a restart. ``--consolidate-out DIR`` names the folder when
+``--model`` is its base (a new folder is created from the served model at start).
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import logging
 from typing import Any
 
 from memory.errors import ValidationError
+from serve.options import key_values
 
 DEFAULT_THREADS = 1
 
@@ -66,6 +77,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cors-origin", action="append", default=[], help="allow this origin (CORS is off without)")
     p.add_argument("--weights-dir", default=None, help="folder under which POST /v1/admin/consolidate saves edited "
                                                        "models (default: $EDITMEM_CACHE/weights)")
+    p.add_argument("--consolidate-every", type=int, default=None, metavar="N",
+                   help="after writes, when N or more edits are pending, consolidate the oldest (whole groups of N) "
+                        "into the served model's folder and the loaded model (default: never)")
+    p.add_argument("--consolidate-method", default="memit",
+                   help="weight editor for --consolidate-every (memit, alphaedit, rome, ft; default: %(default)s)")
+    p.add_argument("--consolidate-out", default=None, metavar="DIR",
+                   help="the edited model folder for --consolidate-every (default: --model, which must be one of "
+                        "the store's; a new DIR is made from the served model, its base)")
+    p.add_argument("--consolidate-set", dest="consolidate_overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="a setting of --consolidate-method, as consolidate --set; repeatable")
     p.set_defaults(func=_serve)
 
 
@@ -96,6 +117,10 @@ def _serve(args: argparse.Namespace) -> int:
                         ("--max-body-bytes", args.max_body_bytes), ("--max-prompt-tokens", args.max_prompt_tokens)):
         if value < 1:
             raise ValidationError(f"{flag} must be >= 1, got {value}")
+    if args.consolidate_every is not None and args.consolidate_every < 1:
+        raise ValidationError(f"--consolidate-every must be >= 1, got {args.consolidate_every}")
+    if args.consolidate_every is None and (args.consolidate_out or args.consolidate_overrides):
+        raise ValidationError("--consolidate-out and --consolidate-set go with --consolidate-every N")
     if not 0 <= args.batch_wait <= 10:
         raise ValidationError(f"--batch-wait must be between 0 and 10 seconds, got {args.batch_wait}")
     import torch
@@ -117,10 +142,18 @@ def _serve(args: argparse.Namespace) -> int:
                                             max_n=args.max_n),
                               cors_origins=tuple(args.cors_origin), upstream=args.upstream,
                               upstream_key=args.upstream_key, namespace=getattr(args, "namespace", "default"),
-                              options=_method_options(args), weights_dir=args.weights_dir)
+                              options=_method_options(args), weights_dir=args.weights_dir,
+                              consolidate_every=args.consolidate_every, consolidate_method=args.consolidate_method,
+                              consolidate_out=args.consolidate_out,
+                              consolidate_settings=key_values(args.consolidate_overrides, example="layers=[3,4]"))
     logging.getLogger("editmem.http").setLevel(logging.INFO)
     app = create_app(settings)
     front = f"in front of {args.upstream}" if args.upstream else f"with {args.model}"
+    live = app.state.ctx.live
+    if live is not None:
+        policy = (f"; every {args.consolidate_every} pending edits go into it with {args.consolidate_method}"
+                  if args.consolidate_every else "")
+        front += f" (following the weight records of {live.folder}{policy})"
     print(f"editmem: serving {args.store} (namespace {settings.namespace}) {front} on "
           f"http://{args.host}:{args.port}/", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="warning",

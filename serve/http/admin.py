@@ -64,10 +64,11 @@ def consolidate(body: ConsolidateBody, request: Request, namespace: str | None =
 
     def run() -> dict[str, Any]:
         out.parent.mkdir(parents=True, exist_ok=True)
-        with EditMemory.open(ctx.settings.store, create=False, namespace=ns) as mem:
+        with ctx.weights_lock, EditMemory.open(ctx.settings.store, create=False, namespace=ns) as mem:
             done = run_consolidation(mem, plan, overrides=body.settings)
+        ctx.after_write()  # the served model follows, if this is its folder
         return {"edits": done.n_edits, "folder": str(done.folder), "model_id": done.model.id,
-                "base": done.model.base, "records": [_record_json(r) for r in done.records]}
+                "base": done.model.base, "records": [record_json(r) for r in done.records]}
 
     job = ctx.jobs.submit("consolidate", params, run)
     return JSONResponse(job.to_json(), status_code=202)
@@ -88,10 +89,10 @@ def weights(request: Request) -> dict[str, Any]:
     mem = request.app.state.ctx.memory
     return {"object": "list", "data": [
         {"id": m.id, "base": m.base, "folder": m.folder, "fingerprint": m.fingerprint,
-         "records": [_record_json(r) for r in mem.weight_records(model_id=m.id)]}
+         "records": [record_json(r) for r in mem.weight_records(model_id=m.id)]}
         for m in mem.weight_models()]}
 
 
-def _record_json(record: Any) -> dict[str, Any]:
+def record_json(record: Any) -> dict[str, Any]:
     """A weight record as the admin routes show it: its id, the edits it holds, the parameters it changed."""
     return {"id": record.id, "edit_ids": list(record.edit_ids), "params": list(record.params)}

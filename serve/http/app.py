@@ -54,6 +54,12 @@ class ServerSettings:
     namespace: str = "default"  # the store namespace of requests that name none (and whose key is not bound to one)
     max_namespaces: int = 64  # namespaces the server keeps a store handle (and editors) open for
     weights_dir: str | None = None  # where admin consolidations save models (default: <cache dir>/weights)
+    # Memory first, the weights as the fallback: after writes, when this many edits are pending, a background job
+    # consolidates the oldest (whole groups of this many) into the served model's folder and the live model.
+    consolidate_every: int | None = None
+    consolidate_method: str = "memit"
+    consolidate_out: str | None = None  # the edited model folder (default: --model, which must be one of the store)
+    consolidate_settings: dict[str, Any] = field(default_factory=dict)  # the weight editor's settings
 
 
 @dataclass
@@ -69,6 +75,10 @@ class Context:
     memories: dict[str, Any] = field(default_factory=dict)  # namespace -> its open EditMemory (one handle each)
     proxies: dict[str, Any] = field(default_factory=dict)  # proxy mode: namespace -> its ContextRouter
     jobs: JobRunner = field(default_factory=JobRunner)  # admin work in the background (consolidation)
+    live: Any = None  # editors.consolidation.LiveWeights: the served model follows its folder's weight records
+    # Held by whatever writes a saved model folder here (consolidation jobs, a delete/rollback/update that the
+    # weights follow), so two of them never load, change and save the same folder at once.
+    weights_lock: threading.Lock = field(default_factory=threading.Lock)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -104,6 +114,38 @@ class Context:
                 router = self.proxies[namespace] = _context_router(self.settings, namespace)
             return router
 
+    def after_write(self) -> None:
+        """After a write to the store: the served model follows its folder's weight records (a delete, rollback or
+        update may have taken an edit out of them), and with ``consolidate_every`` a consolidation job is queued
+        when enough edits are pending (one at a time; a write during a job makes it look again when done)."""
+        try:
+            self._after_write()
+        except Exception:  # the write itself is done; the served model is left as it was
+            log.exception("the served model could not follow the store's weight records")
+
+    def _after_write(self) -> None:
+        live, every = self.live, self.settings.consolidate_every
+        if live is None:
+            return
+        live.follow()
+        if every is None or not live.claim(every):
+            return
+        s = self.settings
+        params = {"every": every, "method": s.consolidate_method, "out": str(live.folder),
+                  "settings": s.consolidate_settings, "namespace": s.namespace}
+
+        def run() -> dict[str, Any]:
+            from memory.store import EditMemory
+            from serve.http.admin import record_json
+
+            records = live.run_due(lambda: EditMemory.open(s.store, create=False, namespace=s.namespace), every,
+                                   s.consolidate_method, overrides=s.consolidate_settings, lock=self.weights_lock)
+            return {"edits": sum(len(r.edits) for r in records), "folder": str(live.folder),
+                    "model_id": live.model_id, "records": [record_json(r) for r in records],
+                    "in_weights": len(live.held.versions()), "in_memory": live.pending()}
+
+        self.jobs.submit("auto-consolidate", params, run)
+
     def close(self) -> None:
         for router in self.proxies.values():
             router.close()
@@ -116,6 +158,7 @@ def create_app(settings: ServerSettings, *, model: Any = None, tokenizer: Any = 
     from memory.store import EditMemory
 
     keys = load_keys(settings.api_keys)
+    _check_consolidation(settings)
     memory = EditMemory.open(settings.store, create=False, namespace=settings.namespace)
     service, proxy = None, None
     try:
@@ -132,11 +175,14 @@ def create_app(settings: ServerSettings, *, model: Any = None, tokenizer: Any = 
                 options=settings.options, limits=settings.limits, max_batch=settings.max_batch,
                 batch_wait=settings.batch_wait, namespace=settings.namespace))
             service.editor()  # open the default method now: a bad scope or option fails at start, not per request
+        live = _served_weights(settings, memory, service)
     except BaseException:
+        if service is not None:
+            service.close()
         memory.close()
         raise
     name = Path(settings.model).name if settings.model not in ("", "none") else "none"
-    ctx = Context(settings, memory, service, keys, Metrics(), name, proxy, _upstream_client(settings))
+    ctx = Context(settings, memory, service, keys, Metrics(), name, proxy, _upstream_client(settings), live=live)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -167,6 +213,63 @@ def create_app(settings: ServerSettings, *, model: Any = None, tokenizer: Any = 
         return FileResponse(STATIC / "index.html")
 
     return app
+
+
+def _check_consolidation(settings: ServerSettings) -> None:
+    """Before anything loads: ``consolidate_every`` is a positive integer, for a local model, with a weight editor."""
+    every = settings.consolidate_every
+    if every is None:
+        return
+    from editors.base import available_editors, editor_class
+    from editors.retrieval.setup import MemoryEditor
+    from memory.checks import check_number
+
+    check_number("serve", "consolidate_every", every, integer=True)
+    method = settings.consolidate_method
+    if method not in available_editors():
+        raise ValidationError(f"unknown editing method {method!r}; available: {', '.join(available_editors())}")
+    cls = editor_class(method)
+    if method == "grace" or issubclass(cls, MemoryEditor):
+        raise ValidationError(f"--consolidate-method must be a weight editor (memit, alphaedit, rome, ft), not "
+                              f"{method!r}")
+    cls.Settings.with_overrides(cls.Settings(), dict(settings.consolidate_settings))  # a bad setting fails now
+    if settings.upstream or settings.model in ("", "none"):
+        raise ValidationError("--consolidate-every needs a local model to write the edits into (--model DIR)")
+    if settings.consolidate_out is None and not Path(settings.model).expanduser().is_dir():
+        raise ValidationError("--consolidate-every needs the edited model folder: serve it as --model DIR, or give "
+                              "--consolidate-out DIR (a new folder; the served model becomes its base)")
+
+
+def _served_weights(settings: ServerSettings, memory: Any, service: MemoryService | None) -> Any:
+    """When the served model is an edited model folder of the store (or ``consolidate_every`` names one): the
+    router leaves the edits its weights hold to them, and the model object follows the folder's weight records (a
+    delete through this server takes the edit out of it too; :class:`editors.consolidation.LiveWeights`, returned),
+    taking consolidations in place with ``consolidate_every``. A folder with GRACE records is served as loaded."""
+    if service is None:
+        return None
+    from editors.adaptors import is_adaptor_record
+    from editors.consolidation import LiveWeights, folder_key, held_edits
+
+    if settings.consolidate_every is None:
+        held = held_edits(memory, settings.model)
+        if held is None:
+            return None
+        if any(is_adaptor_record(r) for r in memory.weight_records(model_id=held.model_id)):
+            service.hold(held)  # a GRACE adaptor is not followed live: the folder's records as loaded
+            return None
+    folder = Path(settings.consolidate_out or settings.model).expanduser()
+    served = held_edits(memory, settings.model)
+    if served is not None and memory.get_weight_model(served.model_id).folder != folder_key(folder):
+        raise ValidationError(f"--model {settings.model} is another edited model of this store; serve {folder} "
+                              "itself, or its base, with --consolidate-out")
+    if settings.consolidate_out is None and not memory.weight_models(folder=folder_key(folder)):
+        raise ValidationError(f"{folder} is not an edited model of the store {settings.store}; make it one with "
+                              "editmem consolidate --out, or give --consolidate-out DIR (a new folder; the served "
+                              "model becomes its base)")
+    live = LiveWeights.open(memory, service.model, service.tokenizer, folder, base=settings.model,
+                            lock=service.batcher.lock)
+    service.hold(live.held)
+    return live
 
 
 def _context_router(settings: ServerSettings, namespace: str) -> Any:

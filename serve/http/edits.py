@@ -47,7 +47,9 @@ def _memory(request: Request, namespace: str | None) -> Any:
 
 @router.post("", status_code=201, dependencies=[WRITE])
 def create(body: EditBody, request: Request, namespace: str | None = NAMESPACE) -> dict[str, Any]:
-    return edit_json(_memory(request, namespace).add(**body.model_dump()))
+    record = _memory(request, namespace).add(**body.model_dump())
+    request.app.state.ctx.after_write()
+    return edit_json(record)
 
 
 @router.get("", dependencies=[READ])
@@ -120,6 +122,7 @@ async def import_edits(request: Request, namespace: str | None = NAMESPACE) -> J
         except PydanticError as err:
             raise ApiError(400, f"expected {{\"records\": [...]}}: {err.errors()[0]['msg']}") from None
         added = len(await run_in_threadpool(mem.add_many, body.records))
+    await run_in_threadpool(request.app.state.ctx.after_write)
     return JSONResponse({"added": added, "change": change_number(mem)})
 
 
@@ -129,15 +132,18 @@ def get(edit_id: int, request: Request, namespace: str | None = NAMESPACE, versi
     return edit_json(_memory(request, namespace).get(edit_id, version))
 
 
-def _following_weights(mem: Any, edit_id: int, change: Callable[[], Any]) -> dict[str, Any]:
+def _following_weights(request: Request, mem: Any, edit_id: int, change: Callable[[], Any]) -> dict[str, Any]:
     """``change()`` (an update, delete or rollback of ``edit_id``) as the CLI makes it: a saved edited model that
     holds the edit follows it exactly (:func:`editors.consolidation.weights_follow`); what it did is listed under
-    ``weights`` (absent when no saved model holds the edit)."""
+    ``weights`` (absent when no saved model holds the edit). Then the served model follows too
+    (:meth:`serve.http.app.Context.after_write`)."""
     from editors.consolidation import weights_follow
 
+    ctx = request.app.state.ctx
     lines: list[str] = []
-    with weights_follow(mem, edit_id, report=lines.append):
+    with ctx.weights_lock, weights_follow(mem, edit_id, report=lines.append):
         record = change()
+    ctx.after_write()
     body = edit_json(record)
     if lines:
         body["weights"] = lines
@@ -150,13 +156,13 @@ def update(edit_id: int, body: EditChanges, request: Request, namespace: str | N
     if not changes_:
         raise ValidationError("an update needs at least one field to change")
     mem = _memory(request, namespace)
-    return _following_weights(mem, edit_id, lambda: mem.update(edit_id, **changes_))
+    return _following_weights(request, mem, edit_id, lambda: mem.update(edit_id, **changes_))
 
 
 @router.delete("/{edit_id}", dependencies=[WRITE])
 def delete(edit_id: int, request: Request, namespace: str | None = NAMESPACE) -> dict[str, Any]:
     mem = _memory(request, namespace)
-    return _following_weights(mem, edit_id, lambda: mem.delete(edit_id))
+    return _following_weights(request, mem, edit_id, lambda: mem.delete(edit_id))
 
 
 @router.get("/{edit_id}/history", dependencies=[READ])
@@ -168,4 +174,4 @@ def history(edit_id: int, request: Request, namespace: str | None = NAMESPACE) -
 def rollback(edit_id: int, body: RollbackBody, request: Request, namespace: str | None = NAMESPACE
              ) -> dict[str, Any]:
     mem = _memory(request, namespace)
-    return _following_weights(mem, edit_id, lambda: mem.rollback(edit_id, body.version))
+    return _following_weights(request, mem, edit_id, lambda: mem.rollback(edit_id, body.version))

@@ -1,6 +1,8 @@
 """Prometheus metrics of one server (a registry of its own, so several apps in one process do not collide):
 requests by method, route and status, requests in flight, latency per route, answers by the route the memory took,
-the number of live edits and the vector index's lag behind the store, per open namespace (read at scrape time)."""
+the number of live edits and the vector index's lag behind the store, per open namespace (read at scrape time), and,
+when the served model follows an edited model folder (``--consolidate-every``), the edits its weights hold, the
+edits answering from memory meanwhile, and the consolidations this server made."""
 
 from __future__ import annotations
 
@@ -26,16 +28,27 @@ class Metrics:
         self.edits = Gauge("editmem_edits", "live edits in a store namespace", ["namespace"], registry=self.registry)
         self.index_lag = Gauge("editmem_index_lag", "changes a namespace's vector index is behind the store",
                                ["namespace"], registry=self.registry)
+        self.weights_edits = Gauge("editmem_weights_edits", "edits the served model's weights hold (not gated)",
+                                   registry=self.registry)
+        self.memory_only_edits = Gauge("editmem_memory_only_edits", "live edits the served model's weights do not "
+                                       "hold yet (answering from memory)", registry=self.registry)
+        self.consolidations = Gauge("editmem_consolidations", "consolidations this server wrote into the served "
+                                    "model", registry=self.registry)
 
     def observe(self, method: str, path: str, status: int, seconds: float) -> None:
         self.requests.labels(method, path, str(status)).inc()
         self.latency.labels(path).observe(seconds)
 
-    def render(self, memories: Mapping[str, Any]) -> bytes:
-        """The metrics text, with the edit count and index lag of every namespace the server has open."""
+    def render(self, memories: Mapping[str, Any], live: Any = None) -> bytes:
+        """The metrics text, with the edit count and index lag of every namespace the server has open, and the
+        served weights' counts when the model follows a folder (``live``: editors.consolidation.LiveWeights)."""
         from memory.feed import index_lag
 
         for namespace, memory in sorted(memories.items()):
             self.edits.labels(namespace).set(len(memory))
             self.index_lag.labels(namespace).set(index_lag(memory))
+        if live is not None:
+            self.weights_edits.set(len(live.held.versions()))
+            self.memory_only_edits.set(live.pending())
+            self.consolidations.set(live.consolidations)
         return generate_latest(self.registry)

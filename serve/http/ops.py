@@ -46,4 +46,4 @@ def readyz(request: Request) -> JSONResponse:
 @router.get("/metrics")
 def metrics(request: Request) -> Response:
     ctx = request.app.state.ctx
-    return Response(ctx.metrics.render(dict(ctx.memories)), media_type=CONTENT_TYPE_LATEST)
+    return Response(ctx.metrics.render(dict(ctx.memories), ctx.live), media_type=CONTENT_TYPE_LATEST)
