@@ -18,6 +18,12 @@ scope scores from the hits' similarities alone.
 
 An optional reranker (:class:`scope.rerank.RelationReranker`) rescales each candidate's score by how well what the
 query asks agrees with what the edit asks, from the same vectors; the exact-prompt rule still applies after it.
+
+An optional cross-encoder (``cross=``, :class:`scope.cross_rerank.CrossReranker`) then reads the query and the edit
+prompt together, for the gated candidates only (at or above the threshold, and the best one just below it:
+:meth:`~scope.cross_rerank.CrossReranker.gate`): the gated candidate with the best cross score is chosen if that
+score reaches the cross threshold, else none. A query with no gated candidate, or one that begins with an edit's own
+prompt, is decided without it. This is the one place the router reads text again.
 """
 
 from __future__ import annotations
@@ -70,6 +76,7 @@ class Candidate:
     version: int
     similarity: float  # cosine of query and edit key, from the store
     score: float  # the classifier's score
+    cross: float | None = None  # the cross-encoder's score, for a candidate it read
 
 
 @dataclass(frozen=True)
@@ -98,14 +105,18 @@ class Decision:
             best = f" (best candidate score {self.score:.3f} < threshold {self.threshold:.3f})" \
                 if self.score is not None else " (no candidates)"
             return "no edit" + best
-        return (f"edit {self.edit.id} v{self.edit.version} (score {self.score:.3f} >= {self.threshold:.3f}): "
-                f"{self.edit.prompt} -> {self.edit.target_new}")
+        score = self.score if self.score is not None else float("nan")
+        how = f">= {self.threshold:.3f}" if score >= self.threshold else \
+            f"< {self.threshold:.3f}, chosen by the cross-encoder"
+        return f"edit {self.edit.id} v{self.edit.version} (score {score:.3f} {how}): {self.edit.prompt} -> " \
+               f"{self.edit.target_new}"
 
 
 class Router:
     """Retrieval + scope for one store (see the module docstring)."""
 
-    def __init__(self, memory: Any, classifier: ScopeClassifier, *, k: int = 5, reranker: Any = None):
+    def __init__(self, memory: Any, classifier: ScopeClassifier, *, k: int = 5, reranker: Any = None,
+                 cross: Any = None):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValidationError(f"k must be a positive integer, got {k!r}")
         classifier.check_encoder(memory.encoder.name)
@@ -116,6 +127,7 @@ class Router:
             raise ValidationError(f"reranker was trained on {reranker.encoder} embeddings, the store's encoder is "
                                   f"{memory.encoder.name}")
         self.reranker = reranker
+        self.cross = cross  # a scope.cross_rerank.CrossReranker, or anything with .gate, .score and .threshold
 
     @classmethod
     def open(cls, url: str, classifier: ScopeClassifier, *, encoder: str | Encoder | None = None,
@@ -155,21 +167,62 @@ class Router:
         scores = self.classifier.score_hits([views[w] for w, _ in rows], [h for _, h in rows], u, v)
         if self.reranker is not None:
             scores = self.reranker.rerank(scores, u, v)
-        # per text: each candidate edit once, with its best score over the text's views
-        merged: list[dict[int, tuple[Any, float, float]]] = [{} for _ in texts]
+        # per text: each candidate edit once, with its best score over the text's views (and whether a view begins
+        # with its prompt)
+        merged: list[dict[int, tuple[Any, float, float, bool]]] = [{} for _ in texts]
         for (w, h), score in zip(rows, scores.tolist()):
-            if starts_with_prompt(views[w], h.edit.prompt):
+            exact = starts_with_prompt(views[w], h.edit.prompt)
+            if exact:
                 score = max(score, EXACT_SCORE)
             best = merged[owner[w]].get(h.edit.id)
             if best is None or score > best[2]:
-                merged[owner[w]][h.edit.id] = (h.edit, float(h.score), float(score))
+                merged[owner[w]][h.edit.id] = (h.edit, float(h.score), float(score), exact or bool(best and best[3]))
+            elif exact:
+                merged[owner[w]][h.edit.id] = (*best[:3], True)
+        ranked_all = [sorted(found.values(), key=lambda c: -c[2]) for found in merged]
+        if self.cross is not None:
+            return self._decide_cross(texts, ranked_all, threshold)
         decisions = []
-        for q, found in enumerate(merged):
-            if not found:
+        for q, ranked in enumerate(ranked_all):
+            if not ranked:
                 decisions.append(Decision(texts[q], None, None, threshold))
                 continue
-            ranked = sorted(found.values(), key=lambda c: -c[2])
-            cands = tuple(Candidate(e.id, e.version, sim, score) for e, sim, score in ranked)
-            edit, _, top = ranked[0]
+            cands = tuple(Candidate(e.id, e.version, sim, score) for e, sim, score, _ in ranked)
+            edit, _, top, _ = ranked[0]
             decisions.append(Decision(texts[q], edit if top >= threshold else None, top, threshold, cands))
+        return decisions
+
+    def _decide_cross(self, texts: list[str], ranked_all: list[list[tuple[Any, float, float, bool]]],
+                      threshold: float) -> list[Decision]:
+        """Decisions with the cross-encoder over each text's gated candidates (one batched call for all texts)."""
+        pairs: list[tuple[int, int]] = []  # (text, candidate index) read by the cross-encoder
+        exact_pick: dict[int, int] = {}
+        for q, ranked in enumerate(ranked_all):
+            exact = [i for i, c in enumerate(ranked) if c[3]]
+            if exact:  # in the scope of its own prompt's edit by definition
+                exact_pick[q] = exact[0]
+                continue
+            pairs.extend((q, i) for i in self.cross.gate([c[2] for c in ranked], threshold))
+        cross_scores = self.cross.score([texts[q] for q, _ in pairs], [ranked_all[q][i][0].prompt for q, i in pairs]) \
+            if pairs else []
+        by_text: dict[int, dict[int, float]] = {}
+        for (q, i), c in zip(pairs, list(cross_scores)):
+            by_text.setdefault(q, {})[i] = float(c)
+        decisions = []
+        for q, ranked in enumerate(ranked_all):
+            if not ranked:
+                decisions.append(Decision(texts[q], None, None, threshold))
+                continue
+            read = by_text.get(q, {})
+            cands = tuple(Candidate(e.id, e.version, sim, score, read.get(i)) for i, (e, sim, score, _) in
+                          enumerate(ranked))
+            if q in exact_pick:
+                pick: int | None = exact_pick[q]
+            else:
+                best = max(read, key=lambda i: read[i], default=None)
+                pick = best if best is not None and read[best] >= self.cross.threshold else None
+            if pick is None:
+                decisions.append(Decision(texts[q], None, ranked[0][2], threshold, cands))
+            else:
+                decisions.append(Decision(texts[q], ranked[pick][0], ranked[pick][2], threshold, cands))
         return decisions
