@@ -20,10 +20,11 @@ An optional reranker (:class:`scope.rerank.RelationReranker`) rescales each cand
 query asks agrees with what the edit asks, from the same vectors; the exact-prompt rule still applies after it.
 
 An optional cross-encoder (``cross=``, :class:`scope.cross_rerank.CrossReranker`) then reads the query and the edit
-prompt together, for the gated candidates only (at or above the threshold, and the best one just below it:
-:meth:`~scope.cross_rerank.CrossReranker.gate`): the gated candidate with the best cross score is chosen if that
-score reaches the cross threshold, else none. A query with no gated candidate, or one that begins with an edit's own
-prompt, is decided without it. This is the one place the router reads text again.
+prompt together, for the gated candidates only (at or above the threshold, and with a margin the best one just below
+it: :meth:`~scope.cross_rerank.CrossReranker.gate`): the gated candidate with the best combined score (scope score x
+cross score, :meth:`~scope.cross_rerank.CrossReranker.combine`) is chosen if that reaches the cross-encoder's
+threshold, else none. A query with no gated candidate, or one that begins with an edit's own prompt, is decided
+without it. This is the one place the router reads text again.
 """
 
 from __future__ import annotations
@@ -205,16 +206,19 @@ class Router:
             pairs.extend((q, i) for i in self.cross.gate([c[2] for c in ranked], threshold))
         cross_scores = self.cross.score([texts[q] for q, _ in pairs], [ranked_all[q][i][0].prompt for q, i in pairs]) \
             if pairs else []
-        by_text: dict[int, dict[int, float]] = {}
-        for (q, i), c in zip(pairs, list(cross_scores)):
+        combined = self.cross.combine([ranked_all[q][i][2] for q, i in pairs], cross_scores) if pairs else []
+        by_text: dict[int, dict[int, float]] = {}  # text -> candidate -> combined score
+        raw: dict[tuple[int, int], float] = {}
+        for (q, i), c, x in zip(pairs, list(combined), list(cross_scores)):
             by_text.setdefault(q, {})[i] = float(c)
+            raw[q, i] = float(x)
         decisions = []
         for q, ranked in enumerate(ranked_all):
             if not ranked:
                 decisions.append(Decision(texts[q], None, None, threshold))
                 continue
             read = by_text.get(q, {})
-            cands = tuple(Candidate(e.id, e.version, sim, score, read.get(i)) for i, (e, sim, score, _) in
+            cands = tuple(Candidate(e.id, e.version, sim, score, raw.get((q, i))) for i, (e, sim, score, _) in
                           enumerate(ranked))
             if q in exact_pick:
                 pick: int | None = exact_pick[q]

@@ -103,9 +103,9 @@ def test_save_load_round_trip_and_a_different_base_refused(trained: CrossReranke
 
 
 class SpyCross:
-    """Records what the router asks it to read; scores a pair 0.9 when the edit prompt is in ``liked``."""
+    """Records what the router asks it to read; scores a pair 0.9 when the edit prompt is in ``liked``, else 0."""
 
-    def __init__(self, liked: set[str], threshold: float = 0.5, margin: float = 0.0):
+    def __init__(self, liked: set[str], threshold: float = 0.05, margin: float = 0.0):
         self.liked, self.threshold, self.margin = liked, threshold, margin
         self.read: list[tuple[str, str]] = []
 
@@ -114,7 +114,10 @@ class SpyCross:
 
     def score(self, queries: list[str], edits: list[str]) -> np.ndarray:
         self.read.extend(zip(queries, edits))
-        return np.asarray([0.9 if e in self.liked else 0.1 for e in edits], dtype=np.float32)
+        return np.asarray([0.9 if e in self.liked else 0.0 for e in edits], dtype=np.float32)
+
+    def combine(self, scope_scores: list[float], cross_scores: np.ndarray) -> np.ndarray:
+        return CrossReranker.combine(scope_scores, cross_scores)
 
 
 def test_router_reads_only_gated_candidates() -> None:
@@ -240,6 +243,12 @@ def test_cli_train_rerank_then_eval_scope_with_it(base: Path, tmp_path: Path, mo
     assert manifest["base"]["fingerprint"] == base_fingerprint(base) and manifest["settings"]["rank"] == 4
     assert manifest["training"]["heldout_routing"]["queries"] > 0
     assert main(argv) == 2 and "not an empty folder" in capsys.readouterr().err
+    again = tmp_path / "cross2"
+    assert main([*argv[:-10], "--out", str(again), "--recalibrate", str(out), "--margin", "0.2"]) == 0
+    recalibrated = json.loads((again / "manifest.json").read_text())
+    assert recalibrated["margin"] == 0.2 and recalibrated["calibration"]["from"] == str(out)
+    assert recalibrated["command"] == manifest["command"]  # the training command stays; the new one is beside it
+    assert "--recalibrate" in recalibrated["calibration"]["command"]
 
     monkeypatch.setattr("scope.cross_rerank.default_base", lambda: base)  # eval-scope loads over the default base
     report = tmp_path / "routing.json"

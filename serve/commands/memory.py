@@ -127,6 +127,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", default=None, help="local BERT folder (default: the installed all-MiniLM-L6-v2)")
     p.add_argument("--relations", default=None, metavar="DIR",
                    help="ROME-format CounterFact folder with relation ids (default: beside the data's folder)")
+    p.add_argument("--recalibrate", default=None, metavar="FOLDER",
+                   help="do not train: choose the threshold of this trained reranker again (behind --scope, with "
+                        "--margin / --target-precision if given) on the held-out cases of the same --data, --skip "
+                        "and --limit it was trained with, and save it to --out")
     p.add_argument("--skip", type=int, default=0, help="skip the first N cases (e.g. those the head was trained on)")
     p.add_argument("--limit", type=int, default=None, help="then use only N cases")
     for flag, kind, helptext in (("--max-pairs", int, "training pairs (0: all mined)"), ("--epochs", int, "epochs"),
@@ -365,7 +369,7 @@ def _rerank_command_line(args: argparse.Namespace, settings: dict[str, str]) -> 
     """The train-rerank command as parsed (the options given, spelled canonically), for the manifest."""
     parts = ["editmem", "train-rerank", "--data", args.data, "--out", args.out, "--scope", args.scope,
              "--encoder", args.encoder]
-    for flag in ("format", "base", "relations", "limit"):
+    for flag in ("format", "base", "relations", "recalibrate", "limit"):
         value = getattr(args, flag)
         if value is not None and not (flag == "format" and value == "auto"):
             parts += [f"--{flag}", str(value)]
@@ -417,6 +421,8 @@ def _train_rerank(args: argparse.Namespace) -> int:
                      "cases": len(cases)},
             "scope_classifier": {"name": args.scope, "version": clf.info.get("version"), "threshold": clf.threshold},
             "encoder": encoder.name}
+    if args.recalibrate:
+        return _recalibrate(args, out, cases, encoder, clf, relations, info)
     reranker, report = train_cross_reranker(cases, encoder, clf, settings, base=base, relations=relations,
                                             progress=True, info=info)
     folder = reranker.save(out)
@@ -426,15 +432,37 @@ def _train_rerank(args: argparse.Namespace) -> int:
     print("validation (held-out pairs):")
     for point in report["training"]["validation"]:
         print("  " + "  ".join(f"{k} {v}" for k, v in point.items()))
-    ho = report["heldout_routing"]
+    _print_heldout(report["heldout_routing"], reranker.threshold)
+    return 0
+
+
+def _recalibrate(args: argparse.Namespace, out: Any, cases: Any, encoder: Any, clf: Any, relations: Any,
+                 info: dict[str, Any]) -> int:
+    from dataclasses import replace
+
+    from scope.cross_rerank import CrossReranker, calibrate_cross
+
+    reranker = CrossReranker.load(args.recalibrate, base=args.base)
+    changes = {k: getattr(args, k) for k in ("margin", "target_precision") if getattr(args, k) is not None}
+    if changes:
+        reranker.settings = replace(reranker.settings, **changes)
+        reranker.margin = reranker.settings.margin
+    report = calibrate_cross(reranker, cases, encoder, clf, relations=relations, progress=True,
+                             info={"command": info["command"], "data": info["data"], "from": args.recalibrate})
+    folder = reranker.save(out)
+    print(f"cross reranker {args.recalibrate} recalibrated and saved to {folder}")
+    _print_heldout(report["heldout_routing"], reranker.threshold)
+    return 0
+
+
+def _print_heldout(ho: dict[str, Any], threshold: float) -> None:
     print(f"held-out queries ({ho['queries']}, {ho['positive_queries']} in scope), scope threshold "
-          f"{ho['scope_threshold']:.4f}, cross threshold {reranker.threshold:.4f}; "
+          f"{ho['scope_threshold']:.4f}, combined threshold {threshold:.4f}; "
           f"{ho['gated_pairs_per_query']} gated pairs a query, {ho['scoring_ms_per_pair']} ms a pair:")
     for label in ("head", "head+cross"):
         m = ho[label]
         print(f"  {label:11s} precision {m['precision']:.4f}  recall {m['recall']:.4f}  wrong edit "
               f"{m['wrong_edit']}  locality FP {m['locality_fp']}")
-    return 0
 
 
 def _bench_overhead(args: argparse.Namespace) -> int:
