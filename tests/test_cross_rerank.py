@@ -21,8 +21,8 @@ from scope.router import Router
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ENC = "hashing-256"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
-# measured: this separates the synthetic pairs below in about 6 s; rank 4 on query/value, or lr 3e-2, does not
-SETTINGS = CrossSettings(rank=8, alpha=16, dropout=0.0, max_length=32, epochs=120, batch_size=8, lr=1e-2,
+# measured: this separates the synthetic pairs below in a few seconds; rank 4 on query/value, or lr 3e-2, did not
+SETTINGS = CrossSettings(rank=8, alpha=16, dropout=0.0, max_length=32, epochs=80, batch_size=12, lr=1e-2,
                          targets=("query", "key", "value"))
 NAMES = ["Tom Fletcher", "Ada Berg", "Rui Costa", "Lena Park", "Omar Haddad", "Ivy Chen"]
 # (edit prompt, rephrase) per relation
@@ -57,7 +57,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def synthetic_pairs() -> tuple[list[str], list[str], list[int]]:
     """A rephrase with its own edit's prompt (1); with the same subject's other-relation edits (0)."""
     queries, edits, labels = [], [], []
-    for name in NAMES:
+    for name in NAMES[:4]:
         for r, (_prompt, rephrase) in enumerate(RELATIONS):
             for r2, (prompt2, _) in enumerate(RELATIONS):
                 queries.append(rephrase.format(name))
