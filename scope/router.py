@@ -19,6 +19,13 @@ scope scores from the hits' similarities alone.
 An optional reranker (:class:`scope.rerank.RelationReranker`) rescales each candidate's score by how well what the
 query asks agrees with what the edit asks, from the same vectors; the exact-prompt rule still applies after it.
 
+An optional cross-encoder (``cross=``, :class:`scope.cross_rerank.CrossReranker`) then reads the query and the edit
+prompt together, for the gated candidates only (at or above the threshold, and with a margin the best one just below
+it: :meth:`~scope.cross_rerank.CrossReranker.gate`): the gated candidate with the best combined score (scope score x
+cross score, :meth:`~scope.cross_rerank.CrossReranker.combine`) is chosen if that reaches the cross-encoder's
+threshold, else none. A query with no gated candidate, or one that begins with an edit's own prompt, is decided
+without it. This is the one place the router reads text again.
+
 Edits the weights hold. When the wrapped model is an edited model the store keeps weight records for (a folder
 written by ``editmem consolidate``), the router takes ``held`` (:class:`HeldEdits`): the edit versions those weights
 answer. Routing is unchanged up to the choice; a query whose chosen edit's *current* version is held is not gated
@@ -78,6 +85,7 @@ class Candidate:
     version: int
     similarity: float  # cosine of query and edit key, from the store
     score: float  # the classifier's score
+    cross: float | None = None  # the cross-encoder's score, for a candidate it read
 
 
 @dataclass(frozen=True)
@@ -110,8 +118,11 @@ class Decision:
             best = f" (best candidate score {self.score:.3f} < threshold {self.threshold:.3f})" \
                 if self.score is not None else " (no candidates)"
             return "no edit" + best
-        return (f"edit {self.edit.id} v{self.edit.version} (score {self.score:.3f} >= {self.threshold:.3f}): "
-                f"{self.edit.prompt} -> {self.edit.target_new}")
+        score = self.score if self.score is not None else float("nan")
+        how = f">= {self.threshold:.3f}" if score >= self.threshold else \
+            f"< {self.threshold:.3f}, chosen by the cross-encoder"
+        return f"edit {self.edit.id} v{self.edit.version} (score {score:.3f} {how}): {self.edit.prompt} -> " \
+               f"{self.edit.target_new}"
 
 
 class HeldEdits:
@@ -142,10 +153,10 @@ class HeldEdits:
 
 class Router:
     """Retrieval + scope for one store (see the module docstring). ``held``: the edits the wrapped model's weights
-    hold (:class:`HeldEdits`), not gated; settable after construction."""
+    hold (:class:`HeldEdits`), not gated; settable after construction. ``cross``: the cross-encoder reranker."""
 
     def __init__(self, memory: Any, classifier: ScopeClassifier, *, k: int = 5, reranker: Any = None,
-                 held: HeldEdits | None = None):
+                 held: HeldEdits | None = None, cross: Any = None):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValidationError(f"k must be a positive integer, got {k!r}")
         classifier.check_encoder(memory.encoder.name)
@@ -157,6 +168,7 @@ class Router:
                                   f"{memory.encoder.name}")
         self.reranker = reranker
         self.held = held
+        self.cross = cross  # a scope.cross_rerank.CrossReranker, or anything with .gate, .score and .threshold
 
     @classmethod
     def open(cls, url: str, classifier: ScopeClassifier, *, encoder: str | Encoder | None = None,
@@ -196,25 +208,75 @@ class Router:
         scores = self.classifier.score_hits([views[w] for w, _ in rows], [h for _, h in rows], u, v)
         if self.reranker is not None:
             scores = self.reranker.rerank(scores, u, v)
-        # per text: each candidate edit once, with its best score over the text's views
-        merged: list[dict[int, tuple[Any, float, float]]] = [{} for _ in texts]
+        # per text: each candidate edit once, with its best score over the text's views (and whether a view begins
+        # with its prompt)
+        merged: list[dict[int, tuple[Any, float, float, bool]]] = [{} for _ in texts]
         for (w, h), score in zip(rows, scores.tolist()):
-            if starts_with_prompt(views[w], h.edit.prompt):
+            exact = starts_with_prompt(views[w], h.edit.prompt)
+            if exact:
                 score = max(score, EXACT_SCORE)
             best = merged[owner[w]].get(h.edit.id)
             if best is None or score > best[2]:
-                merged[owner[w]][h.edit.id] = (h.edit, float(h.score), float(score))
+                merged[owner[w]][h.edit.id] = (h.edit, float(h.score), float(score), exact or bool(best and best[3]))
+            elif exact:
+                merged[owner[w]][h.edit.id] = (*best[:3], True)
+        ranked_all = [sorted(found.values(), key=lambda c: -c[2]) for found in merged]
         held = self.held.versions() if self.held is not None else frozenset()
+        if self.cross is not None:
+            return self._decide_cross(texts, ranked_all, threshold, held)
         decisions = []
-        for q, found in enumerate(merged):
-            if not found:
+        for q, ranked in enumerate(ranked_all):
+            if not ranked:
                 decisions.append(Decision(texts[q], None, None, threshold))
                 continue
-            ranked = sorted(found.values(), key=lambda c: -c[2])
-            cands = tuple(Candidate(e.id, e.version, sim, score) for e, sim, score in ranked)
-            edit, _, top = ranked[0]
-            if top >= threshold and (edit.id, edit.version) in held:
-                decisions.append(Decision(texts[q], None, top, threshold, cands, weights=edit))
+            cands = tuple(Candidate(e.id, e.version, sim, score) for e, sim, score, _ in ranked)
+            edit, _, top, _ = ranked[0]
+            decisions.append(self._decision(texts[q], edit if top >= threshold else None, top, threshold, cands,
+                                            held))
+        return decisions
+
+    @staticmethod
+    def _decision(text: str, edit: EditRecord | None, score: float, threshold: float,
+                  cands: tuple[Candidate, ...], held: frozenset[tuple[int, int]]) -> Decision:
+        """The decision for a chosen edit (or none), left to the weights when they hold its current version."""
+        if edit is not None and (edit.id, edit.version) in held:
+            return Decision(text, None, score, threshold, cands, weights=edit)
+        return Decision(text, edit, score, threshold, cands)
+
+    def _decide_cross(self, texts: list[str], ranked_all: list[list[tuple[Any, float, float, bool]]],
+                      threshold: float, held: frozenset[tuple[int, int]]) -> list[Decision]:
+        """Decisions with the cross-encoder over each text's gated candidates (one batched call for all texts)."""
+        pairs: list[tuple[int, int]] = []  # (text, candidate index) read by the cross-encoder
+        exact_pick: dict[int, int] = {}
+        for q, ranked in enumerate(ranked_all):
+            exact = [i for i, c in enumerate(ranked) if c[3]]
+            if exact:  # in the scope of its own prompt's edit by definition
+                exact_pick[q] = exact[0]
+                continue
+            pairs.extend((q, i) for i in self.cross.gate([c[2] for c in ranked], threshold))
+        cross_scores = self.cross.score([texts[q] for q, _ in pairs], [ranked_all[q][i][0].prompt for q, i in pairs]) \
+            if pairs else []
+        combined = self.cross.combine([ranked_all[q][i][2] for q, i in pairs], cross_scores) if pairs else []
+        by_text: dict[int, dict[int, float]] = {}  # text -> candidate -> combined score
+        raw: dict[tuple[int, int], float] = {}
+        for (q, i), c, x in zip(pairs, list(combined), list(cross_scores)):
+            by_text.setdefault(q, {})[i] = float(c)
+            raw[q, i] = float(x)
+        decisions = []
+        for q, ranked in enumerate(ranked_all):
+            if not ranked:
+                decisions.append(Decision(texts[q], None, None, threshold))
+                continue
+            read = by_text.get(q, {})
+            cands = tuple(Candidate(e.id, e.version, sim, score, raw.get((q, i))) for i, (e, sim, score, _) in
+                          enumerate(ranked))
+            if q in exact_pick:
+                pick: int | None = exact_pick[q]
             else:
-                decisions.append(Decision(texts[q], edit if top >= threshold else None, top, threshold, cands))
+                best = max(read, key=lambda i: read[i], default=None)
+                pick = best if best is not None and read[best] >= self.cross.threshold else None
+            if pick is None:
+                decisions.append(Decision(texts[q], None, ranked[0][2], threshold, cands))
+            else:
+                decisions.append(self._decision(texts[q], ranked[pick][0], ranked[pick][2], threshold, cands, held))
         return decisions

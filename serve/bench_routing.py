@@ -6,6 +6,11 @@ Every text is encoded once (a memoising encoder; the cache is kept in ``--cache`
 
     python -m serve.bench_routing --data-dir ../shared/data --train 800 --edit 1000 --focus-named
     python -m serve.bench_routing --data-dir ../shared/data --train 2000 --store-all --query-cases 5000
+    python -m serve.bench_routing --data-dir ../shared/data --train 2000 --edit 2000 --cross FOLDER
+
+``--cross FOLDER`` (a reranker from ``editmem train-rerank``) adds runs with the cross-encoder over the gated
+candidates, after the head and after head + relation reranker (the first of ``--powers``). Latency: route p50 of one
+out-of-scope query (a locality prompt, as before) and of one in-scope query (a rephrase, which pays the cross-encoder).
 
 ``--store-all`` stores every CounterFact case (21,919: train, edit and val) and routes the prompts of the cases the
 head was not trained on (all of them, or a sample of ``--query-cases``); the labels come from every stored case.
@@ -83,7 +88,7 @@ def focus_named(cases: list[Any], n: int) -> list[Any]:
 
 def run(data_dir: Path, n_train: int, n_edit: int, cache: Path | None, powers: Sequence[float], *,
         focus: bool = False, store_all: bool = False, n_query: int = 0, latency_queries: int = 200,
-        ) -> dict[str, Any]:
+        cross_folder: Path | None = None) -> dict[str, Any]:
     from memory.formats import read_cases
     from memory.store import EditMemory
     from scope.evaluate import routing_report
@@ -135,18 +140,37 @@ def run(data_dir: Path, n_train: int, n_edit: int, cache: Path | None, powers: S
         log.info("stored %d edits in %.1f s", len(ids), out["store_seconds"])
         enc.save()
         runs: dict[str, Any] = {}
-        for power in (0.0, *powers):
+        cross = None
+        if cross_folder is not None:
+            from scope.cross_rerank import CrossReranker
+
+            cross = CrossReranker.load(cross_folder)
+            out["cross"] = {"folder": str(cross_folder), "threshold": cross.threshold, "margin": cross.margin,
+                            "trainable_parameters": cross.n_trainable()}
+        configs: list[tuple[str, float, bool]] = [("head", 0.0, False)]
+        configs += [(f"head+reranker(power={power:g})", power, False) for power in powers]
+        if cross is not None:
+            configs.append(("head+cross", 0.0, True))
+            if powers:
+                configs.append((f"head+reranker(power={powers[0]:g})+cross", powers[0], True))
+        routed = [edit[i] for i in (query_cases or range(len(edit)))][:latency_queries]
+        for name, power, use_cross in configs:
             reranker.power = power
-            router = Router(mem, head, k=5, reranker=reranker if power else None)
-            name = "head" if not power else f"head+reranker(power={power:g})"
+            router = Router(mem, head, k=5, reranker=reranker if power else None, cross=cross if use_cross else None)
+            t = time.perf_counter()
             runs[name] = routing_report(router, edit, ids, relations=relations, query_cases=query_cases)
-            lat = []
-            for case in [edit[i] for i in (query_cases or range(len(edit)))][:latency_queries]:
-                q = case.locality[0].prompt if case.locality else case.prompt
-                t = time.perf_counter()
-                router.route([q])
-                lat.append(time.perf_counter() - t)
-            runs[name]["route_p50_ms_excluding_encoder"] = round(1e3 * float(np.median(lat)), 3)
+            log.info("%s routed in %.1f s", name, time.perf_counter() - t)
+            for key, texts in (("route_p50_ms_excluding_encoder",
+                                [c.locality[0].prompt if c.locality else c.prompt for c in routed]),
+                               ("route_p50_ms_in_scope_excluding_encoder",
+                                [c.rephrases[0] if c.rephrases else c.prompt for c in routed])):
+                lat = []
+                for q in texts:
+                    t = time.perf_counter()
+                    router.route([q])
+                    lat.append(time.perf_counter() - t)
+                runs[name][key] = round(1e3 * float(np.median(lat)), 3)
+                runs[name][key.replace("p50", "p90")] = round(1e3 * float(np.percentile(lat, 90)), 3)
             log.info("%s: %s", name, json.dumps(runs[name]["bare"].get("relation_aware")))
             enc.save()
         out["runs"] = runs
@@ -168,12 +192,14 @@ def main() -> None:
     p.add_argument("--query-cases", type=int, default=0,
                    help="with --store-all, route the prompts of this many of those cases (a fixed random sample; "
                         "0: all)")
+    p.add_argument("--cross", type=Path, default=None, metavar="FOLDER",
+                   help="also route with this cross-encoder reranker (editmem train-rerank) over the gated candidates")
     p.add_argument("--cache", type=Path, default=Path("bench_out/routing_vectors.npz"))
     p.add_argument("--json", type=Path, default=Path("bench_out/routing.json"))
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     result = run(a.data_dir, a.train, a.edit, a.cache, [float(x) for x in a.powers.split(",")],
-                 focus=a.focus_named, store_all=a.store_all, n_query=a.query_cases)
+                 focus=a.focus_named, store_all=a.store_all, n_query=a.query_cases, cross_folder=a.cross)
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

@@ -6,7 +6,10 @@
                 [--mode classic|gated] [--demos N] [--demo-file FILE]                       (the last three: ike)
     editmem train-counterfactual --data FILE [--name default] [--model smollm2-135m] [--steps N] [--train-layers L]
     editmem train-chat-adapter --data FILE [--data FILE ...] [--name default] [--limit N] [--steps N] [--rank R]
-    editmem eval-scope --data FILE [--scope default] [--limit N] [-k 5]      (routing precision/recall at scale)
+    editmem train-rerank --data FILE --out FOLDER [--scope default] [--skip N] [--limit N] [--max-pairs N] [--epochs E]
+                         [--base FOLDER]                          (the cross-encoder reranker, a LoRA adapter)
+    editmem eval-scope --data FILE [--scope default] [--limit N] [-k 5] [--reranker FILE] [--cross FOLDER]
+                                                                            (routing precision/recall at scale)
     editmem bench-overhead [--model smollm2-135m] [--scope default] [--new-tokens 16] [--repeats 5]
 
 torch, transformers and the encoder are imported inside the handlers, so ``editmem --help`` stays fast.
@@ -106,6 +109,40 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help=f"{helptext} (default: see editors.retrieval.chat_adapter)")
     p.set_defaults(func=_train_chat_adapter)
 
+    p = sub.add_parser("train-rerank", help="train the cross-encoder reranker (a LoRA adapter over MiniLM) and "
+                                            "calibrate it behind a scope head",
+                       description="Mine (query, edit prompt) pairs from edit cases (rephrase and prompt -> own edit; "
+                                   "neighbourhood prompts, bi-encoder neighbours and same-subject prompts of another "
+                                   "relation -> negatives), train a LoRA adapter and a 1-logit head on a "
+                                   "sentence-transformers CrossEncoder over the installed MiniLM, and calibrate its "
+                                   "threshold on held-out queries gated by the scope head --scope. Route with it "
+                                   "through `editmem eval-scope --cross FOLDER`.")
+    p.add_argument("--data", required=True, help="edit cases with rephrases and locality prompts "
+                                                 "(e.g. counterfact-train.json)")
+    p.add_argument("--format", default="auto")
+    p.add_argument("--out", required=True, help="folder to save the reranker in (new or empty)")
+    p.add_argument("--scope", default="default", help="trained scope head that gates the candidates during "
+                                                      "calibration (default: %(default)s)")
+    p.add_argument("--encoder", default=DEFAULT_ENCODER, help="the store's encoder, for mining (default: %(default)s)")
+    p.add_argument("--base", default=None, help="local BERT folder (default: the installed all-MiniLM-L6-v2)")
+    p.add_argument("--relations", default=None, metavar="DIR",
+                   help="ROME-format CounterFact folder with relation ids (default: beside the data's folder)")
+    p.add_argument("--recalibrate", default=None, metavar="FOLDER",
+                   help="do not train: choose the threshold of this trained reranker again (behind --scope, with "
+                        "--margin / --target-precision if given) on the held-out cases of the same --data, --skip "
+                        "and --limit it was trained with, and save it to --out")
+    p.add_argument("--skip", type=int, default=0, help="skip the first N cases (e.g. those the head was trained on)")
+    p.add_argument("--limit", type=int, default=None, help="then use only N cases")
+    for flag, kind, helptext in (("--max-pairs", int, "training pairs (0: all mined)"), ("--epochs", int, "epochs"),
+                                 ("--batch-size", int, "pairs per step"), ("--lr", float, "peak learning rate"),
+                                 ("--rank", int, "LoRA rank"), ("--val-pairs", int, "held-out pairs validated"),
+                                 ("--val-every", int, "steps between validations"),
+                                 ("--margin", float, "reranks the best candidate this far below the scope threshold"),
+                                 ("--target-precision", float, "held-out precision the threshold is chosen for"),
+                                 ("--seed", int, "seed")):
+        p.add_argument(flag, type=kind, default=None, help=f"{helptext} (default: see scope.cross_rerank)")
+    p.set_defaults(func=_train_rerank)
+
     p = sub.add_parser("eval-scope", help="routing precision/recall with every case of a file in one store")
     p.add_argument("--data", required=True)
     p.add_argument("--format", default="auto")
@@ -118,6 +155,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="folder of ROME-format CounterFact files giving relation ids, for relation-aware labels "
                         "(default: counterfact/rome_format beside the data file's folder, when it exists)")
     p.add_argument("--reranker", default=None, metavar="FILE", help="a relation reranker (.npz) to route with")
+    p.add_argument("--cross", default=None, metavar="FOLDER",
+                   help="a cross-encoder reranker (editmem train-rerank) over the gated candidates")
     p.set_defaults(func=_eval_scope)
 
     p = sub.add_parser("bench-overhead", help="latency the memory wrapper adds to generate on out-of-scope queries")
@@ -303,6 +342,7 @@ def _eval_scope(args: argparse.Namespace) -> int:
     from memory.encoder import get_encoder
     from memory.formats import read_cases
     from memory.store import EditMemory
+    from scope.cross_rerank import CrossReranker
     from scope.evaluate import routing_report
     from scope.relations import case_relations_for
     from scope.rerank import RelationReranker
@@ -312,12 +352,15 @@ def _eval_scope(args: argparse.Namespace) -> int:
     cases = read_cases(args.data, args.format)[:args.limit]
     relations = case_relations_for(cases, args.data, args.relations)
     reranker = RelationReranker.load(args.reranker) if args.reranker else None
+    cross = CrossReranker.load(args.cross) if args.cross else None
     encoder = get_encoder(clf.encoder or DEFAULT_ENCODER)
     with EditMemory.open("sqlite://", encoder=encoder) as mem:
         records = mem.add_many([{"prompt": c.prompt, "target_new": c.target_new, "subject": c.subject}
                                 for c in cases], progress=True)
-        report = routing_report(Router(mem, clf, k=args.k, reranker=reranker), cases, [r.id for r in records],
-                                progress=True, relations=relations)
+        report = routing_report(Router(mem, clf, k=args.k, reranker=reranker, cross=cross), cases,
+                                [r.id for r in records], progress=True, relations=relations)
+    if cross is not None:
+        report["cross"] = {"folder": args.cross, "threshold": cross.threshold, "margin": cross.margin}
     report["scope"] = {"name": args.scope, "version": clf.info.get("version"), "kind": clf.kind}
     report["data"] = args.data
     print(json.dumps(report, indent=2))
@@ -325,6 +368,106 @@ def _eval_scope(args: argparse.Namespace) -> int:
         with open(args.json_out, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
     return 0
+
+
+def _rerank_command_line(args: argparse.Namespace, settings: dict[str, str]) -> str:
+    """The train-rerank command as parsed (the options given, spelled canonically), for the manifest."""
+    parts = ["editmem", "train-rerank", "--data", args.data, "--out", args.out, "--scope", args.scope,
+             "--encoder", args.encoder]
+    for flag in ("format", "base", "relations", "recalibrate", "limit"):
+        value = getattr(args, flag)
+        if value is not None and not (flag == "format" and value == "auto"):
+            parts += [f"--{flag}", str(value)]
+    if args.skip:
+        parts += ["--skip", str(args.skip)]
+    for flag in settings:
+        if getattr(args, flag) is not None:
+            parts += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _train_rerank(args: argparse.Namespace) -> int:
+    _positive(args.limit, "--limit")
+    if args.skip < 0:
+        raise ValidationError(f"--skip must be >= 0, got {args.skip}")
+    from pathlib import Path
+
+    from memory.encoder import get_encoder
+    from memory.formats import read_cases
+    from scope.classifier import HeadScope
+    from scope.cross_rerank import CrossSettings, base_fingerprint, default_base, file_sha256, train_cross_reranker
+    from scope.relations import case_relations_for
+
+    # everything that can be wrong is checked before the data is read and the model trained
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValidationError(f"--out: {out} exists and is not an empty folder")
+    check_output_folder(out.parent, "--out")
+    names = {"max_pairs": "max_pairs", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "rank": "rank",
+             "val_pairs": "val_pairs", "val_every": "val_every", "margin": "margin",
+             "target_precision": "target_precision", "seed": "seed"}
+    overrides = {field: getattr(args, flag) for flag, field in names.items() if getattr(args, flag) is not None}
+    if "rank" in overrides:
+        overrides["alpha"] = 2 * overrides["rank"]
+    settings = CrossSettings(**overrides)
+    clf = _classifier(args.scope, None)
+    if not isinstance(clf, HeadScope):
+        raise ValidationError(f"--scope {args.scope!r} is a {clf.kind} classifier; the reranker is calibrated behind "
+                              "a trained scope head")
+    base = Path(args.base) if args.base else default_base()
+    fingerprint = base_fingerprint(base)
+    encoder = get_encoder(args.encoder)
+    cases = read_cases(args.data, args.format)[args.skip:]
+    if args.limit is not None:
+        cases = cases[:args.limit]
+    relations = case_relations_for(cases, args.data, args.relations)
+    info = {"command": _rerank_command_line(args, names),
+            "data": {"path": str(args.data), "sha256": file_sha256(args.data), "skip": args.skip,
+                     "cases": len(cases)},
+            "scope_classifier": {"name": args.scope, "version": clf.info.get("version"), "threshold": clf.threshold},
+            "encoder": encoder.name}
+    if args.recalibrate:
+        return _recalibrate(args, out, cases, encoder, clf, relations, info)
+    reranker, report = train_cross_reranker(cases, encoder, clf, settings, base=base, relations=relations,
+                                            progress=True, info=info)
+    folder = reranker.save(out)
+    print(f"cross reranker saved to {folder} ({reranker.n_trainable():,} trained parameters, base "
+          f"{base.name} {fingerprint[:12]}; pairs: {report['pairs']['train']} training, "
+          f"{report['pairs']['validation']} validated; {report['seconds']['train']:.0f} s)")
+    print("validation (held-out pairs):")
+    for point in report["training"]["validation"]:
+        print("  " + "  ".join(f"{k} {v}" for k, v in point.items()))
+    _print_heldout(report["heldout_routing"], reranker.threshold)
+    return 0
+
+
+def _recalibrate(args: argparse.Namespace, out: Any, cases: Any, encoder: Any, clf: Any, relations: Any,
+                 info: dict[str, Any]) -> int:
+    from dataclasses import replace
+
+    from scope.cross_rerank import CrossReranker, calibrate_cross
+
+    reranker = CrossReranker.load(args.recalibrate, base=args.base)
+    changes = {k: getattr(args, k) for k in ("margin", "target_precision") if getattr(args, k) is not None}
+    if changes:
+        reranker.settings = replace(reranker.settings, **changes)
+        reranker.margin = reranker.settings.margin
+    report = calibrate_cross(reranker, cases, encoder, clf, relations=relations, progress=True,
+                             info={"command": info["command"], "data": info["data"], "from": args.recalibrate})
+    folder = reranker.save(out)
+    print(f"cross reranker {args.recalibrate} recalibrated and saved to {folder}")
+    _print_heldout(report["heldout_routing"], reranker.threshold)
+    return 0
+
+
+def _print_heldout(ho: dict[str, Any], threshold: float) -> None:
+    print(f"held-out queries ({ho['queries']}, {ho['positive_queries']} in scope), scope threshold "
+          f"{ho['scope_threshold']:.4f}, combined threshold {threshold:.4f}; "
+          f"{ho['gated_pairs_per_query']} gated pairs a query, {ho['scoring_ms_per_pair']} ms a pair:")
+    for label in ("head", "head+cross"):
+        m = ho[label]
+        print(f"  {label:11s} precision {m['precision']:.4f}  recall {m['recall']:.4f}  wrong edit "
+              f"{m['wrong_edit']}  locality FP {m['locality_fp']}")
 
 
 def _bench_overhead(args: argparse.Namespace) -> int:
