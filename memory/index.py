@@ -67,6 +67,7 @@ class VectorIndex:
         self._ids: set[int] = set(int(i) for i in faiss.vector_to_array(self._index.id_map)) \
             if self._index.ntotal else set()
         self._stale: set[int] = set(int(i) for i in stale) & self._ids
+        self._selector: Any = None  # the search filter excluding _stale (built on the first search after a change)
 
     # --- contents -------------------------------------------------------------------------------------------------
     @property
@@ -106,6 +107,7 @@ class VectorIndex:
             return
         if self.kind == "hnsw":
             self._stale.update(present)
+            self._selector = None
         else:
             self._index.remove_ids(np.asarray(present, dtype=np.int64))
             self._ids.difference_update(present)
@@ -145,15 +147,23 @@ class VectorIndex:
             # faiss exports SearchParametersHNSW (swigfaiss) but its bundled __init__.pyi omits it
             params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, 2 * k_eff))  # type: ignore[attr-defined]
             if self._stale:
-                batch = faiss.IDSelectorBatch(np.fromiter(self._stale, dtype=np.int64, count=len(self._stale)))
-                selector = faiss.IDSelectorNot(batch)
-                params.sel = selector
+                params.sel = self._stale_selector()
         scores, ids = _search(self._index, queries, k_eff, params)
         if k_eff < k:
             pad = k - k_eff
             scores = np.pad(scores, ((0, 0), (0, pad)))
             ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
         return scores, ids
+
+    def _stale_selector(self) -> Any:
+        """An ID selector that rejects the stale ids, kept until the next ``remove``: building it walks every
+        tombstone (about 10 ms per search with 100,000 of them, when it was built for each search)."""
+        import faiss
+
+        if self._selector is None:
+            batch = faiss.IDSelectorBatch(np.fromiter(self._stale, dtype=np.int64, count=len(self._stale)))
+            self._selector = (batch, faiss.IDSelectorNot(batch))  # IDSelectorNot does not own ``batch``: keep both
+        return self._selector[1]
 
     # --- persistence ----------------------------------------------------------------------------------------------
     def header_dict(self) -> dict[str, Any]:

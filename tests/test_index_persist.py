@@ -116,3 +116,24 @@ def test_hnsw_tombstones_are_compacted_and_results_stay_exact(tmp_path: Path, mo
         assert not {i for row in got for i, _ in row} & set(deleted)
         assert _same(got, _exact(mem, 5))
         mem.verify()
+
+
+def test_hnsw_tombstone_filter_follows_every_removal(tmp_path: Path) -> None:
+    """The filter that hides tombstones is kept between searches; each removal (and a reload) must renew it."""
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((200, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = index_mod.VectorIndex(index_mod.IndexHeader("u", "e", 16, "hnsw", 0))
+    index.add(np.arange(1, 201), vectors)
+
+    def top(i: int) -> int:
+        return int(index.search(vectors[i - 1][None, :], 1)[1][0, 0])
+
+    assert top(5) == 5 and top(9) == 9
+    index.remove([5])
+    assert top(5) != 5 and top(9) == 9  # the filter was built here ...
+    index.remove([9])
+    assert top(9) != 9 and top(5) != 5  # ... and renewed by the next removal
+    index.save(tmp_path / "i.faiss")
+    index = index_mod.VectorIndex.load(tmp_path / "i.faiss")  # type: ignore[assignment]
+    assert index is not None and index.n_stale == 2 and top(5) not in (5, 9) and top(9) not in (5, 9)
