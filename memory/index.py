@@ -91,7 +91,9 @@ class VectorIndex:
         if len(ids) == 0:
             return
         keep = np.fromiter((int(i) not in self._ids for i in ids), dtype=bool, count=len(ids))
-        ids, vectors = ids[keep], np.ascontiguousarray(vectors[keep], dtype=np.float32)
+        if not keep.all():  # (a bulk add of new ids is passed on without a copy)
+            ids, vectors = ids[keep], vectors[keep]
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if len(ids) == 0:
             return
         if vectors.shape[1] != self.dim:
