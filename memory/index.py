@@ -179,14 +179,14 @@ class VectorIndex:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         header = json.dumps(self.header_dict()).encode("utf-8")
-        payload = faiss.serialize_index(self._index)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(MAGIC)
                 f.write(len(header).to_bytes(8, "little"))
                 f.write(header)
-                f.write(payload.data)
+                # streamed to the file: no second, serialised copy of the index in memory (1.8 GB at 1M edits)
+                faiss.write_index(self._index, faiss.PyCallbackIOWriter(f.write))  # type: ignore[attr-defined]
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -205,17 +205,17 @@ class VectorIndex:
         if not path.is_file():
             return None
         try:
-            data = path.read_bytes()
-            if not data.startswith(MAGIC):
-                raise ValueError("not an editmem index file")
-            start = len(MAGIC) + 8
-            n = int.from_bytes(data[len(MAGIC):start], "little")
-            raw = json.loads(data[start:start + n].decode("utf-8"))
-            if raw.get("format") != FILE_FORMAT:
-                raise ValueError(f"unknown index file format {raw.get('format')!r}")
-            header = IndexHeader(store_uid=str(raw["store_uid"]), encoder=str(raw["encoder"]), dim=int(raw["dim"]),
-                                 kind=str(raw["kind"]), seq=int(raw["seq"]))
-            faiss_index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8, offset=start + n))
+            with open(path, "rb") as f:
+                if f.read(len(MAGIC)) != MAGIC:
+                    raise ValueError("not an editmem index file")
+                n = int.from_bytes(f.read(8), "little")
+                raw = json.loads(f.read(n).decode("utf-8"))
+                if raw.get("format") != FILE_FORMAT:
+                    raise ValueError(f"unknown index file format {raw.get('format')!r}")
+                header = IndexHeader(store_uid=str(raw["store_uid"]), encoder=str(raw["encoder"]),
+                                     dim=int(raw["dim"]), kind=str(raw["kind"]), seq=int(raw["seq"]))
+                # read from the file as FAISS asks: the file's bytes are not held in memory beside the index
+                faiss_index = faiss.read_index(faiss.PyCallbackIOReader(f.read))  # type: ignore[attr-defined]
             if faiss_index.d != header.dim:
                 raise ValueError("index dimension does not match its header")
             index = cls(header, faiss_index, stale=raw.get("stale", ()))
