@@ -48,6 +48,7 @@ def test_bench_million_runs_every_measurement_at_a_toy_size(data_dir: Path, tmp_
     assert [v["added"] for v in r["import"].values()] == [600, 600]
     assert r["import"]["a"]["index"]["kind"] == "hnsw" and not r["import"]["a"]["index"]["compacting"]
     assert r["search"]["n_edits"] == 600 and r["recall"]["n_live"] == 600 and r["recall"]["recall_at_1"] >= 0.9
+    assert [e["ef_search"] for e in r["ef_sweep"]] == [128, 512] and r["ef_sweep"][1]["recall_at_1"] >= 0.9
     assert r["open"]["rebuilt"] is False and r["open"]["index"]["kind"] == "hnsw"
     d = r["delete"]
     assert d["deleted"] == 60 and d["after_delete"]["tombstones"] == 60 and d["check"]["deleted_returned"] == 0
