@@ -53,12 +53,13 @@ def encode(encoder: Encoder, texts: list[str], *, progress: bool = False) -> np.
         return _checked(encoder, encoder.encode(texts), len(texts))
     from tqdm.auto import tqdm
 
-    parts = []
+    out = np.empty((len(texts), encoder.dim), dtype=np.float32)  # filled in place: no list of parts to join
     with tqdm(total=len(texts), desc="encoding", unit="edit", disable=not progress, leave=False) as bar:
-        for chunk in chunks(texts, ENCODE_BATCH):
-            parts.append(_checked(encoder, encoder.encode(list(chunk)), len(chunk)))
+        for start in range(0, len(texts), ENCODE_BATCH):
+            chunk = texts[start:start + ENCODE_BATCH]
+            out[start:start + len(chunk)] = _checked(encoder, encoder.encode(chunk), len(chunk))
             bar.update(len(chunk))
-    return np.concatenate(parts)
+    return out
 
 
 def _checked(encoder: Encoder, vectors: np.ndarray, n: int) -> np.ndarray:
@@ -186,7 +187,7 @@ class IndexSync:
                 return
             adds = [r for r, op in tx.changed if op == OP_ADD]
             removes = {r for r, op in tx.changed if op == OP_DEL}
-            vectors = np.stack([tx.vectors[r] for r in adds]) if adds else None
+            vectors = tx.added_vectors(adds) if adds else None
             self._apply(index, tx.seq, adds, vectors, removes)
 
     def _apply(self, index: VectorIndex, seq: int, adds: list[int], vectors: np.ndarray | None,

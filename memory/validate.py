@@ -11,6 +11,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal, overload
 
 import numpy as np
@@ -54,8 +55,10 @@ class EditFields:
     rephrases: tuple[str, ...] = ()
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def content_key(self) -> str:
+        # computed once per instance (import asks for it several times per edit: a sha256 over JSON each time was
+        # a quarter of import's own cost); cached_property writes the instance dict, so the frozen class allows it
         return content_key(self.prompt, self.target_new, self.subject)
 
     def same_as(self, other: EditFields) -> bool:

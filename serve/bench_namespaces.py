@@ -11,8 +11,20 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+
+def count_leaks(mem: Any, queries: Sequence[str], own: set[int], other: set[int], k: int = 10) -> int:
+    """Search ``mem`` (k results each, in batches) by ``queries``; how many results are edits of ``other``
+    (AssertionError if a result is in neither set)."""
+    leaks = 0
+    for start in range(0, len(queries), 256):
+        for row in mem.search_many(list(queries[start:start + 256]), k):
+            leaks += sum(h.edit.id in other for h in row)
+            assert all(h.edit.id in own or h.edit.id in other for h in row), "a result of neither namespace"
+    return leaks
 
 
 def run(n: int, encoder: str = "hashing-256", queries: int = 2000) -> dict[str, Any]:
@@ -37,13 +49,8 @@ def run(n: int, encoder: str = "hashing-256", queries: int = 2000) -> dict[str, 
             out[f"open_seconds_{ns}"] = round(time.perf_counter() - t, 3)
             with mem:
                 out[f"index_kind_{ns}"] = mem.index_kind
-                leaks = 0
                 qs = prompts[other][:queries]
-                for start in range(0, len(qs), 256):
-                    for row in mem.search_many(qs[start:start + 256], 10):
-                        leaks += sum(h.edit.id in ids[other] for h in row)
-                        assert all(h.edit.id in ids[ns] for h in row)
-                out[f"leaks_{ns}"] = leaks
+                out[f"leaks_{ns}"] = count_leaks(mem, qs, ids[ns], ids[other])
                 out[f"queries_{ns}"] = len(qs)
         db = Path(tmp) / "s.db"
         out["sqlite_bytes_per_edit"] = round(db.stat().st_size / (2 * n), 1)

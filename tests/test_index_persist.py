@@ -116,3 +116,40 @@ def test_hnsw_tombstones_are_compacted_and_results_stay_exact(tmp_path: Path, mo
         assert not {i for row in got for i, _ in row} & set(deleted)
         assert _same(got, _exact(mem, 5))
         mem.verify()
+
+
+def test_hnsw_tombstone_filter_follows_every_removal(tmp_path: Path) -> None:
+    """The filter that hides tombstones is kept between searches; each removal (and a reload) must renew it."""
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((200, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = index_mod.VectorIndex(index_mod.IndexHeader("u", "e", 16, "hnsw", 0))
+    index.add(np.arange(1, 201), vectors)
+
+    def top(i: int) -> int:
+        return int(index.search(vectors[i - 1][None, :], 1)[1][0, 0])
+
+    assert top(5) == 5 and top(9) == 9
+    index.remove([5])
+    assert top(5) != 5 and top(9) == 9  # the filter was built here ...
+    index.remove([9])
+    assert top(9) != 9 and top(5) != 5  # ... and renewed by the next removal
+    index.save(tmp_path / "i.faiss")
+    index = index_mod.VectorIndex.load(tmp_path / "i.faiss")  # type: ignore[assignment]
+    assert index is not None and index.n_stale == 2 and top(5) not in (5, 9) and top(9) not in (5, 9)
+
+
+def test_index_file_cut_short_is_ignored(tmp_path: Path) -> None:
+    """The payload is read from the file as FAISS asks for it (not read whole first); a file cut short (a full
+    disk, a copy interrupted) is still refused, so the store rebuilds from SQL."""
+    index = index_mod.VectorIndex(index_mod.IndexHeader("u", "e", 8, "hnsw", 3))
+    index.add(np.arange(1, 101), np.eye(8, dtype=np.float32)[np.arange(100) % 8])
+    index.remove([4])
+    path = tmp_path / "i.faiss"
+    index.save(path)
+    loaded = index_mod.VectorIndex.load(path)
+    assert loaded is not None and loaded.ntotal == 100 and loaded.n_stale == 1 and loaded.seq == 3
+    data = path.read_bytes()
+    for cut in (len(data) // 2, len(data) - 1):
+        path.write_bytes(data[:cut])
+        assert index_mod.VectorIndex.load(path) is None

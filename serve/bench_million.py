@@ -1,0 +1,504 @@
+"""The store at a large size, measured through the store (issue 17's "store at 1,000,000 edits" targets).
+
+Synthetic edits come from templates over CounterFact's relations: every (subject, relation template) pair of the
+EasyEdit split (templates and relation ids as :mod:`scope.relations` reads them), with a target drawn from the answers
+the data gives that relation; which pairs, in which order, and which targets are deterministic from ``--seed``. They
+are written as JSONL shards of ``--batch`` edits and imported with ``EditMemory.import_file`` (what ``editmem import``
+calls) into a fresh SQLite store, with the real encoder by default. Measured, each against its target:
+
+1. import throughput vs the bare encoder's own throughput on the same texts (a sample of ``--ratio-sample``);
+2. ``search`` p50 minus the bare encoder's p50 (interleaved, k=5) on held-out synthetic prompts (pairs not stored),
+   once the index has grown into HNSW; recall@1 of the same queries against exact search over the live vectors as
+   SQL stores them;
+3. open time of the saved store (close, reopen, first search), checking the index file was loaded, not rebuilt;
+4. after deleting ``--delete`` (10%) of the edits one by one, searches by the deleted edits' own prompts: no deleted
+   edit may come back; then (``--compact``) more deletions until the tombstones cross the compaction threshold, the
+   background compaction's time, and the same check after the swap;
+5. memory per edit: process RSS growth over the import, SQL file and index file bytes per edit.
+
+``--namespaces 2`` also imports the same prompts (other targets) into a second namespace and checks that searches in
+each namespace by the other's prompts never return the other's edits (:func:`serve.bench_namespaces.count_leaks`).
+
+Run (results in ``--out``/result.json; a markdown table is printed)::
+
+    EDITMEM_DATA=../shared/data OMP_NUM_THREADS=1 nice -n 10 python -m serve.bench_million --n 100000 \\
+        --out runs/million
+    python -m serve.bench_million --n 20000 --encoder hashing-256 --namespaces 2 --out runs/million-hashing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from memory.encoder import DEFAULT_ENCODER
+from serve.bench_namespaces import count_leaks
+from serve.bench_store import CF_FILES, _percentile, bench_search, machine_info
+
+log = logging.getLogger(__name__)
+
+TARGETS = {"import_ratio": 0.8, "search_added_p50_ms": 2.0, "recall_at_1": 0.98, "open_seconds": 10.0}
+
+
+# --- synthetic edits --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Templates:
+    """What the synthetic edits are made of: subjects, relation templates (``"{} plays the"``) with their relation
+    ids, and the answers seen for each relation."""
+
+    subjects: tuple[str, ...]
+    templates: tuple[str, ...]
+    relations: tuple[str, ...]  # relation of templates[i]
+    answers: dict[str, tuple[str, ...]]
+
+    @property
+    def size(self) -> int:
+        return len(self.subjects) * len(self.templates)
+
+
+def load_templates(data_dir: Path) -> Templates:
+    """Templates over the EasyEdit CounterFact split's relations (``data_dir/counterfact``)."""
+    from scope.relations import RelationTable, rome_files, template_of
+
+    table = RelationTable.from_rome_files(rome_files(data_dir))
+    subjects: set[str] = set()
+    relation_of: dict[str, str] = {}
+    answers: dict[str, set[str]] = {}
+    for name in CF_FILES:
+        with open(data_dir / "counterfact" / "easyedit_split" / name, encoding="utf-8") as f:
+            for case in json.load(f):
+                subject, prompt = case["subject"], case["prompt"]
+                tmpl = template_of(prompt, subject)
+                if tmpl is None or "{}" not in tmpl or tmpl.count("{") != 1:
+                    continue
+                rel = table.relation(int(case["case_id"]), prompt, subject) or f"tmpl:{tmpl}"
+                subjects.add(subject)
+                relation_of.setdefault(tmpl, rel)
+                answers.setdefault(rel, set()).update(a for a in (case["target_new"], case["ground_truth"]) if a)
+    templates = tuple(sorted(relation_of))
+    return Templates(tuple(sorted(subjects)), templates, tuple(relation_of[t] for t in templates),
+                     {r: tuple(sorted(a)) for r, a in answers.items()})
+
+
+def synthetic_edits(templates: Templates, start: int, stop: int, seed: int) -> Iterator[dict[str, Any]]:
+    """Edits ``start..stop-1`` of the seed's sequence: distinct (subject, template) pairs in a seeded order (an
+    affine permutation of the pair numbers), each with a seeded answer of its relation."""
+    size = templates.size
+    if stop > size:
+        raise ValueError(f"only {size:,} distinct (subject, template) pairs; asked for {stop:,}")
+    rng = random.Random(seed)
+    step = rng.randrange(1, size)
+    while np.gcd(step, size) != 1:
+        step += 1
+    offset = rng.randrange(size)
+    n_templates = len(templates.templates)
+    for i in range(start, stop):
+        pair = (offset + i * step) % size
+        subject, t = templates.subjects[pair // n_templates], pair % n_templates
+        rel = templates.relations[t]
+        options = templates.answers[rel]
+        target = options[random.Random(seed * 1_000_003 + i).randrange(len(options))]
+        yield {"prompt": templates.templates[t].replace("{}", subject, 1), "subject": subject,
+               "target_new": target, "relation_id": rel}
+
+
+def write_shard(items: Sequence[dict[str, Any]], path: Path, suffix: str = "") -> None:
+    """Items as JSONL records that ``import_file`` reads (the KnowEdit-style layout: prompt, subject, target_new)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for it in items:
+            f.write(json.dumps({"prompt": it["prompt"], "subject": it["subject"],
+                                "target_new": it["target_new"] + suffix}, ensure_ascii=False) + "\n")
+
+
+# --- measurements -----------------------------------------------------------------------------------------------------
+def rss_bytes() -> int:
+    """This process's resident set size (Linux; 0 elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def import_edits(mem: Any, templates: Templates, n: int, seed: int, batch: int, tmp: Path,
+                 suffix: str = "") -> dict[str, Any]:
+    """Import edits 0..n-1 in JSONL shards of ``batch``; only ``import_file`` is timed."""
+    seconds, added = 0.0, 0
+    for start in range(0, n, batch):
+        items = list(synthetic_edits(templates, start, min(n, start + batch), seed))
+        path = tmp / "shard.jsonl"
+        write_shard(items, path, suffix)
+        del items
+        t = time.perf_counter()
+        added += mem.import_file(path)
+        seconds += time.perf_counter() - t
+        log.info("imported %d of %d edits into %s (%.0f s)", start + batch if start + batch < n else n, n,
+                 mem.namespace, seconds)
+    return {"n": n, "added": added, "import_seconds": seconds, "import_per_s": added / seconds}
+
+
+def encoder_throughput(encoder: Any, texts: Sequence[str]) -> dict[str, Any]:
+    """The bare encoder on ``texts`` in the store's own batches (memory.sync.encode)."""
+    from memory.sync import encode
+
+    encoder.encode(list(texts[:64]))  # warm
+    t = time.perf_counter()
+    encode(encoder, list(texts))
+    s = time.perf_counter() - t
+    return {"n": len(texts), "seconds": s, "per_s": len(texts) / s}
+
+
+def exact_best(mem: Any, encoder: Any, queries: Sequence[str]) -> tuple[np.ndarray, int]:
+    """The best inner product of each query over the live edits' vectors as SQL stores them (exact search), and how
+    many live vectors there are."""
+    row_ids = sorted(mem.current_row_ids())
+    vectors = mem._index_sync.vectors_for(row_ids)  # read from SQL (the store's embeddings table)
+    q = encoder.encode(list(queries))
+    best = np.empty(len(q), dtype=np.float32)
+    for start in range(0, len(q), 256):
+        best[start:start + 256] = (q[start:start + 256] @ vectors.T).max(axis=1)
+    return best, len(row_ids)
+
+
+def store_recall(mem: Any, queries: Sequence[str], best: np.ndarray, tol: float = 1e-5) -> float:
+    """recall@1 of ``search`` against the exact best scores (a hit counts when its score is within ``tol`` of the
+    exact best, so exact ties count either way)."""
+    hits: list[Any] = []
+    for start in range(0, len(queries), 256):
+        hits.extend(mem.search_many(list(queries[start:start + 256]), 1))
+    got = np.asarray([h[0].score if h else -np.inf for h in hits], dtype=np.float32)
+    return float(np.mean(got >= best - tol))
+
+
+def ef_sweep(mem: Any, encoder: Any, queries: Sequence[str], best: np.ndarray, efs: Sequence[int],
+             n_timed: int = 200) -> list[dict[str, Any]]:
+    """recall@1 and search latency over the encoder at other HNSW search depths (the live index's ``ef_search``,
+    put back afterwards)."""
+    index = mem._index_sync.index
+    if index.kind != "hnsw":
+        return []
+    default, out = index.ef_search, []
+    try:
+        for ef in efs:
+            index.ef_search = ef
+            timed = bench_search(mem, encoder, queries[:n_timed])
+            out.append({"ef_search": ef, "recall_at_1": store_recall(mem, queries, best),
+                        "added_p50_ms": timed["added_p50_ms"], "n_timed": timed["n_queries"]})
+    finally:
+        index.ef_search = default
+    return out
+
+
+def deleted_leaks(mem: Any, prompts: Sequence[str], deleted: set[int], n_searches: int, k: int = 5) -> dict[str, Any]:
+    """``n_searches`` searches (k results each) by deleted edits' own prompts; how many results name a deleted edit."""
+    queries = [prompts[i % len(prompts)] for i in range(n_searches)]
+    leaked = results = 0
+    t = time.perf_counter()
+    for start in range(0, len(queries), 256):
+        for row in mem.search_many(queries[start:start + 256], k):
+            results += len(row)
+            leaked += sum(h.edit.id in deleted for h in row)
+    return {"searches": len(queries), "results": results, "deleted_returned": leaked,
+            "seconds": time.perf_counter() - t}
+
+
+def _index_state(mem: Any) -> dict[str, Any]:
+    index = mem._index_sync.index
+    return {"kind": index.kind, "vectors": index.ntotal, "live": len(index), "tombstones": index.n_stale,
+            "needs_compaction": index.needs_rebuild, "compacting": mem.index_compacting}
+
+
+class _BuildCounter(logging.Handler):
+    """Counts the store's "built ... index" log lines (a rebuild from SQL)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.builds = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("built "):
+            self.builds += 1
+
+
+def delete_and_check(mem: Any, ids: Sequence[int], prompts: dict[int, str], fraction: float, searches: int,
+                     compact: bool, seed: int, timing: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Delete ``fraction`` of ``ids`` one by one; check searches by their prompts (and ``timing()``, the search
+    latency with the tombstones in place); optionally go on deleting until the tombstones are compacted in the
+    background and check again."""
+    from memory import index as index_module
+
+    rng = random.Random(seed + 1)
+    order = list(ids)
+    rng.shuffle(order)
+    n_del = round(fraction * len(order))
+    deleted: set[int] = set()
+
+    def delete(some: Sequence[int]) -> float:
+        t = time.perf_counter()
+        for i in some:
+            mem.delete(i)
+            deleted.add(i)
+        return time.perf_counter() - t
+
+    out: dict[str, Any] = {"fraction": fraction, "deleted": n_del}
+    s = delete(order[:n_del])
+    out["delete_per_s"] = n_del / s if s else None
+    out["after_delete"] = _index_state(mem)
+    out["check"] = deleted_leaks(mem, [prompts[i] for i in order[:n_del]], deleted, searches)
+    if timing is not None:
+        out["search"] = timing()
+    index = mem._index_sync.index
+    if not compact or index.kind != "hnsw":  # a flat index removes in place: no tombstones to compact
+        return out
+    # the tombstone count that starts a compaction (memory.index.VectorIndex.needs_rebuild)
+    limit = max(index_module.STALE_MIN, index_module.STALE_FRACTION * index.ntotal)
+    more = max(0, int(limit) + 1 - index.n_stale)
+    t = time.perf_counter()
+    s = delete(order[n_del:n_del + more])
+    started = mem.index_compacting
+    lat: list[float] = []
+    while mem.index_compacting:  # searches go on against the old index during the build
+        q = prompts[order[len(lat) % len(deleted)]]
+        t1 = time.perf_counter()
+        hits = mem.search(q, 5)
+        lat.append(time.perf_counter() - t1)
+        assert not any(h.edit.id in deleted for h in hits), "a deleted edit came back during compaction"
+        time.sleep(0.05)
+    mem.wait_for_index()
+    out["compaction"] = {"extra_deleted": more, "delete_seconds": s, "threshold": int(limit),
+                         "started_in_background": started,
+                         "seconds_until_swapped": time.perf_counter() - t - s,
+                         "searches_during": len(lat),
+                         "search_p50_ms_during": 1e3 * _percentile(lat, 50) if lat else None,
+                         "after": _index_state(mem),
+                         "check": deleted_leaks(mem, [prompts[i] for i in order[:n_del + more]], deleted, searches)}
+    return out
+
+
+# --- the run ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MillionSettings:
+    n: int
+    encoder: str = DEFAULT_ENCODER
+    batch: int = 100_000
+    queries: int = 1000
+    ratio_sample: int = 10_000
+    delete: float = 0.1
+    searches: int = 10_000
+    compact: bool = True
+    namespaces: int = 1
+    seed: int = 0
+    ef_sweep: tuple[int, ...] = (128, 512)  # HNSW search depths measured beside the default
+
+    def __post_init__(self) -> None:
+        if self.n < 100 or self.batch < 1 or self.queries < 10 or self.ratio_sample < 10:
+            raise ValueError("n must be >= 100, batch >= 1, queries and ratio_sample >= 10")
+        if not 0 < self.delete < 1 or self.searches < 1 or self.namespaces not in (1, 2):
+            raise ValueError("delete must be in (0, 1), searches >= 1, namespaces 1 or 2")
+
+
+def run(settings: MillionSettings, data_dir: Path, workdir: Path) -> dict[str, Any]:
+    from memory.encoder import get_encoder
+    from memory.store import EditMemory
+
+    s = settings
+    templates = load_templates(data_dir)
+    if s.n + s.queries > templates.size:
+        raise ValueError(f"--n {s.n:,} plus {s.queries} queries exceeds the {templates.size:,} distinct pairs")
+    encoder = get_encoder(s.encoder)
+    out: dict[str, Any] = {"settings": {k: getattr(s, k) for k in s.__dataclass_fields__},
+                           "templates": {"subjects": len(templates.subjects), "templates": len(templates.templates),
+                                         "relations": len(set(templates.relations)), "pairs": templates.size}}
+    db = workdir / "million.db"
+    url = f"sqlite:///{db}"
+    ns_names = ["default"] if s.namespaces == 1 else ["a", "b"]
+    sample = [e["prompt"] for e in synthetic_edits(templates, 0, min(s.n, s.ratio_sample), s.seed)]
+    out["encoder"] = encoder_throughput(encoder, sample)
+    rss0 = rss_bytes()
+    for i, ns in enumerate(ns_names):
+        with EditMemory.open(url, encoder=encoder, namespace=ns) as mem:
+            imp = import_edits(mem, templates, s.n, s.seed, s.batch, workdir, suffix="" if i == 0 else " (b)")
+            imp["ratio"] = imp["import_per_s"] / out["encoder"]["per_s"]
+            imp["rss_growth_bytes_per_edit"] = (rss_bytes() - rss0) / ((i + 1) * s.n)
+            t = time.perf_counter()
+            mem.wait_for_index()  # a flat index past the HNSW threshold grows into HNSW in the background
+            imp["index_ready_wait_seconds"] = time.perf_counter() - t
+            imp["index"] = _index_state(mem)
+            out.setdefault("import", {})[ns] = imp
+    out["encoder_after"] = encoder_throughput(encoder, sample)  # the load may have changed meanwhile
+    ns = ns_names[0]
+    queries = [e["prompt"] for e in synthetic_edits(templates, s.n, s.n + s.queries, s.seed)]
+    with EditMemory.open(url, encoder=encoder, namespace=ns) as mem:
+        out["search"] = bench_search(mem, encoder, queries)
+        best, n_live = exact_best(mem, encoder, queries)
+        out["recall"] = {"n_queries": len(queries), "n_live": n_live, "ef_search": mem._index_sync.index.ef_search,
+                         "recall_at_1": store_recall(mem, queries, best)}
+        out["ef_sweep"] = ef_sweep(mem, encoder, queries, best, s.ef_sweep)
+        out["rss_after_search_bytes"] = rss_bytes()
+    sql_bytes = sum(p.stat().st_size for p in workdir.glob(db.name + "*") if not p.name.endswith(".faiss"))
+    out["sizes"] = {"sql_bytes": sql_bytes, "sql_bytes_per_edit": sql_bytes / (len(ns_names) * s.n),
+                    "index_files": {p.name: p.stat().st_size for p in workdir.glob("*.faiss")}}
+    out["sizes"]["index_bytes_per_edit"] = sum(out["sizes"]["index_files"].values()) / (len(ns_names) * s.n)
+    counter = _BuildCounter()
+    logging.getLogger("memory.sync").addHandler(counter)
+    try:
+        t = time.perf_counter()
+        mem = EditMemory.open(url, encoder=encoder, namespace=ns)
+        opened = time.perf_counter() - t
+        mem.search(queries[0], 5)
+        out["open"] = {"open_seconds": opened, "open_and_first_search_seconds": time.perf_counter() - t,
+                       "rebuilt": counter.builds > 0, "index": _index_state(mem)}
+    finally:
+        logging.getLogger("memory.sync").removeHandler(counter)
+    with mem:
+        if s.namespaces == 2:
+            out["namespaces"] = namespace_leaks(url, encoder, templates, s)
+        ids = [r.id for r in mem]
+        prompts = {r.id: r.prompt for r in mem}
+        out["delete"] = delete_and_check(mem, ids, prompts, s.delete, s.searches, s.compact, s.seed,
+                                         timing=lambda: bench_search(mem, encoder, queries))
+        mem.verify()
+    return out
+
+
+def namespace_leaks(url: str, encoder: Any, templates: Templates, s: MillionSettings) -> dict[str, Any]:
+    """Search each namespace by the other's prompts (the same texts: its own edits are the nearest neighbours)."""
+    from memory.store import EditMemory
+
+    queries = [e["prompt"] for e in synthetic_edits(templates, 0, min(s.n, s.searches), s.seed)]
+    ids: dict[str, set[int]] = {}
+    for ns in ("a", "b"):
+        with EditMemory.open(url, encoder=encoder, namespace=ns) as m:
+            ids[ns] = {r.id for r in m}
+    out: dict[str, Any] = {}
+    for ns, other in (("a", "b"), ("b", "a")):
+        with EditMemory.open(url, encoder=encoder, namespace=ns) as m:
+            out[ns] = {"edits": len(ids[ns]), "queries": len(queries),
+                       "leaks": count_leaks(m, queries, ids[ns], ids[other])}
+    return out
+
+
+# --- report -----------------------------------------------------------------------------------------------------------
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def render_markdown(r: dict[str, Any]) -> str:
+    s = r["settings"]
+    first = next(iter(r["import"].values()))
+    lines = [f"Store at {s['n']:,} synthetic edits ({r['templates']['templates']} CounterFact templates over "
+             f"{r['templates']['relations']} relations x {r['templates']['subjects']:,} subjects), encoder "
+             f"{s['encoder']}, {r['time']}, load average {r['load_average_start'][0]:.1f} -> "
+             f"{r['load_average_end'][0]:.1f}. Command: `{r['command']}`", "",
+             "| measurement | value | target | |", "|---|---|---|---|"]
+    lines.append(f"| import throughput (`import_file`, shards of {s['batch']:,}) | {first['import_per_s']:.0f} edits/s "
+                 f"vs bare encoder {r['encoder']['per_s']:.0f} texts/s (after: {r['encoder_after']['per_s']:.0f}): "
+                 f"ratio **{first['ratio']:.2f}** | ≥ 0.8 | {_verdict(first['ratio'] >= TARGETS['import_ratio'])} |")
+    sr = r["search"]
+    lines.append(f"| `search` k=5, {sr['n_queries']} held-out prompts, {first['index']['kind']} index | p50 "
+                 f"{sr['search_p50_ms']:.2f} ms vs encoder {sr['encoder_p50_ms']:.2f} ms: added **"
+                 f"{sr['added_p50_ms']:.2f} ms** (paired {sr['paired_extra_p50_ms']:.2f} ms) | ≤ 2 ms "
+                 f"| {_verdict(sr['added_p50_ms'] <= TARGETS['search_added_p50_ms'])} |")
+    rc = r["recall"]
+    lines.append(f"| recall@1 vs exact search over the {rc['n_live']:,} live vectors in SQL (ef_search "
+                 f"{rc['ef_search']}) | **{rc['recall_at_1']:.3f}"
+                 f"** | ≥ 0.98 | {_verdict(rc['recall_at_1'] >= TARGETS['recall_at_1'])} |")
+    for e in r.get("ef_sweep", []):
+        lines.append(f"| the same at HNSW ef_search={e['ef_search']} (default {rc['ef_search']}) | recall@1 "
+                     f"**{e['recall_at_1']:.3f}**, search added p50 {e['added_p50_ms']:.2f} ms ({e['n_timed']} timed) "
+                     f"| ≥ 0.98, ≤ 2 ms | {_verdict(e['recall_at_1'] >= TARGETS['recall_at_1'])} |")
+    op = r["open"]
+    lines.append(f"| open the saved store (index {'rebuilt' if op['rebuilt'] else 'loaded'}) + first search "
+                 f"| {op['open_seconds']:.2f} s + first search = **{op['open_and_first_search_seconds']:.2f} s** "
+                 f"| ≤ 10 s, loaded | {_verdict(op['open_and_first_search_seconds'] <= 10 and not op['rebuilt'])} |")
+    d = r["delete"]
+    lines.append(f"| delete {d['fraction']:.0%} ({d['deleted']:,}, {d['delete_per_s']:.0f}/s), then "
+                 f"{d['check']['searches']:,} searches by their prompts | **{d['check']['deleted_returned']}** deleted "
+                 f"returned; {d['after_delete']['tombstones']:,} tombstones, compaction "
+                 f"{'due' if d['after_delete']['needs_compaction'] else 'not due'}; search added p50 "
+                 f"{d['search']['added_p50_ms']:.2f} ms | 0 | {_verdict(d['check']['deleted_returned'] == 0)} |")
+    if "compaction" in d:
+        c = d["compaction"]
+        lines.append(f"| background compaction ({c['extra_deleted']:,} more deletions, threshold {c['threshold']:,}) "
+                     f"| swapped after {c['seconds_until_swapped']:.1f} s, {c['searches_during']} searches during "
+                     f"it (p50 {c['search_p50_ms_during'] or 0:.1f} ms); after: {c['after']['tombstones']} tombstones, "
+                     f"**{c['check']['deleted_returned']}** deleted returned | 0 "
+                     f"| {_verdict(c['check']['deleted_returned'] == 0)} |")
+    sz = r["sizes"]
+    lines.append(f"| memory per edit | RSS growth {first['rss_growth_bytes_per_edit']:.0f} B, SQL "
+                 f"{sz['sql_bytes_per_edit']:.0f} B, index file {sz['index_bytes_per_edit']:.0f} B | reported | |")
+    if "namespaces" in r:
+        ns = r["namespaces"]
+        leaks = sum(v["leaks"] for v in ns.values())
+        lines.append(f"| two namespaces of {s['n']:,}: searches by the other's prompts (k=10) | "
+                     f"**{leaks}** foreign results in {sum(v['queries'] for v in ns.values()):,} searches | 0 "
+                     f"| {_verdict(leaks == 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m serve.bench_million", description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=100_000, help="edits per namespace (default: %(default)s)")
+    p.add_argument("--encoder", default=DEFAULT_ENCODER)
+    p.add_argument("--batch", type=int, default=100_000, help="edits per imported file (default: %(default)s)")
+    p.add_argument("--queries", type=int, default=1000, help="held-out prompts for search and recall")
+    p.add_argument("--ratio-sample", type=int, default=10_000, help="texts the bare encoder is timed on")
+    p.add_argument("--delete", type=float, default=0.1, help="fraction deleted (default: %(default)s)")
+    p.add_argument("--searches", type=int, default=10_000, help="searches after deleting (default: %(default)s)")
+    p.add_argument("--no-compact", dest="compact", action="store_false",
+                   help="skip deleting on until the tombstones are compacted")
+    p.add_argument("--namespaces", type=int, choices=(1, 2), default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ef-sweep", default="128,512", help="other HNSW ef_search values measured ('' for none)")
+    p.add_argument("--data", type=Path, default=Path(os.environ.get("EDITMEM_DATA", "../shared/data")))
+    p.add_argument("--workdir", type=Path, default=None, help="where the store is written (default: a temp folder)")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    try:
+        settings = MillionSettings(n=args.n, encoder=args.encoder, batch=args.batch, queries=args.queries,
+                                   ratio_sample=args.ratio_sample, delete=args.delete, searches=args.searches,
+                                   compact=args.compact, namespaces=args.namespaces, seed=args.seed,
+                                   ef_sweep=tuple(int(e) for e in args.ef_sweep.split(",") if e.strip()))
+    except ValueError as err:
+        p.error(str(err))
+    command = "python -m serve.bench_million " + shlex.join(sys.argv[1:] if argv is None else argv)
+    load0, t0 = os.getloadavg(), time.perf_counter()
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="editmem-million-", dir=args.workdir) as tmp:
+        result = run(settings, args.data, Path(tmp))
+    result.update({"command": command, "machine": machine_info(), "time": started,
+                   "wall_seconds": time.perf_counter() - t0, "load_average_start": load0,
+                   "load_average_end": os.getloadavg(), "peak_rss_bytes": _peak_rss()})
+    (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(render_markdown(result))
+    return 0
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

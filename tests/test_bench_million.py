@@ -1,0 +1,62 @@
+"""The store-at-scale benchmark (serve/bench_million.py) runs end to end at a toy size, through every measurement
+(HNSW growth, compaction and two namespaces included, by lowering the thresholds); its numbers at size are in
+notes/scale.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from serve.bench_million import Templates, main, synthetic_edits
+
+
+def _templates() -> Templates:
+    return Templates(subjects=("Ann", "Bo", "Cy", "Di", "Ed"),
+                     templates=("{} plays the", "{} was born in", "{} speaks"), relations=("P1", "P19", "P103"),
+                     answers={"P1": ("piano",), "P19": ("Oslo", "Rome"), "P103": ("Dutch",)})
+
+
+def test_synthetic_edits_are_distinct_seeded_and_use_their_relations_answers() -> None:
+    t = _templates()
+    every = list(synthetic_edits(t, 0, t.size, seed=3))
+    assert len({e["prompt"] for e in every}) == t.size == 15  # every (subject, template) pair once
+    assert list(synthetic_edits(t, 4, 9, seed=3)) == every[4:9]  # a slice is the same slice of the sequence
+    assert every == list(synthetic_edits(t, 0, t.size, seed=3))
+    assert every != list(synthetic_edits(t, 0, t.size, seed=4))
+    for e in every:
+        assert e["subject"] in e["prompt"] and e["target_new"] in t.answers[e["relation_id"]]
+    with pytest.raises(ValueError, match="distinct"):
+        list(synthetic_edits(t, 0, t.size + 1, seed=3))
+
+
+def test_bench_million_runs_every_measurement_at_a_toy_size(data_dir: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    import memory.index
+    import memory.sync
+
+    monkeypatch.setattr(memory.sync, "HNSW_AUTO_THRESHOLD", 300)  # so 600 edits grow into HNSW
+    monkeypatch.setattr(memory.index, "STALE_MIN", 50)  # and 150 tombstones are compacted
+    out = tmp_path / "out"
+    assert main(["--n", "600", "--encoder", "hashing-64", "--batch", "250", "--queries", "20", "--ratio-sample", "50",
+                 "--searches", "300", "--namespaces", "2", "--data", str(data_dir), "--out", str(out),
+                 "--workdir", str(tmp_path)]) == 0
+    r = json.loads((out / "result.json").read_text())
+    assert r["command"].startswith("python -m serve.bench_million --n 600") and len(r["load_average_start"]) == 3
+    assert [v["added"] for v in r["import"].values()] == [600, 600]
+    assert r["import"]["a"]["index"]["kind"] == "hnsw" and not r["import"]["a"]["index"]["compacting"]
+    assert r["search"]["n_edits"] == 600 and r["recall"]["n_live"] == 600 and r["recall"]["recall_at_1"] >= 0.9
+    assert [e["ef_search"] for e in r["ef_sweep"]] == [128, 512] and r["ef_sweep"][1]["recall_at_1"] >= 0.9
+    assert r["open"]["rebuilt"] is False and r["open"]["index"]["kind"] == "hnsw"
+    d = r["delete"]
+    assert d["deleted"] == 60 and d["after_delete"]["tombstones"] == 60 and d["check"]["deleted_returned"] == 0
+    assert d["check"]["searches"] == 300
+    c = d["compaction"]
+    assert c["started_in_background"] and c["after"]["tombstones"] == 0 and c["check"]["deleted_returned"] == 0
+    assert c["after"]["live"] == 600 - 60 - c["extra_deleted"]
+    assert [v["leaks"] for v in r["namespaces"].values()] == [0, 0]
+    assert r["sizes"]["sql_bytes_per_edit"] > 0 and r["sizes"]["index_bytes_per_edit"] > 0
+    table = capsys.readouterr().out
+    assert "| import throughput" in table and "two namespaces of 600" in table and "background compaction" in table
