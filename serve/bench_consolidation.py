@@ -22,7 +22,6 @@ deletion rewrites its batch mates (a batch is one joint update). Results go to `
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -47,8 +46,9 @@ def spread(ids: Sequence[int], k: int) -> list[int]:
 
 def folder_digests(folder: Path) -> dict[str, str]:
     """sha256 of every file in ``folder`` (names relative to it)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    from memory.files import file_sha256
+
+    return {str(p.relative_to(folder)): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def same_tensors(a: Any, b: Any) -> list[str]:

@@ -32,7 +32,6 @@ made), which SERAC uses when no counterfactual model named ``default`` was train
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import math
@@ -61,6 +60,7 @@ from editors.retrieval.counterfactual import (
 )
 from memory.checks import check_number
 from memory.errors import EditmemError, ValidationError
+from memory.files import file_sha256
 from memory.records import EditCase
 
 log = logging.getLogger(__name__)
@@ -182,14 +182,6 @@ def _lora_config(rank: int, alpha: int, targets: Sequence[str]) -> Any:
     import peft
 
     return peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), bias="none")
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def train_chat_adapter(model: torch.nn.Module, tokenizer: Any, cases: Sequence[EditCase],
