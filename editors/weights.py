@@ -326,10 +326,21 @@ class StoredWeights:
             if not mates:
                 continue
             if reapply and self.tokenizer is not None:
-                result.reapplied.extend(self.apply_records(mates, rec.method, **rec.settings))
+                editor = self._count_held(self.editor(rec.method, **rec.settings))
+                result.reapplied.extend(self.apply_records(mates, rec.method, editor=editor, **rec.settings))
             else:
                 result.pending.extend(mates)
         return result
+
+    def _count_held(self, editor: Any) -> Any:
+        """An editor about to write into these weights, told which edits they already hold: AlphaEdit counts their
+        keys among the earlier edits' (:meth:`~editors.methods.alphaedit.AlphaEditEditor.keep`), so a new batch, or a
+        deleted edit's batch mates written again, leaves them in place; other editors are returned as they are."""
+        from editors.methods.alphaedit import AlphaEditEditor
+
+        if isinstance(editor, AlphaEditEditor):
+            editor.keep(self.held_requests())
+        return editor
 
     def _is_current(self, edit_id: int, version: int) -> bool:
         try:
@@ -366,11 +377,7 @@ class StoredWeights:
                                   f"edited model {self.record.id} does not already hold")
         for rec in todo:  # a bad edit fails here, before any weight changes
             rec.request()
-        from editors.methods.alphaedit import AlphaEditEditor
-
-        if isinstance(editor, AlphaEditEditor):
-            # the edits already in the weights constrain the new ones, as in the process that wrote them
-            editor.keep(self.held_requests())
+        self._count_held(editor)
         size = batch_size or len(todo)
         from tqdm.auto import tqdm
 

@@ -277,6 +277,32 @@ def test_a_later_consolidation_counts_the_edits_already_in_the_weights(tmp_path,
         assert with_keys < 0.5 * moved()
 
 
+def test_a_deleted_edits_batch_mates_are_written_again_with_the_held_edits_keys(tmp_path, monkeypatch):
+    """Deleting an edit of an AlphaEdit batch writes its batch mates again through an editor that counts the edits the
+    weights still hold (as consolidate does), and the weights stay exactly base + the remaining records."""
+    from editors.methods.alphaedit import AlphaEditEditor
+    from editors.weights import StoredWeights
+    from tests.test_store_fixtures import open_store
+
+    third = EditRequest("The official language of Germany is", "French", subject="Germany")
+    settings = dict(LOCATE, nullspace_threshold=1e9, l2=1.0)
+    model, tok = tiny_model("llama")
+    with open_store(f"sqlite:///{tmp_path / 'store.db'}") as mem:
+        for request in (FRANCE, DARRIEUX, third):
+            mem.add(request.prompt, request.target_new, subject=request.subject)
+        stored = StoredWeights.open(mem, model, tok, base="tiny")
+        stored.consolidate("alphaedit", batch_size=2, **settings)  # records: edits (1, 2) and (3,)
+        kept: list[list[str]] = []
+        keep = AlphaEditEditor.keep
+        monkeypatch.setattr(AlphaEditEditor, "keep",
+                            lambda self, rs: kept.append([r.prompt for r in rs]) or keep(self, rs))
+        mem.delete(1)
+        result = stored.sync_edit(1)
+        assert [r.edit_ids for r in result.reapplied] == [(2,)]
+        assert kept == [[third.prompt]]  # the edit the weights still hold, not the removed batch's
+        stored.verify()
+
+
 def test_grace_chat_key_edits_the_question_as_a_chat_model_is_asked():
     """With a chat template, an edit gets a second entry at the chat-framed prompt: the assistant's first answer token
     is the target's there; without ``chat_key`` the chat-framed prompt is outside every radius (the base's logits)."""
