@@ -18,8 +18,9 @@ Run::
         --stats-corpus $D/text_corpus/wikitext-2-raw_wiki.test.raw --edits 5 --out bench_out/edit_time.json
 
 A method is written ``NAME`` or ``NAME+KEY=VALUE+...`` (values parsed as JSON, else strings), e.g.
-``rome+key_mode=consistent`` for r-ROME's key. A method that cannot run here (MEND without a trained checkpoint, IKE
-without its demonstration file) is reported as not run, with the reason, and the others go on.
+``rome+key_mode=original`` for ROME's original key (the default is r-ROME's). A method that cannot run here (MEND
+without a trained checkpoint, IKE without its demonstration file) is reported as not run, with the reason, and the
+others go on.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METHODS = ("rome,rome+key_mode=consistent,memit,alphaedit,grace,ft,mend,serac,ike")
+DEFAULT_METHODS = ("rome,rome+key_mode=original,memit,alphaedit,grace,ft,mend,serac,ike")
 LOCATE_METHODS = ("rome", "memit", "alphaedit")
 
 

@@ -35,15 +35,20 @@ def _private_cache(tmp_path, monkeypatch):
 def test_consistent_key_equals_rome_when_the_keys_coincide(arch):
     model, tok = tiny_model(arch)
     settings = dict(LOCATE, n_prefixes=0)
-    original = get_editor("rome", model, tok, **settings).compute([FRANCE])
+    original = get_editor("rome", model, tok, key_mode="original", **settings).compute([FRANCE])
     consistent = get_editor("rome", model, tok, key_mode="consistent", **settings).compute([FRANCE])
     assert original.keys() == consistent.keys()
     for name in original:
         assert torch.equal(original[name], consistent[name])
     # with context prefixes the two keys differ, and so do the updates
     with_prefixes = get_editor("rome", model, tok, key_mode="consistent", **LOCATE).compute([FRANCE])
-    plain = get_editor("rome", model, tok, **LOCATE).compute([FRANCE])
+    plain = get_editor("rome", model, tok, key_mode="original", **LOCATE).compute([FRANCE])
     assert not all(torch.equal(plain[n], with_prefixes[n]) for n in plain)
+
+
+def test_the_consistent_key_is_rome_s_default():
+    model, tok = tiny_model("llama")
+    assert get_editor("rome", model, tok).settings.key_mode == "consistent"
 
 
 def test_key_mode_is_validated():
