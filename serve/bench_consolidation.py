@@ -77,7 +77,7 @@ def run(data: str, out: Path, *, edits: int, batch_size: int, delete: int, metho
     from editors.lm.loading import load_model
     from editors.weights import rebuild_stored
     from eval.datasets import load_cases
-    from eval.metrics import MetricSettings, measure_case
+    from eval.metrics import MetricSettings, aggregate, measure_case
     from memory import EditMemory
     from memory.formats.jsonl import case_from_record
 
@@ -98,10 +98,11 @@ def run(data: str, out: Path, *, edits: int, batch_size: int, delete: int, metho
 
         base, tokenizer = load_model(model)
         t0 = time.perf_counter()
-        references = [measure_case(base, tokenizer, c, protocols, settings=MetricSettings(fluency_tokens=0)).reference
-                      for c in eval_cases]
+        pre = [measure_case(base, tokenizer, c, protocols, settings=MetricSettings(fluency_tokens=0))
+               for c in eval_cases]
+        references = [s.reference for s in pre]
         result["reference_seconds"] = time.perf_counter() - t0
-        result["base"] = evaluate(base, tokenizer, eval_cases, references, protocols)
+        result["base"] = {p: aggregate([s.values[p] for s in pre]) for p in protocols}  # the same pass, not a second
 
         t0 = time.perf_counter()
         done = consolidate(mem, method, folder, model=model, batch_size=batch_size, overrides=overrides,
