@@ -31,6 +31,7 @@ import builtins
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -447,6 +448,36 @@ class EditMemory:
             self._close_row(tx, current)
             return self._insert_version(tx, edit_id, current.version + 1, _fields_of_row(current), None,
                                         deleted=True)
+
+    def delete_many(self, ids: Iterable[int], *, progress: bool = False) -> builtins.list[EditRecord]:
+        """Retract many edits in one transaction (all or none): each gets a tombstone version as with ``delete``.
+        An id that is unknown, already deleted or given twice fails the whole call before anything is written.
+        Returns the tombstones in the order of ``ids``."""
+        from tqdm.auto import tqdm
+
+        edit_ids = [check_id(i) for i in ids]
+        twice = sorted(i for i, n in Counter(edit_ids).items() if n > 1)
+        if twice:
+            raise ValidationError(f"edit ids given more than once: {', '.join(map(str, twice[:10]))}")
+        out = []
+        with self._write() as tx:
+            current: dict[int, Row] = {}
+            for chunk in chunks(edit_ids):
+                for row in tx.conn.execute(select(edits).where(edits.c.edit_id.in_(chunk),
+                                                               edits.c.valid_to.is_(None))):
+                    if row.namespace == self._namespace:  # checked here, as in _current_records
+                        current[int(row.edit_id)] = row
+            for edit_id in edit_ids:
+                if edit_id not in current:
+                    raise NotFoundError(f"no edit with id {edit_id}")
+                if current[edit_id].deleted:
+                    raise NotFoundError(f"edit {edit_id} is already deleted")
+            for edit_id in tqdm(edit_ids, desc="deleting", unit="edit", disable=not progress, leave=False):
+                row = current[edit_id]
+                self._close_row(tx, row)
+                out.append(self._insert_version(tx, edit_id, row.version + 1, _fields_of_row(row), None,
+                                                deleted=True))
+        return out
 
     def rollback(self, id: int, version: int) -> EditRecord:
         """Write a new version of edit ``id`` equal in content to ``version``; on a deleted edit this undeletes it.

@@ -11,7 +11,8 @@ calls) into a fresh SQLite store, with the real encoder by default. Measured, ea
    once the index has grown into HNSW; recall@1 of the same queries against exact search over the live vectors as
    SQL stores them;
 3. open time of the saved store (close, reopen, first search), checking the index file was loaded, not rebuilt;
-4. after deleting ``--delete`` (10%) of the edits one by one, searches by the deleted edits' own prompts: no deleted
+4. after deleting ``--delete`` (10%) of the edits (the first 500 one by one, the rest with ``delete_many``),
+   searches by the deleted edits' own prompts: no deleted
    edit may come back; then (``--compact``) more deletions until the tombstones cross the compaction threshold, the
    background compaction's time, and the same check after the swap;
 5. memory per edit: process RSS growth over the import, SQL file and index file bytes per edit.
@@ -50,6 +51,8 @@ from serve.bench_store import CF_FILES, _percentile, bench_search, machine_info
 
 log = logging.getLogger(__name__)
 
+SINGLE_DELETES = 500  # deletions timed one by one (`delete`); the rest go through `delete_many`
+BULK = 10_000  # edits per `delete_many` call
 TARGETS = {"import_ratio": 0.8, "search_added_p50_ms": 2.0, "recall_at_1": 0.98, "open_seconds": 10.0}
 
 
@@ -248,16 +251,25 @@ def delete_and_check(mem: Any, ids: Sequence[int], prompts: dict[int, str], frac
     n_del = round(fraction * len(order))
     deleted: set[int] = set()
 
-    def delete(some: Sequence[int]) -> float:
+    def delete(some: Sequence[int], singles: int = 0) -> tuple[float, float]:
+        """The first ``singles`` one by one (``delete``), the rest in bulk (``delete_many``, BULK a call): the
+        seconds each way."""
         t = time.perf_counter()
-        for i in some:
+        for i in some[:singles]:
             mem.delete(i)
             deleted.add(i)
-        return time.perf_counter() - t
+        t1 = time.perf_counter()
+        for start in range(singles, len(some), BULK):
+            part = some[start:start + BULK]
+            mem.delete_many(part)
+            deleted.update(part)
+        return t1 - t, time.perf_counter() - t1
 
     out: dict[str, Any] = {"fraction": fraction, "deleted": n_del}
-    s = delete(order[:n_del])
-    out["delete_per_s"] = n_del / s if s else None
+    singles = min(n_del, SINGLE_DELETES)
+    s_one, s_bulk = delete(order[:n_del], singles)
+    out["delete_per_s"] = singles / s_one if s_one else None
+    out["delete_many_per_s"] = (n_del - singles) / s_bulk if n_del > singles and s_bulk else None
     out["after_delete"] = _index_state(mem)
     out["check"] = deleted_leaks(mem, [prompts[i] for i in order[:n_del]], deleted, searches)
     if timing is not None:
@@ -269,7 +281,7 @@ def delete_and_check(mem: Any, ids: Sequence[int], prompts: dict[int, str], frac
     limit = max(index_module.STALE_MIN, index_module.STALE_FRACTION * index.ntotal)
     more = max(0, int(limit) + 1 - index.n_stale)
     t = time.perf_counter()
-    s = delete(order[n_del:n_del + more])
+    s = sum(delete(order[n_del:n_del + more]))
     started = mem.index_compacting
     lat: list[float] = []
     while mem.index_compacting:  # searches go on against the old index during the build
@@ -427,7 +439,8 @@ def render_markdown(r: dict[str, Any]) -> str:
                  f"| {op['open_seconds']:.2f} s + first search = **{op['open_and_first_search_seconds']:.2f} s** "
                  f"| ≤ 10 s, loaded | {_verdict(op['open_and_first_search_seconds'] <= 10 and not op['rebuilt'])} |")
     d = r["delete"]
-    lines.append(f"| delete {d['fraction']:.0%} ({d['deleted']:,}, {d['delete_per_s']:.0f}/s), then "
+    bulk = f", bulk {d['delete_many_per_s']:.0f}/s" if d.get("delete_many_per_s") else ""
+    lines.append(f"| delete {d['fraction']:.0%} ({d['deleted']:,}; one by one {d['delete_per_s']:.0f}/s{bulk}), then "
                  f"{d['check']['searches']:,} searches by their prompts | **{d['check']['deleted_returned']}** deleted "
                  f"returned; {d['after_delete']['tombstones']:,} tombstones, compaction "
                  f"{'due' if d['after_delete']['needs_compaction'] else 'not due'}; search added p50 "

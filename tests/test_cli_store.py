@@ -80,6 +80,19 @@ def test_update_delete_rollback_history(cli) -> None:
     assert [json.loads(line)["version"] for line in out.splitlines()] == [1, 2, 3, 4]
 
 
+def test_delete_several_in_one_change(cli) -> None:
+    for town in ("Lyon", "Nice", "Lille"):
+        cli("add", "--prompt", f"The best town for {town} fans is", "--target", town)
+    code, _, err = cli("delete", "1", "3", "7")
+    assert code == 2 and "no edit with id 7" in err
+    code, out, _ = cli("list")
+    assert len(out.strip().splitlines()) == 4  # nothing deleted: a header and three edits
+    code, out, _ = cli("delete", "1", "3")
+    assert code == 0 and "deleted 2 edits in one change" in out
+    code, out, _ = cli("list", "--json")
+    assert [json.loads(line)["id"] for line in out.splitlines()] == [2]
+
+
 def test_import_export(cli, tmp_path: Path) -> None:
     data = write_knowedit(tmp_path / "facts.json", FACTS)
     code, out, _ = cli("import", str(data))

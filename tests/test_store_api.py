@@ -553,3 +553,24 @@ def test_import_peak_memory_per_edit_stays_small(tmp_path: Path, monkeypatch: py
             tracemalloc.stop()
         assert len(mem) == n and mem.search("Fact number 17 about subject 17 is", 1)[0].edit.target_new == "answer 17"
     assert peak / n < 4000, f"{peak / n:.0f} bytes an edit"  # was 5,488
+
+
+def test_delete_many_is_one_all_or_none_change(store_url: str) -> None:
+    with EditMemory.open(store_url, encoder="hashing-64") as mem:
+        ids = [mem.add(f"The capital of Land {i} is", f"City {i}").id for i in range(6)]
+        mem.delete(ids[5])
+        seq = mem.changes()[-1][0] if mem.changes() else 0
+        for bad, err in (([ids[0], 999], NotFoundError), ([ids[0], ids[5]], NotFoundError),
+                         ([ids[1], ids[1]], ValidationError)):
+            with pytest.raises(err):
+                mem.delete_many(bad)
+            assert len(mem) == 5 and not mem.get(ids[0]).deleted  # nothing written
+        tombs = mem.delete_many([ids[3], ids[0], ids[1]])
+        assert [(t.id, t.version, t.deleted) for t in tombs] == [(ids[3], 2, True), (ids[0], 2, True),
+                                                                 (ids[1], 2, True)]
+        assert sorted(r.id for r in mem) == [ids[2], ids[4]]
+        assert {c[0] for c in mem.changes(since=seq)} == {seq + 1}  # one change counter step for all three
+        hits = {h.edit.id for h in mem.search("The capital of Land 0 is", 5)}
+        assert hits == {ids[2], ids[4]}
+        mem.verify()
+        assert mem.rollback(ids[0], 1).version == 3  # a bulk tombstone is undone like any other

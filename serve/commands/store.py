@@ -80,8 +80,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clear-rephrases", action="store_true", help="remove all rephrases")
     p.set_defaults(func=cmd_update)
 
-    p = sub.add_parser("delete", help="retract an edit (a tombstone version; rollback restores it)")
-    p.add_argument("id", type=bounded_int())
+    p = sub.add_parser("delete", help="retract edits (a tombstone version each; rollback restores one)")
+    p.add_argument("id", type=bounded_int(), nargs="+",
+                   help="edit ids; several are deleted in one transaction unless saved weights hold one of them")
     p.set_defaults(func=cmd_delete)
 
     p = sub.add_parser("rollback", help="write a new version equal to an earlier one (undeletes a deleted edit)")
@@ -282,10 +283,16 @@ def cmd_update(args: argparse.Namespace) -> int:
 def cmd_delete(args: argparse.Namespace) -> int:
     from editors.consolidation import weights_follow
 
-    with _open(args) as mem, weights_follow(mem, args.id, report=print):
-        tombstone = mem.delete(args.id)
-    print(f"deleted edit {tombstone.id} (version {tombstone.version} is the deletion; "
-          f"`editmem rollback {tombstone.id} {tombstone.version - 1}` restores it)")
+    with _open(args) as mem:
+        if len(args.id) > 1 and not any(mem.weight_records(edit_id=i) for i in args.id):
+            tombstones = mem.delete_many(args.id, progress=len(args.id) >= 1000)  # one transaction, all or none
+            print(f"deleted {len(tombstones)} edits in one change (`editmem rollback ID VERSION` restores one)")
+            return 0
+        for edit_id in args.id:  # an edit written into saved weights is followed there, one at a time
+            with weights_follow(mem, edit_id, report=print):
+                tombstone = mem.delete(edit_id)
+            print(f"deleted edit {tombstone.id} (version {tombstone.version} is the deletion; "
+                  f"`editmem rollback {tombstone.id} {tombstone.version - 1}` restores it)")
     return 0
 
 
