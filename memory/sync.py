@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 # loaded 2-core VM, one thread): flat single-query p50 0.31 ms at 10k, 1.73 ms at 30k, 17.7 ms at 100k; HNSW 0.59 /
 # 0.88 / 0.96 ms with recall@1 1.000. Flat stays within the 2 ms target to about 30k; 20k leaves a margin.
 HNSW_AUTO_THRESHOLD = 20_000
+# An `auto` HNSW index that a compaction shrinks stays HNSW down to this fraction of the threshold, so a store that
+# hovers near the threshold is not rebuilt flat and grown back into HNSW over and over.
+HNSW_AUTO_KEEP = 0.5
 BACKGROUND_COMPACTION = True  # the default of IndexSync.background
 ENCODE_BATCH = 256
 
@@ -221,14 +224,17 @@ class IndexSync:
             return
         if self._compaction is not None and self._compaction.running:
             return
-        kind = self._kind_for(len(index))
+        kind = self._kind_for(len(index), index.kind)
         log.info("compacting index in the background as %s: %s", kind, why)
         self._compaction = Compaction.of(index, kind, self.lock, self._swap).start()
 
-    def _kind_for(self, n_live: int) -> str:
+    def _kind_for(self, n_live: int, current: str | None = None) -> str:
+        """What a rebuild of ``n_live`` edits makes: the store's kind, or with ``auto`` HNSW from HNSW_AUTO_THRESHOLD
+        live edits (from HNSW_AUTO_KEEP of it when the index being replaced, ``current``, is HNSW already)."""
         if self.kind != "auto":
             return self.kind
-        return "hnsw" if n_live >= HNSW_AUTO_THRESHOLD else "flat"
+        threshold = HNSW_AUTO_THRESHOLD * (HNSW_AUTO_KEEP if current == "hnsw" else 1)
+        return "hnsw" if n_live >= threshold else "flat"
 
     def _swap(self, index: VectorIndex) -> None:
         """Called by a finished compaction, with the lock held and its journal replayed onto ``index``."""
@@ -279,7 +285,7 @@ class IndexSync:
                 row_ids = [int(r) for r in conn.execute(
                     select(edits.c.row_id).where(CURRENT, edits.c.namespace == self.namespace)
                     .order_by(edits.c.row_id)).scalars()]
-            kind = self._kind_for(len(row_ids))
+            kind = self._kind_for(len(row_ids), self._index.kind if self._index is not None else None)
             index = VectorIndex(IndexHeader(self.uid, encoder.name, encoder.dim, kind, seq))
             for chunk in chunks(row_ids, 20_000):
                 index.add(np.asarray(chunk, dtype=np.int64), self.vectors_for(chunk, progress=len(row_ids) > 20_000))

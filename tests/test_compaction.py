@@ -116,6 +116,23 @@ def test_a_flat_index_grows_into_hnsw_in_the_background(url: str, gate: _Gate,
         mem.verify()
 
 
+def test_an_auto_hnsw_index_compacted_near_the_threshold_stays_hnsw(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sync_mod, "HNSW_AUTO_THRESHOLD", 50)
+    monkeypatch.setattr(sync_mod, "BACKGROUND_COMPACTION", False)
+    monkeypatch.setattr(index_mod, "STALE_MIN", 10)
+    monkeypatch.setattr(index_mod, "STALE_FRACTION", 0.1)
+    with EditMemory.open(f"sqlite:///{tmp_path / 's.db'}", encoder=ENC) as mem:
+        ids = _fill(mem, 60)
+        assert mem.index_kind == "hnsw"
+        mem.delete_many(ids[:20])  # 40 live, 20 tombstones: compacted, below the threshold but above half of it
+        assert mem.index_kind == "hnsw" and mem._index.n_stale == 0
+        mem.delete_many(ids[20:40])  # 20 live: compacted into a flat index
+        assert mem.index_kind == "flat" and mem._index.ids() == mem.current_row_ids()
+        assert _top(mem, "fact 45 about topic 3 and item 5") == ids[45]
+        mem.verify()
+
+
 def test_an_explicit_rebuild_during_a_compaction_wins(tmp_path: Path, gate: _Gate,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sync_mod, "HNSW_AUTO_THRESHOLD", 50)
