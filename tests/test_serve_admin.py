@@ -80,6 +80,24 @@ def test_consolidate_over_http_then_delete_and_rollback_follow_the_weights(admin
     assert _wait(url, again.json()["id"])["result"]["edits"] == 1
 
 
+def test_consolidate_every_writes_only_whole_groups(admin_server):
+    url, base, _, _ = admin_server
+    body = {"method": "rome", "out": "hybrid", "model": str(base), "settings": ROME}
+    r = httpx.post(f"{url}/v1/admin/consolidate", headers=ADMIN, json={**body, "every": 3})
+    assert r.status_code == 200 and r.json()["status"] == "nothing_due", r.text
+    assert "fewer" in r.json()["message"] or "pending" in r.json()["message"]
+    assert httpx.get(f"{url}/v1/admin/jobs", headers=ADMIN).json()["data"] == []  # nothing queued
+    r = httpx.post(f"{url}/v1/admin/consolidate", headers=ADMIN, json={**body, "every": 1})
+    assert r.status_code == 202, r.text
+    job = _wait(url, r.json()["id"])
+    assert job["status"] == "succeeded" and job["params"]["every"] == 1, job
+    assert job["result"]["edits"] == 2 and [rec["edit_ids"] for rec in job["result"]["records"]] == [[1], [2]]
+    r = httpx.post(f"{url}/v1/admin/consolidate", headers=ADMIN, json={**body, "model": None, "every": 1})
+    assert r.status_code == 200 and r.json()["status"] == "nothing_due", r.text  # both held now
+    r = httpx.post(f"{url}/v1/admin/consolidate", headers=ADMIN, json={**body, "every": 1, "batch_size": 1})
+    assert r.status_code == 400 and "not both" in r.json()["error"]["message"]
+
+
 def test_consolidate_is_checked_before_it_is_queued(admin_server):
     url, base, _, _ = admin_server
 

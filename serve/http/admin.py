@@ -2,7 +2,8 @@
 background job, the jobs, and the edited models the store keeps weight records for.
 
     GET  /v1/admin/keys                 what the keys allow (role, namespace, how many keys), never the keys
-    POST /v1/admin/consolidate          {"method", "out", "model"?, "batch_size"?, "settings"?} -> 202, a job
+    POST /v1/admin/consolidate          {"method", "out", "model"?, "batch_size"?, "every"?, "settings"?} -> 202, a job
+                                        (200 "nothing_due" when ``every`` finds fewer pending edits than that)
     GET  /v1/admin/jobs                 the jobs this server has run (the last 100), newest last
     GET  /v1/admin/jobs/{id}            one job: queued, running, succeeded (with its result) or failed (why)
     GET  /v1/admin/weights              the store's edited models, with their applied weight records
@@ -52,15 +53,19 @@ def keys(request: Request) -> dict[str, Any]:
 
 @router.post("/consolidate", status_code=202, dependencies=[ADMIN])
 def consolidate(body: ConsolidateBody, request: Request, namespace: str | None = NAMESPACE) -> JSONResponse:
-    from editors.consolidation import plan_consolidation, run_consolidation
+    from editors.consolidation import NothingDue, plan_consolidation, run_consolidation
     from memory.store import EditMemory
 
     ctx = request.app.state.ctx
     ns = request_namespace(request, namespace)
     out = out_folder(ctx.settings, body.out)
-    plan = plan_consolidation(ctx.memory_for(ns), body.method, out, model=body.model, batch_size=body.batch_size)
+    try:
+        plan = plan_consolidation(ctx.memory_for(ns), body.method, out, model=body.model,
+                                  batch_size=body.batch_size, every=body.every)
+    except NothingDue as err:  # the policy's normal case, not a failure: the edits keep answering from memory
+        return JSONResponse({"object": "consolidation", "status": "nothing_due", "message": str(err)})
     params = {"method": body.method, "out": str(out), "model": plan.base, "batch_size": body.batch_size,
-              "settings": body.settings, "namespace": ns}
+              "every": body.every, "settings": body.settings, "namespace": ns}
 
     def run() -> dict[str, Any]:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -110,6 +110,7 @@ class ConsolidateBody(BaseModel):
     out: str
     model: str | None = None
     batch_size: int | None = None
+    every: int | None = None  # only the oldest pending edits, in whole groups (editmem consolidate --every)
     settings: dict[str, Any] = Field(default_factory=dict)
 
 
