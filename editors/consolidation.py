@@ -20,7 +20,7 @@ server keeps loaded: it follows the store's records for its folder in place, and
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,6 +169,20 @@ def rebuild_folder(mem: Any, out: str | Path, *, model: str | None = None) -> tu
     lm, tokenizer = load_model(base)
     rebuild_stored(mem, lm, row.id, tokenizer).save(out)  # the weights, and the GRACE adaptor if any
     return base, len(mem.weight_records(model_id=row.id))
+
+
+def delete_following(mem: Any, ids: Sequence[int], report: Callable[[str], None] = log.info, *,
+                     progress: bool = False) -> list[Any]:
+    """Delete ``ids``: in one transaction (``mem.delete_many``, all or none) when no saved edited model holds any of
+    them; otherwise one at a time, each inside :func:`weights_follow` so the saved weights follow it exactly. Returns
+    the tombstones in the order of ``ids``. What the CLI's ``editmem delete`` and the service's bulk delete share."""
+    if len(ids) > 1 and not any(mem.weight_records(edit_id=i) for i in ids):
+        return list(mem.delete_many(ids, progress=progress))
+    out = []
+    for edit_id in ids:
+        with weights_follow(mem, edit_id, report=report):
+            out.append(mem.delete(edit_id))
+    return out
 
 
 @contextmanager

@@ -59,6 +59,22 @@ def test_crud_versions_history_and_rollback(url):
     assert [h["version"] for h in hist] == [1, 2, 3, 4] and hist[2]["deleted"]
 
 
+def test_bulk_delete_is_all_or_none(url):
+    c = httpx.Client(base_url=url)
+    ids = [c.post("/v1/edits", json={"prompt": f"The best town for fans of {t} is", "target_new": t}).json()["id"]
+           for t in ("Lyon", "Nice", "Lille")]
+    _error(c.post("/v1/edits/delete", json={"ids": [ids[0], 999]}), 404, "no edit with id 999")
+    _error(c.post("/v1/edits/delete", json={"ids": [ids[0], ids[0]]}), 400, "more than once")
+    _error(c.post("/v1/edits/delete", json={"ids": []}), 400)
+    assert len(c.get("/v1/edits").json()["data"]) == 4  # nothing was deleted
+    r = c.post("/v1/edits/delete", json={"ids": [ids[2], ids[0]]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [(t["id"], t["deleted"], t["version"]) for t in body["data"]] == [(ids[2], True, 2), (ids[0], True, 2)]
+    assert "weights" not in body and body["change"] > 0
+    assert sorted(e["id"] for e in c.get("/v1/edits").json()["data"]) == [1, ids[1]]
+
+
 def test_list_pages_search_export_and_changes(url):
     c = httpx.Client(base_url=url)
     start = c.get("/v1/edits/changes").json()["change"]

@@ -281,18 +281,16 @@ def cmd_update(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from editors.consolidation import weights_follow
+    from editors.consolidation import delete_following
 
     with _open(args) as mem:
-        if len(args.id) > 1 and not any(mem.weight_records(edit_id=i) for i in args.id):
-            tombstones = mem.delete_many(args.id, progress=len(args.id) >= 1000)  # one transaction, all or none
-            print(f"deleted {len(tombstones)} edits in one change (`editmem rollback ID VERSION` restores one)")
-            return 0
-        for edit_id in args.id:  # an edit written into saved weights is followed there, one at a time
-            with weights_follow(mem, edit_id, report=print):
-                tombstone = mem.delete(edit_id)
-            print(f"deleted edit {tombstone.id} (version {tombstone.version} is the deletion; "
-                  f"`editmem rollback {tombstone.id} {tombstone.version - 1}` restores it)")
+        tombstones = delete_following(mem, args.id, report=print, progress=len(args.id) >= 1000)
+    if len(tombstones) == 1:
+        t = tombstones[0]
+        print(f"deleted edit {t.id} (version {t.version} is the deletion; "
+              f"`editmem rollback {t.id} {t.version - 1}` restores it)")
+    else:
+        print(f"deleted {len(tombstones)} edits (`editmem rollback ID VERSION` restores one)")
     return 0
 
 

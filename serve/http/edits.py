@@ -8,6 +8,8 @@ writing a ``write`` key, importing an ``admin`` key. None of these routes needs 
     DELETE /v1/edits/{id}                 delete (tombstone)    GET  /v1/edits/{id}/history
     POST   /v1/edits/{id}/rollback        {"version": v}        GET  /v1/edits/search?q=&k=
     POST   /v1/edits/import               a file (multipart "file", optional "format") or {"records": [...]}
+    POST   /v1/edits/delete               {"ids": [...]}: many deletes, all or none (one by one, following saved
+                                          weights, when an edited model holds one of them)
     GET    /v1/edits/export?include_history=   JSONL            GET  /v1/edits/changes?since=&limit=
 
 Every route reads and writes one store namespace: the key's if it is bound to one, else the ``namespace`` query
@@ -31,7 +33,7 @@ from pydantic import ValidationError as PydanticError
 from memory.errors import ValidationError
 from memory.feed import change_number, changes_since
 from serve.http.auth import request_namespace, require
-from serve.http.protocol import ApiError, EditBody, EditChanges, ImportBody, RollbackBody, edit_json
+from serve.http.protocol import ApiError, DeleteBody, EditBody, EditChanges, ImportBody, RollbackBody, edit_json
 
 router = APIRouter(prefix="/v1/edits")
 READ, WRITE, ADMIN = Depends(require("read")), Depends(require("write")), Depends(require("admin"))
@@ -124,6 +126,23 @@ async def import_edits(request: Request, namespace: str | None = NAMESPACE) -> J
         added = len(await run_in_threadpool(mem.add_many, body.records))
     await run_in_threadpool(request.app.state.ctx.after_write)
     return JSONResponse({"added": added, "change": change_number(mem)})
+
+
+@router.post("/delete", dependencies=[WRITE])
+def delete_many(body: DeleteBody, request: Request, namespace: str | None = NAMESPACE) -> dict[str, Any]:
+    from editors.consolidation import delete_following
+
+    ctx = request.app.state.ctx
+    mem = _memory(request, namespace)
+    lines: list[str] = []
+    with ctx.weights_lock:
+        tombstones = delete_following(mem, body.ids, report=lines.append)
+    ctx.after_write()
+    out: dict[str, Any] = {"object": "list", "data": [edit_json(t) for t in tombstones],
+                           "change": change_number(mem)}
+    if lines:
+        out["weights"] = lines
+    return out
 
 
 @router.get("/{edit_id}", dependencies=[READ])

@@ -131,6 +131,13 @@ class RollbackBody(BaseModel):
     version: int
 
 
+class DeleteBody(BaseModel):
+    """``POST /v1/edits/delete``: the edit ids to delete (one transaction unless saved weights hold one of them)."""
+
+    model_config = ConfigDict(extra="forbid")
+    ids: list[int] = Field(min_length=1, max_length=10_000)
+
+
 class ImportBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     records: list[dict[str, Any]]
