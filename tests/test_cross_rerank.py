@@ -256,3 +256,13 @@ def test_cli_train_rerank_then_eval_scope_with_it(base: Path, tmp_path: Path, mo
                  str(report)]) == 0
     routed = json.loads(report.read_text())
     assert routed["cross"]["folder"] == str(out) and routed["bare"]["rephrases"] == len(cases)
+
+
+def test_bench_cross_times_a_saved_reranker(trained: CrossReranker, base: Path, tmp_path: Path) -> None:
+    from serve.bench_cross import main
+
+    folder = trained.save(tmp_path / "cross_for_bench")
+    out = tmp_path / "bench.json"
+    assert main(["--cross", str(folder), "--base", str(base), "--repeats", "3", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["score_p50_ms"]) == {"1", "2", "5"} and all(v > 0 for v in result["score_p50_ms"].values())
