@@ -60,3 +60,24 @@ def test_bench_million_runs_every_measurement_at_a_toy_size(data_dir: Path, tmp_
     assert r["sizes"]["sql_bytes_per_edit"] > 0 and r["sizes"]["index_bytes_per_edit"] > 0
     table = capsys.readouterr().out
     assert "| import throughput" in table and "two namespaces of 600" in table and "background compaction" in table
+
+
+def test_routing_distractors_are_about_made_up_subjects_only() -> None:
+    from serve.bench_routing import distractor_edits
+
+    t = Templates(subjects=("Ann Lee", "Bo Dahl", "Cy Ames", "Di Roe", "Ed Fox Lin"),
+                  templates=("{} plays the", "{} was born in", "{} speaks"), relations=("P1", "P19", "P103"),
+                  answers={"P1": ("piano",), "P19": ("Oslo", "Rome"), "P103": ("Dutch",)})
+    real = list(t.subjects)
+    fake = distractor_edits(t, real, 30, seed=1)
+    assert len(fake) == 30 and len({(f["subject"], f["prompt"]) for f in fake}) == 30
+    assert not {f["subject"].lower() for f in fake} & {s.lower() for s in real}
+    firsts, lasts = {"Ann", "Bo", "Cy", "Di", "Ed"}, {"Lee", "Dahl", "Ames", "Roe", "Lin"}
+    for f in fake:
+        first, last = f["subject"].split()
+        assert first in firsts and last in lasts
+        rel = t.relations[t.templates.index(f["prompt"].replace(f["subject"], "{}", 1))]
+        assert f["target_new"] in t.answers[rel]
+    assert distractor_edits(t, real, 30, seed=1) == fake and distractor_edits(t, real, 30, seed=2) != fake
+    with pytest.raises(ValueError, match="too few"):
+        distractor_edits(t, real, 1000)
