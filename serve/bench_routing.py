@@ -167,7 +167,8 @@ def run(data_dir: Path, n_train: int, n_edit: int, cache: Path | None, powers: S
             from serve.bench_million import load_templates
 
             templates = load_templates(data_dir)
-            fake = distractor_edits(templates, [c.subject for c in edit] + list(templates.subjects), distractors)
+            fake = distractor_edits(templates, [c.subject for c in edit if c.subject] + list(templates.subjects),
+                                    distractors)
             mem.add_many(fake, progress=True)
             out["distractors"] = {"n": len(fake), "subjects": len({f["subject"] for f in fake}),
                                   "examples": [f["prompt"] + " " + f["target_new"] for f in fake[:3]]}
