@@ -216,6 +216,9 @@ def write_report(out_dir: str | Path, summary: Mapping[str, Any], *, command: st
     return written
 
 
+LEGEND_INSIDE = 6  # the most lines a sequential plot labels inside its first panel
+
+
 def _figure(width: float, height: float):
     from matplotlib.figure import Figure
 
@@ -259,7 +262,9 @@ def plot_metrics(summary: Mapping[str, Any], path: str | Path) -> Path:
 def plot_sequential(summary: Mapping[str, Any], path: str | Path) -> Path:
     """Each metric against the number of edits, one line per method (and line style per protocol)."""
     metrics: Sequence[str] = (*FRACTIONS, "fluency")
-    fig = _figure(3.2 * len(metrics), 3.2)
+    n_lines = len(summary["methods"]) * (2 if summary["protocol"] == "both" else 1)
+    below = n_lines > LEGEND_INSIDE  # a long legend goes under the panels instead of over the first one
+    fig = _figure(3.2 * len(metrics), 3.2 + (0.22 * math.ceil(n_lines / 4) if below else 0))
     axes = fig.subplots(1, len(metrics))
     styles = ["-o", "--s"]
     all_x: set[int] = set()
@@ -292,7 +297,10 @@ def plot_sequential(summary: Mapping[str, Any], path: str | Path) -> Path:
         if metric != "fluency":
             ax.set_ylim(-0.02, 1.02)
     axes[-1].set_ylabel("bits")
-    axes[0].legend(fontsize=7)
+    if below:
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=4, fontsize=7)
+    else:
+        axes[0].legend(fontsize=7)
     fig.suptitle(f"{summary['model']} · {summary['dataset']} · sequential", fontsize=10)
     fig.savefig(path)
     return Path(path)

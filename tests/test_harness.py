@@ -353,3 +353,19 @@ def test_cli_user_errors_are_one_line(model_folder, tmp_path, capsys, args, mess
     code = main(["eval", "--data", str(data), "--model", str(model_folder), "--out", str(tmp_path / "o"), *args])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_a_sequential_plot_of_many_methods_puts_its_legend_under_the_panels(tmp_path):
+    from matplotlib.image import imread
+
+    from eval.report import LEGEND_INSIDE, plot_sequential
+
+    def summary(n_methods: int) -> dict:
+        block = {"reliability": 0.9, "generalization": 0.5, "locality": 0.8, "portability": None, "fluency": None}
+        rows = [{"n_edits": n, "by_protocol": {"teacher-forced": block, "generate": block}} for n in (10, 100)]
+        return {"model": "m", "dataset": "d", "protocol": "both",
+                "methods": {f"method{i}": {"checkpoints": rows} for i in range(n_methods)}}
+
+    few = imread(plot_sequential(summary(LEGEND_INSIDE // 2), tmp_path / "few.png"))
+    many = imread(plot_sequential(summary(LEGEND_INSIDE), tmp_path / "many.png"))
+    assert few.shape[0] == 320 and many.shape[0] > few.shape[0]  # the long legend got its own rows below
