@@ -467,13 +467,9 @@ class EditMemory:
                                                                edits.c.valid_to.is_(None))):
                     if row.namespace == self._namespace:  # checked here, as in _current_records
                         current[int(row.edit_id)] = row
-            for edit_id in edit_ids:
-                if edit_id not in current:
-                    raise NotFoundError(f"no edit with id {edit_id}")
-                if current[edit_id].deleted:
-                    raise NotFoundError(f"edit {edit_id} is already deleted")
-            for edit_id in tqdm(edit_ids, desc="deleting", unit="edit", disable=not progress, leave=False):
-                row = current[edit_id]
+            rows = [_require_live(edit_id, current.get(edit_id)) for edit_id in edit_ids]
+            for edit_id, row in tqdm(zip(edit_ids, rows), total=len(rows), desc="deleting", unit="edit",
+                                     disable=not progress, leave=False):
                 self._close_row(tx, row)
                 out.append(self._insert_version(tx, edit_id, row.version + 1, _fields_of_row(row), None,
                                                 deleted=True))
@@ -675,11 +671,7 @@ class EditMemory:
                 row = self._current_row(c, edit_id)
         else:
             row = self._current_row(conn, edit_id)
-        if row is None:
-            raise NotFoundError(f"no edit with id {edit_id}")
-        if row.deleted:
-            raise NotFoundError(f"edit {edit_id} is deleted (rollback restores it)")
-        return row
+        return _require_live(edit_id, row)
 
     @staticmethod
     def _merge(row: Row, changes_: Mapping[str, Any]) -> EditFields:
@@ -819,6 +811,15 @@ class EditMemory:
 
 
 # --- module helpers ---------------------------------------------------------------------------------------------------
+def _require_live(edit_id: int, row: Row | None) -> Row:
+    """``row``, the current version of ``edit_id``, if it exists and is not a deletion; else NotFoundError."""
+    if row is None:
+        raise NotFoundError(f"no edit with id {edit_id}")
+    if row.deleted:
+        raise NotFoundError(f"edit {edit_id} is deleted (rollback restores it)")
+    return row
+
+
 def _record_from_values(values: Mapping[str, Any]) -> EditRecord:
     return EditRecord(id=values["edit_id"], version=values["version"], prompt=values["prompt"],
                       target_new=values["target_new"], subject=values["subject"],
