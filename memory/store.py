@@ -46,6 +46,7 @@ from sqlalchemy.engine import URL, Connection, Engine, Row
 from memory import schema
 from memory.encoder import DEFAULT_ENCODER, Encoder, get_encoder
 from memory.errors import FormatError, NotFoundError, StoreError, ValidationError
+from memory.fastread import FastReads
 from memory.index import KINDS, VectorIndex
 from memory.ledger import WeightLedger, WeightModel, WeightRecord
 from memory.namespaces import check_namespace
@@ -76,7 +77,11 @@ _PAGE = 1000  # rows per read of __iter__
 
 # --- rows -------------------------------------------------------------------------------------------------------------
 def _record(row: Row) -> EditRecord:
-    m = row._mapping
+    return _record_of(row._mapping)
+
+
+def _record_of(m: Mapping[Any, Any]) -> EditRecord:
+    """The record of one version row given as column -> value."""
     return EditRecord(id=int(m["edit_id"]), version=int(m["version"]), prompt=m["prompt"],
                       target_new=m["target_new"], subject=m["subject"], ground_truth=m["ground_truth"],
                       rephrases=tuple(json.loads(m["rephrases"])), metadata=json.loads(m["metadata"]),
@@ -125,6 +130,7 @@ class EditMemory:
                  index_path: Path | None, namespace: str = DEFAULT_NAMESPACE, *, read_only: bool = False):
         self._read_only = read_only
         self._engine = engine
+        self._fast = FastReads(engine)  # the change counter and hit rows on every search
         self._url = url
         self._encoder = encoder
         self._namespace = check_namespace(namespace)
@@ -683,15 +689,21 @@ class EditMemory:
             raise ValidationError(str(err)) from None
 
     def _current_records(self, row_ids: Sequence[int]) -> dict[int, EditRecord]:
-        out: dict[int, EditRecord] = {}
-        with self._read() as conn:
-            for chunk in chunks(row_ids):
-                # the namespace is checked here, not in SQL: with it in the WHERE clause SQLite plans the query
-                # through the namespace index and scans the whole namespace instead of looking up the row ids
-                for row in conn.execute(select(edits).where(edits.c.row_id.in_(chunk), CURRENT)):
-                    if row.namespace == self._namespace:
-                        out[int(row.row_id)] = _record(row)
-        return out
+        """The current versions among these row ids, in this namespace (the rows of a search's hits: read on the
+        DBAPI connection, :mod:`memory.fastread`)."""
+        self._check_open()
+        with db_errors(self._url):
+            rows = self._fast.rows(row_ids)
+        # current-ness and the namespace are checked here, not in SQL: with the namespace in the WHERE clause SQLite
+        # plans the query through the namespace index and scans the whole namespace instead of looking up the row ids
+        return {int(m["row_id"]): _record_of(m) for m in rows
+                if m["valid_to"] is None and not m["deleted"] and m["namespace"] == self._namespace}
+
+    def _change_seq(self) -> int:
+        """The store's change counter (read before every search)."""
+        self._check_open()
+        with db_errors(self._url):
+            return self._fast.change_seq()
 
     def _existing_keys(self, conn: Connection, keys: Sequence[str]) -> set[str]:
         found: set[str] = set()

@@ -160,17 +160,17 @@ class IndexSync:
         """Bring the index up to SQL's change counter: apply the logged changes since the counter it reflects."""
         with self.lock:
             index = self.index
-            with self._store._read() as conn:
-                seq = int(conn.execute(select(meta.c.change_seq).where(meta.c.id == 1)).scalar_one())
-                if seq == index.seq:
-                    return
-                log_rows = [] if seq < index.seq else conn.execute(select(changes.c.row_id, changes.c.op).where(
-                    changes.c.seq > index.seq, changes.c.seq <= seq, changes.c.namespace == self.namespace)
-                    .order_by(changes.c.seq)).all()
+            seq = self._store._change_seq()
+            if seq == index.seq:
+                return
             if seq < index.seq:
                 log.warning("index is ahead of the store (%d > %d): rebuilding", index.seq, seq)
                 self.rebuild()
                 return
+            with self._store._read() as conn:
+                log_rows = conn.execute(select(changes.c.row_id, changes.c.op).where(
+                    changes.c.seq > index.seq, changes.c.seq <= seq, changes.c.namespace == self.namespace)
+                    .order_by(changes.c.seq)).all()
             adds: dict[int, None] = {}
             removes: set[int] = set()
             for row_id, op in log_rows:

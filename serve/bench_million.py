@@ -481,6 +481,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ef-sweep", default="128,512", help="other HNSW ef_search values measured ('' for none)")
     p.add_argument("--data", type=Path, default=Path(os.environ.get("EDITMEM_DATA", "../shared/data")))
     p.add_argument("--workdir", type=Path, default=None, help="where the store is written (default: a temp folder)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the store (a new folder under --workdir) for later measurements instead of deleting it")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -498,8 +500,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="editmem-million-", dir=args.workdir) as tmp:
-        result = run(settings, args.data, Path(tmp))
+    if args.keep:
+        kept = Path(tempfile.mkdtemp(prefix="editmem-million-", dir=args.workdir))
+        result = run(settings, args.data, kept)
+        result["kept_store"] = str(kept / "million.db")
+    else:
+        with tempfile.TemporaryDirectory(prefix="editmem-million-", dir=args.workdir) as tmp:
+            result = run(settings, args.data, Path(tmp))
     result.update({"command": command, "machine": machine_info(), "time": started,
                    "wall_seconds": time.perf_counter() - t0, "load_average_start": load0,
                    "load_average_end": os.getloadavg(), "peak_rss_bytes": _peak_rss()})

@@ -189,6 +189,44 @@ def test_empty_store_search(store_url: str) -> None:
         assert mem.search("anything") == []
 
 
+def test_search_path_reads_rows_as_sqlalchemy_does(store_url: str) -> None:
+    """The hit rows a search reads on the DBAPI connection (memory.fastread) are the records SQLAlchemy reads: the
+    same values and types (SQLite's timestamps and booleans included), current versions of this namespace only."""
+    from sqlalchemy import select
+
+    from memory.schema import CURRENT, edits, meta
+    from memory.store import _record
+
+    with open_store(store_url) as mem:
+        mem.add_many(FACTS)
+        mem.update(2, target_new="Rome_x", metadata={"k": [1, 2]})
+        mem.delete(3)
+        with open_store(store_url, namespace="other") as other:
+            other.add("The capital of Chile is", "Lima_y")
+        with mem._read() as conn:
+            all_rows = [int(r) for r in conn.execute(select(edits.c.row_id)).scalars()]
+            expected = {int(r.row_id): _record(r) for r in conn.execute(select(edits).where(CURRENT, mem._ns))}
+            seq = conn.execute(select(meta.c.change_seq)).scalar_one()
+        assert len(all_rows) > len(expected) == len(FACTS) - 1  # superseded, deleted and other-namespace rows exist
+        got = mem._current_records(all_rows)
+        assert got == expected
+        assert all(r.valid_from.tzinfo is not None and isinstance(r.deleted, bool) for r in got.values())
+        assert mem._change_seq() == seq
+        assert mem._current_records([]) == {} and mem._current_records([10**12]) == {}
+
+
+def test_search_path_read_errors_are_store_errors(tmp_path: Path) -> None:
+    from sqlalchemy import text
+
+    url = f"sqlite:///{tmp_path / 'gone.db'}"
+    with open_store(url) as mem:
+        mem.add_many(FACTS)
+        with mem._engine.begin() as conn:
+            conn.execute(text("DROP TABLE editmem_edits"))
+        with pytest.raises(StoreError, match="editmem_edits"):
+            mem.search("The capital of France is")
+
+
 # --- persistence and the index file -----------------------------------------------------------------------------------
 def test_reopen_uses_stored_encoder_and_saved_index(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     url = f"sqlite:///{tmp_path / 's.db'}"
