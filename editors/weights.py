@@ -17,6 +17,9 @@ base model. Nothing ever subtracts a delta (``W + d - d`` need not be ``W``). Th
 editor's ``edited - original`` in the parameter's dtype; what the model holds afterwards is ``original + delta``, which
 for FT (an editor that writes values, not deltas) may differ from the editor's own value in the last bit.
 
+An AlphaEdit record also keeps the keys it was written at (the record's editor state), so a later editor call in any
+process counts the edits the weights hold exactly as the writing process did, without recomputing their keys.
+
 GRACE edits change no parameter: each is one record holding its codebook insert, and the model's adaptor is the
 replay of the applied GRACE records in order (:mod:`editors.adaptors`), saved beside the weights in the folder.
 
@@ -58,6 +61,15 @@ def _unpack(blob: bytes) -> dict[str, torch.Tensor]:
     from safetensors.torch import load
 
     return load(blob)
+
+
+def _editor_state(handle: WeightEditHandle) -> bytes | None:
+    """What a record keeps of its editor call for later ones: an AlphaEdit handle's keys (None for other editors)."""
+    from editors.methods.alphaedit import AlphaEditHandle, joined_keys
+
+    if isinstance(handle, AlphaEditHandle) and handle.blocks:
+        return _pack(joined_keys(handle.blocks))
+    return None
 
 
 def _add(value: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -152,12 +164,6 @@ class StoredWeights:
         return stored
 
     # --- reading the records ----------------------------------------------------------------------------------------
-    def held_requests(self) -> list[Any]:
-        """The edit versions the weights hold (applied weight records, not GRACE inserts), as edit requests."""
-        from editors.adaptors import is_adaptor_record
-
-        return [self.mem.get(e, v).request() for r in self.records() if not is_adaptor_record(r) for e, v in r.edits]
-
     def records(self, applied: bool | None = True) -> list[Any]:
         return self.mem.weight_records(model_id=self.record.id, applied=applied)
 
@@ -246,10 +252,12 @@ class StoredWeights:
                                   "or consolidated")
         originals = {k: v for k, v in handle.originals.items()}
         deltas = {k: handle.edited[k].to(originals[k].dtype) - originals[k] for k in originals}
+        state = _editor_state(handle)
         handle.release()
         bases = {k: _pack({"value": v}) for k, v in originals.items()}
         record = self.mem.attach_weights(self.record.id, method, [(r.id, r.version) for r in records],
-                                         sorted(deltas), _pack(deltas), bases=bases, settings=overrides)
+                                         sorted(deltas), _pack(deltas), bases=bases, settings=overrides,
+                                         editor_state=state)
         live = self._params()
         with torch.no_grad():
             for name, delta in deltas.items():
@@ -335,11 +343,27 @@ class StoredWeights:
     def _count_held(self, editor: Any) -> Any:
         """An editor about to write into these weights, told which edits they already hold: AlphaEdit counts their
         keys among the earlier edits' (:meth:`~editors.methods.alphaedit.AlphaEditEditor.keep`), so a new batch, or a
-        deleted edit's batch mates written again, leaves them in place; other editors are returned as they are."""
-        from editors.methods.alphaedit import AlphaEditEditor
+        deleted edit's batch mates written again, leaves them in place. A record that kept its keys (the editor state
+        of an AlphaEdit record) gives them as they were written, exactly what the process that wrote it used; the
+        keys of other records (MEMIT, ROME, FT, or keys at other layers) are computed at the current weights. Other
+        editors are returned as they are."""
+        from editors.adaptors import is_adaptor_record
+        from editors.methods.alphaedit import AlphaEditEditor, block_of
 
-        if isinstance(editor, AlphaEditEditor):
-            editor.keep(self.held_requests())
+        if not isinstance(editor, AlphaEditEditor):
+            return editor
+        layers = set(editor.edit_layers())
+        compute: list[Any] = []
+        for rec in self.records():
+            if is_adaptor_record(rec):
+                continue
+            state = self.mem.weight_editor_state(rec.id)
+            block = block_of(_unpack(state)) if state is not None else None
+            if block is not None and layers <= set(block.keys):
+                editor.remember([block])
+            else:
+                compute.extend(self.mem.get(e, v).request() for e, v in rec.edits)
+        editor.keep(compute)
         return editor
 
     def _is_current(self, edit_id: int, version: int) -> bool:

@@ -134,7 +134,8 @@ def _rows(path: str | os.PathLike[str], tables: Mapping[str, Table]) -> Iterator
                 item = json.loads(line)
                 table = tables[item["table"]]
                 raw = item["row"]
-                row = {c.name: _decode(c, raw[c.name]) for c in table.columns}
+                # a nullable column added after the dump was made (weight records' editor_state) reads as NULL
+                row = {c.name: _decode(c, raw.get(c.name) if c.nullable else raw[c.name]) for c in table.columns}
                 for value in row.values():
                     if isinstance(value, str):
                         value.encode("utf-8")  # a stray byte in the file: UnicodeEncodeError, a ValueError

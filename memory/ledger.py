@@ -82,7 +82,7 @@ def _weight_record(row: Row, links: Sequence[tuple[int, int]]) -> WeightRecord:
                         created_at=aware(m["created_at"]), removed_at=aware(m["removed_at"]), note=m["note"])
 
 
-_RECORD_COLUMNS = [c for c in weight_records.c if c.name != "deltas"]
+_RECORD_COLUMNS = [c for c in weight_records.c if c.name not in ("deltas", "editor_state")]
 
 
 class WeightLedger:
@@ -124,11 +124,12 @@ class WeightLedger:
 
     def attach_weights(self, model_id: int, method: str, edits_: Sequence[tuple[int, int]], params: Sequence[str],
                        deltas: bytes, *, bases: Mapping[str, bytes] | None = None,
-                       settings: Mapping[str, Any] | None = None) -> WeightRecord:
+                       settings: Mapping[str, Any] | None = None, editor_state: bytes | None = None) -> WeightRecord:
         """Record a weight edit of model ``model_id`` that wrote the edit versions ``edits_`` ((id, version) pairs,
         each the current version of a live edit): the touched ``params``, an opaque ``deltas`` blob, and the base
         value blob of each touched parameter the model has no base value for yet (``bases``; ones already stored are
-        kept). One transaction: all or nothing."""
+        kept); ``editor_state``, an opaque blob the editor reads back later (:meth:`weight_editor_state`). One
+        transaction: all or nothing."""
         model = self.get_weight_model(model_id)
         if not isinstance(method, str) or not method.strip():
             raise ValidationError(f"method must be a non-empty string, got {method!r}")
@@ -138,8 +139,9 @@ class WeightLedger:
         params = [str(p) for p in params]
         if len(set(params)) != len(params):  # none: a record that changes no parameter (a GRACE adaptor insert)
             raise ValidationError("a weight record names each parameter at most once")
-        if not isinstance(deltas, (bytes, bytearray, memoryview)):
-            raise ValidationError(f"deltas must be bytes, got {type(deltas).__name__}")
+        for name, blob in (("deltas", deltas), ("editor_state", b"" if editor_state is None else editor_state)):
+            if not isinstance(blob, (bytes, bytearray, memoryview)):
+                raise ValidationError(f"{name} must be bytes, got {type(blob).__name__}")
         try:
             settings_json = json.dumps(dict(settings or {}), sort_keys=True)
         except (TypeError, ValueError) as err:
@@ -161,8 +163,8 @@ class WeightLedger:
                                                        for p in missing])
             record_id = _new_id(tx.conn.execute(insert(weight_records).values(
                 model_id=model.id, method=method, settings=settings_json, params=json.dumps(params),
-                deltas=bytes(deltas), applied=True, created_at=tx.now, removed_at=None,
-                note=None)))
+                deltas=bytes(deltas), applied=True, created_at=tx.now, removed_at=None, note=None,
+                editor_state=None if editor_state is None else bytes(editor_state))))
             tx.conn.execute(insert(weight_links), [{"record_id": record_id, "edit_id": e, "version": v}
                                                    for e, v in pairs])
         return WeightRecord(record_id, model.id, method, tuple(pairs), tuple(params), json.loads(settings_json),
@@ -209,6 +211,16 @@ class WeightLedger:
         if blob is None:
             raise NotFoundError(f"no weight record {record_id}")
         return bytes(blob)
+
+    def weight_editor_state(self, record_id: int) -> bytes | None:
+        """The editor state blob of a weight record (None when its editor kept none)."""
+        record_id = check_id(record_id, "record id")
+        with self._store._read() as conn:
+            row = conn.execute(select(weight_records.c.editor_state).where(
+                weight_records.c.record_id == record_id)).first()
+        if row is None:
+            raise NotFoundError(f"no weight record {record_id}")
+        return None if row[0] is None else bytes(row[0])
 
     def weight_bases(self, model_id: int, params: Sequence[str] | None = None) -> dict[str, bytes]:
         """The stored base value blobs of a model's touched parameters (those in ``params``, if given)."""

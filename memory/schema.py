@@ -20,7 +20,9 @@ Weight edits (written by ``editors.weights``; the store keeps them as opaque blo
   base model as the user named it, and the folder the edited model is saved in (if any).
 - ``editmem_weight_records``: one row per weight edit applied to such a model (one editor call, possibly a batch),
   in the order applied (``record_id``): method, editor settings, the touched parameter names and a blob of their
-  deltas. ``applied`` turns false when it is removed; rows are never deleted.
+  deltas, and optionally a blob of editor state (AlphaEdit keeps the keys the record was written at, so a later
+  process counts them without recomputing them; Alembic revision 0003). ``applied`` turns false when it is removed;
+  rows are never deleted.
 - ``editmem_weight_links``: which edit versions a record wrote into the weights.
 - ``editmem_weight_bases``: the base value (blob) of every parameter a record of a model touched, written the first
   time one does, so the edited weights can be recomputed as base + the applied records in order.
@@ -156,6 +158,7 @@ weight_records = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("removed_at", DateTime(timezone=True), nullable=True),
     Column("note", Text, nullable=True),  # why it was removed
+    Column("editor_state", LargeBinary, nullable=True),  # opaque: what the editor keeps for later calls (0003)
     Index("ix_editmem_weight_records_model", "model_id", "record_id"),
 )
 

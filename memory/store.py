@@ -559,9 +559,10 @@ class EditMemory:
 
     def attach_weights(self, model_id: int, method: str, edits_: Sequence[tuple[int, int]], params: Sequence[str],
                        deltas: bytes, *, bases: Mapping[str, bytes] | None = None,
-                       settings: Mapping[str, Any] | None = None) -> WeightRecord:
+                       settings: Mapping[str, Any] | None = None, editor_state: bytes | None = None) -> WeightRecord:
         """Record a weight edit: :meth:`WeightLedger.attach_weights`."""
-        return self._ledger.attach_weights(model_id, method, edits_, params, deltas, bases=bases, settings=settings)
+        return self._ledger.attach_weights(model_id, method, edits_, params, deltas, bases=bases, settings=settings,
+                                           editor_state=editor_state)
 
     def weight_records(self, *, model_id: int | None = None, edit_id: int | None = None,
                        applied: bool | None = True) -> builtins.list[WeightRecord]:
@@ -575,6 +576,10 @@ class EditMemory:
     def weight_deltas(self, record_id: int) -> bytes:
         """The deltas blob of a weight record: :meth:`WeightLedger.weight_deltas`."""
         return self._ledger.weight_deltas(record_id)
+
+    def weight_editor_state(self, record_id: int) -> bytes | None:
+        """A weight record's editor state blob: :meth:`WeightLedger.weight_editor_state`."""
+        return self._ledger.weight_editor_state(record_id)
 
     def weight_bases(self, model_id: int, params: Sequence[str] | None = None) -> dict[str, bytes]:
         """A model's stored base value blobs: :meth:`WeightLedger.weight_bases`."""

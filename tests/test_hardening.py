@@ -242,7 +242,7 @@ def _busy_store(url: str) -> None:
         mem.rollback(a.id, 1)
         model = mem.add_weight_model("fp-1", "smollm2-135m", folder="/models/edited")
         mem.attach_weights(model.id, "rome", [(a.id, 3)], ["w"], b"\x00\x01delta", bases={"w": b"base"},
-                           settings={"layers": [5]})
+                           settings={"layers": [5]}, editor_state=b"\x02keys")
 
 
 def test_dump_restore_dump_is_identical(tmp_path, run) -> None:
@@ -258,7 +258,34 @@ def test_dump_restore_dump_is_identical(tmp_path, run) -> None:
         b.verify()
         assert b.search("capital of France")[0].edit.id == 1
         assert b.weight_deltas(1) == a.weight_deltas(1) and b.weight_bases(1) == {"w": b"base"}
+        assert b.weight_editor_state(1) == b"\x02keys"
         assert b.add("new is", "edit").id == 3  # ids continue after the restored ones
+
+
+def test_a_dump_from_before_a_nullable_column_restores(tmp_path, run) -> None:
+    """A dump written before weight records had ``editor_state`` (the key absent from its rows) restores, the
+    column empty; a missing required column is still a format error."""
+    src, dst = f"sqlite:///{tmp_path / 'src.db'}", f"sqlite:///{tmp_path / 'dst.db'}"
+    _busy_store(src)
+    path = tmp_path / "old.jsonl"
+    assert run("--store", src, "dump", str(path), store=None)[0] == 0
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines[1:], 1):
+        item = json.loads(line)
+        if item["table"] == "editmem_weight_records":
+            del item["row"]["editor_state"]
+            lines[i] = json.dumps(item)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert run("--store", dst, "restore", str(path), store=None)[0] == 0
+    with EditMemory.open(dst) as mem:
+        assert mem.weight_editor_state(1) is None and mem.weight_deltas(1) == b"\x00\x01delta"
+    broken = [json.loads(line) for line in lines[1:]]
+    for item in broken:
+        if item["table"] == "editmem_weight_records":
+            del item["row"]["deltas"]
+    path.write_text("\n".join([lines[0], *map(json.dumps, broken)]) + "\n", encoding="utf-8")
+    code, _, err = run("--store", f"sqlite:///{tmp_path / 'dst2.db'}", "restore", str(path), store=None)
+    assert code != 0 and "deltas" in err
 
 
 def test_restore_without_embeddings_recomputes_them(tmp_path) -> None:

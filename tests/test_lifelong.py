@@ -233,9 +233,9 @@ def test_consolidation_keeps_alphaedit_keys_across_batches(tmp_path, monkeypatch
 
 
 def test_a_later_consolidation_counts_the_edits_already_in_the_weights(tmp_path, monkeypatch):
-    """A second ``consolidate`` (a fresh editor, as in a new process) recomputes the keys of the edits the weights
-    already hold and counts them among the earlier keys: its update moves those keys' outputs less than an editor
-    that knows nothing of them."""
+    """A second ``consolidate`` (a fresh editor, as in a new process) counts the edits the weights already hold among
+    the earlier keys, read from their record's editor state (nothing recomputed): its update moves those keys'
+    outputs less than an editor that knows nothing of them."""
     from editors.lm.architectures import param_name
     from editors.methods.alphaedit import AlphaEditEditor
     from editors.weights import StoredWeights
@@ -273,20 +273,85 @@ def test_a_later_consolidation_counts_the_edits_already_in_the_weights(tmp_path,
         monkeypatch.setattr(AlphaEditEditor, "keep", lambda self, rs: kept.append(len(rs)) or keep(self, rs))
         second = StoredWeights.open(mem, model, tok, model_id=first.record.id)
         (record,) = second.consolidate("alphaedit", **settings)
-        assert kept == [2] and record.edit_ids == (3,)
+        assert kept == [0] and record.edit_ids == (3,)  # the held edits' keys came from their record
         with_keys = moved()
         second.remove_record(record.id)
         assert same_weights(model, after_first)
-        monkeypatch.setattr(AlphaEditEditor, "keep", lambda self, rs: None)  # an editor blind to the held edits
+        monkeypatch.setattr(StoredWeights, "_count_held", lambda self, editor: editor)  # blind to the held edits
         StoredWeights.open(mem, model, tok, model_id=first.record.id).consolidate("alphaedit", **settings)
         assert with_keys < 0.5 * moved()
 
 
-def test_a_deleted_edits_batch_mates_are_written_again_with_the_held_edits_keys(tmp_path, monkeypatch):
-    """Deleting an edit of an AlphaEdit batch writes its batch mates again through an editor that counts the edits the
-    weights still hold (as consolidate does), and the weights stay exactly base + the remaining records."""
+def test_an_alphaedit_record_keeps_the_keys_it_was_written_at(tmp_path, monkeypatch):
+    """Consolidating two batches in one editor, or the second in a fresh one (a new process) after the first was
+    recorded: the second batch is solved against bit-identical earlier keys (``K_p K_p^T``), read from the first
+    batch's record exactly as the first editor held them. (The weights themselves may differ: a fresh editor samples
+    its context prefixes from the edited model.)"""
+    from editors.methods.alphaedit import AlphaEditEditor, block_of
+    from editors.weights import StoredWeights, _unpack
+    from tests.test_store_fixtures import open_store
+
+    third = EditRequest("The official language of Germany is", "French", subject="Germany")
+    settings = dict(LOCATE, nullspace_threshold=1e9, l2=1e-5)
+    earlier: list[dict[int, torch.Tensor]] = []
+    compute = AlphaEditEditor.compute
+
+    def spy(self, requests):
+        if self._blocks:  # the second batch: the earlier keys it is solved against
+            earlier.append({layer: self.previous_keys(layer, self._blocks[0].keys[layer].shape[0]).clone()
+                            for layer in self.edit_layers()})
+        return compute(self, requests)
+
+    monkeypatch.setattr(AlphaEditEditor, "compute", spy)
+    for split in (False, True):
+        model, tok = tiny_model("llama")
+        with open_store(f"sqlite:///{tmp_path / f'store{int(split)}.db'}") as mem:
+            for request in (FRANCE, DARRIEUX, third):
+                mem.add(request.prompt, request.target_new, subject=request.subject)
+            stored = StoredWeights.open(mem, model, tok, base="tiny")
+            if split:
+                (first,) = stored.consolidate("alphaedit", edit_ids=[1, 2], **settings)
+                block = block_of(_unpack(mem.weight_editor_state(first.id)))
+                assert set(block.keys) == set(get_editor("alphaedit", model, tok, **settings).edit_layers())
+                assert all(k.shape[1] == 2 and k.dtype == torch.float32 for k in block.keys.values())
+                StoredWeights.open(mem, model, tok, model_id=stored.record.id).consolidate("alphaedit", **settings)
+            else:
+                stored.consolidate("alphaedit", batch_size=2, **settings)
+            assert [r.edit_ids for r in mem.weight_records()] == [(1, 2), (3,)]
+            stored.verify()
+    one, two = earlier
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_records_without_kept_keys_have_them_computed(tmp_path, monkeypatch):
+    """A MEMIT record keeps no keys: a later AlphaEdit consolidation computes its edits' keys at the current
+    weights."""
     from editors.methods.alphaedit import AlphaEditEditor
     from editors.weights import StoredWeights
+    from tests.test_store_fixtures import open_store
+
+    model, tok = tiny_model("llama")
+    with open_store(f"sqlite:///{tmp_path / 'store.db'}") as mem:
+        for request in (FRANCE, DARRIEUX):
+            mem.add(request.prompt, request.target_new, subject=request.subject)
+        stored = StoredWeights.open(mem, model, tok, base="tiny")
+        (memit,) = stored.consolidate("memit", edit_ids=[1], **LOCATE)
+        assert mem.weight_editor_state(memit.id) is None
+        kept: list[list[str]] = []
+        keep = AlphaEditEditor.keep
+        monkeypatch.setattr(AlphaEditEditor, "keep",
+                            lambda self, rs: kept.append([r.prompt for r in rs]) or keep(self, rs))
+        stored.consolidate("alphaedit", **LOCATE, nullspace_threshold=1e9, l2=1.0)
+        assert kept == [[FRANCE.prompt]]
+        stored.verify()
+
+
+def test_a_deleted_edits_batch_mates_are_written_again_with_the_held_edits_keys(tmp_path, monkeypatch):
+    """Deleting an edit of an AlphaEdit batch writes its batch mates again through an editor that counts the edits the
+    weights still hold (as consolidate does: their record's kept keys), and the weights stay exactly base + the
+    remaining records."""
+    from editors.methods.alphaedit import AlphaEditEditor, block_of
+    from editors.weights import StoredWeights, _unpack
     from tests.test_store_fixtures import open_store
 
     third = EditRequest("The official language of Germany is", "French", subject="Germany")
@@ -296,15 +361,22 @@ def test_a_deleted_edits_batch_mates_are_written_again_with_the_held_edits_keys(
         for request in (FRANCE, DARRIEUX, third):
             mem.add(request.prompt, request.target_new, subject=request.subject)
         stored = StoredWeights.open(mem, model, tok, base="tiny")
-        stored.consolidate("alphaedit", batch_size=2, **settings)  # records: edits (1, 2) and (3,)
-        kept: list[list[str]] = []
+        _, later = stored.consolidate("alphaedit", batch_size=2, **settings)  # records: edits (1, 2) and (3,)
+        remembered: list[list] = []
+        remember = AlphaEditEditor.remember
+        monkeypatch.setattr(AlphaEditEditor, "remember",
+                            lambda self, blocks: remembered.append(list(blocks)) or remember(self, blocks))
+        computed: list[int] = []
         keep = AlphaEditEditor.keep
-        monkeypatch.setattr(AlphaEditEditor, "keep",
-                            lambda self, rs: kept.append([r.prompt for r in rs]) or keep(self, rs))
+        monkeypatch.setattr(AlphaEditEditor, "keep", lambda self, rs: computed.append(len(rs)) or keep(self, rs))
+        held = block_of(_unpack(mem.weight_editor_state(later.id)))
         mem.delete(1)
         result = stored.sync_edit(1)
         assert [r.edit_ids for r in result.reapplied] == [(2,)]
-        assert kept == [[third.prompt]]  # the edit the weights still hold, not the removed batch's
+        assert computed == [0]  # nothing recomputed: the third edit's keys came from its record
+        (first,) = remembered[0]  # the held third edit's keys, as its record kept them, before the mate's own
+        assert first.keys.keys() == held.keys.keys()
+        assert all(torch.equal(first.keys[k], held.keys[k]) for k in held.keys)
         stored.verify()
 
 

@@ -131,3 +131,25 @@ def test_new_store_is_stamped_and_matches_the_migrations(tmp_path: Path) -> None
                 for t in insp.get_table_names()}
 
     assert shape(created) == shape(migrated)
+
+
+def test_a_store_at_0002_gets_the_weight_records_editor_state(tmp_path: Path) -> None:
+    """Revision 0003 adds ``editor_state`` to the weight records of a store at 0002 (one made by this code, taken
+    down to 0002), and a weight record written before it reads back with no editor state."""
+    from alembic import command
+
+    path = tmp_path / "s.db"
+    url = f"sqlite:///{path}"
+    with EditMemory.open(url, encoder="hashing-64") as mem:
+        edit = mem.add("The capital of Peru is", "Lima_x")
+        model = mem.add_weight_model("fingerprint", "tiny")
+        record = mem.attach_weights(model.id, "memit", [(edit.id, 1)], ["w"], b"deltas", bases={"w": b"base"})
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(conn), "0002")
+    assert _revision(path) == "0002"
+    assert "editor_state" not in {c["name"] for c in inspect(engine).get_columns("editmem_weight_records")}
+    engine.dispose()
+    with EditMemory.open(url) as mem:
+        assert _revision(path) == known_revisions()[1]
+        assert mem.weight_editor_state(record.id) is None and mem.weight_deltas(record.id) == b"deltas"

@@ -70,6 +70,19 @@ class KeyBlock:
         self.serial = next(KeyBlock._serial)  # identifies the block in the editor's running sum
 
 
+def joined_keys(blocks: Sequence[KeyBlock]) -> dict[str, torch.Tensor]:
+    """The keys of ``blocks`` side by side at each layer, ``{"layer.L": (d_in, n)}``: what a weight record keeps of
+    the edits it wrote (the sum of ``k k^T`` over the blocks is ``K K^T`` of the joined keys)."""
+    layers = sorted({layer for b in blocks for layer in b.keys})
+    return {f"layer.{layer}": torch.cat([b.keys[layer] for b in blocks if layer in b.keys], dim=1)
+            for layer in layers}
+
+
+def block_of(tensors: Mapping[str, torch.Tensor]) -> KeyBlock:
+    """The :class:`KeyBlock` of :func:`joined_keys`' output."""
+    return KeyBlock({int(name.removeprefix("layer.")): k for name, k in tensors.items()})
+
+
 class AlphaEditHandle(WeightEditHandle):
     """A weight edit's undo plus the keys it wrote (its :class:`KeyBlock` s), which the editor counts among the
     earlier edits' keys while the edit is applied."""
