@@ -31,6 +31,10 @@ Outputs, in ``out_dir``, written as the run goes:
                       unfinished method's entry is its last checkpoint's, with ``"unfinished"``); its shape is
                       documented in :data:`eval.report.SUMMARY_SHAPE`;
     ``report.md`` and PNG plots (see :mod:`eval.report`), at the end.
+
+Relation-aware locality (sequential mode, given ``relations``, one per case): each checkpoint also reports
+``"relation_aware"``: locality over the probes that do not ask what an edit stored by then changed, per protocol, and
+how many probes were left out (:mod:`eval.locality_labels`). The five metrics stay the strict ones.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from typing import Any
 
 from editors.base import EditRequest, WeightEditHandle, available_editors, get_editor
 from eval.answers import edit_leaks
+from eval.locality_labels import StoredSubjects, relation_aware
 from eval.metrics import (
     GENERATE,
     PROTOCOLS,
@@ -82,6 +87,7 @@ class EvalSettings:
     sample_final: bool = False
     seed: int = 0
     metrics: MetricSettings = field(default_factory=MetricSettings)
+    relations: tuple[str | None, ...] | None = None  # per case: relation-aware locality (eval.locality_labels)
 
     def __post_init__(self) -> None:
         if isinstance(self.methods, str) or not self.methods:
@@ -105,6 +111,8 @@ class EvalSettings:
             raise ValidationError(f"checkpoint_sample must be >= 1 (got {self.checkpoint_sample})")
         if self.sample_final and self.mode != "sequential":
             raise ValidationError("sample_final only applies to mode 'sequential'")
+        if self.relations is not None and self.mode != "sequential":
+            raise ValidationError("relation-aware locality (relations) only applies to mode 'sequential'")
 
     @property
     def protocols(self) -> tuple[str, ...]:
@@ -297,15 +305,22 @@ class _Runner:
                     measured = plan[checkpoint]
                     final = checkpoint == n
                     bar.set_postfix_str(f"measuring {len(measured)} at {checkpoint} edits")
-                    posts = []
+                    relations = self.settings.relations
+                    stored = StoredSubjects(self.cases, relations, checkpoint) if relations is not None else None
+                    posts, flags, probes = [], [], []
                     for i in measured:
                         post = self._measure(editor, i)
                         posts.append(post.values)
+                        if stored is not None and relations is not None:
+                            flags.append(stored.in_scope(self.cases[i], relations[i]))
+                            probes.append(post.locality_probes)
                         if final:
                             self._emit(result, _case_line(i, self.cases[i], method, self.settings, self.pre.get(i),
                                                           post, per_edit_seconds[i], n_edits=done))
-                    entry = {"n_edits": checkpoint, "n_measured": len(measured)}
+                    entry: dict[str, Any] = {"n_edits": checkpoint, "n_measured": len(measured)}
                     entry.update(_metric_block(posts, self.settings))
+                    if stored is not None:
+                        entry["relation_aware"] = relation_aware(flags, probes, self.settings.protocols)
                     result.checkpoints.append(entry)
                     log.info("%s: %d edits, %s", method, checkpoint, entry)
                     if self.checkpoint_sink is not None:
@@ -340,6 +355,7 @@ class RunSettings:
     command: str | None = None
     progress: bool = True
     plots: bool = True
+    relations: Sequence[str | None] | None = None
 
 
 def run_eval(model: Any, tokenizer: Any, cases: Sequence[EditCase], methods: Sequence[str],
@@ -361,7 +377,8 @@ def run_eval(model: Any, tokenizer: Any, cases: Sequence[EditCase], methods: Seq
                              checkpoints=tuple(run.checkpoints) if run.checkpoints is not None else None,
                              protocol=run.protocol, checkpoint_sample=run.checkpoint_sample,
                              sample_final=run.sample_final, seed=run.seed,
-                             metrics=run.metric_settings if run.metric_settings is not None else MetricSettings())
+                             metrics=run.metric_settings if run.metric_settings is not None else MetricSettings(),
+                             relations=tuple(run.relations) if run.relations is not None else None)
     return _run_eval(model, tokenizer, cases, settings_, out_dir=out_dir, model_name=model_name,
                      dataset_name=dataset_name, editor_overrides=editor_overrides, command=command,
                      progress=progress, plots=plots)
@@ -384,6 +401,9 @@ def _run_eval(model: Any, tokenizer: Any, cases: Sequence[EditCase], settings: E
         raise ValidationError(f"settings given for method(s) {stray} that are not being run")
     for i, case in enumerate(cases):  # refuse a bad case before spending time on any method
         _request(case, i)
+    if settings.relations is not None and len(settings.relations) != len(cases):
+        raise ValidationError(f"relations must give one relation per case ({len(settings.relations)} for "
+                              f"{len(cases)} cases)")
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -423,6 +443,8 @@ def _run_eval(model: Any, tokenizer: Any, cases: Sequence[EditCase], settings: E
                 entry["leaks"] = sum(line["leaks"] for line in result.lines)
             if settings.mode == "sequential":
                 entry["checkpoints"] = result.checkpoints
+                if "relation_aware" in result.checkpoints[-1]:  # the last checkpoint measured these cases
+                    entry["relation_aware"] = result.checkpoints[-1]["relation_aware"]
             summary["methods"][method] = entry
             log.info("%s done in %.1f s: %s", method, time.perf_counter() - started, entry)
             write_summary(out, summary)

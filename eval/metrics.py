@@ -308,6 +308,8 @@ class CaseScores:
     values: dict[str, dict[str, float | None]] = field(default_factory=dict)
     reference: CaseReference = field(default_factory=CaseReference)
     answers: tuple[str, ...] = ()  # generate: the first answer of every probe, in case_probes order
+    # protocol -> the unchanged value of each locality probe, in case order (locality is their mean)
+    locality_probes: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
 
 def _mean(xs: Sequence[float]) -> float | None:
@@ -342,8 +344,10 @@ def measure_case(model: Any, tokenizer: Any, case: EditCase, protocols: Sequence
             loc_tokens.append(tuple(pred))
         else:
             per_group[row.group].append(token_accuracy(pred, ans))
+    locality_probes: dict[str, tuple[float, ...]] = {}
     if TEACHER_FORCED in protocols:
         values[TEACHER_FORCED] = {m: _mean(per_group[m]) for m in METRICS if m != "fluency"}
+        locality_probes[TEACHER_FORCED] = tuple(per_group["locality"])
 
     # Generation: one call for every probe, each put to the model as a user would (eval.answers).
     fluency: float | None = None
@@ -370,6 +374,7 @@ def measure_case(model: Any, tokenizer: Any, case: EditCase, protocols: Sequence
             else:
                 gen_groups[row.group].append(float(answer_matches(answer, (row.answer, *row.aliases))))
         values[GENERATE] = {m: _mean(gen_groups[m]) for m in METRICS if m != "fluency"}
+        locality_probes[GENERATE] = tuple(gen_groups["locality"])
         loc_texts = tuple(normalised_loc)
     if settings.fluency_tokens and values:
         # ROME's fluency: the edit prompt continued as plain text, whatever the protocol.
@@ -379,7 +384,7 @@ def measure_case(model: Any, tokenizer: Any, case: EditCase, protocols: Sequence
     for protocol_values in values.values():
         protocol_values["fluency"] = fluency
     return CaseScores(values=values, reference=CaseReference(tokens=tuple(loc_tokens), texts=loc_texts),
-                      answers=answers)
+                      answers=answers, locality_probes=locality_probes)
 
 
 def aggregate(per_case: Sequence[Mapping[str, float | None]]) -> dict[str, float | None]:

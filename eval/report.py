@@ -29,9 +29,11 @@ summary.json
   protocol "both": the five metrics at the top of each method are the teacher-forced ones (so the single-protocol shape
   still reads right), and "by_protocol": {"teacher-forced": {five metrics}, "generate": {five metrics}} holds both.
   mode "sequential": each method also has "checkpoints": [{"n_edits": k, "n_measured": m, five metrics
-  [, "by_protocol": {...}]}, ...]; the top-level numbers are those after all edits (the last checkpoint). A method
-  still running (or stopped) after a checkpoint has "unfinished": {"n_edits": k, "of": n}, and its top-level numbers
-  are those of its last checkpoint so far.
+  [, "by_protocol": {...}] [, "relation_aware": {"locality": {"<protocol>": f}, "locality_in_scope": int,
+  "locality_probes": int}]}, ...]; the top-level numbers are those after all edits (the last checkpoint), and so is a
+  top-level "relation_aware" (given the cases' relations: locality over the probes not in a stored edit's scope).
+  A method still running (or stopped) after a checkpoint has "unfinished": {"n_edits": k, "of": n}, and its
+  top-level numbers are those of its last checkpoint so far.
 """
 
 HEADERS = {"reliability": "Reliability", "generalization": "Generalization", "locality": "Locality",
@@ -102,16 +104,27 @@ def format_checkpoints(summary: Mapping[str, Any]) -> str:
         rows = entry.get("checkpoints") or []
         if not rows:
             continue
+        aware = any("relation_aware" in row for row in rows)
         out.append(f"#### {name}\n")
         out.append("| Edits | Measured | Protocol | Reliability (%) | Generalization (%) | Locality (%) | "
-                   "Portability (%) | Fluency (bits) |")
-        out.append("|---:|---:|---|---:|---:|---:|---:|---:|")
+                   "Portability (%) | Fluency (bits) |"
+                   + (" Locality, relation-aware (%) | Locality probes in an edit's scope |" if aware else ""))
+        out.append("|---:|---:|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if aware else ""))
         for row in rows:
             for protocol, values in _blocks(summary, row).items():
-                out.append(f"| {row['n_edits']} | {row['n_measured']} | {protocol} | "
-                           + " | ".join(_pct(values.get(m)) for m in FRACTIONS)
-                           + f" | {_num(values.get('fluency'))} |")
+                line = (f"| {row['n_edits']} | {row['n_measured']} | {protocol} | "
+                        + " | ".join(_pct(values.get(m)) for m in FRACTIONS)
+                        + f" | {_num(values.get('fluency'))} |")
+                if aware:
+                    ra = row.get("relation_aware") or {}
+                    scoped = (f"{ra['locality_in_scope']} / {ra['locality_probes']}"
+                              if "locality_probes" in ra else "–")
+                    line += f" {_pct((ra.get('locality') or {}).get(protocol))} | {scoped} |"
+                out.append(line)
         out.append("")
+        if aware:
+            out.append("Relation-aware locality leaves out the locality probes that ask what an edit stored by then "
+                       "changed (they name its subject and ask its relation; eval/locality_labels.py).\n")
     return "\n".join(out)
 
 

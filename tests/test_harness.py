@@ -369,3 +369,57 @@ def test_a_sequential_plot_of_many_methods_puts_its_legend_under_the_panels(tmp_
     few = imread(plot_sequential(summary(LEGEND_INSIDE // 2), tmp_path / "few.png"))
     many = imread(plot_sequential(summary(LEGEND_INSIDE), tmp_path / "many.png"))
     assert few.shape[0] == 320 and many.shape[0] > few.shape[0]  # the long legend got its own rows below
+
+
+# --- relation-aware locality ----------------------------------------------------------------------------------------
+def _germany_cases() -> list[EditCase]:
+    """_cases() with case 1 about Germany: every case's locality probe "The capital of Germany is" names it."""
+    cases = _cases()
+    cases[1] = dataclasses.replace(cases[1], prompt="The capital of Germany is", subject="Germany",
+                                   rephrases=("Germany has its capital in",))
+    return cases
+
+
+@pytest.mark.parametrize("germany_relation,in_scope", [("P36", [0, 3, 5]), ("P37", [0, 1, 1])])
+def test_sequential_relation_aware_locality_leaves_out_probes_in_a_stored_edits_scope(tiny, tmp_path,
+                                                                                     germany_relation, in_scope):
+    model, tok = tiny
+    relations = ["P36", germany_relation, "P36", "P36", "P36"]
+    summary = run_eval(model, tok, _germany_cases(), ["none", "ft"], out_dir=tmp_path, progress=False,
+                       mode="sequential", checkpoints=[1, 3], protocol="both", metric_settings=FAST_METRICS,
+                       editor_overrides={"ft": FT_FAST}, relations=relations)
+    for method in ("none", "ft"):
+        rows = summary["methods"][method]["checkpoints"]
+        # before Germany's edit is stored nothing is in scope; afterwards each measured case's Germany probe is,
+        # when Germany's edit asks that case's relation: every case's with P36, only its own case's with P37 (a
+        # locality probe asks its own case's relation); each case has two locality probes
+        assert [r["relation_aware"]["locality_in_scope"] for r in rows] == in_scope
+        assert [r["relation_aware"]["locality_probes"] for r in rows] == [2, 6, 10]
+        for row in rows:
+            aware = row["relation_aware"]["locality"]
+            assert set(aware) == {"teacher-forced", "generate"}
+            if not row["relation_aware"]["locality_in_scope"]:
+                assert aware == {p: row["by_protocol"][p]["locality"] for p in aware}
+        assert summary["methods"][method]["relation_aware"] == rows[-1]["relation_aware"]
+    assert summary["methods"]["none"]["relation_aware"]["locality"] == {"teacher-forced": 1.0, "generate": 1.0}
+    report = (tmp_path / "report.md").read_text()
+    assert "Locality, relation-aware (%)" in report and f"| {in_scope[-1]} / 10 |" in report
+
+
+def test_relation_aware_locality_is_the_mean_over_probes_not_in_scope():
+    from eval.locality_labels import relation_aware
+
+    flags = [[True, False], [False, False], [True, True]]
+    probes = [{"teacher-forced": (0.0, 0.5)}, {"teacher-forced": (1.0, 0.0)}, {"teacher-forced": (0.0, 0.0)}]
+    out = relation_aware(flags, probes, ["teacher-forced"])
+    assert out == {"locality_probes": 6, "locality_in_scope": 3, "locality": {"teacher-forced": 0.5}}
+    assert relation_aware([[True]], [{"generate": (1.0,)}], ["generate"])["locality"] == {"generate": None}
+    with pytest.raises(ValueError, match="per locality probe"):
+        relation_aware([[True, False]], [{"generate": (1.0,)}], ["generate"])
+
+
+@pytest.mark.parametrize("kw", [dict(relations=["P36"] * 5), dict(mode="sequential", relations=["P36"] * 4)])
+def test_relations_need_sequential_mode_and_one_per_case(tiny, tmp_path, kw):
+    model, tok = tiny
+    with pytest.raises(ValidationError, match="relation"):
+        run_eval(model, tok, _cases(), ["none"], out_dir=tmp_path, progress=False, **kw)

@@ -134,13 +134,18 @@ def run_eval_command(args: argparse.Namespace) -> int:
     cases = load_cases(data, format=args.format, limit=args.limit)
     if not cases:
         raise ValidationError(f"{data}: no cases to evaluate")
+    relations = None
+    if args.mode == "sequential":  # relation-aware locality where the data has relations (CounterFact; not zsRE)
+        from scope.relations import case_relations_for
+
+        relations = case_relations_for(cases, data)
     model, tokenizer = load_edited_model(args.model)  # a consolidated folder with its GRACE adaptor
     command = _command_line(args)
     settings = RunSettings(out_dir=args.out, mode=args.mode, batch_size=args.batch_size, checkpoints=checkpoints,
                            protocol=args.protocol, metric_settings=metric_settings,
                            checkpoint_sample=args.checkpoint_sample, sample_final=args.sample_final,
                            model_name=args.model, dataset_name=data.name, editor_overrides=overrides,
-                           command=command, plots=not args.no_plots)
+                           command=command, plots=not args.no_plots, relations=relations)
     summary = run_eval(model, tokenizer, cases, methods, settings)
     print(f"model {args.model} · data {data.name} ({summary['n_cases']} cases) · protocol {summary['protocol']} · "
           f"mode {summary['mode']}")
