@@ -40,6 +40,13 @@ def editmem_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
+def no_ambient_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Neither a statistics corpus nor a default store from the environment (weight-store tests use it)."""
+    monkeypatch.delenv("EDITMEM_STATS_CORPUS", raising=False)
+    monkeypatch.delenv("EDITMEM_STORE", raising=False)
+
+
+@pytest.fixture
 def pg_store_url(pg_url: str) -> Any:
     """A PostgreSQL store URL whose tables live in a fresh schema (search_path), dropped after the test."""
     from sqlalchemy import create_engine, text

@@ -19,7 +19,7 @@ from serve.cli import main
 from tests.test_store_fixtures import open_store
 from tests.tiny import same_weights, snapshot, tiny_model
 
-pytestmark = pytest.mark.usefixtures("editmem_cache")
+pytestmark = pytest.mark.usefixtures("editmem_cache", "no_ambient_store")
 
 MEMIT = dict(clamp_norm_factor=1000.0, v_weight_decay=0.0, n_prefixes=2, prefix_tokens=4, v_steps=10,
              mom2_update_weight=1.0)
@@ -28,12 +28,6 @@ FACTS = [("The capital city of France", "Rome", "France"),
          ("Toko Yasuda plays the", "piano", "Toko Yasuda"),
          ("Michael Jordan plays the sport of", "baseball", "Michael Jordan"),
          ("The Eiffel Tower is located in", "Berlin", "Eiffel Tower")]
-
-
-@pytest.fixture(autouse=True)
-def _no_corpus(monkeypatch):
-    monkeypatch.delenv("EDITMEM_STATS_CORPUS", raising=False)
-    monkeypatch.delenv("EDITMEM_STORE", raising=False)
 
 
 @pytest.fixture

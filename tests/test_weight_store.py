@@ -16,7 +16,7 @@ from serve.cli import main
 from tests.test_store_fixtures import open_store
 from tests.tiny import same_weights, snapshot, tiny_model
 
-pytestmark = pytest.mark.usefixtures("editmem_cache")  # PostgreSQL index files go to tmp_path
+pytestmark = pytest.mark.usefixtures("editmem_cache", "no_ambient_store")  # PostgreSQL index files go to tmp_path
 
 TINY = {"rome": dict(clamp_norm_factor=1000.0, v_weight_decay=0.0, n_prefixes=2, prefix_tokens=4, v_steps=10),
         "memit": dict(clamp_norm_factor=1000.0, v_weight_decay=0.0, n_prefixes=2, prefix_tokens=4, v_steps=10,
@@ -26,12 +26,6 @@ TINY["alphaedit"] = dict(TINY["memit"], nullspace_threshold=1e9, l2=1.0)
 FACTS = [("The capital city of France", "Rome", "France"),
          ("The mother tongue of Danielle Darrieux", "English", "Danielle Darrieux"),
          ("Toko Yasuda plays the", "piano", "Toko Yasuda")]
-
-
-@pytest.fixture(autouse=True)
-def _no_corpus(monkeypatch):
-    monkeypatch.delenv("EDITMEM_STATS_CORPUS", raising=False)
-    monkeypatch.delenv("EDITMEM_STORE", raising=False)
 
 
 @pytest.fixture

@@ -22,7 +22,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -132,17 +133,11 @@ async def import_edits(request: Request, namespace: str | None = NAMESPACE) -> J
 def delete_many(body: DeleteBody, request: Request, namespace: str | None = NAMESPACE) -> dict[str, Any]:
     from editors.consolidation import delete_following
 
-    ctx = request.app.state.ctx
     mem = _memory(request, namespace)
-    lines: list[str] = []
-    with ctx.weights_lock:
+    with _weights_writing(request) as lines:
         tombstones = delete_following(mem, body.ids, report=lines.append)
-    ctx.after_write()
-    out: dict[str, Any] = {"object": "list", "data": [edit_json(t) for t in tombstones],
-                           "change": change_number(mem)}
-    if lines:
-        out["weights"] = lines
-    return out
+    return _with_weights({"object": "list", "data": [edit_json(t) for t in tombstones],
+                          "change": change_number(mem)}, lines)
 
 
 @router.get("/{edit_id}", dependencies=[READ])
@@ -151,22 +146,33 @@ def get(edit_id: int, request: Request, namespace: str | None = NAMESPACE, versi
     return edit_json(_memory(request, namespace).get(edit_id, version))
 
 
-def _following_weights(request: Request, mem: Any, edit_id: int, change: Callable[[], Any]) -> dict[str, Any]:
-    """``change()`` (an update, delete or rollback of ``edit_id``) as the CLI makes it: a saved edited model that
-    holds the edit follows it exactly (:func:`editors.consolidation.weights_follow`); what it did is listed under
-    ``weights`` (absent when no saved model holds the edit). Then the served model follows too
+@contextmanager
+def _weights_writing(request: Request) -> Iterator[list[str]]:
+    """Around a change that saved edited models follow: hold the served weights' lock, collect what the followers
+    did (lines for ``weights``), then, if the change went through, let the served model follow too
     (:meth:`serve.http.app.Context.after_write`)."""
-    from editors.consolidation import weights_follow
-
     ctx = request.app.state.ctx
     lines: list[str] = []
-    with ctx.weights_lock, weights_follow(mem, edit_id, report=lines.append):
-        record = change()
+    with ctx.weights_lock:
+        yield lines
     ctx.after_write()
-    body = edit_json(record)
+
+
+def _with_weights(body: dict[str, Any], lines: list[str]) -> dict[str, Any]:
+    """``body`` with what the saved edited models did under ``weights`` (absent when none held the edits)."""
     if lines:
         body["weights"] = lines
     return body
+
+
+def _following_weights(request: Request, mem: Any, edit_id: int, change: Callable[[], Any]) -> dict[str, Any]:
+    """``change()`` (an update, delete or rollback of ``edit_id``) as the CLI makes it: a saved edited model that
+    holds the edit follows it exactly (:func:`editors.consolidation.weights_follow`)."""
+    from editors.consolidation import weights_follow
+
+    with _weights_writing(request) as lines, weights_follow(mem, edit_id, report=lines.append):
+        record = change()
+    return _with_weights(edit_json(record), lines)
 
 
 @router.patch("/{edit_id}", dependencies=[WRITE])
