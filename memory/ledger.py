@@ -204,20 +204,20 @@ class WeightLedger:
 
     def weight_deltas(self, record_id: int) -> bytes:
         """The deltas blob of a weight record."""
-        record_id = check_id(record_id, "record id")
-        with self._store._read() as conn:
-            blob = conn.execute(select(weight_records.c.deltas).where(
-                weight_records.c.record_id == record_id)).scalar_one_or_none()
-        if blob is None:
-            raise NotFoundError(f"no weight record {record_id}")
-        return bytes(blob)
+        blob = self._blob(record_id, weight_records.c.deltas)
+        if blob is None:  # the column is NOT NULL: only a damaged store gets here
+            raise StoreError(f"weight record {record_id} has no deltas")
+        return blob
 
     def weight_editor_state(self, record_id: int) -> bytes | None:
         """The editor state blob of a weight record (None when its editor kept none)."""
+        return self._blob(record_id, weight_records.c.editor_state)
+
+    def _blob(self, record_id: int, column: Any) -> bytes | None:
+        """One blob column of a weight record; NotFoundError if there is no such record."""
         record_id = check_id(record_id, "record id")
         with self._store._read() as conn:
-            row = conn.execute(select(weight_records.c.editor_state).where(
-                weight_records.c.record_id == record_id)).first()
+            row = conn.execute(select(column).where(weight_records.c.record_id == record_id)).first()
         if row is None:
             raise NotFoundError(f"no weight record {record_id}")
         return None if row[0] is None else bytes(row[0])
