@@ -311,8 +311,8 @@ class _Runner:
                     for i in measured:
                         post = self._measure(editor, i)
                         posts.append(post.values)
-                        if stored is not None and relations is not None:
-                            flags.append(stored.in_scope(self.cases[i], relations[i]))
+                        if stored is not None:
+                            flags.append(stored.in_scope(i))
                             probes.append(post.locality_probes)
                         if final:
                             self._emit(result, _case_line(i, self.cases[i], method, self.settings, self.pre.get(i),

@@ -25,13 +25,15 @@ class StoredSubjects:
     def __init__(self, cases: Sequence[EditCase], relations: Sequence[str | None], stored: int):
         if len(relations) != len(cases):
             raise ValueError(f"relations must give one relation per case ({len(relations)} for {len(cases)})")
-        self._relations = relations
+        self._cases, self._relations = cases, relations
         self._subjects = SubjectIndex([c.subject for c in cases[:stored]], list(range(stored)))
 
-    def in_scope(self, case: EditCase, relation: str | None) -> list[bool]:
-        """Per locality probe of ``case`` (which asks ``relation``): whether it is in a stored edit's scope."""
+    def in_scope(self, index: int) -> list[bool]:
+        """Per locality probe of case ``index`` (each asks that case's relation): whether it is in a stored edit's
+        scope."""
+        relation = self._relations[index]
         return [any(same_relation(self._relations[j], relation) for j in self._subjects.named(p.prompt))
-                for p in case.locality]
+                for p in self._cases[index].locality]
 
 
 def relation_aware(flags: Sequence[Sequence[bool]], probes: Sequence[Mapping[str, Sequence[float]]],

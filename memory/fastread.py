@@ -22,7 +22,8 @@ from typing import Any
 from sqlalchemy import Engine, Table
 from sqlalchemy.exc import DBAPIError
 
-from memory.schema import SQL_CHUNK, chunks, edits, meta
+from memory.errors import StoreError
+from memory.schema import chunks, edits, meta
 
 
 class FastReads:
@@ -30,6 +31,7 @@ class FastReads:
 
     def __init__(self, engine: Engine, table: Table = edits):
         self._engine = engine
+        self._dbapi_error: type[Exception] = engine.dialect.loaded_dbapi.Error
         quote = engine.dialect.identifier_preparer.quote
         self._columns = [c.name for c in table.columns]
         # each column's type as the dialect implements it (SQLite's DATETIME), whose processor parses what the
@@ -49,7 +51,7 @@ class FastReads:
             self._execute(cur, self._select_seq)
             row = cur.fetchone()
         if row is None:
-            raise DBAPIError.instance(self._select_seq, None, LookupError("no meta row"), LookupError)
+            raise StoreError("the store has no meta row (not an editmem store, or damaged)")
         return int(row[0])
 
     def rows(self, row_ids: Sequence[int]) -> list[dict[str, Any]]:
@@ -58,7 +60,7 @@ class FastReads:
         if not row_ids:
             return out
         with self._cursor() as cur:
-            for chunk in chunks(row_ids, SQL_CHUNK):
+            for chunk in chunks(row_ids):
                 self._execute(cur, self._select_rows + "(" + ",".join(str(int(i)) for i in chunk) + ")")
                 for raw in cur.fetchall():
                     values = list(raw)
@@ -80,8 +82,7 @@ class FastReads:
             conn.close()  # back to the pool (which rolls back whatever the driver began)
 
     def _execute(self, cur: Any, sql: str) -> None:
-        dbapi = self._engine.dialect.loaded_dbapi
         try:
             cur.execute(sql)
-        except dbapi.Error as err:
-            raise DBAPIError.instance(sql, None, err, dbapi.Error) from None
+        except self._dbapi_error as err:
+            raise DBAPIError.instance(sql, None, err, self._dbapi_error) from None
