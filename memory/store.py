@@ -199,6 +199,7 @@ class EditMemory:
             log.warning("could not save index %s: %s", self.index_path, err)
         finally:
             self._closed = True
+            self._fast.close()
             self._engine.dispose()
 
     def __enter__(self) -> EditMemory:

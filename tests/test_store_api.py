@@ -215,6 +215,55 @@ def test_search_path_reads_rows_as_sqlalchemy_does(store_url: str) -> None:
         assert mem._current_records([]) == {} and mem._current_records([10**12]) == {}
 
 
+def test_search_path_connection_sees_commits_and_holds_no_transaction(store_url: str) -> None:
+    """The search path's own connection is in autocommit: another handle's write is found by the next search, no
+    transaction (or snapshot) is left open between reads, and closing the store closes it."""
+    with open_store(store_url) as mem, open_store(store_url) as writer:
+        mem.add_many(FACTS[:2])
+        assert mem.search("capital of France", k=1)[0].edit.prompt == FACTS[0]["prompt"]
+        conn = mem._fast._conn
+        assert conn is not None  # the detached connection the reads use
+        driver = conn.dbapi_connection
+        if "sqlite" in store_url:
+            assert driver.in_transaction is False
+        else:
+            import psycopg
+
+            assert driver.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        added = writer.add("The currency of Peru is", "Euro_q")
+        hit = mem.search("The currency of Peru is", k=1)[0]
+        assert hit.edit.id == added.id and mem._fast._conn is conn  # the same connection, and it sees the commit
+    assert mem._fast._conn is None
+
+
+def test_search_path_connection_is_shared_by_threads(store_url: str) -> None:
+    """Searches from several threads share the one connection (under its lock) while another thread writes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with open_store(store_url) as mem:
+        mem.add_many(FACTS)
+
+        def searches(n: int) -> list[str]:
+            return [mem.search(FACTS[(n + i) % len(FACTS)]["prompt"], k=1)[0].edit.prompt for i in range(15)]
+
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(searches, n) for n in range(4)]
+            for i in range(10):
+                mem.add(f"unrelated fact number {i} is", f"v{i}")
+            results = [f.result(timeout=60) for f in futures]
+        assert results == [[FACTS[(n + i) % len(FACTS)]["prompt"] for i in range(15)] for n in range(4)]
+        mem.verify()
+
+
+def test_search_path_reconnects_after_its_connection_breaks(store_url: str) -> None:
+    with open_store(store_url) as mem:
+        mem.add_many(FACTS)
+        mem.search("capital of France")
+        mem._fast._conn.dbapi_connection.close()  # as a server restart or a killed backend leaves it
+        assert mem.search("capital of France", k=1)[0].edit.prompt == FACTS[0]["prompt"]  # one retry, new connection
+        assert mem._fast._conn is not None
+
+
 def test_search_path_read_errors_are_store_errors(tmp_path: Path) -> None:
     from sqlalchemy import text
 
