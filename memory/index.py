@@ -33,7 +33,9 @@ FILE_FORMAT = 1
 KINDS = ("flat", "hnsw")
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
-HNSW_EF_SEARCH = 256  # 1M-vector sweep (BENCHMARKS.md): recall@1 0.929 at 64, 0.982 at 128, 0.999 at 256 (p50 0.78 ms)
+# recall@1 vs exact (BENCHMARKS.md, Store at scale): 1M random vectors 0.982 at 128, 0.999 at 256; 1M stored MiniLM
+# embeddings (harder) 0.977 at 192, 0.980 at 224, 0.982 at 256, 0.983 at 320, ~1.5-2.0 ms of search over the encoder
+HNSW_EF_SEARCH = 256
 STALE_MIN = 1000
 STALE_FRACTION = 0.25
 SMALL_BATCH = 20  # fewer queries than this are searched single-threaded

@@ -62,6 +62,26 @@ def test_bench_million_runs_every_measurement_at_a_toy_size(data_dir: Path, tmp_
     assert "| import throughput" in table and "two namespaces of 600" in table and "background compaction" in table
 
 
+def test_bench_million_rebuild_measures_the_grown_graph_then_the_rebuilt_one(data_dir: Path, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch,
+                                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import memory.sync
+
+    monkeypatch.setattr(memory.sync, "HNSW_AUTO_THRESHOLD", 200)
+    out = tmp_path / "out"
+    assert main(["--n", "400", "--encoder", "hashing-64", "--batch", "150", "--queries", "20", "--ratio-sample", "50",
+                 "--searches", "50", "--no-compact", "--rebuild", "--ef-sweep", "16,64", "--data", str(data_dir),
+                 "--out", str(out), "--workdir", str(tmp_path)]) == 0
+    r = json.loads((out / "result.json").read_text())
+    g = r["grown"]
+    assert g["ef_search"] == r["recall"]["ef_search"] and 0 <= g["recall_at_1"] <= 1
+    assert [e["ef_search"] for e in g["ef_sweep"]] == [16, 64] and all("added_p50_ms" not in e for e in g["ef_sweep"])
+    assert r["rebuild"]["seconds"] > 0 and r["rebuild"]["index"]["kind"] == "hnsw"
+    assert r["rebuild"]["index"]["live"] == 400 and r["rebuild"]["index"]["tombstones"] == 0
+    assert all("added_p50_ms" in e for e in r["ef_sweep"])  # after the rebuild, timed as before
+    assert "then `rebuild_index` in one batch" in capsys.readouterr().out
+
+
 def test_routing_distractors_are_about_made_up_subjects_only() -> None:
     from serve.bench_routing import distractor_edits
 
