@@ -48,7 +48,7 @@ class RelationReranker:
     """Relation classifier ``softmax(W x + b)`` over unit embeddings of ``encoder``; see the module docstring."""
 
     def __init__(self, weight: np.ndarray, bias: np.ndarray, relations: Sequence[str], encoder: str, *,
-                 power: float = 1.0):
+                 power: float = 1.0, info: dict[str, Any] | None = None):
         weight = np.ascontiguousarray(weight, dtype=np.float32)
         if weight.ndim != 2 or weight.shape[0] != len(relations) or bias.shape != (len(relations),):
             raise ValidationError("reranker weight must be (relations, dim) and bias (relations,)")
@@ -56,6 +56,7 @@ class RelationReranker:
         self.relations = list(relations)
         self.encoder = encoder
         self.power = float(power)
+        self.info: dict[str, Any] = dict(info or {})  # how it was made (command, data, accuracy), saved with it
 
     @property
     def dim(self) -> int:
@@ -113,19 +114,45 @@ class RelationReranker:
             acc = float((model(xt).argmax(1) == y).float().mean())
         log.info("relation reranker: %d relations, training accuracy %.3f", len(relations), acc)
         return cls(model.weight.detach().numpy(), model.bias.detach().numpy(), relations, encoder.name,
-                   power=settings.power)
+                   power=settings.power, info={"train_texts": len(texts), "train_accuracy": round(acc, 4)})
 
     # --- persistence ------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = json.dumps({"relations": self.relations, "encoder": self.encoder, "power": self.power})
+        meta = json.dumps({"relations": self.relations, "encoder": self.encoder, "power": self.power,
+                           "info": self.info})
         with path.open("wb") as f:
             np.savez(f, weight=self.weight, bias=self.bias, meta=np.asarray(meta))
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> RelationReranker:
-        with np.load(Path(path), allow_pickle=False) as data:
-            meta: dict[str, Any] = json.loads(str(data["meta"]))
-            return cls(data["weight"], data["bias"], meta["relations"], meta["encoder"], power=meta["power"])
+        """A reranker :meth:`save` wrote (``editmem train-relation-rerank``); :class:`scope.classifier.ScopeError`
+        when ``path`` is missing or is not one."""
+        from scope.classifier import ScopeError
+
+        try:
+            with np.load(Path(path), allow_pickle=False) as data:
+                meta: dict[str, Any] = json.loads(str(data["meta"]))
+                return cls(data["weight"], data["bias"], meta["relations"], meta["encoder"], power=meta["power"],
+                           info=meta.get("info"))
+        except (OSError, ValueError, KeyError, TypeError, ValidationError) as err:
+            raise ScopeError(f"{path}: not a relation reranker (editmem train-relation-rerank writes one): "
+                             f"{err}") from None
+
+
+def relation_texts(cases: Sequence[Any], relations: Sequence[str | None]) -> tuple[list[str], list[str]]:
+    """Training texts and their relation labels from edit cases: each case's prompt, rephrases and locality prompts
+    all ask the case's relation (:mod:`scope.relations`); cases whose relation is unknown (None) are left out."""
+    if len(cases) != len(relations):
+        raise ValidationError("relation_texts needs one relation per case")
+    texts: list[str] = []
+    labels: list[str] = []
+    for case, rel in zip(cases, relations):
+        if rel is None:
+            continue
+        for text in (case.prompt, *case.rephrases, *(p.prompt for p in case.locality)):
+            texts.append(text)
+            labels.append(rel)
+    return texts, labels

@@ -172,12 +172,12 @@ class Router:
 
     @classmethod
     def open(cls, url: str, classifier: ScopeClassifier, *, encoder: str | Encoder | None = None,
-             k: int = 5) -> Router:
+             k: int = 5, reranker: Any = None, cross: Any = None) -> Router:
         """Open the store at ``url`` with ``encoder``, else the classifier's encoder, else the store's own."""
         from memory.store import EditMemory
 
         return cls(EditMemory.open(url, encoder=encoder if encoder is not None else classifier.encoder), classifier,
-                   k=k)
+                   k=k, reranker=reranker, cross=cross)
 
     def route(self, texts: Sequence[str]) -> list[Decision]:
         """One :class:`Decision` per text."""

@@ -122,7 +122,7 @@ def run(data_dir: Path, n_train: int, n_edit: int, cache: Path | None, powers: S
     from memory.store import EditMemory
     from scope.evaluate import routing_report
     from scope.relations import RelationTable, rome_files
-    from scope.rerank import RelationReranker, RerankSettings
+    from scope.rerank import RelationReranker, RerankSettings, relation_texts
     from scope.router import Router
     from scope.train import TrainSettings, train_scope
 
@@ -147,13 +147,7 @@ def run(data_dir: Path, n_train: int, n_edit: int, cache: Path | None, powers: S
     out["scope_train_seconds"] = round(time.perf_counter() - t, 1)
     out["scope_heldout"] = train_report["heldout"]["head"]["queries"]
     enc.save()
-    texts, labels = [], []
-    for case, rel in zip(train, table.case_relations(train)):
-        if rel is None:
-            continue
-        for text in (case.prompt, *case.rephrases, *(p.prompt for p in case.locality)):
-            texts.append(text)
-            labels.append(rel)
+    texts, labels = relation_texts(train, table.case_relations(train))
     t = time.perf_counter()
     reranker = RelationReranker.train(texts, labels, enc, RerankSettings(), vectors=enc.encode(texts))
     out["reranker"] = {"train_texts": len(texts), "relations": len(reranker.relations),

@@ -3,6 +3,7 @@ on tiny synthetic pairs with the hashing encoder."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -175,3 +176,88 @@ def test_counterfact_relations_from_the_rome_files(data_dir: Path) -> None:
             assert rel == rome[int(case.case_id)]
         elif rel is not None and rel.startswith("P"):
             assert all(part.startswith("P") for part in rel.split("|"))
+
+
+def _relation_data(tmp_path: Path) -> Path:
+    """A tiny CounterFact-like split: EasyEdit-format cases in ``cf/easyedit_split`` and their relation ids in
+    ``cf/rome_format`` beside it (by case id), as the shared data lays them out."""
+    split, rome = tmp_path / "cf" / "easyedit_split", tmp_path / "cf" / "rome_format"
+    split.mkdir(parents=True)
+    rome.mkdir()
+    cases, records = [], []
+    for i, (rel, templates) in enumerate(sorted(TEMPLATES.items()) * 4):
+        name = NAMES[i % len(NAMES)]
+        other = NAMES[(i + 5) % len(NAMES)]
+        cases.append({"case_id": i, "prompt": templates[0].format(name), "target_new": "x", "subject": name,
+                      "ground_truth": "y", "rephrase_prompt": templates[1].format(name),
+                      "locality_prompt": templates[2].format(other), "locality_ground_truth": "z"})
+        records.append({"case_id": i, "requested_rewrite": {"relation_id": rel, "prompt": templates[0],
+                                                            "subject": name}})
+    data = split / "edit.json"
+    data.write_text(json.dumps(cases))
+    (rome / "records.json").write_text(json.dumps(records))
+    return data
+
+
+def test_cli_train_relation_rerank_writes_a_reranker_that_loads(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """`editmem train-relation-rerank` trains on every prompt of the cases labelled with the case's relation id,
+    writes the .npz with the command recorded, and refuses an existing file, a wrong suffix and data without
+    relation ids."""
+    from serve.cli import main
+
+    data = _relation_data(tmp_path)
+    out = tmp_path / "relations.npz"
+    argv = ["train-relation-rerank", "--data", str(data), "--out", str(out), "--encoder", ENC, "--skip", "1"]
+    assert main(argv) == 0
+    assert "3 relations from 33 texts of 11 cases" in capsys.readouterr().out
+    loaded = RelationReranker.load(out)
+    assert loaded.relations == sorted(TEMPLATES) and loaded.encoder == ENC and loaded.power == 0.5
+    assert loaded.info["command"].startswith("editmem train-relation-rerank --data") and loaded.info["cases"] == 11
+    assert loaded.info["train_accuracy"] > 0.9
+    assert loaded.predict(get_encoder(ENC).encode(["Quinn Adams performs on the"])) == ["P1303"]
+    assert not list(tmp_path.glob("*.partial"))
+    assert main(argv) == 2 and "exists" in capsys.readouterr().err
+    assert main([*argv[:3], "--out", str(tmp_path / "r.bin")]) == 2 and ".npz" in capsys.readouterr().err
+    bare = tmp_path / "zsre" / "a" / "edit.json"  # no rome_format folder beside it: no relation ids
+    bare.parent.mkdir(parents=True)
+    bare.write_text(data.read_text())
+    assert main(["train-relation-rerank", "--data", str(bare), "--out", str(tmp_path / "z.npz"),
+                 "--encoder", ENC]) == 2
+    assert "no case" in capsys.readouterr().err and not (tmp_path / "z.npz").exists()
+
+
+def test_load_refuses_a_file_that_is_not_a_reranker(tmp_path: Path) -> None:
+    from scope.classifier import ScopeError
+
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    for path in (bad, tmp_path / "missing.npz"):
+        with pytest.raises(ScopeError, match="not a relation reranker"):
+            RelationReranker.load(path)
+
+
+def test_serac_routes_with_a_reranker_setting(reranker: RelationReranker, tmp_path: Path) -> None:
+    """`reranker=FILE` puts the relation reranker in SERAC's router: a query about an edited subject that asks a
+    relation no edit changed is then not routed; a bad path fails before the model is wrapped."""
+    from editors import get_editor
+    from editors.methods.serac import SeracEditor
+    from scope.classifier import ScopeError
+    from tests.tiny import tiny_model
+
+    path = reranker.save(tmp_path / "r.npz")
+    model, tok = tiny_model("llama")
+    settings = {"scope": "cosine", "encoder": ENC, "threshold": 0.2}
+    plain = get_editor("serac", model, tok, **settings)
+    ranked = get_editor("serac", model, tok, **settings, reranker=str(path))
+    assert plain.model.router.reranker is None and ranked.model.router.reranker.relations == reranker.relations
+    query = "The mother tongue of Tom Fletcher is"
+    for editor in (plain, ranked):
+        editor.memory.add("Tom Fletcher was born in", "Oslo", subject="Tom Fletcher")
+    assert plain.model.route([query])[0].in_scope
+    assert not ranked.model.route([query])[0].in_scope
+    assert ranked.model.route(["Tom Fletcher originates from"])[0].in_scope
+    with pytest.raises(ScopeError, match="not a relation reranker"):
+        SeracEditor.check_ready({**settings, "reranker": str(tmp_path / "missing.npz")})
+    with pytest.raises(Exception, match="reranker must be a path"):
+        get_editor("serac", model, tok, **settings, reranker="")

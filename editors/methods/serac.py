@@ -32,6 +32,7 @@ from editors.retrieval.setup import (
     MemoryEditor,
     counterfactual_options,
     load_classifier,
+    load_rerankers,
 )
 from memory.checks import check_choice
 from memory.errors import ValidationError
@@ -56,7 +57,10 @@ class SeracSettings(EditorSettings):
     format, or :data:`editors.retrieval.augmented.DEFAULT_CONTEXT` for the base model. ``namespace``: the store
     namespace the edits are read from and written to. ``cloze_reply``: how an in-scope chat question that is a cloze
     prompt is answered (:data:`editors.retrieval.augmented.CLOZE_REPLIES`: ``complete`` starts the reply with the
-    prompt's last sentence, ``free`` lets the model start it).
+    prompt's last sentence, ``free`` lets the model start it). ``reranker``: a relation reranker file (``editmem
+    train-relation-rerank``) the router rescores its candidates with; ``cross``: a cross-encoder reranker folder
+    (``editmem train-rerank``) over the candidates the scope classifier gates (:mod:`scope.router`). Both default to
+    none.
     """
 
     store: str = "sqlite://"
@@ -68,6 +72,8 @@ class SeracSettings(EditorSettings):
     context: str | None = None
     namespace: str = "default"
     cloze_reply: str = DEFAULT_CLOZE_REPLY
+    reranker: str | None = None
+    cross: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("serac", "cloze_reply", self.cloze_reply, CLOZE_REPLIES)
@@ -89,6 +95,10 @@ class SeracSettings(EditorSettings):
                                   f"{self.counterfactual!r}")
         if self.context is not None:
             context_template(self.context)
+        for key in ("reranker", "cross"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValidationError(f"serac setting {key} must be a path or None, got {value!r}")
 
 
 @register_editor
@@ -105,9 +115,10 @@ class SeracEditor(MemoryEditor):
         s = self.settings
         clf = load_classifier(s.scope, threshold=s.threshold)
         options = counterfactual_options(s.counterfactual, model, tokenizer, context=s.context)
+        reranker, cross = load_rerankers(s.reranker, s.cross)
         self.open_memory(s.store, s.encoder or clf.encoder, clf, namespace=s.namespace)
         self._wrapper = AugmentedModel(model, tokenizer, self.memory, clf, k=s.k, cloze_reply=s.cloze_reply,
-                                       **options)
+                                       reranker=reranker, cross=cross, **options)
 
     @property
     def model(self) -> AugmentedModel:

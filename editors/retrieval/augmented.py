@@ -203,7 +203,7 @@ class AugmentedModel(torch.nn.Module):
                  context: str = DEFAULT_CONTEXT, counterfactual: torch.nn.Module | None = None,
                  chat_context: str = DEFAULT_CHAT_CONTEXT, generate_context: str | None = None,
                  counterfactual_rows: str = "all", cloze_reply: str = DEFAULT_CLOZE_REPLY,
-                 held: HeldEdits | None = None):
+                 held: HeldEdits | None = None, reranker: Any = None, cross: Any = None):
         super().__init__()
         self.model: Any = model  # a Hugging Face causal LM (duck-typed: generate, config, ...)
         # In-scope rows go to this model (a trained copy, editors.retrieval.counterfactual) or, when None, to the base
@@ -217,7 +217,9 @@ class AugmentedModel(torch.nn.Module):
         self.counterfactual_rows = counterfactual_rows
         self.cloze_reply = cloze_reply
         self.tokenizer = tokenizer
-        self.router = Router.open(memory, scope, k=k) if isinstance(memory, str) else Router(memory, scope, k=k)
+        # reranker / cross: the router's relation reranker and cross-encoder over the gated candidates (scope.router)
+        self.router = (Router.open(memory, scope, k=k, reranker=reranker, cross=cross) if isinstance(memory, str)
+                       else Router(memory, scope, k=k, reranker=reranker, cross=cross))
         self.router.held = held  # edits the model's own weights hold: not gated (scope.router.HeldEdits)
         self.template = context_template(context)
         # generate() conditions plain rows on this template: the context's own unless it is a format a model repeats.

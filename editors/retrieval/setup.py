@@ -32,6 +32,15 @@ def load_classifier(scope: str, *, threshold: float | None = None, encoder: str 
     return clf
 
 
+def load_rerankers(reranker: str | None, cross: str | None) -> tuple[Any, Any]:
+    """The relation reranker file and cross-encoder reranker folder a setting names, loaded (None stays None)."""
+    from scope.cross_rerank import CrossReranker
+    from scope.rerank import RelationReranker
+
+    return (RelationReranker.load(reranker) if reranker is not None else None,
+            CrossReranker.load(cross) if cross is not None else None)
+
+
 def load_counterfactual_model(name: str | None, model: torch.nn.Module,
                               tokenizer: Any) -> tuple[torch.nn.Module | None, str | None, str | None]:
     """The counterfactual model a setting names, as ``(model, plain context template, chat context)``.
@@ -155,6 +164,9 @@ class MemoryEditor(Editor):
         scope = cls.scope_in_use(settings)
         if isinstance(scope, str) and scope != "cosine":
             load_classifier(scope)
+        reranker, cross = getattr(settings, "reranker", None), getattr(settings, "cross", None)
+        if reranker is not None or cross is not None:
+            load_rerankers(reranker, cross)
 
     def open_memory(self, store: str, encoder: str | None, classifier: Any, *, namespace: str = "default") -> Any:
         """Open ``store``'s ``namespace`` with the encoder ``encoder`` (None: the store's own, or MiniLM for a new

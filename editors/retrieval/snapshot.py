@@ -24,7 +24,8 @@ class _Snapshot:
             {"prompt": r.prompt, "target_new": r.target_new, "subject": r.subject, "ground_truth": r.ground_truth}
             for r in records])
         self.originals: dict[int, EditRecord] = {a.id: r for a, r in zip(added, records)}
-        self.router = Router(self.memory, wrapper.scope, k=wrapper.router.k)
+        self.router = Router(self.memory, wrapper.scope, k=wrapper.router.k, reranker=wrapper.router.reranker,
+                             cross=wrapper.router.cross)
 
     def route(self, text: str) -> Decision:
         d = self.router.route([text])[0]

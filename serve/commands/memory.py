@@ -8,6 +8,8 @@
     editmem train-chat-adapter --data FILE [--data FILE ...] [--name default] [--limit N] [--steps N] [--rank R]
     editmem train-rerank --data FILE --out FOLDER [--scope default] [--skip N] [--limit N] [--max-pairs N] [--epochs E]
                          [--base FOLDER]                          (the cross-encoder reranker, a LoRA adapter)
+    editmem train-relation-rerank --data FILE --out FILE.npz [--skip N] [--limit N] [--relations DIR] [--power P]
+                                                                  (the relation reranker, a linear relation classifier)
     editmem eval-scope --data FILE [--scope default] [--limit N] [-k 5] [--reranker FILE] [--cross FOLDER]
                                                                             (routing precision/recall at scale)
     editmem bench-overhead [--model smollm2-135m] [--scope default] [--new-tokens 16] [--repeats 5]
@@ -142,6 +144,24 @@ def register(sub: argparse._SubParsersAction) -> None:
                                  ("--seed", int, "seed")):
         p.add_argument(flag, type=kind, default=None, help=f"{helptext} (default: see scope.cross_rerank)")
     p.set_defaults(func=_train_rerank)
+
+    p = sub.add_parser("train-relation-rerank", help="train the relation reranker (which relation a prompt asks) "
+                                                     "from cases with relation ids, to a .npz file",
+                       description="Train scope.rerank.RelationReranker on every prompt, rephrase and locality prompt "
+                                   "of the cases, labelled with its case's relation; route with it through "
+                                   "eval-scope --reranker FILE or SERAC's setting --set serac.reranker=FILE.")
+    p.add_argument("--data", required=True, help="edit cases (CounterFact: relation ids from rome_format beside it)")
+    p.add_argument("--format", default="auto", help="data format (default: auto-detect)")
+    p.add_argument("--out", required=True, metavar="FILE", help="the .npz file to write (must not exist)")
+    p.add_argument("--skip", type=int, default=0, help="leave out the first N cases (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=None, help="use at most N cases after --skip")
+    p.add_argument("--relations", default=None, metavar="DIR",
+                   help="folder of ROME-format CounterFact files giving relation ids (default: "
+                        "counterfact/rome_format beside the data file's folder, when it exists)")
+    p.add_argument("--encoder", default=DEFAULT_ENCODER, help="the store's encoder (default: %(default)s)")
+    p.add_argument("--power", type=float, default=None, help="score * agreement ** power (default: see scope.rerank)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: see scope.rerank)")
+    p.set_defaults(func=_train_relation_rerank)
 
     p = sub.add_parser("eval-scope", help="routing precision/recall with every case of a file in one store")
     p.add_argument("--data", required=True)
@@ -334,6 +354,54 @@ def _train_chat_adapter(args: argparse.Namespace) -> int:
     print(f"chat adapter {args.name!r} saved to {folder} ({meta['train_seconds']:.0f} s, best at step "
           f"{meta['best_step']})")
     _print_curve(meta, "held-out replies exact")
+    return 0
+
+
+def _train_relation_rerank(args: argparse.Namespace) -> int:
+    _positive(args.limit, "--limit")
+    _positive(args.epochs, "--epochs")
+    if args.skip < 0:
+        raise ValidationError(f"--skip must be >= 0, got {args.skip}")
+    if args.power is not None and not args.power > 0:
+        raise ValidationError(f"--power must be > 0, got {args.power}")
+    from dataclasses import replace
+    from pathlib import Path
+
+    from memory.encoder import get_encoder
+    from memory.formats import read_cases
+    from scope.relations import case_relations_for
+    from scope.rerank import RelationReranker, RerankSettings, relation_texts
+
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise ValidationError(f"--out must name a .npz file, got {args.out!r}")
+    if out.exists():
+        raise ValidationError(f"{out} exists; choose a new file")
+    stop = None if args.limit is None else args.skip + args.limit
+    cases = read_cases(args.data, args.format)[args.skip:stop]
+    if not cases:
+        raise ValidationError(f"no cases in {args.data} after --skip {args.skip}")
+    relations = case_relations_for(cases, args.data, args.relations)
+    if relations is None or not any(r is not None and not r.startswith("tmpl:") for r in relations):
+        raise ValidationError(f"no case of {args.data} has a relation id (ROME-format CounterFact gives them; "
+                              f"zsRE has none)")
+    texts, labels = relation_texts(cases, relations)
+    changes = {k: v for k, v in (("power", args.power), ("epochs", args.epochs)) if v is not None}
+    settings = replace(RerankSettings(), **changes)
+    reranker = RelationReranker.train(texts, labels, get_encoder(args.encoder), settings, progress=True)
+    parts = ["editmem", "train-relation-rerank", "--data", args.data, "--out", args.out, "--encoder", args.encoder]
+    for flag, value in (("--format", None if args.format == "auto" else args.format), ("--skip", args.skip or None),
+                        ("--limit", args.limit), ("--relations", args.relations), ("--power", args.power),
+                        ("--epochs", args.epochs)):
+        if value is not None:
+            parts += [flag, str(value)]
+    reranker.info.update({"command": " ".join(shlex.quote(a) for a in parts),
+                          "data": args.data, "cases": len(cases), "skip": args.skip})
+    tmp = out.with_name(out.name + ".partial")
+    reranker.save(tmp)
+    tmp.replace(out)
+    print(f"relation reranker saved to {out}: {len(reranker.relations)} relations from {len(texts):,} texts of "
+          f"{len(cases):,} cases, training accuracy {reranker.info['train_accuracy']:.3f}, power {reranker.power}")
     return 0
 
 
