@@ -117,7 +117,7 @@ def distractor_edits(templates: Any, real_subjects: Sequence[str], n: int, seed:
 
 def run(data_dir: Path, n_train: int, n_edit: int, cache: Path | None, powers: Sequence[float], *,
         focus: bool = False, store_all: bool = False, n_query: int = 0, latency_queries: int = 200,
-        cross_folder: Path | None = None, distractors: int = 0) -> dict[str, Any]:
+        cross_folder: Path | None = None, distractors: int = 0, k: int = 5) -> dict[str, Any]:
     from memory.formats import read_cases
     from memory.store import EditMemory
     from scope.evaluate import routing_report
@@ -188,7 +188,7 @@ def run(data_dir: Path, n_train: int, n_edit: int, cache: Path | None, powers: S
         routed = [edit[i] for i in (query_cases or range(len(edit)))][:latency_queries]
         for name, power, use_cross in configs:
             reranker.power = power
-            router = Router(mem, head, k=5, reranker=reranker if power else None, cross=cross if use_cross else None)
+            router = Router(mem, head, k=k, reranker=reranker if power else None, cross=cross if use_cross else None)
             t = time.perf_counter()
             runs[name] = routing_report(router, edit, ids, relations=relations, query_cases=query_cases)
             log.info("%s routed in %.1f s", name, time.perf_counter() - t)
@@ -228,13 +228,14 @@ def main() -> None:
                    help="also route with this cross-encoder reranker (editmem train-rerank) over the gated candidates")
     p.add_argument("--distractors", type=int, default=0,
                    help="also store this many synthetic edits about made-up subjects (none is any query's edit)")
+    p.add_argument("-k", type=int, default=5, help="candidates the router scores per query (default: %(default)s)")
     p.add_argument("--cache", type=Path, default=Path("bench_out/routing_vectors.npz"))
     p.add_argument("--json", type=Path, default=Path("bench_out/routing.json"))
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     result = run(a.data_dir, a.train, a.edit, a.cache, [float(x) for x in a.powers.split(",")],
                  focus=a.focus_named, store_all=a.store_all, n_query=a.query_cases, cross_folder=a.cross,
-                 distractors=a.distractors)
+                 distractors=a.distractors, k=a.k)
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
