@@ -252,6 +252,20 @@ def query_decisions(scores: np.ndarray, q: np.ndarray, label: np.ndarray, query_
     return scores[best], label[best].astype(bool), query_positive[q[best]]
 
 
+def heldout_calibration(clf: HeadScope, pairs: PairSet, target_precision: float,
+                        reranker: Any = None) -> dict[str, Any]:
+    """Query-level calibration of ``clf`` on the held-out pairs of ``pairs`` (:func:`build_pairs` with the settings
+    the head was trained with, so the held-out cases are the same), its scores rescored by ``reranker`` (a
+    :class:`scope.rerank.RelationReranker`) when one is given: the threshold for a router that reranks, which the
+    head's own calibration (made without the reranker) is not."""
+    ho = pairs.subset(pairs.heldout)
+    u, v = pairs.query_vecs[ho["q"]], pairs.key_vecs[ho["e"]]
+    scores = clf.score_arrays(u, v, ho["lex"])
+    if reranker is not None:
+        scores = reranker.rerank(scores, u, v)
+    return _query_level(scores, ho["q"], ho["label"], pairs.query_positive, target_precision)
+
+
 def _query_level(scores: np.ndarray, q: np.ndarray, label: np.ndarray, query_positive: np.ndarray,
                  target_precision: float) -> dict[str, Any]:
     """Threshold and report at the level the router decides (see :func:`query_decisions`), the issue's measure:

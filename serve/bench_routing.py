@@ -24,6 +24,7 @@ prompt) or a wrong edit (a rephrase). Issue 17's target: precision and recall dr
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import random
@@ -117,7 +118,8 @@ def distractor_edits(templates: Any, real_subjects: Sequence[str], n: int, seed:
 
 def run(data_dir: Path, n_train: int, n_edit: int, cache: Path | None, powers: Sequence[float], *,
         focus: bool = False, store_all: bool = False, n_query: int = 0, latency_queries: int = 200,
-        cross_folder: Path | None = None, distractors: int = 0, k: int = 5) -> dict[str, Any]:
+        cross_folder: Path | None = None, distractors: int = 0, k: int = 5,
+        recalibrate: bool = False) -> dict[str, Any]:
     from memory.formats import read_cases
     from memory.store import EditMemory
     from scope.evaluate import routing_report
@@ -152,6 +154,16 @@ def run(data_dir: Path, n_train: int, n_edit: int, cache: Path | None, powers: S
     reranker = RelationReranker.train(texts, labels, enc, RerankSettings(), vectors=enc.encode(texts))
     out["reranker"] = {"train_texts": len(texts), "relations": len(reranker.relations),
                        "seconds": round(time.perf_counter() - t, 1)}
+    thresholds: dict[float, float] = {}  # power -> the head's threshold calibrated behind the reranker
+    if recalibrate:
+        from scope.train import build_pairs, heldout_calibration
+
+        pairs = build_pairs(train, enc, TrainSettings())  # the same pairs and held-out cases the head was trained on
+        for power in powers:
+            reranker.power = power
+            cal = heldout_calibration(head, pairs, TrainSettings().target_precision, reranker)
+            thresholds[power] = cal["calibration"]["threshold"]
+            out.setdefault("recalibrated", {})[f"{power:g}"] = cal
     relations = table.case_relations(edit)
     out["edit_relations_known"] = sum(r is not None and not r.startswith("tmpl:") for r in relations)
     with EditMemory.open("sqlite://", encoder=enc) as mem:
@@ -181,6 +193,7 @@ def run(data_dir: Path, n_train: int, n_edit: int, cache: Path | None, powers: S
                             "trainable_parameters": cross.n_trainable()}
         configs: list[tuple[str, float, bool]] = [("head", 0.0, False)]
         configs += [(f"head+reranker(power={power:g})", power, False) for power in powers]
+        configs += [(f"head+reranker(power={power:g},recalibrated)", power, False) for power in thresholds]
         if cross is not None:
             configs.append(("head+cross", 0.0, True))
             if powers:
@@ -188,7 +201,11 @@ def run(data_dir: Path, n_train: int, n_edit: int, cache: Path | None, powers: S
         routed = [edit[i] for i in (query_cases or range(len(edit)))][:latency_queries]
         for name, power, use_cross in configs:
             reranker.power = power
-            router = Router(mem, head, k=k, reranker=reranker if power else None, cross=cross if use_cross else None)
+            clf = head
+            if name.endswith(",recalibrated)"):
+                clf = copy.copy(head)
+                clf.threshold = thresholds[power]
+            router = Router(mem, clf, k=k, reranker=reranker if power else None, cross=cross if use_cross else None)
             t = time.perf_counter()
             runs[name] = routing_report(router, edit, ids, relations=relations, query_cases=query_cases)
             log.info("%s routed in %.1f s", name, time.perf_counter() - t)
@@ -228,6 +245,8 @@ def main() -> None:
                    help="also route with this cross-encoder reranker (editmem train-rerank) over the gated candidates")
     p.add_argument("--distractors", type=int, default=0,
                    help="also store this many synthetic edits about made-up subjects (none is any query's edit)")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="also route with the head's threshold calibrated behind the relation reranker (each power)")
     p.add_argument("-k", type=int, default=5, help="candidates the router scores per query (default: %(default)s)")
     p.add_argument("--cache", type=Path, default=Path("bench_out/routing_vectors.npz"))
     p.add_argument("--json", type=Path, default=Path("bench_out/routing.json"))
@@ -235,7 +254,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     result = run(a.data_dir, a.train, a.edit, a.cache, [float(x) for x in a.powers.split(",")],
                  focus=a.focus_named, store_all=a.store_all, n_query=a.query_cases, cross_folder=a.cross,
-                 distractors=a.distractors, k=a.k)
+                 distractors=a.distractors, k=a.k, recalibrate=a.recalibrate)
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

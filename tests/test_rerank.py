@@ -261,3 +261,27 @@ def test_serac_routes_with_a_reranker_setting(reranker: RelationReranker, tmp_pa
         SeracEditor.check_ready({**settings, "reranker": str(tmp_path / "missing.npz")})
     with pytest.raises(Exception, match="reranker must be a path"):
         get_editor("serac", model, tok, **settings, reranker="")
+
+
+def test_heldout_calibration_without_a_reranker_is_the_heads_own_and_with_one_is_chosen_on_reranked_scores(
+        reranker: RelationReranker) -> None:
+    """`heldout_calibration` rebuilds the head's held-out pairs: without a reranker it gives the threshold
+    `train_scope` chose; with one, a threshold chosen on the reranked scores of the same queries."""
+    from scope.train import TrainSettings, build_pairs, heldout_calibration, train_scope
+
+    enc = get_encoder(ENC)
+    cases = []
+    for i, templates in enumerate(list(TEMPLATES.values()) * 8):
+        name, other = NAMES[i % len(NAMES)], NAMES[(i + 5) % len(NAMES)]
+        cases.append(EditCase(templates[0].format(name), f"x{i}", subject=name, rephrases=(templates[1].format(name),),
+                              locality=(Probe(templates[2].format(other), "z"),)))
+    settings = TrainSettings(epochs=20, hidden=16, holdout=0.25, k=3, batch_size=64, lr=1e-2)
+    head, _, report = train_scope(cases, enc, settings)
+    pairs = build_pairs(cases, enc, settings)
+    plain = heldout_calibration(head, pairs, settings.target_precision)
+    assert plain["calibration"]["threshold"] == pytest.approx(head.threshold)
+    assert plain["recall"] == pytest.approx(report["heldout"]["head"]["queries"]["recall"])
+    ranked = heldout_calibration(head, pairs, settings.target_precision, reranker)
+    assert ranked["queries"] == plain["queries"] and 0 <= ranked["calibration"]["threshold"] <= 1
+    if ranked["calibration"]["met"]:
+        assert ranked["precision"] >= settings.target_precision
