@@ -82,6 +82,18 @@ class RelationReranker:
         """``scores * agreement(u, v) ** power``."""
         return np.asarray(scores, dtype=np.float32) * self.agreement(u, v).astype(np.float32) ** self.power
 
+    def threshold_for(self, classifier: Any) -> float | None:
+        """The scope threshold calibrated behind this reranker for ``classifier`` (``editmem train-relation-rerank
+        --scope``), or None when it was calibrated behind no classifier or another one (another name, version or
+        training time)."""
+        behind = self.info.get("behind")
+        if not isinstance(behind, dict) or "threshold" not in behind:
+            return None
+        info = getattr(classifier, "info", {})
+        if any(behind.get(key) != info.get(key) for key in ("name", "version", "created")):
+            return None
+        return float(behind["threshold"])
+
     # --- training ---------------------------------------------------------------------------------------------
     @classmethod
     def train(cls, texts: Sequence[str], labels: Sequence[str], encoder: Encoder,

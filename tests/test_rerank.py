@@ -285,3 +285,51 @@ def test_heldout_calibration_without_a_reranker_is_the_heads_own_and_with_one_is
     assert ranked["queries"] == plain["queries"] and 0 <= ranked["calibration"]["threshold"] <= 1
     if ranked["calibration"]["met"]:
         assert ranked["precision"] >= settings.target_precision
+
+
+def test_train_relation_rerank_calibrates_behind_a_head_and_serac_routes_with_that_threshold(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--scope NAME` calibrates the head's threshold on its own held-out pairs with reranked scores and saves it in
+    the file; SERAC with the reranker and no threshold routes with it; another head (or an explicit threshold) does
+    not take it; a head trained on another file is refused."""
+    from editors import get_editor
+    from memory.formats import read_cases
+    from scope.classifier import load_scope, save_scope
+    from scope.train import TrainSettings, train_scope
+    from serve.cli import main
+    from tests.tiny import tiny_model
+
+    monkeypatch.setenv("EDITMEM_CACHE", str(tmp_path / "cache"))
+    data = _relation_data(tmp_path)
+    settings = TrainSettings(epochs=20, hidden=16, holdout=0.25, k=3, batch_size=64, lr=1e-2)
+    head, _, _ = train_scope(read_cases(data), get_encoder(ENC), settings, source=str(data))
+    save_scope(head, "tiny")
+    out = tmp_path / "behind.npz"
+    assert main(["train-relation-rerank", "--data", str(data), "--out", str(out), "--encoder", ENC,
+                 "--scope", "tiny"]) == 0
+    assert "behind the reranker" in capsys.readouterr().out
+    loaded = RelationReranker.load(out)
+    behind = loaded.info["behind"]
+    saved = load_scope("tiny")
+    assert behind["name"] == "tiny" and behind["version"] == saved.info["version"]
+    assert behind["own_threshold"] == pytest.approx(saved.threshold) and 0 <= behind["threshold"] <= 1
+    assert loaded.threshold_for(saved) == behind["threshold"]
+    other, _, _ = train_scope(read_cases(data), get_encoder(ENC), settings, source=str(data))
+    save_scope(other, "tiny")  # a new version of the name: not the head the reranker was calibrated behind
+    assert loaded.threshold_for(load_scope("tiny")) is None and loaded.threshold_for(saved) is not None
+
+    model, tok = tiny_model("llama")
+    calibrated = get_editor("serac", model, tok, scope=str(tmp_path / "cache" / "scope" / "tiny" / "v1"),
+                            reranker=str(out))
+    assert calibrated.model.router.classifier.threshold == pytest.approx(behind["threshold"])
+    explicit = get_editor("serac", model, tok, scope=str(tmp_path / "cache" / "scope" / "tiny" / "v1"),
+                          reranker=str(out), threshold=0.9)
+    assert explicit.model.router.classifier.threshold == 0.9
+    newer = get_editor("serac", model, tok, scope="tiny", reranker=str(out))  # v2: keeps its own threshold
+    assert newer.model.router.classifier.threshold == pytest.approx(load_scope("tiny").threshold)
+
+    elsewhere = tmp_path / "cf" / "easyedit_split" / "other.json"
+    elsewhere.write_text(data.read_text())
+    assert main(["train-relation-rerank", "--data", str(elsewhere), "--out", str(tmp_path / "x.npz"), "--encoder",
+                 ENC, "--scope", "tiny"]) == 2
+    assert "was trained on" in capsys.readouterr().err and not (tmp_path / "x.npz").exists()

@@ -60,7 +60,8 @@ class SeracSettings(EditorSettings):
     prompt's last sentence, ``free`` lets the model start it). ``reranker``: a relation reranker file (``editmem
     train-relation-rerank``) the router rescores its candidates with; ``cross``: a cross-encoder reranker folder
     (``editmem train-rerank``) over the candidates the scope classifier gates (:mod:`scope.router`). Both default to
-    none.
+    none. With ``reranker`` and no ``threshold``, the head's threshold calibrated behind that reranker is used when
+    the file holds one for this head (``editmem train-relation-rerank --scope``).
     """
 
     store: str = "sqlite://"
@@ -116,6 +117,14 @@ class SeracEditor(MemoryEditor):
         clf = load_classifier(s.scope, threshold=s.threshold)
         options = counterfactual_options(s.counterfactual, model, tokenizer, context=s.context)
         reranker, cross = load_rerankers(s.reranker, s.cross)
+        if reranker is not None and s.threshold is None:  # the head's threshold as calibrated behind the reranker
+            behind = reranker.threshold_for(clf)
+            if behind is None:
+                log.warning("the relation reranker %s was not calibrated behind scope %r: routing keeps the head's "
+                            "own threshold %.4f (editmem train-relation-rerank --scope calibrates one)", s.reranker,
+                            s.scope, clf.threshold)
+            else:
+                clf.threshold = behind
         self.open_memory(s.store, s.encoder or clf.encoder, clf, namespace=s.namespace)
         self._wrapper = AugmentedModel(model, tokenizer, self.memory, clf, k=s.k, cloze_reply=s.cloze_reply,
                                        reranker=reranker, cross=cross, **options)

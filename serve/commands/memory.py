@@ -8,7 +8,7 @@
     editmem train-chat-adapter --data FILE [--data FILE ...] [--name default] [--limit N] [--steps N] [--rank R]
     editmem train-rerank --data FILE --out FOLDER [--scope default] [--skip N] [--limit N] [--max-pairs N] [--epochs E]
                          [--base FOLDER]                          (the cross-encoder reranker, a LoRA adapter)
-    editmem train-relation-rerank --data FILE --out FILE.npz [--skip N] [--limit N] [--relations DIR] [--power P]
+    editmem train-relation-rerank --data FILE --out FILE.npz [--scope NAME] [--skip N] [--limit N] [--power P]
                                                                   (the relation reranker, a linear relation classifier)
     editmem eval-scope --data FILE [--scope default] [--limit N] [-k 5] [--reranker FILE] [--cross FOLDER]
                                                                             (routing precision/recall at scale)
@@ -159,6 +159,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="folder of ROME-format CounterFact files giving relation ids (default: "
                         "counterfact/rome_format beside the data file's folder, when it exists)")
     p.add_argument("--encoder", default=DEFAULT_ENCODER, help="the store's encoder (default: %(default)s)")
+    p.add_argument("--scope", default=None, metavar="NAME",
+                   help="also calibrate this scope head's threshold behind the reranker, on the head's own held-out "
+                        "cases (--data must be the file the head was trained on); SERAC then routes with it")
     p.add_argument("--power", type=float, default=None, help="score * agreement ** power (default: see scope.rerank)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: see scope.rerank)")
     p.set_defaults(func=_train_relation_rerank)
@@ -391,18 +394,53 @@ def _train_relation_rerank(args: argparse.Namespace) -> int:
     reranker = RelationReranker.train(texts, labels, get_encoder(args.encoder), settings, progress=True)
     parts = ["editmem", "train-relation-rerank", "--data", args.data, "--out", args.out, "--encoder", args.encoder]
     for flag, value in (("--format", None if args.format == "auto" else args.format), ("--skip", args.skip or None),
+                        ("--scope", args.scope),
                         ("--limit", args.limit), ("--relations", args.relations), ("--power", args.power),
                         ("--epochs", args.epochs)):
         if value is not None:
             parts += [flag, str(value)]
     reranker.info.update({"command": " ".join(shlex.quote(a) for a in parts),
                           "data": args.data, "cases": len(cases), "skip": args.skip})
+    if args.scope:
+        reranker.info["behind"] = _calibrate_behind(args, reranker)
     tmp = out.with_name(out.name + ".partial")
     reranker.save(tmp)
     tmp.replace(out)
     print(f"relation reranker saved to {out}: {len(reranker.relations)} relations from {len(texts):,} texts of "
           f"{len(cases):,} cases, training accuracy {reranker.info['train_accuracy']:.3f}, power {reranker.power}")
     return 0
+
+
+def _calibrate_behind(args: argparse.Namespace, reranker: Any) -> dict[str, Any]:
+    """The ``--scope`` head's threshold calibrated on its own held-out pairs with scores rescored by ``reranker``."""
+    from dataclasses import fields
+    from pathlib import Path
+
+    from memory.encoder import get_encoder
+    from memory.formats import read_cases
+    from scope.train import TrainSettings, build_pairs, heldout_calibration
+
+    clf = _classifier(args.scope, None)
+    if clf.kind != "head":
+        raise ValidationError(f"--scope {args.scope!r} is a {clf.kind} classifier; only a trained head is calibrated")
+    if clf.encoder != reranker.encoder:
+        raise ValidationError(f"--scope {args.scope!r} reads {clf.encoder} embeddings, the reranker {reranker.encoder}")
+    training = clf.info.get("training") or {}
+    source = training.get("source")
+    if not source or Path(source).name != Path(args.data).name:
+        raise ValidationError(f"--scope {args.scope!r} was trained on {source}; give that file as --data to calibrate "
+                              f"behind it (its held-out cases are drawn from it)")
+    known = {f.name for f in fields(TrainSettings)}
+    settings = TrainSettings(**{k: v for k, v in (training.get("settings") or {}).items() if k in known})
+    pairs = build_pairs(read_cases(args.data, args.format), get_encoder(args.encoder), settings, progress=True)
+    plain = heldout_calibration(clf, pairs, settings.target_precision)
+    cal = heldout_calibration(clf, pairs, settings.target_precision, reranker)
+    print(f"scope {args.scope!r} v{clf.info.get('version')}: threshold {clf.threshold:.4f} alone (held-out precision "
+          f"{plain['precision']:.3f}, recall {plain['recall']:.3f}); behind the reranker "
+          f"{cal['calibration']['threshold']:.4f} (precision {cal['precision']:.3f}, recall {cal['recall']:.3f})")
+    return {**{key: clf.info.get(key) for key in ("name", "version", "created")},
+            "threshold": cal["calibration"]["threshold"], "own_threshold": clf.threshold,
+            "heldout": {"precision": cal["precision"], "recall": cal["recall"], "queries": cal["queries"]}}
 
 
 def _eval_scope(args: argparse.Namespace) -> int:
