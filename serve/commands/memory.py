@@ -458,6 +458,10 @@ def _eval_scope(args: argparse.Namespace) -> int:
     cases = read_cases(args.data, args.format)[:args.limit]
     relations = case_relations_for(cases, args.data, args.relations)
     reranker = RelationReranker.load(args.reranker) if args.reranker else None
+    if reranker is not None and args.threshold is None:  # as SERAC: the threshold calibrated behind it, if any
+        behind = reranker.threshold_for(clf)
+        if behind is not None:
+            clf.threshold = behind
     cross = CrossReranker.load(args.cross) if args.cross else None
     encoder = get_encoder(clf.encoder or DEFAULT_ENCODER)
     with EditMemory.open("sqlite://", encoder=encoder) as mem:
