@@ -328,6 +328,12 @@ def test_train_relation_rerank_calibrates_behind_a_head_and_serac_routes_with_th
     newer = get_editor("serac", model, tok, scope="tiny", reranker=str(out))  # v2: keeps its own threshold
     assert newer.model.router.classifier.threshold == pytest.approx(load_scope("tiny").threshold)
 
+    report = tmp_path / "routing.json"
+    v1 = str(tmp_path / "cache" / "scope" / "tiny" / "v1")
+    assert main(["eval-scope", "--data", str(data), "--scope", v1, "--reranker", str(out), "--json", str(report)]) == 0
+    assert json.loads(report.read_text())["threshold"] == pytest.approx(behind["threshold"])
+    capsys.readouterr()
+
     elsewhere = tmp_path / "cf" / "easyedit_split" / "other.json"
     elsewhere.write_text(data.read_text())
     assert main(["train-relation-rerank", "--data", str(elsewhere), "--out", str(tmp_path / "x.npz"), "--encoder",
