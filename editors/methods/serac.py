@@ -116,15 +116,7 @@ class SeracEditor(MemoryEditor):
         s = self.settings
         clf = load_classifier(s.scope, threshold=s.threshold)
         options = counterfactual_options(s.counterfactual, model, tokenizer, context=s.context)
-        reranker, cross = load_rerankers(s.reranker, s.cross)
-        if reranker is not None and s.threshold is None:  # the head's threshold as calibrated behind the reranker
-            behind = reranker.threshold_for(clf)
-            if behind is None:
-                log.warning("the relation reranker %s was not calibrated behind scope %r: routing keeps the head's "
-                            "own threshold %.4f (editmem train-relation-rerank --scope calibrates one)", s.reranker,
-                            s.scope, clf.threshold)
-            else:
-                clf.threshold = behind
+        reranker, cross = load_rerankers(s.reranker, s.cross, classifier=clf if s.threshold is None else None)
         self.open_memory(s.store, s.encoder or clf.encoder, clf, namespace=s.namespace)
         self._wrapper = AugmentedModel(model, tokenizer, self.memory, clf, k=s.k, cloze_reply=s.cloze_reply,
                                        reranker=reranker, cross=cross, **options)

@@ -3,6 +3,7 @@ undo handle that holds the store ids one ``apply`` added."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ import torch
 from editors.base import EditHandle, Editor, EditRequest, check_requests
 from editors.retrieval.augmented import AugmentedModel
 from memory.errors import EditmemError, NotFoundError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SCOPE = "default"
 DEFAULT_COSINE_THRESHOLD = 0.8
@@ -32,13 +35,25 @@ def load_classifier(scope: str, *, threshold: float | None = None, encoder: str 
     return clf
 
 
-def load_rerankers(reranker: str | None, cross: str | None) -> tuple[Any, Any]:
-    """The relation reranker file and cross-encoder reranker folder a setting names, loaded (None stays None)."""
+def load_rerankers(reranker: str | None, cross: str | None, *, classifier: Any = None) -> tuple[Any, Any]:
+    """The relation reranker file and cross-encoder reranker folder a setting names, loaded (None stays None).
+
+    With ``classifier`` (given when no threshold was set explicitly) and a relation reranker, the classifier takes
+    the threshold calibrated behind that reranker when the file holds one for it (``editmem train-relation-rerank
+    --scope``); otherwise it keeps its own, with a warning."""
     from scope.cross_rerank import CrossReranker
     from scope.rerank import RelationReranker
 
-    return (RelationReranker.load(reranker) if reranker is not None else None,
-            CrossReranker.load(cross) if cross is not None else None)
+    relation = RelationReranker.load(reranker) if reranker is not None else None
+    if relation is not None and classifier is not None:
+        behind = relation.threshold_for(classifier)
+        if behind is None:
+            log.warning("the relation reranker %s was not calibrated behind scope %r: routing keeps its own threshold "
+                        "%.4f (editmem train-relation-rerank --scope calibrates one)", reranker,
+                        classifier.info.get("name", classifier.kind), classifier.threshold)
+        else:
+            classifier.threshold = behind
+    return relation, CrossReranker.load(cross) if cross is not None else None
 
 
 def load_counterfactual_model(name: str | None, model: torch.nn.Module,

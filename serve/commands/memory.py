@@ -23,6 +23,7 @@ import argparse
 import json
 import shlex
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from memory.encoder import DEFAULT_ENCODER
@@ -375,11 +376,15 @@ def _train_relation_rerank(args: argparse.Namespace) -> int:
     from scope.relations import case_relations_for
     from scope.rerank import RelationReranker, RerankSettings, relation_texts
 
+    # everything that can be wrong is checked before the model is trained
     out = Path(args.out)
     if out.suffix != ".npz":
         raise ValidationError(f"--out must name a .npz file, got {args.out!r}")
     if out.exists():
         raise ValidationError(f"{out} exists; choose a new file")
+    check_output_folder(out.parent, "--out")
+    encoder = get_encoder(args.encoder)
+    head = _head_to_calibrate(args, encoder.name) if args.scope else None
     stop = None if args.limit is None else args.skip + args.limit
     cases = read_cases(args.data, args.format)[args.skip:stop]
     if not cases:
@@ -391,18 +396,12 @@ def _train_relation_rerank(args: argparse.Namespace) -> int:
     texts, labels = relation_texts(cases, relations)
     changes = {k: v for k, v in (("power", args.power), ("epochs", args.epochs)) if v is not None}
     settings = replace(RerankSettings(), **changes)
-    reranker = RelationReranker.train(texts, labels, get_encoder(args.encoder), settings, progress=True)
-    parts = ["editmem", "train-relation-rerank", "--data", args.data, "--out", args.out, "--encoder", args.encoder]
-    for flag, value in (("--format", None if args.format == "auto" else args.format), ("--skip", args.skip or None),
-                        ("--scope", args.scope),
-                        ("--limit", args.limit), ("--relations", args.relations), ("--power", args.power),
-                        ("--epochs", args.epochs)):
-        if value is not None:
-            parts += [flag, str(value)]
-    reranker.info.update({"command": " ".join(shlex.quote(a) for a in parts),
-                          "data": args.data, "cases": len(cases), "skip": args.skip})
-    if args.scope:
-        reranker.info["behind"] = _calibrate_behind(args, reranker)
+    reranker = RelationReranker.train(texts, labels, encoder, settings, progress=True)
+    command = _parsed_command("train-relation-rerank", args, ("data", "out", "encoder"),
+                              ("format", "skip", "scope", "limit", "relations", "power", "epochs"))
+    reranker.info.update({"command": command, "data": args.data, "cases": len(cases), "skip": args.skip})
+    if head is not None:
+        reranker.info["behind"] = _calibrate_behind(args, head, reranker, encoder)
     tmp = out.with_name(out.name + ".partial")
     reranker.save(tmp)
     tmp.replace(out)
@@ -411,28 +410,34 @@ def _train_relation_rerank(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibrate_behind(args: argparse.Namespace, reranker: Any) -> dict[str, Any]:
-    """The ``--scope`` head's threshold calibrated on its own held-out pairs with scores rescored by ``reranker``."""
-    from dataclasses import fields
+def _head_to_calibrate(args: argparse.Namespace, encoder: str) -> Any:
+    """The ``--scope`` head, checked to be one the reranker can be calibrated behind (a head, on the reranker's
+    encoder, trained on ``--data``)."""
     from pathlib import Path
-
-    from memory.encoder import get_encoder
-    from memory.formats import read_cases
-    from scope.train import TrainSettings, build_pairs, heldout_calibration
 
     clf = _classifier(args.scope, None)
     if clf.kind != "head":
         raise ValidationError(f"--scope {args.scope!r} is a {clf.kind} classifier; only a trained head is calibrated")
-    if clf.encoder != reranker.encoder:
-        raise ValidationError(f"--scope {args.scope!r} reads {clf.encoder} embeddings, the reranker {reranker.encoder}")
-    training = clf.info.get("training") or {}
-    source = training.get("source")
+    if clf.encoder != encoder:
+        raise ValidationError(f"--scope {args.scope!r} reads {clf.encoder} embeddings, the reranker {encoder}")
+    source = (clf.info.get("training") or {}).get("source")
     if not source or Path(source).name != Path(args.data).name:
         raise ValidationError(f"--scope {args.scope!r} was trained on {source}; give that file as --data to calibrate "
                               f"behind it (its held-out cases are drawn from it)")
+    return clf
+
+
+def _calibrate_behind(args: argparse.Namespace, clf: Any, reranker: Any, encoder: Any) -> dict[str, Any]:
+    """The head's threshold calibrated on its own held-out pairs with scores rescored by ``reranker``."""
+    from dataclasses import fields
+
+    from memory.formats import read_cases
+    from scope.train import TrainSettings, build_pairs, heldout_calibration
+
     known = {f.name for f in fields(TrainSettings)}
+    training = clf.info.get("training") or {}
     settings = TrainSettings(**{k: v for k, v in (training.get("settings") or {}).items() if k in known})
-    pairs = build_pairs(read_cases(args.data, args.format), get_encoder(args.encoder), settings, progress=True)
+    pairs = build_pairs(read_cases(args.data, args.format), encoder, settings, progress=True)
     plain = heldout_calibration(clf, pairs, settings.target_precision)
     cal = heldout_calibration(clf, pairs, settings.target_precision, reranker)
     print(f"scope {args.scope!r} v{clf.info.get('version')}: threshold {clf.threshold:.4f} alone (held-out precision "
@@ -445,24 +450,19 @@ def _calibrate_behind(args: argparse.Namespace, reranker: Any) -> dict[str, Any]
 
 def _eval_scope(args: argparse.Namespace) -> int:
     _positive(args.limit, "--limit")
+    from editors.retrieval.setup import load_rerankers
     from memory.encoder import get_encoder
     from memory.formats import read_cases
     from memory.store import EditMemory
-    from scope.cross_rerank import CrossReranker
     from scope.evaluate import routing_report
     from scope.relations import case_relations_for
-    from scope.rerank import RelationReranker
     from scope.router import Router
 
     clf = _classifier(args.scope, args.threshold)
     cases = read_cases(args.data, args.format)[:args.limit]
     relations = case_relations_for(cases, args.data, args.relations)
-    reranker = RelationReranker.load(args.reranker) if args.reranker else None
-    if reranker is not None and args.threshold is None:  # as SERAC: the threshold calibrated behind it, if any
-        behind = reranker.threshold_for(clf)
-        if behind is not None:
-            clf.threshold = behind
-    cross = CrossReranker.load(args.cross) if args.cross else None
+    # as SERAC: the threshold calibrated behind the relation reranker, unless --threshold is given
+    reranker, cross = load_rerankers(args.reranker, args.cross, classifier=clf if args.threshold is None else None)
     encoder = get_encoder(clf.encoder or DEFAULT_ENCODER)
     with EditMemory.open("sqlite://", encoder=encoder) as mem:
         records = mem.add_many([{"prompt": c.prompt, "target_new": c.target_new, "subject": c.subject}
@@ -480,20 +480,18 @@ def _eval_scope(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rerank_command_line(args: argparse.Namespace, settings: dict[str, str]) -> str:
-    """The train-rerank command as parsed (the options given, spelled canonically), for the manifest."""
-    parts = ["editmem", "train-rerank", "--data", args.data, "--out", args.out, "--scope", args.scope,
-             "--encoder", args.encoder]
-    for flag in ("format", "base", "relations", "recalibrate", "limit"):
-        value = getattr(args, flag)
-        if value is not None and not (flag == "format" and value == "auto"):
-            parts += [f"--{flag}", str(value)]
-    if args.skip:
-        parts += ["--skip", str(args.skip)]
-    for flag in settings:
-        if getattr(args, flag) is not None:
-            parts += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
-    return " ".join(shlex.quote(p) for p in parts)
+def _parsed_command(command: str, args: argparse.Namespace, required: Sequence[str],
+                    optional: Sequence[str]) -> str:
+    """``editmem COMMAND`` as parsed, for a manifest: the ``required`` options, then each of ``optional`` that was
+    given (not None; ``--format`` not auto, ``--skip`` not 0), spelled canonically."""
+    parts = ["editmem", command]
+    for name in (*required, *optional):
+        value = getattr(args, name)
+        if name in optional and (value is None or (name == "format" and value == "auto")
+                                 or (name == "skip" and not value)):
+            continue
+        parts += ["--" + name.replace("_", "-"), str(value)]
+    return shlex.join(parts)
 
 
 def _train_rerank(args: argparse.Namespace) -> int:
@@ -531,7 +529,8 @@ def _train_rerank(args: argparse.Namespace) -> int:
     if args.limit is not None:
         cases = cases[:args.limit]
     relations = case_relations_for(cases, args.data, args.relations)
-    info = {"command": _rerank_command_line(args, names),
+    info = {"command": _parsed_command("train-rerank", args, ("data", "out", "scope", "encoder"),
+                                       ("format", "base", "relations", "recalibrate", "limit", "skip", *names)),
             "data": {"path": str(args.data), "sha256": file_sha256(args.data), "skip": args.skip,
                      "cases": len(cases)},
             "scope_classifier": {"name": args.scope, "version": clf.info.get("version"), "threshold": clf.threshold},
