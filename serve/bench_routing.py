@@ -191,20 +191,22 @@ def run(data_dir: Path, n_train: int, n_edit: int, cache: Path | None, powers: S
             cross = CrossReranker.load(cross_folder)
             out["cross"] = {"folder": str(cross_folder), "threshold": cross.threshold, "margin": cross.margin,
                             "trainable_parameters": cross.n_trainable()}
-        configs: list[tuple[str, float, bool]] = [("head", 0.0, False)]
-        configs += [(f"head+reranker(power={power:g})", power, False) for power in powers]
-        configs += [(f"head+reranker(power={power:g},recalibrated)", power, False) for power in thresholds]
+        # (name, reranker power or 0 for none, with the cross-encoder, the head's threshold or None for its own)
+        configs: list[tuple[str, float, bool, float | None]] = [("head", 0.0, False, None)]
+        configs += [(f"head+reranker(power={power:g})", power, False, None) for power in powers]
+        configs += [(f"head+reranker(power={power:g},recalibrated)", power, False, threshold)
+                    for power, threshold in thresholds.items()]
         if cross is not None:
-            configs.append(("head+cross", 0.0, True))
+            configs.append(("head+cross", 0.0, True, None))
             if powers:
-                configs.append((f"head+reranker(power={powers[0]:g})+cross", powers[0], True))
+                configs.append((f"head+reranker(power={powers[0]:g})+cross", powers[0], True, None))
         routed = [edit[i] for i in (query_cases or range(len(edit)))][:latency_queries]
-        for name, power, use_cross in configs:
+        for name, power, use_cross, threshold in configs:
             reranker.power = power
             clf = head
-            if name.endswith(",recalibrated)"):
+            if threshold is not None:
                 clf = copy.copy(head)
-                clf.threshold = thresholds[power]
+                clf.threshold = threshold
             router = Router(mem, clf, k=k, reranker=reranker if power else None, cross=cross if use_cross else None)
             t = time.perf_counter()
             runs[name] = routing_report(router, edit, ids, relations=relations, query_cases=query_cases)
