@@ -131,6 +131,16 @@ def _with_answer(text: str, answer: str | None) -> str:
     return text + answer if text.endswith((" ", "\n")) else f"{text} {answer}"
 
 
+def _sample_heldout(rng: random.Random, n: int, holdout: float) -> list[int]:
+    return rng.sample(range(n), max(1, round(n * holdout)))
+
+
+def heldout_cases(n: int, settings: TrainSettings = TrainSettings()) -> list[int]:
+    """The indices of the cases :func:`build_pairs` holds out of training when given ``n`` cases with ``settings``
+    (the head never saw their queries: calibration material)."""
+    return sorted(_sample_heldout(random.Random(settings.seed), n, settings.holdout))
+
+
 def build_pairs(cases: Sequence[EditCase], encoder: Encoder, settings: TrainSettings = TrainSettings(), *,
                 progress: bool = False) -> PairSet:
     """Mine labelled (query, edit) pairs from ``cases`` (see the module docstring)."""
@@ -139,8 +149,8 @@ def build_pairs(cases: Sequence[EditCase], encoder: Encoder, settings: TrainSett
         raise ValidationError(f"scope training needs at least 4 cases, got {len(cases)}")
     rng = random.Random(settings.seed)
     n = len(cases)
-    n_held = max(1, round(n * settings.holdout))
-    held_cases = set(rng.sample(range(n), n_held))
+    held_cases = set(_sample_heldout(rng, n, settings.holdout))
+    n_held = len(held_cases)
     keys = [c.prompt for c in cases]
 
     texts: list[str] = []

@@ -19,6 +19,13 @@ head was not trained on (all of them, or a sample of ``--query-cases``); the lab
 relation templates over made-up names, each a first word and a last word of two different CounterFact subjects, never
 a real subject), which no routed prompt is about: a query routed to one counts as a false positive (a locality
 prompt) or a wrong edit (a rephrase). Issue 17's target: precision and recall drop by no more than 0.01 with 200,000.
+
+Every run without the cross-encoder also reports ``sweep`` per variant: on the same routings, the threshold with the
+best recall whose two relation-aware precisions (no edited subject named / one named) reach issue 17's targets, and a
+few points of the curve; an oracle (chosen on the routed queries themselves), which says whether any threshold could
+meet the targets. ``--calibrate-in-store`` (with ``--store-all``) chooses that threshold honestly: on the routings of
+the head's held-out training cases (stored like every case, never routed otherwise), then routes the query cases at it
+(runs named ``...[store-calibrated]``).
 """
 
 from __future__ import annotations
@@ -119,14 +126,14 @@ def distractor_edits(templates: Any, real_subjects: Sequence[str], n: int, seed:
 def run(data_dir: Path, n_train: int, n_edit: int, cache: Path | None, powers: Sequence[float], *,
         focus: bool = False, store_all: bool = False, n_query: int = 0, latency_queries: int = 200,
         cross_folder: Path | None = None, distractors: int = 0, k: int = 5,
-        recalibrate: bool = False) -> dict[str, Any]:
+        recalibrate: bool = False, calibrate_in_store: bool = False) -> dict[str, Any]:
     from memory.formats import read_cases
     from memory.store import EditMemory
     from scope.evaluate import routing_report
     from scope.relations import RelationTable, rome_files
     from scope.rerank import RelationReranker, RerankSettings, relation_texts
     from scope.router import Router
-    from scope.train import TrainSettings, train_scope
+    from scope.train import TrainSettings, heldout_cases, train_scope
 
     cf = data_dir / "counterfact" / "easyedit_split"
     enc = MemoEncoder(get_encoder(DEFAULT_ENCODER), cache)
@@ -196,6 +203,18 @@ def run(data_dir: Path, n_train: int, n_edit: int, cache: Path | None, powers: S
         configs += [(f"head+reranker(power={power:g})", power, False, None) for power in powers]
         configs += [(f"head+reranker(power={power:g},recalibrated)", power, False, threshold)
                     for power, threshold in thresholds.items()]
+        if calibrate_in_store:  # the threshold at which the head's held-out training cases route best in this store
+            held = heldout_cases(len(train), TrainSettings())
+            out["store_calibration"] = {"cases": len(held)}
+            for name, power, _, _ in list(configs):
+                reranker.power = power
+                router = Router(mem, head, k=k, reranker=reranker if power else None)
+                report = routing_report(router, edit, ids, relations=relations, query_cases=held, sweep=True)
+                best = report["bare"]["sweep"]["best"]
+                out["store_calibration"][name] = report["bare"]["sweep"]
+                log.info("%s calibrated in the store: %s", name, best)
+                if best is not None:
+                    configs.append((f"{name}[store-calibrated]", power, False, best["threshold"]))
         if cross is not None:
             configs.append(("head+cross", 0.0, True, None))
             if powers:
@@ -209,7 +228,8 @@ def run(data_dir: Path, n_train: int, n_edit: int, cache: Path | None, powers: S
                 clf.threshold = threshold
             router = Router(mem, clf, k=k, reranker=reranker if power else None, cross=cross if use_cross else None)
             t = time.perf_counter()
-            runs[name] = routing_report(router, edit, ids, relations=relations, query_cases=query_cases)
+            runs[name] = routing_report(router, edit, ids, relations=relations, query_cases=query_cases,
+                                        sweep=not use_cross)
             log.info("%s routed in %.1f s", name, time.perf_counter() - t)
             for key, texts in (("route_p50_ms_excluding_encoder",
                                 [c.locality[0].prompt if c.locality else c.prompt for c in routed]),
@@ -249,14 +269,20 @@ def main() -> None:
                    help="also store this many synthetic edits about made-up subjects (none is any query's edit)")
     p.add_argument("--recalibrate", action="store_true",
                    help="also route with the head's threshold calibrated behind the relation reranker (each power)")
+    p.add_argument("--calibrate-in-store", action="store_true",
+                   help="with --store-all, also route each configuration at the threshold its routings of the head's "
+                        "held-out training cases reach best in the full store (both precision targets, then recall)")
     p.add_argument("-k", type=int, default=5, help="candidates the router scores per query (default: %(default)s)")
     p.add_argument("--cache", type=Path, default=Path("bench_out/routing_vectors.npz"))
     p.add_argument("--json", type=Path, default=Path("bench_out/routing.json"))
     a = p.parse_args()
+    if a.calibrate_in_store and not a.store_all:
+        p.error("--calibrate-in-store needs --store-all (the held-out training cases must be stored)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     result = run(a.data_dir, a.train, a.edit, a.cache, [float(x) for x in a.powers.split(",")],
                  focus=a.focus_named, store_all=a.store_all, n_query=a.query_cases, cross_folder=a.cross,
-                 distractors=a.distractors, k=a.k, recalibrate=a.recalibrate)
+                 distractors=a.distractors, k=a.k, recalibrate=a.recalibrate,
+                 calibrate_in_store=a.calibrate_in_store)
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

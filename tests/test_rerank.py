@@ -295,7 +295,7 @@ def test_train_relation_rerank_calibrates_behind_a_head_and_serac_routes_with_th
     from editors import get_editor
     from memory.formats import read_cases
     from scope.classifier import load_scope, save_scope
-    from scope.train import TrainSettings, train_scope
+    from scope.train import TrainSettings, heldout_cases, train_scope
     from serve.cli import main
     from tests.tiny import tiny_model
 
@@ -330,12 +330,158 @@ def test_train_relation_rerank_calibrates_behind_a_head_and_serac_routes_with_th
 
     report = tmp_path / "routing.json"
     v1 = str(tmp_path / "cache" / "scope" / "tiny" / "v1")
-    assert main(["eval-scope", "--data", str(data), "--scope", v1, "--reranker", str(out), "--json", str(report)]) == 0
-    assert json.loads(report.read_text())["threshold"] == pytest.approx(behind["threshold"])
-    capsys.readouterr()
+    assert main(["eval-scope", "--data", str(data), "--scope", v1, "--reranker", str(out), "--json", str(report),
+                 "--sweep"]) == 0
+    routed = json.loads(report.read_text())
+    assert routed["threshold"] == pytest.approx(behind["threshold"])
+    assert routed["bare"]["sweep"]["targets"] == {"no_subject": 0.99, "named_subject": 0.95}
+    assert routed["bare"]["sweep"]["curve"] and "recall_same_fact" in routed["bare"]["relation_aware"]
+    assert main(["eval-scope", "--data", str(data), "--scope", v1, "--cross", str(tmp_path), "--sweep"]) == 2
+    assert "--sweep needs" in capsys.readouterr().err
+
+    # --in-store: the threshold chosen on the routings of the head's held-out cases in a store of every case
+    in_store = tmp_path / "in_store.npz"
+    assert main(["train-relation-rerank", "--data", str(data), "--out", str(in_store), "--encoder", ENC,
+                 "--scope", v1, "--in-store"]) == 0
+    assert "held-out cases routed: threshold" in capsys.readouterr().out
+    found = RelationReranker.load(in_store).info
+    chosen = found["behind"]["in_store"]
+    assert found["command"].endswith("--in-store") and chosen["stored"] == 12
+    assert chosen["held_out_cases"] == len(heldout_cases(12, settings)) == 3
+    assert found["behind"]["threshold"] == chosen["sweep"]["best"]["threshold"]
+    assert found["behind"]["pairs_threshold"] == pytest.approx(behind["threshold"], abs=1e-3)  # a retrained reranker
+    assert main(["train-relation-rerank", "--data", str(data), "--out", str(tmp_path / "y.npz"), "--encoder", ENC,
+                 "--in-store"]) == 2
+    assert "give --scope" in capsys.readouterr().err
 
     elsewhere = tmp_path / "cf" / "easyedit_split" / "other.json"
     elsewhere.write_text(data.read_text())
     assert main(["train-relation-rerank", "--data", str(elsewhere), "--out", str(tmp_path / "x.npz"), "--encoder",
                  ENC, "--scope", "tiny"]) == 2
     assert "was trained on" in capsys.readouterr().err and not (tmp_path / "x.npz").exists()
+
+
+def _brute_point(s: np.ndarray, g: np.ndarray, y: np.ndarray, t: float) -> tuple[float, float, float]:
+    """Recall and the two relation-aware precisions of routing every query whose score reaches ``t``."""
+    from scope.calibrate import NAMED_SUBJECT, NO_SUBJECT, REPHRASE
+
+    routed = np.nan_to_num(s, nan=-np.inf) >= t
+    tp = int((routed & (g == REPHRASE) & y).sum())
+    wrong = int((routed & (g == REPHRASE) & ~y).sum())
+    fp_none = int((routed & (g == NO_SUBJECT)).sum())
+    tp_named = int((routed & (g == NAMED_SUBJECT) & y).sum())
+    fp_named = int((routed & (g == NAMED_SUBJECT) & ~y).sum())
+    p_none = tp / (tp + wrong + fp_none) if tp + wrong + fp_none else 1.0
+    good = tp + tp_named
+    p_named = good / (good + wrong + fp_named) if good + wrong + fp_named else 1.0
+    return tp / int((g == REPHRASE).sum()), p_none, p_named
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_routing_points_and_calibration_agree_with_routing_at_each_threshold(seed: int) -> None:
+    """Property check on random routings (ties and queries without candidates included): every point's figures are
+    what routing at its threshold gives, the calibrated point meets both targets with the best recall any threshold
+    reaches among thresholds that route something, and when none meets them the flag says so."""
+    from scope.calibrate import calibrate_routing, routing_points
+
+    rng = np.random.default_rng(seed)
+    n = 300
+    s = rng.choice(np.linspace(0, 1, 40), n)  # ties
+    s[rng.random(n) < 0.05] = np.nan
+    g = rng.integers(0, 3, n)
+    g[0] = 0
+    y = (rng.random(n) < s) & (g != 1)  # higher scores are more often right; a no-subject prompt never is
+    points = routing_points(s, g, y)
+    assert [p.threshold for p in points] == sorted((p.threshold for p in points), reverse=True)
+    for p in points:
+        assert (p.recall, p.precision_no_subject, p.precision_named_subject) == pytest.approx(
+            _brute_point(s, g, y, p.threshold))
+    # thresholds that route at least one query (routing nothing is no calibration)
+    grid = [p.threshold for p in points] + [float(x) for x in np.linspace(-0.1, np.nanmax(s), 121)]
+    for targets in ((0.9, 0.8), (0.99, 0.95), (0.6, 0.5)):
+        best, met = calibrate_routing(s, g, y, *targets)
+        assert best is not None
+        meeting = [r for r, pn, pm in (_brute_point(s, g, y, t) for t in grid) if pn >= targets[0] and pm >= targets[1]]
+        assert met == bool(meeting)
+        if met:
+            assert best.precision_no_subject >= targets[0] and best.precision_named_subject >= targets[1]
+            assert best.recall == pytest.approx(max(meeting))
+
+
+def test_calibrate_routing_rejects_bad_input() -> None:
+    from memory.errors import ValidationError
+    from scope.calibrate import calibrate_routing
+
+    with pytest.raises(ValidationError, match="at least one rephrase"):
+        calibrate_routing([0.5], [1], [False])
+    with pytest.raises(ValidationError, match="groups"):
+        calibrate_routing([0.5], [7], [False])
+    with pytest.raises(ValidationError, match="target_no_subject"):
+        calibrate_routing([0.5], [0], [True], 1.5)
+    assert calibrate_routing([float("nan")], [0], [True]) == (None, False)
+
+
+def test_routing_report_sweep_is_what_routing_at_its_thresholds_gives() -> None:
+    """The sweep of a real router's report: routing again at the sweep's best threshold (and at each curve point)
+    gives exactly the relation-aware figures the sweep promised; a cross-encoder router is refused."""
+    cases = []
+    rels = list(TEMPLATES)
+    for i, name in enumerate(NAMES):
+        rel = rels[i % 3]
+        templates, other = TEMPLATES[rel], NAMES[(i + 1) % len(NAMES)]
+        cases.append(EditCase(templates[0].format(name), f"x{i}", subject=name,
+                              rephrases=(templates[1].format(name), templates[2].format(name)),
+                              locality=(Probe(templates[1].format(other), "z"),
+                                        Probe(TEMPLATES[rels[(i + 1) % 3]][2].format(other), "z"),
+                                        Probe(f"Nobody named {i} sings", "z"))))
+    relations = [rels[i % 3] for i in range(len(NAMES))]
+    with EditMemory.open("sqlite://", encoder=ENC) as mem:
+        ids = [r.id for r in mem.add_many(cases)]
+        router = Router(mem, CosineScope(threshold=0.2, encoder=ENC), k=3)
+        report = routing_report(router, cases, ids, relations=relations, sweep=True, targets=(0.9, 0.8))
+        sweep = report["bare"]["sweep"]
+        assert sweep["targets"] == {"no_subject": 0.9, "named_subject": 0.8} and len(sweep["curve"]) > 3
+        for point in [sweep["best"], *sweep["curve"]]:
+            again = Router(mem, CosineScope(threshold=point["threshold"], encoder=ENC), k=3)
+            ra = routing_report(again, cases, ids, relations=relations)["bare"]
+            aware = ra["relation_aware"]
+            assert aware["recall_same_fact"] == pytest.approx(point["recall"])
+            assert aware["precision_no_subject_same_fact"] == pytest.approx(point["precision_no_subject"])
+            assert aware["precision_named_subject_same_fact"] == pytest.approx(point["precision_named_subject"])
+        with pytest.raises(ValueError, match="sweep"):
+            routing_report(router, cases, ids, sweep=True)
+
+
+def test_a_rephrase_routed_to_another_edit_of_the_same_fact_is_in_scope_under_relation_aware_labels() -> None:
+    """A and B edit the same fact (subject and relation); C has A's subject and another relation. A's rephrase routed
+    to B counts as a wrong edit strictly but as in scope (same fact) relation-aware; B's rephrase routed to C stays a
+    wrong edit both ways."""
+    a = EditCase("Tom Fletcher was born in", "Oslo", subject="Tom Fletcher", rephrases=("Tom Fletcher is native to",))
+    b = EditCase("Tom Fletcher originates from", "Rome", subject="Tom Fletcher",
+                 rephrases=("Tom Fletcher comes from the town of",))
+    c = EditCase("Tom Fletcher plays the instrument", "harp", subject="Tom Fletcher")
+    with EditMemory.open("sqlite://", encoder=ENC) as mem:
+        ids = [r.id for r in mem.add_many([a, b, c])]
+        script = {"Tom Fletcher is native to": ids[1], "Tom Fletcher comes from": ids[2]}
+        report = routing_report(_Scripted(mem, script), [a, b, c], ids,  # type: ignore[arg-type]
+                                relations=["P19", "P19", "P1303"])
+    r = report["bare"]
+    ra = r["relation_aware"]
+    assert (r["tp"], r["fp_wrong_edit"], r["recall"]) == (0, 2, 0.0)
+    assert ra["tp_same_fact"] == 1 and ra["recall_same_fact"] == 0.5
+    assert ra["precision_no_subject"] == 0.0 and ra["precision_no_subject_same_fact"] == 0.5
+
+
+def test_heldout_cases_are_the_cases_build_pairs_holds_out() -> None:
+    from scope.train import TrainSettings, build_pairs, heldout_cases
+
+    enc = get_encoder(ENC)
+    cases = [EditCase(TEMPLATES["P19"][0].format(f"{a} {b}"), "x", subject=f"{a} {b}",
+                      rephrases=(TEMPLATES["P19"][1].format(f"{a} {b}"),))
+             for a in ("Ann", "Bo", "Cy") for b in ("Dee", "Eli", "Fay", "Gus")]
+    settings = TrainSettings(k=3, holdout=0.25)
+    pairs = build_pairs(cases, enc, settings)
+    held_queries = {pairs.query_texts[q] for q in pairs.q[pairs.heldout]}
+    owners = {c for c, case in enumerate(cases) for t in held_queries if t.startswith(case.subject + " ")}
+    held = heldout_cases(len(cases), settings)
+    assert len(held) == 3 and owners == set(held)

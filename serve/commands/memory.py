@@ -10,7 +10,7 @@
                          [--base FOLDER]                          (the cross-encoder reranker, a LoRA adapter)
     editmem train-relation-rerank --data FILE --out FILE.npz [--scope NAME] [--skip N] [--limit N] [--power P]
                                                                   (the relation reranker, a linear relation classifier)
-    editmem eval-scope --data FILE [--scope default] [--limit N] [-k 5] [--reranker FILE] [--cross FOLDER]
+    editmem eval-scope --data FILE [--scope default] [--limit N] [-k 5] [--reranker FILE] [--cross FOLDER] [--sweep]
                                                                             (routing precision/recall at scale)
     editmem bench-overhead [--model smollm2-135m] [--scope default] [--new-tokens 16] [--repeats 5]
 
@@ -163,6 +163,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scope", default=None, metavar="NAME",
                    help="also calibrate this scope head's threshold behind the reranker, on the head's own held-out "
                         "cases (--data must be the file the head was trained on); SERAC then routes with it")
+    p.add_argument("--in-store", action="store_true",
+                   help="with --scope, choose that threshold on routings instead of pairs: every case of --data "
+                        "stored, the head's held-out cases routed, the best recall at relation-aware precision "
+                        ">= 0.99 without / 0.95 with a named edited subject (needs relation ids)")
     p.add_argument("--power", type=float, default=None, help="score * agreement ** power (default: see scope.rerank)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: see scope.rerank)")
     p.set_defaults(func=_train_relation_rerank)
@@ -181,6 +185,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reranker", default=None, metavar="FILE", help="a relation reranker (.npz) to route with")
     p.add_argument("--cross", default=None, metavar="FOLDER",
                    help="a cross-encoder reranker (editmem train-rerank) over the gated candidates")
+    p.add_argument("--sweep", action="store_true",
+                   help="also report what every other threshold gives on the same routings (the best one for "
+                        "precision >= 0.99 without / 0.95 with a named edited subject; needs relation ids, not "
+                        "with --cross)")
     p.set_defaults(func=_eval_scope)
 
     p = sub.add_parser("bench-overhead", help="latency the memory wrapper adds to generate on out-of-scope queries")
@@ -383,6 +391,8 @@ def _train_relation_rerank(args: argparse.Namespace) -> int:
     if out.exists():
         raise ValidationError(f"{out} exists; choose a new file")
     check_output_folder(out.parent, "--out")
+    if args.in_store and not args.scope:
+        raise ValidationError("--in-store calibrates a head's threshold: give --scope NAME")
     encoder = get_encoder(args.encoder)
     head = _head_to_calibrate(args, encoder.name) if args.scope else None
     stop = None if args.limit is None else args.skip + args.limit
@@ -399,6 +409,8 @@ def _train_relation_rerank(args: argparse.Namespace) -> int:
     reranker = RelationReranker.train(texts, labels, encoder, settings, progress=True)
     command = _parsed_command("train-relation-rerank", args, ("data", "out", "encoder"),
                               ("format", "skip", "scope", "limit", "relations", "power", "epochs"))
+    if args.in_store:
+        command += " --in-store"
     reranker.info.update({"command": command, "data": args.data, "cases": len(cases), "skip": args.skip})
     if head is not None:
         reranker.info["behind"] = _calibrate_behind(args, head, reranker, encoder)
@@ -443,9 +455,38 @@ def _calibrate_behind(args: argparse.Namespace, clf: Any, reranker: Any, encoder
     print(f"scope {args.scope!r} v{clf.info.get('version')}: threshold {clf.threshold:.4f} alone (held-out precision "
           f"{plain['precision']:.3f}, recall {plain['recall']:.3f}); behind the reranker "
           f"{cal['calibration']['threshold']:.4f} (precision {cal['precision']:.3f}, recall {cal['recall']:.3f})")
-    return {**{key: clf.info.get(key) for key in ("name", "version", "created")},
-            "threshold": cal["calibration"]["threshold"], "own_threshold": clf.threshold,
-            "heldout": {"precision": cal["precision"], "recall": cal["recall"], "queries": cal["queries"]}}
+    behind = {**{key: clf.info.get(key) for key in ("name", "version", "created")},
+              "threshold": cal["calibration"]["threshold"], "own_threshold": clf.threshold,
+              "heldout": {"precision": cal["precision"], "recall": cal["recall"], "queries": cal["queries"]}}
+    if args.in_store:  # the threshold chosen on pairs stays beside the one chosen on routings
+        behind["pairs_threshold"] = behind["threshold"]
+        behind.update(_calibrate_in_store(args, clf, reranker, encoder, settings))
+    return behind
+
+
+def _calibrate_in_store(args: argparse.Namespace, clf: Any, reranker: Any, encoder: Any,
+                        settings: Any) -> dict[str, Any]:
+    """``--in-store``: the threshold chosen on the routings of the head's held-out cases with every case of
+    ``--data`` stored (:func:`scope.evaluate.calibrate_in_store`)."""
+    from memory.formats import read_cases
+    from scope.evaluate import calibrate_in_store
+    from scope.relations import case_relations_for
+    from scope.train import heldout_cases
+
+    cases = read_cases(args.data, args.format)
+    relations = case_relations_for(cases, args.data, args.relations)
+    if relations is None:
+        raise ValidationError(f"--in-store needs relation ids for {args.data}")
+    found = calibrate_in_store(clf, cases, relations, heldout_cases(len(cases), settings), encoder,
+                               reranker=reranker, progress=True)
+    best = found["sweep"]["best"]
+    if best is None:
+        raise ValidationError("no held-out query found a candidate edit: nothing to calibrate on")
+    how = "meets both targets" if found["sweep"]["met"] else "MISSES the targets (the closest one)"
+    print(f"in a store of {found['stored']:,} edits, {found['held_out_cases']:,} held-out cases routed: threshold "
+          f"{best['threshold']:.4f} {how}: recall {best['recall']:.3f}, precision {best['precision_no_subject']:.3f} "
+          f"without / {best['precision_named_subject']:.3f} with a named edited subject")
+    return {"threshold": best["threshold"], "in_store": found}
 
 
 def _eval_scope(args: argparse.Namespace) -> int:
@@ -461,6 +502,9 @@ def _eval_scope(args: argparse.Namespace) -> int:
     clf = _classifier(args.scope, args.threshold)
     cases = read_cases(args.data, args.format)[:args.limit]
     relations = case_relations_for(cases, args.data, args.relations)
+    if args.sweep and (relations is None or args.cross):
+        raise ValidationError("--sweep needs relation ids for the data (ROME-format CounterFact, see --relations) and "
+                              "a router without --cross (the cross-encoder decides beside the threshold)")
     # as SERAC: the threshold calibrated behind the relation reranker, unless --threshold is given
     reranker, cross = load_rerankers(args.reranker, args.cross, classifier=clf if args.threshold is None else None)
     encoder = get_encoder(clf.encoder or DEFAULT_ENCODER)
@@ -468,7 +512,7 @@ def _eval_scope(args: argparse.Namespace) -> int:
         records = mem.add_many([{"prompt": c.prompt, "target_new": c.target_new, "subject": c.subject}
                                 for c in cases], progress=True)
         report = routing_report(Router(mem, clf, k=args.k, reranker=reranker, cross=cross), cases,
-                                [r.id for r in records], progress=True, relations=relations)
+                                [r.id for r in records], progress=True, relations=relations, sweep=args.sweep)
     if cross is not None:
         report["cross"] = {"folder": args.cross, "threshold": cross.threshold, "margin": cross.margin}
     report["scope"] = {"name": args.scope, "version": clf.info.get("version"), "kind": clf.kind}
