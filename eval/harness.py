@@ -35,6 +35,12 @@ Outputs, in ``out_dir``, written as the run goes:
 Relation-aware locality (sequential mode, given ``relations``, one per case): each checkpoint also reports
 ``"relation_aware"``: locality over the probes that do not ask what an edit stored by then changed, per protocol, and
 how many probes were left out (:mod:`eval.locality_labels`). The five metrics stay the strict ones.
+
+Memory and weights apart (sequential mode, an editor that keeps some edits in memory and moves others into the
+weights, such as ``hybrid``: it has a ``held`` list of the (store id, version) answered from memory, and its handles
+give the store ``ids`` of the edits each apply added): each checkpoint also reports ``"by_part"``, the metrics of the
+measured cases still answered from memory (``"memory"``) and of those moved into the weights (``"weights"``), each
+with its own ``n_measured``; the final per-case lines say which (``"part"``).
 """
 
 from __future__ import annotations
@@ -286,6 +292,8 @@ class _Runner:
                     bar.update(1)
         handles: list[Any] = []
         per_edit_seconds: dict[int, float] = {}
+        edit_of: dict[int, int] = {}  # case index -> store id, for an editor that splits memory and weights
+        splits = hasattr(editor, "held")
         done = 0
         try:
             with self._bar(method, n) as bar:
@@ -300,6 +308,8 @@ class _Runner:
                             handles.append(handle)
                         for i in indices:
                             per_edit_seconds[i] = per_edit
+                        if splits and hasattr(handle, "ids"):
+                            edit_of.update(zip(indices, handle.ids, strict=True))
                         done = indices[-1] + 1
                         bar.update(len(indices))
                     measured = plan[checkpoint]
@@ -308,19 +318,28 @@ class _Runner:
                     relations = self.settings.relations
                     stored = StoredSubjects(self.cases, relations, checkpoint) if relations is not None else None
                     posts, flags, probes = [], [], []
+                    in_memory = {e for e, _ in editor.held} if edit_of else None
+                    parts: dict[str, list[Any]] = {"memory": [], "weights": []}
                     for i in measured:
                         post = self._measure(editor, i)
                         posts.append(post.values)
                         if stored is not None:
                             flags.append(stored.in_scope(i))
                             probes.append(post.locality_probes)
+                        part = {}
+                        if in_memory is not None:
+                            part = {"part": "memory" if edit_of.get(i) in in_memory else "weights"}
+                            parts[part["part"]].append(post.values)
                         if final:
                             self._emit(result, _case_line(i, self.cases[i], method, self.settings, self.pre.get(i),
-                                                          post, per_edit_seconds[i], n_edits=done))
+                                                          post, per_edit_seconds[i], n_edits=done, **part))
                     entry: dict[str, Any] = {"n_edits": checkpoint, "n_measured": len(measured)}
                     entry.update(_metric_block(posts, self.settings))
                     if stored is not None:
                         entry["relation_aware"] = relation_aware(flags, probes, self.settings.protocols)
+                    if in_memory is not None:
+                        entry["by_part"] = {name: {"n_measured": len(values), **_metric_block(values, self.settings)}
+                                            for name, values in parts.items() if values}
                     result.checkpoints.append(entry)
                     log.info("%s: %d edits, %s", method, checkpoint, entry)
                     if self.checkpoint_sink is not None:

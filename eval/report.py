@@ -32,6 +32,9 @@ summary.json
   [, "by_protocol": {...}] [, "relation_aware": {"locality": {"<protocol>": f}, "locality_in_scope": int,
   "locality_probes": int}]}, ...]; the top-level numbers are those after all edits (the last checkpoint), and so is a
   top-level "relation_aware" (given the cases' relations: locality over the probes not in a stored edit's scope).
+  An editor that keeps some edits in memory and moves others into the weights (hybrid) also has, per checkpoint,
+  "by_part": {"memory": {"n_measured": m, five metrics [, "by_protocol"]}, "weights": {...}} (a part no measured
+  case is in is left out).
   A method still running (or stopped) after a checkpoint has "unfinished": {"n_edits": k, "of": n}, and its
   top-level numbers are those of its last checkpoint so far.
 """
@@ -125,7 +128,22 @@ def format_checkpoints(summary: Mapping[str, Any]) -> str:
         if aware:
             out.append("Relation-aware locality leaves out the locality probes that ask what an edit stored by then "
                        "changed (they name its subject and ask its relation; eval/locality_labels.py).\n")
+        if any("by_part" in row for row in rows):
+            out.append(_parts_table(summary, rows))
     return "\n".join(out)
+
+
+def _parts_table(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str:
+    """The measured cases still answered from memory and those moved into the weights, apart (hybrid)."""
+    out = ["The same checkpoints, the measured edits still answered from memory and those moved into the weights:\n",
+           "| Edits | Part | Measured | Protocol | Reliability (%) | Generalization (%) | Locality (%) |",
+           "|---:|---|---:|---|---:|---:|---:|"]
+    for row in rows:
+        for part, block in (row.get("by_part") or {}).items():
+            for protocol, values in _blocks(summary, block).items():
+                out.append(f"| {row['n_edits']} | {part} | {block['n_measured']} | {protocol} | "
+                           + " | ".join(_pct(values.get(m)) for m in FRACTIONS[:3]) + " |")
+    return "\n".join(out) + "\n"
 
 
 def write_summary(out_dir: str | Path, summary: Mapping[str, Any]) -> Path:

@@ -126,7 +126,8 @@ def distractor_edits(templates: Any, real_subjects: Sequence[str], n: int, seed:
 def run(data_dir: Path, n_train: int, n_edit: int, cache: Path | None, powers: Sequence[float], *,
         focus: bool = False, store_all: bool = False, n_query: int = 0, latency_queries: int = 200,
         cross_folder: Path | None = None, distractors: int = 0, k: int = 5,
-        recalibrate: bool = False, calibrate_in_store: bool = False) -> dict[str, Any]:
+        recalibrate: bool = False, calibrate_in_store: bool = False,
+        fixed_thresholds: Sequence[float] = ()) -> dict[str, Any]:
     from memory.formats import read_cases
     from memory.store import EditMemory
     from scope.evaluate import routing_report
@@ -203,6 +204,8 @@ def run(data_dir: Path, n_train: int, n_edit: int, cache: Path | None, powers: S
         configs += [(f"head+reranker(power={power:g})", power, False, None) for power in powers]
         configs += [(f"head+reranker(power={power:g},recalibrated)", power, False, threshold)
                     for power, threshold in thresholds.items()]
+        configs += [(f"head+reranker(power={powers[0]:g},threshold={t:g})", powers[0], False, t)
+                    for t in fixed_thresholds if powers]
         if calibrate_in_store:  # the threshold at which the head's held-out training cases route best in this store
             held = heldout_cases(len(train), TrainSettings())
             out["store_calibration"] = {"cases": len(held)}
@@ -272,6 +275,9 @@ def main() -> None:
     p.add_argument("--calibrate-in-store", action="store_true",
                    help="with --store-all, also route each configuration at the threshold its routings of the head's "
                         "held-out training cases reach best in the full store (both precision targets, then recall)")
+    p.add_argument("--threshold", type=float, action="append", default=[], metavar="T",
+                   help="also route with head + relation reranker (the first of --powers) at this fixed threshold "
+                        "(repeatable): the same threshold with and without --distractors")
     p.add_argument("-k", type=int, default=5, help="candidates the router scores per query (default: %(default)s)")
     p.add_argument("--cache", type=Path, default=Path("bench_out/routing_vectors.npz"))
     p.add_argument("--json", type=Path, default=Path("bench_out/routing.json"))
@@ -282,7 +288,7 @@ def main() -> None:
     result = run(a.data_dir, a.train, a.edit, a.cache, [float(x) for x in a.powers.split(",")],
                  focus=a.focus_named, store_all=a.store_all, n_query=a.query_cases, cross_folder=a.cross,
                  distractors=a.distractors, k=a.k, recalibrate=a.recalibrate,
-                 calibrate_in_store=a.calibrate_in_store)
+                 calibrate_in_store=a.calibrate_in_store, fixed_thresholds=a.threshold)
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

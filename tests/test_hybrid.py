@@ -98,3 +98,13 @@ def test_hybrid_through_the_sequential_harness(tmp_path):
     rows = summary["methods"]["hybrid"]["checkpoints"]
     assert [r["n_edits"] for r in rows] == [3, 5] and summary["methods"]["hybrid"]["n"] == 5
     assert same_weights(model, original)
+    # memory and weights apart: after 3 edits the first 2 are in the weights, after 5 the first 4
+    assert [{p: b["n_measured"] for p, b in r["by_part"].items()} for r in rows] == [
+        {"memory": 1, "weights": 2}, {"memory": 1, "weights": 4}]
+    part = rows[1]["by_part"]["memory"]
+    assert set(part["by_protocol"]) == {"teacher-forced", "generate"} and 0 <= part["reliability"] <= 1
+    import json
+    lines = [json.loads(x) for x in (tmp_path / "cases.jsonl").read_text().splitlines()]
+    assert [x["part"] for x in sorted(lines, key=lambda x: x["index"])] == ["weights"] * 4 + ["memory"]
+    report = (tmp_path / "report.md").read_text()
+    assert "| 5 | memory | 1 | generate |" in report and "| 3 | weights | 2 | teacher-forced |" in report
