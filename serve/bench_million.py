@@ -22,6 +22,10 @@ calls) into a fresh SQLite store, with the real encoder by default. Measured, ea
 ``--namespaces 2`` also imports the same prompts (other targets) into a second namespace and checks that searches in
 each namespace by the other's prompts never return the other's edits (:func:`serve.bench_namespaces.count_leaks`).
 
+``--measure STORE.db`` measures a kept store (``--keep``) again instead: recall@1 and search time at each of
+``--ef-sweep`` and the default efSearch, interleaved query by query (one encoder call, then one search at each depth
+in turn, the order rotating), so the depths are compared under the same load (:func:`ef_paired`).
+
 Run (results in ``--out``/result.json; a markdown table is printed)::
 
     EDITMEM_DATA=../shared/data OMP_NUM_THREADS=1 nice -n 10 python -m serve.bench_million --n 100000 \\
@@ -208,6 +212,66 @@ def ef_sweep(mem: Any, encoder: Any, queries: Sequence[str], best: np.ndarray, e
             out.append(row)
     finally:
         index.ef_search = default
+    return out
+
+
+def ef_paired(mem: Any, encoder: Any, queries: Sequence[str], best: np.ndarray, efs: Sequence[int]
+              ) -> list[dict[str, Any]]:
+    """recall@1 at each HNSW search depth in ``efs``, then their search times interleaved: per query one bare
+    encoder call and one ``search`` (k=5) at each depth, in an order that rotates from query to query. Per depth:
+    p50 of search minus p50 of the encoder (``added_p50_ms``) and p50 of the per-query difference (``paired``)."""
+    index = mem._index_sync.index
+    if index.kind != "hnsw":
+        raise ValueError(f"the store's index is {index.kind}, not hnsw")
+    default, out, efs = index.ef_search, [], list(efs)
+    try:
+        rows: list[dict[str, Any]] = []
+        for ef in efs:
+            index.ef_search = ef
+            rows.append({"ef_search": ef, "recall_at_1": store_recall(mem, queries, best)})
+        mem.search(queries[0], k=5)
+        encoder.encode([queries[0]])
+        enc: list[float] = []
+        srch: dict[int, list[float]] = {ef: [] for ef in efs}
+        for n, q in enumerate(queries):
+            t = time.perf_counter()
+            encoder.encode([q])
+            enc.append(time.perf_counter() - t)
+            for ef in efs[n % len(efs):] + efs[:n % len(efs)]:
+                index.ef_search = ef
+                t = time.perf_counter()
+                mem.search(q, k=5)
+                srch[ef].append(time.perf_counter() - t)
+        for row in rows:
+            lat = srch[row["ef_search"]]
+            row.update(n_timed=len(lat), encoder_p50_ms=1e3 * _percentile(enc, 50),
+                       added_p50_ms=1e3 * (_percentile(lat, 50) - _percentile(enc, 50)),
+                       paired_extra_p50_ms=1e3 * _percentile([a - b for a, b in zip(lat, enc)], 50))
+            out.append(row)
+    finally:
+        index.ef_search = default
+    return out
+
+
+def measure_kept(store: Path, settings: MillionSettings, data_dir: Path) -> dict[str, Any]:
+    """``--measure``: a kept store's search depths compared query by query (:func:`ef_paired`), on the held-out
+    prompts the run that made it used (``--n`` and ``--seed`` must be that run's)."""
+    from memory.encoder import get_encoder
+    from memory.store import EditMemory
+
+    s = settings
+    templates = load_templates(data_dir)
+    encoder = get_encoder(s.encoder)
+    queries = [e["prompt"] for e in synthetic_edits(templates, s.n, s.n + s.queries, s.seed)]
+    t = time.perf_counter()
+    with EditMemory.open(f"sqlite:///{store}", encoder=encoder) as mem:
+        out: dict[str, Any] = {"store": str(store), "open_seconds": time.perf_counter() - t,
+                               "index": _index_state(mem)}
+        best, n_live = exact_best(mem, encoder, queries)
+        default = mem._index_sync.index.ef_search
+        efs = list(dict.fromkeys([default, *s.ef_sweep]))
+        out.update(n_live=n_live, n_queries=len(queries), default_ef_search=default,
+                   ef_paired=ef_paired(mem, encoder, queries, best, efs))
     return out
 
 
@@ -505,6 +569,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="after the import, measure recall, rebuild the index in one batch (timed) and measure on that")
     p.add_argument("--keep", action="store_true",
                    help="keep the store (a new folder under --workdir) for later measurements instead of deleting it")
+    p.add_argument("--measure", type=Path, default=None, metavar="STORE.db",
+                   help="measure a kept store's search depths (the default and --ef-sweep) query by query instead "
+                        "of building a store (--n and --seed: the run that made it)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -523,6 +590,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.measure is not None:
+        if not args.measure.is_file():
+            p.error(f"--measure: no store file {args.measure}")
+        result = measure_kept(args.measure, settings, args.data)
+        result.update({"command": command, "machine": machine_info(), "time": started,
+                       "wall_seconds": time.perf_counter() - t0, "load_average_start": load0,
+                       "load_average_end": os.getloadavg()})
+        (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(json.dumps(result["ef_paired"], indent=1))
+        return 0
     if args.keep:
         kept = Path(tempfile.mkdtemp(prefix="editmem-million-", dir=args.workdir))
         result = run(settings, args.data, kept)

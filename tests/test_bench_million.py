@@ -82,6 +82,28 @@ def test_bench_million_rebuild_measures_the_grown_graph_then_the_rebuilt_one(dat
     assert "then `rebuild_index` in one batch" in capsys.readouterr().out
 
 
+def test_bench_million_measure_compares_search_depths_on_a_kept_store(data_dir: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """--keep leaves the store; --measure opens it and times the default efSearch and the sweep's depths query by
+    query, with recall against exact search; a missing store is refused."""
+    import memory.sync
+
+    monkeypatch.setattr(memory.sync, "HNSW_AUTO_THRESHOLD", 200)
+    common = ["--n", "400", "--encoder", "hashing-64", "--queries", "20", "--data", str(data_dir)]
+    assert main([*common, "--batch", "150", "--ratio-sample", "50", "--searches", "50", "--no-compact", "--ef-sweep",
+                 "", "--keep", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "made")]) == 0
+    kept = Path(json.loads((tmp_path / "made" / "result.json").read_text())["kept_store"])
+    assert main([*common, "--measure", str(kept), "--ef-sweep", "16,64", "--out", str(tmp_path / "m")]) == 0
+    r = json.loads((tmp_path / "m" / "result.json").read_text())
+    rows = r["ef_paired"]
+    assert [e["ef_search"] for e in rows] == [r["default_ef_search"], 16, 64] and r["n_queries"] == 20
+    assert r["n_live"] == 360 and r["index"]["kind"] == "hnsw"  # 10% deleted by the run that made it
+    assert all(e["n_timed"] == 20 and 0 <= e["recall_at_1"] <= 1 and "paired_extra_p50_ms" in e for e in rows)
+    assert rows[0]["recall_at_1"] >= rows[1]["recall_at_1"] - 0.1
+    with pytest.raises(SystemExit):
+        main([*common, "--measure", str(tmp_path / "nothing.db"), "--out", str(tmp_path / "x")])
+
+
 def test_routing_distractors_are_about_made_up_subjects_only() -> None:
     from serve.bench_routing import distractor_edits
 
