@@ -127,7 +127,7 @@ def run(data_dir: Path, n_train: int, n_edit: int, cache: Path | None, powers: S
         focus: bool = False, store_all: bool = False, n_query: int = 0, latency_queries: int = 200,
         cross_folder: Path | None = None, distractors: int = 0, k: int = 5,
         recalibrate: bool = False, calibrate_in_store: bool = False,
-        fixed_thresholds: Sequence[float] = ()) -> dict[str, Any]:
+        fixed_thresholds: Sequence[float] = (), index: str = "auto") -> dict[str, Any]:
     from memory.formats import read_cases
     from memory.store import EditMemory
     from scope.evaluate import routing_report
@@ -174,7 +174,7 @@ def run(data_dir: Path, n_train: int, n_edit: int, cache: Path | None, powers: S
             out.setdefault("recalibrated", {})[f"{power:g}"] = cal
     relations = table.case_relations(edit)
     out["edit_relations_known"] = sum(r is not None and not r.startswith("tmpl:") for r in relations)
-    with EditMemory.open("sqlite://", encoder=enc) as mem:
+    with EditMemory.open("sqlite://", encoder=enc, index=index) as mem:
         t = time.perf_counter()
         ids = [r.id for r in mem.add_many(edit)]
         if distractors:
@@ -278,6 +278,8 @@ def main() -> None:
     p.add_argument("--threshold", type=float, action="append", default=[], metavar="T",
                    help="also route with head + relation reranker (the first of --powers) at this fixed threshold "
                         "(repeatable): the same threshold with and without --distractors")
+    p.add_argument("--index", choices=("auto", "flat", "hnsw"), default="auto",
+                   help="the store's index (flat: exact search, to tell HNSW's misses from the ranking's)")
     p.add_argument("-k", type=int, default=5, help="candidates the router scores per query (default: %(default)s)")
     p.add_argument("--cache", type=Path, default=Path("bench_out/routing_vectors.npz"))
     p.add_argument("--json", type=Path, default=Path("bench_out/routing.json"))
@@ -288,7 +290,7 @@ def main() -> None:
     result = run(a.data_dir, a.train, a.edit, a.cache, [float(x) for x in a.powers.split(",")],
                  focus=a.focus_named, store_all=a.store_all, n_query=a.query_cases, cross_folder=a.cross,
                  distractors=a.distractors, k=a.k, recalibrate=a.recalibrate,
-                 calibrate_in_store=a.calibrate_in_store, fixed_thresholds=a.threshold)
+                 calibrate_in_store=a.calibrate_in_store, fixed_thresholds=a.threshold, index=a.index)
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
