@@ -20,14 +20,15 @@ relation templates over made-up names, each a first word and a last word of two 
 a real subject), which no routed prompt is about: a query routed to one counts as a false positive (a locality
 prompt) or a wrong edit (a rephrase). Issue 17's target: precision and recall drop by no more than 0.01 with 200,000.
 
-Relation-aware figures include the same-fact ones (``*_same_fact``, :mod:`scope.evaluate`: a rephrase routed to
-another stored edit of its subject and relation counts as in scope). Every run without the cross-encoder also reports
-``sweep`` per variant: on the same routings, the threshold with the best recall whose two same-fact precisions (no
-edited subject named / one named) reach issue 17's targets, and a few points of the curve; an oracle (chosen on the routed queries themselves), which says whether any threshold could
-meet the targets. ``--calibrate-in-store`` (with ``--store-all``) chooses that threshold honestly: on the routings of
-the head's held-out training cases (stored like every case, never routed otherwise), then routes the query cases at it
-(runs named ``...[store-calibrated]``). ``--threshold T`` adds head + relation reranker at a fixed threshold (the same
-one with and without ``--distractors``); ``--index flat`` stores with exact search instead of ``auto``.
+Relation-aware figures include the same-fact ones (``*_same_fact``, :mod:`scope.evaluate`: a rephrase routed to another
+stored edit of its subject and relation counts as in scope). Every run without the cross-encoder also reports ``sweep``
+per variant: on the same routings, the threshold with the best recall whose two same-fact precisions (no edited subject
+named / one named) reach issue 17's targets, and a few points of the curve; an oracle (chosen on the routed queries
+themselves), which says whether any threshold could meet the targets. ``--calibrate-in-store`` (with ``--store-all``)
+chooses that threshold honestly: on the routings of the head's held-out training cases (stored like every case, never
+routed otherwise), then routes the query cases at it (runs named ``...[store-calibrated]``). ``--threshold T`` adds head
++ relation reranker at a fixed threshold (the same one with and without ``--distractors``); ``--index flat`` stores with
+exact search instead of ``auto``.
 """
 
 from __future__ import annotations
