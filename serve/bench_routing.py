@@ -212,7 +212,9 @@ def run(data_dir: Path, n_train: int, n_edit: int, cache: Path | None, powers: S
         if calibrate_in_store:  # the threshold at which the head's held-out training cases route best in this store
             held = heldout_cases(len(train), TrainSettings())
             out["store_calibration"] = {"cases": len(held)}
-            for name, power, _, _ in list(configs):
+            for name, power, _, threshold in list(configs):
+                if threshold is not None:  # one calibration per router: the sweep does not depend on the threshold
+                    continue
                 reranker.power = power
                 router = Router(mem, head, k=k, reranker=reranker if power else None)
                 report = routing_report(router, edit, ids, relations=relations, query_cases=held, sweep=True)
