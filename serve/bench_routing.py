@@ -45,42 +45,9 @@ from typing import Any
 
 import numpy as np
 
-from memory.encoder import DEFAULT_ENCODER, Encoder, get_encoder
+from memory.encoder import DEFAULT_ENCODER, MemoEncoder, get_encoder
 
 log = logging.getLogger(__name__)
-
-
-class MemoEncoder:
-    """An encoder that remembers every text's vector (same name and vectors as the wrapped one)."""
-
-    def __init__(self, inner: Encoder, cache: Path | None = None):
-        self.inner, self.cache_path = inner, cache
-        self.memo: dict[str, np.ndarray] = {}
-        if cache is not None and cache.is_file():
-            with np.load(cache, allow_pickle=False) as data:
-                self.memo = dict(zip(data["texts"].tolist(), data["vectors"]))
-        self.encoded = 0
-
-    @property
-    def name(self) -> str:
-        return self.inner.name
-
-    @property
-    def dim(self) -> int:
-        return self.inner.dim
-
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        missing = sorted({t for t in texts if t not in self.memo})
-        if missing:
-            self.memo.update(zip(missing, self.inner.encode(missing)))
-            self.encoded += len(missing)
-        return np.stack([self.memo[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
-
-    def save(self) -> None:
-        if self.cache_path is not None and self.memo:
-            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-            with self.cache_path.open("wb") as f:
-                np.savez(f, texts=np.asarray(list(self.memo)), vectors=np.stack(list(self.memo.values())))
 
 
 def focus_named(cases: list[Any], n: int) -> list[Any]:

@@ -66,3 +66,18 @@ def test_store_with_the_default_encoder(tmp_path: Path) -> None:
     with EditMemory.open(url) as mem:
         assert mem.encoder.name == DEFAULT_ENCODER
         assert mem.search("Who founded Apple?", k=1)[0].edit.subject == "Apple"
+
+
+def test_memo_encoder_encodes_each_text_once_and_keeps_a_cache(tmp_path: Path) -> None:
+    from memory.encoder import MemoEncoder
+
+    inner = get_encoder("hashing-64")
+    memo = MemoEncoder(inner, tmp_path / "memo.npz")
+    assert (memo.name, memo.dim) == (inner.name, inner.dim)
+    first = memo.encode(["a b", "c d", "a b"])
+    assert memo.encoded == 2 and np.allclose(first, inner.encode(["a b", "c d", "a b"]))
+    memo.encode(["c d"])
+    assert memo.encoded == 2 and memo.encode([]).shape == (0, 64)
+    memo.save()
+    again = MemoEncoder(inner, tmp_path / "memo.npz")
+    assert np.allclose(again.encode(["c d", "a b"]), first[[1, 0]]) and again.encoded == 0

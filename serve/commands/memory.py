@@ -393,7 +393,11 @@ def _train_relation_rerank(args: argparse.Namespace) -> int:
     check_output_folder(out.parent, "--out")
     if args.in_store and not args.scope:
         raise ValidationError("--in-store calibrates a head's threshold: give --scope NAME")
-    encoder = get_encoder(args.encoder)
+    encoder: Any = get_encoder(args.encoder)
+    if args.scope:  # the texts are encoded again for the head's calibration (and for --in-store): remember them
+        from memory.encoder import MemoEncoder
+
+        encoder = MemoEncoder(encoder)
     head = _head_to_calibrate(args, encoder.name) if args.scope else None
     stop = None if args.limit is None else args.skip + args.limit
     cases = read_cases(args.data, args.format)[args.skip:stop]
