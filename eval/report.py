@@ -146,6 +146,22 @@ def _parts_table(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) 
     return "\n".join(out) + "\n"
 
 
+def spread_ticks(ticks: Sequence[int], log: bool, min_gap: float = 0.1) -> list[int]:
+    """The checkpoint ticks to label: the first, the last, and those in between at least ``min_gap`` of the axis
+    (log or linear) away from their labelled neighbours, so labels such as 150, 200, 250 on a log axis to 3,000 do not
+    overlap. Every checkpoint is still plotted; only its label may be left out."""
+    if len(ticks) <= 2:
+        return list(ticks)
+    pos = [math.log(t) if log else float(t) for t in ticks]
+    span = (pos[-1] - pos[0]) or 1.0
+    kept = [0]
+    for i in range(1, len(ticks) - 1):
+        if pos[i] - pos[kept[-1]] >= min_gap * span and pos[-1] - pos[i] >= min_gap * span:
+            kept.append(i)
+    kept.append(len(ticks) - 1)
+    return [ticks[i] for i in kept]
+
+
 def write_summary(out_dir: str | Path, summary: Mapping[str, Any]) -> Path:
     """Write ``summary.json`` into ``out_dir`` through a temporary file, so a reader never sees half of it."""
     path = Path(out_dir) / "summary.json"
@@ -321,9 +337,14 @@ def plot_sequential(summary: Mapping[str, Any], path: str | Path) -> Path:
             # a fraction is null when the data has no probes of its kind; fluency when it was switched off
             ax.text(0.5, 0.5, "not measured" if metric == "fluency" else "no probes", ha="center", va="center",
                     transform=ax.transAxes, fontsize=9)
-        if ticks and ticks[-1] / ticks[0] >= 20:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
+        log_x = bool(ticks) and ticks[-1] / ticks[0] >= 20
+        if log_x:
             ax.set_xscale("log")
-        ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=8)
+        shown = spread_ticks(ticks, log_x)
+        ax.set_xticks(shown, [str(t) for t in shown], fontsize=8)
         ax.minorticks_off()
         if metric != "fluency":
             ax.set_ylim(-0.02, 1.02)

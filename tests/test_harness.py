@@ -423,3 +423,13 @@ def test_relations_need_sequential_mode_and_one_per_case(tiny, tmp_path, kw):
     model, tok = tiny
     with pytest.raises(ValidationError, match="relation"):
         run_eval(model, tok, _cases(), ["none"], out_dir=tmp_path, progress=False, **kw)
+
+
+def test_sequential_plot_labels_ticks_that_do_not_overlap():
+    from eval.report import spread_ticks
+
+    assert spread_ticks([100, 150, 200, 250, 300, 500, 1000, 2000, 3000], log=True) == [100, 150, 250, 500, 1000,
+                                                                                       2000, 3000]
+    assert spread_ticks([10, 100, 1000], log=True) == [10, 100, 1000]
+    assert spread_ticks([100, 101], log=False) == [100, 101] and spread_ticks([], log=False) == []
+    assert spread_ticks([10, 20, 30, 990, 1000], log=False) == [10, 1000]
