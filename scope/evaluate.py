@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from memory.records import EditCase
-from scope.calibrate import NAMED_SUBJECT, NO_SUBJECT, REPHRASE, calibrate_routing, routing_points
+from scope.calibrate import NAMED_SUBJECT, NO_SUBJECT, REPHRASE, choose_routing_point, routing_points
 from scope.features import names_subject
 from scope.relations import same_relation
 from scope.router import Router
@@ -158,8 +158,8 @@ def _sweep(records: list[tuple[float, int, bool]], targets: tuple[float, float],
     scores = np.asarray([r[0] for r in records], dtype=np.float64)
     groups = np.asarray([r[1] for r in records], dtype=np.int64)
     right = np.asarray([r[2] for r in records], dtype=bool)
-    best, met = calibrate_routing(scores, groups, right, *targets)
     points = routing_points(scores, groups, right)
+    best, met = choose_routing_point(points, *targets)
     picked = [points[i] for i in np.unique(np.linspace(0, len(points) - 1, n_points).round().astype(int))] \
         if points else []
     return {"targets": {"no_subject": targets[0], "named_subject": targets[1]}, "met": met,
@@ -172,7 +172,13 @@ def _same_fact(text: str, rel: str | None, own: int, subjects: SubjectIndex,
     names and whose relation is ``rel`` (none without relations)."""
     if rel is None:
         return set()
-    return {e for e in subjects.named(text) if e != own and same_relation(relation_of.get(e), rel)}
+    return _asking(subjects.named(text), rel, relation_of) - {own}
+
+
+def _asking(named: set[int], rel: str | None, relation_of: dict[int, str | None]) -> set[int]:
+    """The edits among ``named`` (whose subjects a text names) that change relation ``rel``: the text is in their
+    scope."""
+    return {e for e in named if same_relation(relation_of.get(e), rel)}
 
 
 def _count_locality(c: dict[str, int], text: str, rel: str | None, d: Any, top: int | None,
@@ -183,7 +189,7 @@ def _count_locality(c: dict[str, int], text: str, rel: str | None, d: Any, top: 
     c["fp_locality"] += int(d.in_scope)
     c["fp_locality_named_subject"] += int(d.in_scope and names_subject(text, d.edit.subject))
     named = subjects.named(text)
-    in_scope = {e for e in named if same_relation(relation_of.get(e), rel)}
+    in_scope = _asking(named, rel, relation_of)
     if not named:
         c["locality_no_subject"] += 1
         c["fp_locality_no_subject"] += int(d.in_scope)

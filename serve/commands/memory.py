@@ -412,9 +412,7 @@ def _train_relation_rerank(args: argparse.Namespace) -> int:
     settings = replace(RerankSettings(), **changes)
     reranker = RelationReranker.train(texts, labels, encoder, settings, progress=True)
     command = _parsed_command("train-relation-rerank", args, ("data", "out", "encoder"),
-                              ("format", "skip", "scope", "limit", "relations", "power", "epochs"))
-    if args.in_store:
-        command += " --in-store"
+                              ("format", "skip", "scope", "limit", "relations", "power", "epochs", "in_store"))
     reranker.info.update({"command": command, "data": args.data, "cases": len(cases), "skip": args.skip})
     if head is not None:
         reranker.info["behind"] = _calibrate_behind(args, head, reranker, encoder)
@@ -453,7 +451,8 @@ def _calibrate_behind(args: argparse.Namespace, clf: Any, reranker: Any, encoder
     known = {f.name for f in fields(TrainSettings)}
     training = clf.info.get("training") or {}
     settings = TrainSettings(**{k: v for k, v in (training.get("settings") or {}).items() if k in known})
-    pairs = build_pairs(read_cases(args.data, args.format), encoder, settings, progress=True)
+    cases = read_cases(args.data, args.format)  # the head's whole training file, not --skip / --limit
+    pairs = build_pairs(cases, encoder, settings, progress=True)
     plain = heldout_calibration(clf, pairs, settings.target_precision)
     cal = heldout_calibration(clf, pairs, settings.target_precision, reranker)
     print(f"scope {args.scope!r} v{clf.info.get('version')}: threshold {clf.threshold:.4f} alone (held-out precision "
@@ -464,20 +463,18 @@ def _calibrate_behind(args: argparse.Namespace, clf: Any, reranker: Any, encoder
               "heldout": {"precision": cal["precision"], "recall": cal["recall"], "queries": cal["queries"]}}
     if args.in_store:  # the threshold chosen on pairs stays beside the one chosen on routings
         behind["pairs_threshold"] = behind["threshold"]
-        behind.update(_calibrate_in_store(args, clf, reranker, encoder, settings))
+        behind.update(_calibrate_in_store(args, cases, clf, reranker, encoder, settings))
     return behind
 
 
-def _calibrate_in_store(args: argparse.Namespace, clf: Any, reranker: Any, encoder: Any,
+def _calibrate_in_store(args: argparse.Namespace, cases: Sequence[Any], clf: Any, reranker: Any, encoder: Any,
                         settings: Any) -> dict[str, Any]:
     """``--in-store``: the threshold chosen on the routings of the head's held-out cases with every case of
-    ``--data`` stored (:func:`scope.evaluate.calibrate_in_store`)."""
-    from memory.formats import read_cases
+    ``--data`` (``cases``) stored (:func:`scope.evaluate.calibrate_in_store`)."""
     from scope.evaluate import calibrate_in_store
     from scope.relations import case_relations_for
     from scope.train import heldout_cases
 
-    cases = read_cases(args.data, args.format)
     relations = case_relations_for(cases, args.data, args.relations)
     if relations is None:
         raise ValidationError(f"--in-store needs relation ids for {args.data}")
@@ -531,14 +528,14 @@ def _eval_scope(args: argparse.Namespace) -> int:
 def _parsed_command(command: str, args: argparse.Namespace, required: Sequence[str],
                     optional: Sequence[str]) -> str:
     """``editmem COMMAND`` as parsed, for a manifest: the ``required`` options, then each of ``optional`` that was
-    given (not None; ``--format`` not auto, ``--skip`` not 0), spelled canonically."""
+    given (not None; ``--format`` not auto, ``--skip`` not 0; a flag when set, bare), spelled canonically."""
     parts = ["editmem", command]
     for name in (*required, *optional):
         value = getattr(args, name)
-        if name in optional and (value is None or (name == "format" and value == "auto")
+        if name in optional and (value is None or value is False or (name == "format" and value == "auto")
                                  or (name == "skip" and not value)):
             continue
-        parts += ["--" + name.replace("_", "-"), str(value)]
+        parts += ["--" + name.replace("_", "-")] + ([] if value is True else [str(value)])
     return shlex.join(parts)
 
 
