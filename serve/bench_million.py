@@ -223,12 +223,10 @@ def ef_paired(mem: Any, encoder: Any, queries: Sequence[str], best: np.ndarray, 
     index = mem._index_sync.index
     if index.kind != "hnsw":
         raise ValueError(f"the store's index is {index.kind}, not hnsw")
-    default, out, efs = index.ef_search, [], list(efs)
+    efs = list(efs)
+    rows = ef_sweep(mem, encoder, queries, best, efs, n_timed=0)  # recall at each depth
+    default = index.ef_search
     try:
-        rows: list[dict[str, Any]] = []
-        for ef in efs:
-            index.ef_search = ef
-            rows.append({"ef_search": ef, "recall_at_1": store_recall(mem, queries, best)})
         mem.search(queries[0], k=5)
         encoder.encode([queries[0]])
         enc: list[float] = []
@@ -247,10 +245,9 @@ def ef_paired(mem: Any, encoder: Any, queries: Sequence[str], best: np.ndarray, 
             row.update(n_timed=len(lat), encoder_p50_ms=1e3 * _percentile(enc, 50),
                        added_p50_ms=1e3 * (_percentile(lat, 50) - _percentile(enc, 50)),
                        paired_extra_p50_ms=1e3 * _percentile([a - b for a, b in zip(lat, enc)], 50))
-            out.append(row)
     finally:
         index.ef_search = default
-    return out
+    return rows
 
 
 def measure_kept(store: Path, settings: MillionSettings, data_dir: Path) -> dict[str, Any]:
@@ -594,13 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.measure.is_file():
             p.error(f"--measure: no store file {args.measure}")
         result = measure_kept(args.measure, settings, args.data)
-        result.update({"command": command, "machine": machine_info(), "time": started,
-                       "wall_seconds": time.perf_counter() - t0, "load_average_start": load0,
-                       "load_average_end": os.getloadavg()})
-        (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        print(json.dumps(result["ef_paired"], indent=1))
-        return 0
-    if args.keep:
+    elif args.keep:
         kept = Path(tempfile.mkdtemp(prefix="editmem-million-", dir=args.workdir))
         result = run(settings, args.data, kept)
         result["kept_store"] = str(kept / "million.db")
@@ -611,7 +602,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "wall_seconds": time.perf_counter() - t0, "load_average_start": load0,
                    "load_average_end": os.getloadavg(), "peak_rss_bytes": _peak_rss()})
     (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(render_markdown(result))
+    print(json.dumps(result["ef_paired"], indent=1) if args.measure is not None else render_markdown(result))
     return 0
 
 
