@@ -33,6 +33,12 @@ from memory.errors import ValidationError
 
 log = logging.getLogger(__name__)
 
+# The relation reranker shipped inside the package (scope/default_relations/README.md says how it was made): trained on
+# CounterFact-train and calibrated behind the shipped scope head (``load_scope("default")``). A setting or flag that
+# names ``"default"`` gets it where it fits (:func:`default_reranker_for`), and routes without one elsewhere.
+DEFAULT_RERANKER = "default"
+PACKAGED_RERANKER = Path(__file__).resolve().parent / "default_relations" / "relations.npz"
+
 
 @dataclass(frozen=True)
 class RerankSettings:
@@ -168,3 +174,15 @@ def relation_texts(cases: Sequence[Any], relations: Sequence[str | None]) -> tup
             texts.append(text)
             labels.append(rel)
     return texts, labels
+
+
+def default_reranker_for(classifier: Any) -> RelationReranker | None:
+    """The shipped relation reranker when it fits ``classifier`` (the very head it was calibrated behind, on its
+    encoder), else None: a trained head of another name or version, a cosine scope or another encoder routes as
+    before, without a reranker."""
+    reranker = RelationReranker.load(PACKAGED_RERANKER)
+    if getattr(classifier, "encoder", None) != reranker.encoder or reranker.threshold_for(classifier) is None:
+        log.info("the shipped relation reranker was calibrated behind the shipped scope head on %s; scope %r routes "
+                 "without it", reranker.encoder, getattr(classifier, "info", {}).get("name", classifier.kind))
+        return None
+    return reranker

@@ -30,6 +30,11 @@ def key_values(items: list[str], *, example: str, form: str = "KEY=VALUE", dotte
     return out
 
 
+def none_or_text(text: str) -> str | None:
+    """An argparse ``type`` for a value that ``none`` turns off (e.g. ``--reranker none``)."""
+    return None if text.strip().lower() == "none" else text
+
+
 def bounded_int(minimum: int | None = None) -> Callable[[str], int]:
     """An argparse ``type`` for an integer at least ``minimum`` that SQL can hold (|value| <= 2**63 - 1); a bad value
     is a one-line usage error rather than an OverflowError deep in a query."""

@@ -37,6 +37,7 @@ from editors.retrieval.setup import (
 from memory.checks import check_choice
 from memory.errors import ValidationError
 from memory.namespaces import check_namespace
+from scope.rerank import DEFAULT_RERANKER
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +59,12 @@ class SeracSettings(EditorSettings):
     namespace the edits are read from and written to. ``cloze_reply``: how an in-scope chat question that is a cloze
     prompt is answered (:data:`editors.retrieval.augmented.CLOZE_REPLIES`: ``complete`` starts the reply with the
     prompt's last sentence, ``free`` lets the model start it). ``reranker``: a relation reranker file (``editmem
-    train-relation-rerank``) the router rescores its candidates with; ``cross``: a cross-encoder reranker folder
-    (``editmem train-rerank``) over the candidates the scope classifier gates (:mod:`scope.router`). Both default to
-    none. With ``reranker`` and no ``threshold``, the head's threshold calibrated behind that reranker is used when
-    the file holds one for this head (``editmem train-relation-rerank --scope``).
+    train-relation-rerank``) the router rescores its candidates with; the default, ``"default"``, is the one shipped
+    with the package, used behind the shipped scope head only (any other scope routes without it; None turns it off;
+    :func:`editors.retrieval.setup.load_rerankers`). ``cross``: a cross-encoder reranker folder (``editmem
+    train-rerank``) over the candidates the scope classifier gates (:mod:`scope.router`); default none. With a
+    reranker and no ``threshold``, the head's threshold calibrated behind that reranker is used when the file holds
+    one for this head (``editmem train-relation-rerank --scope``); a ``threshold`` set replaces it.
     """
 
     store: str = "sqlite://"
@@ -73,7 +76,7 @@ class SeracSettings(EditorSettings):
     context: str | None = None
     namespace: str = "default"
     cloze_reply: str = DEFAULT_CLOZE_REPLY
-    reranker: str | None = None
+    reranker: str | None = DEFAULT_RERANKER
     cross: str | None = None
 
     def __post_init__(self) -> None:
@@ -116,7 +119,8 @@ class SeracEditor(MemoryEditor):
         s = self.settings
         clf = load_classifier(s.scope, threshold=s.threshold)
         options = counterfactual_options(s.counterfactual, model, tokenizer, context=s.context)
-        reranker, cross = load_rerankers(s.reranker, s.cross, classifier=clf if s.threshold is None else None)
+        reranker, cross = load_rerankers(s.reranker, s.cross, classifier=clf,
+                                         keep_threshold=s.threshold is not None)
         self.open_memory(s.store, s.encoder or clf.encoder, clf, namespace=s.namespace)
         self._wrapper = AugmentedModel(model, tokenizer, self.memory, clf, k=s.k, cloze_reply=s.cloze_reply,
                                        reranker=reranker, cross=cross, **options)

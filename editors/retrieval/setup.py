@@ -35,17 +35,25 @@ def load_classifier(scope: str, *, threshold: float | None = None, encoder: str 
     return clf
 
 
-def load_rerankers(reranker: str | None, cross: str | None, *, classifier: Any = None) -> tuple[Any, Any]:
+def load_rerankers(reranker: str | None, cross: str | None, *, classifier: Any = None,
+                   keep_threshold: bool = False) -> tuple[Any, Any]:
     """The relation reranker file and cross-encoder reranker folder a setting names, loaded (None stays None).
 
-    With ``classifier`` (given when no threshold was set explicitly) and a relation reranker, the classifier takes
-    the threshold calibrated behind that reranker when the file holds one for it (``editmem train-relation-rerank
-    --scope``); otherwise it keeps its own, with a warning."""
+    ``"default"`` (:data:`scope.rerank.DEFAULT_RERANKER`) is the relation reranker shipped with the package, used
+    only behind the scope head it was calibrated behind (:func:`scope.rerank.default_reranker_for`; any other
+    ``classifier`` routes without a reranker). With ``classifier`` and a relation reranker, the classifier takes the
+    threshold calibrated behind that reranker when the file holds one for it (``editmem train-relation-rerank
+    --scope``), unless ``keep_threshold`` (a threshold the user set); otherwise it keeps its own, with a warning."""
     from scope.cross_rerank import CrossReranker
-    from scope.rerank import RelationReranker
+    from scope.rerank import DEFAULT_RERANKER, PACKAGED_RERANKER, RelationReranker, default_reranker_for
 
-    relation = RelationReranker.load(reranker) if reranker is not None else None
-    if relation is not None and classifier is not None:
+    relation = None
+    if reranker == DEFAULT_RERANKER:
+        relation = (default_reranker_for(classifier) if classifier is not None
+                    else RelationReranker.load(PACKAGED_RERANKER))
+    elif reranker is not None:
+        relation = RelationReranker.load(reranker)
+    if relation is not None and classifier is not None and not keep_threshold:
         behind = relation.threshold_for(classifier)
         if behind is None:
             log.warning("the relation reranker %s was not calibrated behind scope %r: routing keeps its own threshold "

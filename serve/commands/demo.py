@@ -139,15 +139,23 @@ def open_demo(model_name: str, scope_name: str, threshold: float | None, url: st
     """The demo's model, store and wrapper: ``(wrapper, mem)`` (the caller closes ``mem``)."""
     from editors.lm.loading import load_model
     from editors.retrieval.augmented import AugmentedModel
-    from editors.retrieval.setup import DEFAULT_COUNTERFACTUAL, counterfactual_options, load_classifier
+    from editors.retrieval.setup import (
+        DEFAULT_COUNTERFACTUAL,
+        counterfactual_options,
+        load_classifier,
+        load_rerankers,
+    )
     from memory import EditMemory
+    from scope.rerank import DEFAULT_RERANKER
 
     model, tokenizer = load_model(model_name)
     mem = EditMemory.open(url)
     threshold = 0.5 if scope_name == "cosine" and threshold is None else threshold
     scope = load_classifier(scope_name, threshold=threshold, encoder=mem.encoder.name)
+    # as SERAC by default: the shipped relation reranker behind the shipped head (none behind any other scope)
+    reranker, _ = load_rerankers(DEFAULT_RERANKER, None, classifier=scope, keep_threshold=threshold is not None)
     options = counterfactual_options(DEFAULT_COUNTERFACTUAL, model, tokenizer)
-    return AugmentedModel(model, tokenizer, mem, scope, **options), mem
+    return AugmentedModel(model, tokenizer, mem, scope, reranker=reranker, **options), mem
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -163,8 +171,9 @@ def run_demo(args: argparse.Namespace) -> int:
             source = scope.info.get("name", args.scope)
             how = "questions through the chat template, cloze prompts as completions" if wrapper.chat is not None \
                 else "plain completion"
-            _line(f"   encoder: {mem.encoder.name}; scope: {scope.kind} {source!r} (threshold {scope.threshold:.3f}); "
-                  f"{len(mem)} edits stored; asked as {how}")
+            behind = " behind the shipped relation reranker" if wrapper.router.reranker is not None else ""
+            _line(f"   encoder: {mem.encoder.name}; scope: {scope.kind} {source!r} (threshold {scope.threshold:.3f}"
+                  f"{behind}); {len(mem)} edits stored; asked as {how}")
             _line()
             walk(wrapper, mem, args.max_new_tokens)
             _line(f"== done in {time.perf_counter() - started:.1f} s; {len(mem)} current edits")

@@ -28,7 +28,8 @@ from typing import Any
 
 from memory.encoder import DEFAULT_ENCODER
 from memory.errors import ValidationError
-from serve.options import check_output_folder
+from scope.rerank import DEFAULT_RERANKER
+from serve.options import check_output_folder, none_or_text
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -182,7 +183,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--relations", default=None, metavar="DIR",
                    help="folder of ROME-format CounterFact files giving relation ids, for relation-aware labels "
                         "(default: counterfact/rome_format beside the data file's folder, when it exists)")
-    p.add_argument("--reranker", default=None, metavar="FILE", help="a relation reranker (.npz) to route with")
+    p.add_argument("--reranker", default=DEFAULT_RERANKER, type=none_or_text, metavar="FILE",
+                   help="a relation reranker (.npz) to route with; 'default' (the default) is the one shipped with "
+                        "editmem, used behind the shipped scope head only (as SERAC); 'none' routes without one")
     p.add_argument("--cross", default=None, metavar="FOLDER",
                    help="a cross-encoder reranker (editmem train-rerank) over the gated candidates")
     p.add_argument("--sweep", action="store_true",
@@ -507,7 +510,8 @@ def _eval_scope(args: argparse.Namespace) -> int:
         raise ValidationError("--sweep needs relation ids for the data (ROME-format CounterFact, see --relations) and "
                               "a router without --cross (the cross-encoder decides beside the threshold)")
     # as SERAC: the threshold calibrated behind the relation reranker, unless --threshold is given
-    reranker, cross = load_rerankers(args.reranker, args.cross, classifier=clf if args.threshold is None else None)
+    reranker, cross = load_rerankers(args.reranker, args.cross, classifier=clf,
+                                     keep_threshold=args.threshold is not None)
     encoder = get_encoder(clf.encoder or DEFAULT_ENCODER)
     with EditMemory.open("sqlite://", encoder=encoder) as mem:
         records = mem.add_many([{"prompt": c.prompt, "target_new": c.target_new, "subject": c.subject}
