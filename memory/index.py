@@ -136,8 +136,9 @@ class VectorIndex:
         return self.kind == "hnsw" and len(self._stale) > max(STALE_MIN, STALE_FRACTION * len(self._ids))
 
     # --- search ---------------------------------------------------------------------------------------------------
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (scores, ids) per query row, best first; missing slots have id -1."""
+    def search(self, queries: np.ndarray, k: int, *, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, ids) per query row, best first; missing slots have id -1. ``ef_search``: this search's HNSW
+        depth instead of :attr:`ef_search` (ignored by a flat index)."""
         import faiss
 
         queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -149,7 +150,8 @@ class VectorIndex:
         params = None
         if self.kind == "hnsw":
             # faiss exports SearchParametersHNSW (swigfaiss) but its bundled __init__.pyi omits it
-            params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, 2 * k_eff))  # type: ignore[attr-defined]
+            depth = self.ef_search if ef_search is None else ef_search
+            params = faiss.SearchParametersHNSW(efSearch=max(depth, 2 * k_eff))  # type: ignore[attr-defined]
             if self._stale:
                 params.sel = self._stale_selector()
         scores, ids = _search(self._index, queries, k_eff, params)

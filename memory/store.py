@@ -44,6 +44,7 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import URL, Connection, Engine, Row
 
 from memory import schema
+from memory.checks import check_number
 from memory.encoder import DEFAULT_ENCODER, Encoder, get_encoder
 from memory.errors import FormatError, NotFoundError, StoreError, ValidationError
 from memory.fastread import FastReads
@@ -346,20 +347,23 @@ class EditMemory:
         return self.search_many([text], k)[0]
 
     @overload
-    def search_many(self, texts: Sequence[str], k: int = 5, *,
-                    return_vectors: Literal[False] = False) -> builtins.list[builtins.list[Hit]]: ...
+    def search_many(self, texts: Sequence[str], k: int = 5, *, return_vectors: Literal[False] = False,
+                    ef_search: int | None = None) -> builtins.list[builtins.list[Hit]]: ...
 
     @overload
-    def search_many(self, texts: Sequence[str], k: int = 5, *,
-                    return_vectors: Literal[True],
+    def search_many(self, texts: Sequence[str], k: int = 5, *, return_vectors: Literal[True],
+                    ef_search: int | None = None,
                     ) -> tuple[builtins.list[builtins.list[Hit]], np.ndarray, builtins.list[np.ndarray]]: ...
 
-    def search_many(self, texts: Sequence[str], k: int = 5, *, return_vectors: bool = False) -> Any:
+    def search_many(self, texts: Sequence[str], k: int = 5, *, return_vectors: bool = False,
+                    ef_search: int | None = None) -> Any:
         """``search`` for many texts at once: one batched encode, one index search, one SQL fetch.
 
         With ``return_vectors``, also the vectors the search used, so a caller need not encode again: returns
         ``(hits, queries, keys)`` where ``queries`` (len(texts), dim) are the texts' embeddings and ``keys[i]``
-        (len(hits[i]), dim) the stored key embeddings of the versions in ``hits[i]``, row for row."""
+        (len(hits[i]), dim) the stored key embeddings of the versions in ``hits[i]``, row for row. ``ef_search``:
+        this search's HNSW depth (more exact, slower; :data:`memory.index.HNSW_EF_SEARCH` unless given; a flat index
+        is exact anyway)."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise ValidationError("texts must be a list of strings")
         for i, t in enumerate(texts):
@@ -368,6 +372,7 @@ class EditMemory:
                 raise ValidationError(f"query text {i} {problem}")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValidationError(f"k must be a positive integer, got {k!r}")
+        check_number("search", "ef_search", ef_search, integer=True, minimum=1, strict=False, optional=True)
         if not texts:
             return ([], np.zeros((0, self._encoder.dim), dtype=np.float32), []) if return_vectors else []
         queries = self._encode(list(texts))
@@ -375,7 +380,7 @@ class EditMemory:
             with self._index_sync.lock:
                 self._index_sync.catch_up()
                 index = self._index_sync.index
-                scores, ids = index.search(queries, max(1, min(k, len(index))))
+                scores, ids = index.search(queries, max(1, min(k, len(index))), ef_search=ef_search)
             wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
             records = self._current_records(wanted)
             if attempt == 0 and len(records) < len(wanted):

@@ -16,6 +16,9 @@ the store's search already has: the queries' embeddings it encoded and the hits'
 (``search_many(..., return_vectors=True)``), so each query view is encoded once and edit prompts never are. The cosine
 scope scores from the hits' similarities alone.
 
+On an HNSW index the router searches deeper than a plain search (``ef_search``, default :data:`ROUTE_EF_SEARCH`):
+a query whose own edit the graph misses cannot be routed to it whatever the scoring does.
+
 An optional reranker (:class:`scope.rerank.RelationReranker`) rescales each candidate's score by how well what the
 query asks agrees with what the edit asks, from the same vectors; the exact-prompt rule still applies after it.
 
@@ -44,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from memory.checks import check_number
 from memory.encoder import Encoder
 from memory.errors import ValidationError
 from memory.feed import change_number
@@ -56,6 +60,11 @@ log = logging.getLogger(__name__)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 MIN_VIEW_WORDS = 3
 EXACT_SCORE = 1.0
+# The HNSW search depth routing uses, deeper than a plain search's (memory.index.HNSW_EF_SEARCH, 256): CounterFact's
+# keys are many near-ties, and at 256 the graph misses a rephrase's own edit often enough to cost routing a point of
+# recall at 21,919 edits (0.979 -> 0.988 at 1,024; 2,048 equals exact search). At 750,000 edits 1,024 adds about 8 ms
+# over the encoder, 2,048 about 17 (BENCHMARKS.md "Store at scale" round 12). A flat index is exact either way.
+ROUTE_EF_SEARCH: int | None = 1024
 
 
 def query_views(text: str) -> list[str]:
@@ -153,12 +162,15 @@ class HeldEdits:
 
 class Router:
     """Retrieval + scope for one store (see the module docstring). ``held``: the edits the wrapped model's weights
-    hold (:class:`HeldEdits`), not gated; settable after construction. ``cross``: the cross-encoder reranker."""
+    hold (:class:`HeldEdits`), not gated; settable after construction. ``cross``: the cross-encoder reranker.
+    ``ef_search``: the HNSW search depth of the router's searches (None: the index's own)."""
 
     def __init__(self, memory: Any, classifier: ScopeClassifier, *, k: int = 5, reranker: Any = None,
-                 held: HeldEdits | None = None, cross: Any = None):
+                 held: HeldEdits | None = None, cross: Any = None, ef_search: int | None = ROUTE_EF_SEARCH):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValidationError(f"k must be a positive integer, got {k!r}")
+        check_number("router", "ef_search", ef_search, integer=True, minimum=1, strict=False, optional=True)
+        self.ef_search = ef_search  # the search depth on an HNSW index (None: the index's own)
         classifier.check_encoder(memory.encoder.name)
         self.memory = memory
         self.classifier = classifier
@@ -195,9 +207,9 @@ class Router:
         u = v = None
         wants_vectors = self.classifier.needs_vectors or self.reranker is not None
         if wants_vectors:  # the vectors the search encoded and the hits' stored keys, not re-encoded
-            hits, queries, keys = self.memory.search_many(views, self.k, return_vectors=True)
+            hits, queries, keys = self.memory.search_many(views, self.k, return_vectors=True, ef_search=self.ef_search)
         else:
-            hits = self.memory.search_many(views, self.k)
+            hits = self.memory.search_many(views, self.k, ef_search=self.ef_search)
         rows = [(w, h) for w, row in enumerate(hits) for h in row]
         threshold = self.classifier.threshold
         if not rows:

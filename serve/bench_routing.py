@@ -28,7 +28,8 @@ themselves), which says whether any threshold could meet the targets. ``--calibr
 chooses that threshold honestly: on the routings of the head's held-out training cases (stored like every case, never
 routed otherwise), then routes the query cases at it (runs named ``...[store-calibrated]``). ``--threshold T`` adds head
 + relation reranker at a fixed threshold (the same one with and without ``--distractors``); ``--index flat`` stores with
-exact search instead of ``auto``.
+exact search instead of ``auto``. Routers search at the router's default HNSW depth
+(:data:`scope.router.ROUTE_EF_SEARCH`); ``--ef-search N`` (repeatable) routes every variant again at each depth N.
 """
 
 from __future__ import annotations
@@ -97,13 +98,14 @@ def run(data_dir: Path, n_train: int, n_edit: int, cache: Path | None, powers: S
         focus: bool = False, store_all: bool = False, n_query: int = 0, latency_queries: int = 200,
         cross_folder: Path | None = None, distractors: int = 0, k: int = 5,
         recalibrate: bool = False, calibrate_in_store: bool = False,
-        fixed_thresholds: Sequence[float] = (), index: str = "auto") -> dict[str, Any]:
+        fixed_thresholds: Sequence[float] = (), index: str = "auto",
+        ef_searches: Sequence[int] = ()) -> dict[str, Any]:
     from memory.formats import read_cases
     from memory.store import EditMemory
     from scope.evaluate import routing_report
     from scope.relations import RelationTable, rome_files
     from scope.rerank import RelationReranker, RerankSettings, relation_texts
-    from scope.router import Router
+    from scope.router import ROUTE_EF_SEARCH, Router
     from scope.train import TrainSettings, heldout_cases, train_scope
 
     cf = data_dir / "counterfact" / "easyedit_split"
@@ -170,7 +172,7 @@ def run(data_dir: Path, n_train: int, n_edit: int, cache: Path | None, powers: S
             out["cross"] = {"folder": str(cross_folder), "threshold": cross.threshold, "margin": cross.margin,
                             "trainable_parameters": cross.n_trainable()}
         # (name, reranker power or 0 for none, with the cross-encoder, the head's threshold or None for its own)
-        configs: list[tuple[str, float, bool, float | None]] = [("head", 0.0, False, None)]
+        configs: list[Any] = [("head", 0.0, False, None)]
         configs += [(f"head+reranker(power={power:g})", power, False, None) for power in powers]
         configs += [(f"head+reranker(power={power:g},recalibrated)", power, False, threshold)
                     for power, threshold in thresholds.items()]
@@ -195,13 +197,21 @@ def run(data_dir: Path, n_train: int, n_edit: int, cache: Path | None, powers: S
             if powers:
                 configs.append((f"head+reranker(power={powers[0]:g})+cross", powers[0], True, None))
         routed = [edit[i] for i in (query_cases or range(len(edit)))][:latency_queries]
-        for name, power, use_cross, threshold in configs:
+        out["route_ef_search"] = ROUTE_EF_SEARCH
+        if ef_searches and mem.index_kind == "hnsw":  # each router again at each HNSW search depth
+            configs = [(f"{name}[ef={ef}]", power, use_cross, threshold, ef)
+                       for ef in ef_searches for name, power, use_cross, threshold in configs]
+        else:
+            configs = [(name, power, use_cross, threshold, ROUTE_EF_SEARCH)
+                       for name, power, use_cross, threshold in configs]
+        for name, power, use_cross, threshold, ef in configs:
             reranker.power = power
             clf = head
             if threshold is not None:
                 clf = copy.copy(head)
                 clf.threshold = threshold
-            router = Router(mem, clf, k=k, reranker=reranker if power else None, cross=cross if use_cross else None)
+            router = Router(mem, clf, k=k, reranker=reranker if power else None, cross=cross if use_cross else None,
+                            ef_search=ef)
             t = time.perf_counter()
             runs[name] = routing_report(router, edit, ids, relations=relations, query_cases=query_cases,
                                         sweep=not use_cross)
@@ -252,6 +262,8 @@ def main() -> None:
                         "(repeatable): the same threshold with and without --distractors")
     p.add_argument("--index", choices=("auto", "flat", "hnsw"), default="auto",
                    help="the store's index (flat: exact search, to tell HNSW's misses from the ranking's)")
+    p.add_argument("--ef-search", type=int, action="append", default=[], metavar="N",
+                   help="route again at this HNSW search depth (repeatable; only when the index is HNSW)")
     p.add_argument("-k", type=int, default=5, help="candidates the router scores per query (default: %(default)s)")
     p.add_argument("--cache", type=Path, default=Path("bench_out/routing_vectors.npz"))
     p.add_argument("--json", type=Path, default=Path("bench_out/routing.json"))
@@ -262,7 +274,8 @@ def main() -> None:
     result = run(a.data_dir, a.train, a.edit, a.cache, [float(x) for x in a.powers.split(",")],
                  focus=a.focus_named, store_all=a.store_all, n_query=a.query_cases, cross_folder=a.cross,
                  distractors=a.distractors, k=a.k, recalibrate=a.recalibrate,
-                 calibrate_in_store=a.calibrate_in_store, fixed_thresholds=a.threshold, index=a.index)
+                 calibrate_in_store=a.calibrate_in_store, fixed_thresholds=a.threshold, index=a.index,
+              ef_searches=a.ef_search)
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

@@ -153,3 +153,42 @@ def test_index_file_cut_short_is_ignored(tmp_path: Path) -> None:
     for cut in (len(data) // 2, len(data) - 1):
         path.write_bytes(data[:cut])
         assert index_mod.VectorIndex.load(path) is None
+
+
+def test_a_search_depth_per_call_reaches_the_hnsw_index_and_the_router_passes_its_own(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``search_many(..., ef_search=N)`` searches the HNSW index at depth N for that call only (the index's own
+    depth is untouched); at a depth past the store's size the results are exact search's. The router searches at
+    its ``ef_search``; a bad depth is refused."""
+    from memory.errors import ValidationError
+    from scope.classifier import CosineScope
+    from scope.router import ROUTE_EF_SEARCH, Router
+
+    depths: list[int | None] = []
+    real = index_mod.VectorIndex.search
+
+    def spy(self, queries, k, *, ef_search=None):
+        depths.append(ef_search)
+        return real(self, queries, k, ef_search=ef_search)
+
+    monkeypatch.setattr(index_mod.VectorIndex, "search", spy)
+    with EditMemory.open("sqlite://", encoder=ENC, index="hnsw") as hnsw, \
+            EditMemory.open("sqlite://", encoder=ENC, index="flat") as flat:
+        _fill(hnsw, 400)
+        _fill(flat, 400)
+        hnsw.wait_for_index()
+        default = hnsw._index_sync.index.ef_search
+        deep = [[(h.edit.id, round(h.score, 5)) for h in row] for row in hnsw.search_many(QUERIES, 5, ef_search=1000)]
+        assert depths[-1] == 1000 and hnsw._index_sync.index.ef_search == default
+        assert _same(deep, _results(flat))
+        hnsw.search_many(QUERIES[:2], 5)
+        assert depths[-1] is None
+        for bad in (0, -3, 2.5, True, "256"):
+            with pytest.raises(ValidationError, match="ef_search"):
+                hnsw.search_many(QUERIES[:1], 5, ef_search=bad)
+        Router(hnsw, CosineScope(0.5, None)).route(["fact 3 about topic 3"])
+        assert depths[-1] == ROUTE_EF_SEARCH
+        Router(hnsw, CosineScope(0.5, None), ef_search=64).route(["fact 3 about topic 3"])
+        assert depths[-1] == 64
+        with pytest.raises(ValidationError, match="ef_search"):
+            Router(hnsw, CosineScope(0.5, None), ef_search=0)

@@ -25,7 +25,7 @@ class _Snapshot:
             for r in records])
         self.originals: dict[int, EditRecord] = {a.id: r for a, r in zip(added, records)}
         self.router = Router(self.memory, wrapper.scope, k=wrapper.router.k, reranker=wrapper.router.reranker,
-                             cross=wrapper.router.cross)
+                             cross=wrapper.router.cross, ef_search=wrapper.router.ef_search)
 
     def route(self, text: str) -> Decision:
         d = self.router.route([text])[0]
