@@ -275,7 +275,7 @@ def main() -> None:
                  focus=a.focus_named, store_all=a.store_all, n_query=a.query_cases, cross_folder=a.cross,
                  distractors=a.distractors, k=a.k, recalibrate=a.recalibrate,
                  calibrate_in_store=a.calibrate_in_store, fixed_thresholds=a.threshold, index=a.index,
-              ef_searches=a.ef_search)
+                 ef_searches=a.ef_search)
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
