@@ -340,11 +340,12 @@ class EditMemory:
             raise NotFoundError(f"no edit with id {edit_id}")
         return [_record(r) for r in rows]
 
-    def search(self, text: str, k: int = 5) -> builtins.list[Hit]:
-        """The ``k`` current edits whose prompts are closest to ``text`` (cosine), best first."""
+    def search(self, text: str, k: int = 5, *, ef_search: int | None = None) -> builtins.list[Hit]:
+        """The ``k`` current edits whose prompts are closest to ``text`` (cosine), best first (``ef_search``: as
+        :meth:`search_many`)."""
         if not isinstance(text, str) or not text.strip():
             raise ValidationError("the query text must not be empty")
-        return self.search_many([text], k)[0]
+        return self.search_many([text], k, ef_search=ef_search)[0]
 
     @overload
     def search_many(self, texts: Sequence[str], k: int = 5, *, return_vectors: Literal[False] = False,

@@ -165,7 +165,6 @@ def calibrate_routing(scores: Sequence[float] | np.ndarray, groups: Sequence[int
     """The threshold with the highest recall whose precisions reach both targets on these routings (see
     :func:`routing_points`), and True; when no threshold reaches both, the one whose worse shortfall is smallest,
     and False. None when nothing has a candidate."""
-    _check_targets(target_no_subject, target_named_subject)
     return choose_routing_point(routing_points(scores, groups, right), target_no_subject, target_named_subject)
 
 
@@ -173,7 +172,9 @@ def choose_routing_point(points: Sequence[RoutingPoint], target_no_subject: floa
                          target_named_subject: float = 0.95) -> tuple[RoutingPoint | None, bool]:
     """:func:`calibrate_routing`'s choice among points :func:`routing_points` already gave (for a caller that also
     keeps the curve)."""
-    _check_targets(target_no_subject, target_named_subject)
+    for name, value in (("target_no_subject", target_no_subject), ("target_named_subject", target_named_subject)):
+        if not (isinstance(value, (int, float)) and 0 < value <= 1):
+            raise ValidationError(f"{name} must be in (0, 1], got {value!r}")
     if not points:
         return None, False
     ok = [p for p in points if p.precision_no_subject >= target_no_subject
@@ -183,8 +184,3 @@ def choose_routing_point(points: Sequence[RoutingPoint], target_no_subject: floa
     return max(points, key=lambda p: (min(p.precision_no_subject - target_no_subject,
                                           p.precision_named_subject - target_named_subject), p.recall)), False
 
-
-def _check_targets(target_no_subject: float, target_named_subject: float) -> None:
-    for name, value in (("target_no_subject", target_no_subject), ("target_named_subject", target_named_subject)):
-        if not (isinstance(value, (int, float)) and 0 < value <= 1):
-            raise ValidationError(f"{name} must be in (0, 1], got {value!r}")

@@ -184,34 +184,30 @@ def exact_best(mem: Any, encoder: Any, queries: Sequence[str]) -> tuple[np.ndarr
     return best, len(row_ids)
 
 
-def store_recall(mem: Any, queries: Sequence[str], best: np.ndarray, tol: float = 1e-5) -> float:
-    """recall@1 of ``search`` against the exact best scores (a hit counts when its score is within ``tol`` of the
-    exact best, so exact ties count either way)."""
+def store_recall(mem: Any, queries: Sequence[str], best: np.ndarray, tol: float = 1e-5, *,
+                 ef_search: int | None = None) -> float:
+    """recall@1 of ``search`` (at HNSW depth ``ef_search``, default the index's own) against the exact best scores
+    (a hit counts when its score is within ``tol`` of the exact best, so exact ties count either way)."""
     hits: list[Any] = []
     for start in range(0, len(queries), 256):
-        hits.extend(mem.search_many(list(queries[start:start + 256]), 1))
+        hits.extend(mem.search_many(list(queries[start:start + 256]), 1, ef_search=ef_search))
     got = np.asarray([h[0].score if h else -np.inf for h in hits], dtype=np.float32)
     return float(np.mean(got >= best - tol))
 
 
 def ef_sweep(mem: Any, encoder: Any, queries: Sequence[str], best: np.ndarray, efs: Sequence[int],
              n_timed: int = 200) -> list[dict[str, Any]]:
-    """recall@1 and search latency over the encoder at other HNSW search depths (the live index's ``ef_search``,
-    put back afterwards); ``n_timed`` 0 measures recall only."""
-    index = mem._index_sync.index
-    if index.kind != "hnsw":
+    """recall@1 and search latency over the encoder at other HNSW search depths (each search's own depth; the live
+    index's ``ef_search`` is left alone); ``n_timed`` 0 measures recall only."""
+    if mem._index_sync.index.kind != "hnsw":
         return []
-    default, out = index.ef_search, []
-    try:
-        for ef in efs:
-            index.ef_search = ef
-            row = {"ef_search": ef, "recall_at_1": store_recall(mem, queries, best)}
-            if n_timed:
-                timed = bench_search(mem, encoder, queries[:n_timed])
-                row.update(added_p50_ms=timed["added_p50_ms"], n_timed=timed["n_queries"])
-            out.append(row)
-    finally:
-        index.ef_search = default
+    out = []
+    for ef in efs:
+        row = {"ef_search": ef, "recall_at_1": store_recall(mem, queries, best, ef_search=ef)}
+        if n_timed:
+            timed = bench_search(mem, encoder, queries[:n_timed], ef_search=ef)
+            row.update(added_p50_ms=timed["added_p50_ms"], n_timed=timed["n_queries"])
+        out.append(row)
     return out
 
 
@@ -225,28 +221,23 @@ def ef_paired(mem: Any, encoder: Any, queries: Sequence[str], best: np.ndarray, 
         raise ValueError(f"the store's index is {index.kind}, not hnsw")
     efs = list(efs)
     rows = ef_sweep(mem, encoder, queries, best, efs, n_timed=0)  # recall at each depth
-    default = index.ef_search
-    try:
-        mem.search(queries[0], k=5)
-        encoder.encode([queries[0]])
-        enc: list[float] = []
-        srch: dict[int, list[float]] = {ef: [] for ef in efs}
-        for n, q in enumerate(queries):
+    mem.search(queries[0], k=5)
+    encoder.encode([queries[0]])
+    enc: list[float] = []
+    srch: dict[int, list[float]] = {ef: [] for ef in efs}
+    for n, q in enumerate(queries):
+        t = time.perf_counter()
+        encoder.encode([q])
+        enc.append(time.perf_counter() - t)
+        for ef in efs[n % len(efs):] + efs[:n % len(efs)]:
             t = time.perf_counter()
-            encoder.encode([q])
-            enc.append(time.perf_counter() - t)
-            for ef in efs[n % len(efs):] + efs[:n % len(efs)]:
-                index.ef_search = ef
-                t = time.perf_counter()
-                mem.search(q, k=5)
-                srch[ef].append(time.perf_counter() - t)
-        for row in rows:
-            lat = srch[row["ef_search"]]
-            row.update(n_timed=len(lat), encoder_p50_ms=1e3 * _percentile(enc, 50),
-                       added_p50_ms=1e3 * (_percentile(lat, 50) - _percentile(enc, 50)),
-                       paired_extra_p50_ms=1e3 * _percentile([a - b for a, b in zip(lat, enc)], 50))
-    finally:
-        index.ef_search = default
+            mem.search(q, k=5, ef_search=ef)
+            srch[ef].append(time.perf_counter() - t)
+    for row in rows:
+        lat = srch[row["ef_search"]]
+        row.update(n_timed=len(lat), encoder_p50_ms=1e3 * _percentile(enc, 50),
+                   added_p50_ms=1e3 * (_percentile(lat, 50) - _percentile(enc, 50)),
+                   paired_extra_p50_ms=1e3 * _percentile([a - b for a, b in zip(lat, enc)], 50))
     return rows
 
 

@@ -128,9 +128,10 @@ def _synthetic_edits(cases: list[dict[str, Any]], n: int, seed: int) -> list[dic
     return out
 
 
-def bench_search(mem: Any, encoder: Any, queries: Sequence[str]) -> dict[str, Any]:
-    """Interleave one bare encoder call and one `search` per query; report p50/p99 of each and the difference."""
-    mem.search(queries[0], k=5)
+def bench_search(mem: Any, encoder: Any, queries: Sequence[str], *, ef_search: int | None = None) -> dict[str, Any]:
+    """Interleave one bare encoder call and one `search` per query (at HNSW depth ``ef_search``, default the
+    index's own); report p50/p99 of each and the difference."""
+    mem.search(queries[0], k=5, ef_search=ef_search)
     encoder.encode([queries[0]])
     enc, srch = [], []
     for q in queries:
@@ -138,7 +139,7 @@ def bench_search(mem: Any, encoder: Any, queries: Sequence[str]) -> dict[str, An
         encoder.encode([q])
         enc.append(time.perf_counter() - t)
         t = time.perf_counter()
-        mem.search(q, k=5)
+        mem.search(q, k=5, ef_search=ef_search)
         srch.append(time.perf_counter() - t)
     extra = [s - e for s, e in zip(srch, enc)]
     return {"n_edits": len(mem), "n_queries": len(queries),
@@ -190,11 +191,10 @@ def bench_hnsw(n: int, n_queries: int, dim: int, seed: int, ef_sweep: Sequence[i
     build_s, _ = _timed(lambda: index.add(ids, vectors))
     sweep = []
     for ef in sorted({HNSW_EF_SEARCH, *ef_sweep}):
-        index.ef_search = ef
         lat, found = [], []
         for row in q:
             t = time.perf_counter()
-            _, got = index.search(row[None, :], 1)
+            _, got = index.search(row[None, :], 1, ef_search=ef)
             lat.append(time.perf_counter() - t)
             found.append(int(got[0, 0]))
         sweep.append({"ef_search": ef, "p50_ms": 1e3 * _percentile(lat, 50), "p99_ms": 1e3 * _percentile(lat, 99),
