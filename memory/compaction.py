@@ -1,4 +1,5 @@
-"""Rebuilding an index in the background while reads and writes go on (tombstone compaction, flat -> HNSW growth).
+"""Rebuilding an index in the background while reads and writes go on (tombstone compaction, flat -> HNSW growth,
+an HNSW graph that has outgrown its build).
 
 A :class:`Compaction` starts from a snapshot of the live index's own vectors (taken under the owner's lock; no SQL is
 read and nothing is encoded, so it works the same for every backend, in-memory SQLite included) and builds the new
@@ -97,6 +98,7 @@ class Compaction:
                 if self.cancelled.is_set():
                     return
                 index.add(self.ids[start:start + BUILD_CHUNK], self.vectors[start:start + BUILD_CHUNK])
+            index.built = index.ntotal
             self.ids = self.vectors = np.zeros(0)  # the snapshot is no longer needed
             with self.lock:
                 if self.cancelled.is_set():

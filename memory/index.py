@@ -3,14 +3,18 @@
 FAISS ids are SQL version row ids. ``flat`` is ``IndexIDMap2(IndexFlatIP)`` (exact; removes in place). ``hnsw`` is
 ``IndexIDMap2(IndexHNSWFlat, inner product)``: HNSW cannot remove vectors, so removed ids are kept in a ``stale``
 set, excluded at search time with an ID selector, and the owner rebuilds once they pile up (``needs_rebuild``; in
-the background, from ``live_vectors``: :mod:`memory.compaction`).
+the background, from ``live_vectors``: :mod:`memory.compaction`). The owner also rebuilds an HNSW graph that has
+grown well past the size it was built at (``outgrown``): vectors added one change at a time link into the graph less
+well than a build over all of them (at 1,000,000 MiniLM edits recall@1 0.978 grown against 0.982 rebuilt at the same
+search depth, BENCHMARKS.md "Store at scale" round 8).
 
 File format (written atomically: temp file in the same folder, then ``os.replace``)::
 
     b"EDITMEM-FAISS\\n"  8-byte little-endian header length  JSON header  faiss.serialize_index bytes
 
 The header holds ``format``, ``store_uid``, ``encoder``, ``dim``, ``kind``, ``seq`` (the change counter the index
-reflects) and ``stale`` (HNSW's removed ids). A file whose header does not match the store is ignored and rebuilt.
+reflects), ``stale`` (HNSW's removed ids) and ``built`` (how many vectors its last build held; a file without it
+counts as built with all it holds). A file whose header does not match the store is ignored and rebuilt.
 """
 
 from __future__ import annotations
@@ -38,6 +42,11 @@ HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 256
 STALE_MIN = 1000
 STALE_FRACTION = 0.25
+# an HNSW graph is rebuilt once the vectors added since its build pass max(GROWN_MIN, GROWN_FRACTION x what it was
+# built with): a store that only grows is rebuilt at about 70k, 105k, 160k, ... 800k, 1.2M edits (from the 20k an
+# `auto` index turns into HNSW at), each rebuild in the background (at 1M about 4 minutes of two cores)
+GROWN_MIN = 50_000
+GROWN_FRACTION = 0.5
 SMALL_BATCH = 20  # fewer queries than this are searched single-threaded
 
 
@@ -69,6 +78,8 @@ class VectorIndex:
         self._ids: set[int] = set(int(i) for i in faiss.vector_to_array(self._index.id_map)) \
             if self._index.ntotal else set()
         self._stale: set[int] = set(int(i) for i in stale) & self._ids
+        # vectors the last build held (set by the builder after its bulk add; for a loaded file, from its header)
+        self.built = self.ntotal
         self._selector: Any = None  # the search filter excluding _stale (built on the first search after a change)
 
     # --- contents -------------------------------------------------------------------------------------------------
@@ -133,7 +144,18 @@ class VectorIndex:
 
     @property
     def needs_rebuild(self) -> bool:
+        """Whether HNSW tombstones have piled up past the compaction threshold."""
         return self.kind == "hnsw" and len(self._stale) > max(STALE_MIN, STALE_FRACTION * len(self._ids))
+
+    @property
+    def grown(self) -> int:
+        """Vectors added since the last build."""
+        return max(0, self.ntotal - self.built)
+
+    @property
+    def outgrown(self) -> bool:
+        """Whether an HNSW graph has grown past its rebuild threshold (see GROWN_MIN / GROWN_FRACTION)."""
+        return self.kind == "hnsw" and self.grown > max(GROWN_MIN, GROWN_FRACTION * self.built)
 
     # --- search ---------------------------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int, *, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -174,7 +196,7 @@ class VectorIndex:
     # --- persistence ----------------------------------------------------------------------------------------------
     def header_dict(self) -> dict[str, Any]:
         return {"format": FILE_FORMAT, "store_uid": self.store_uid, "encoder": self.encoder, "dim": self.dim,
-                "kind": self.kind, "seq": self.seq, "stale": sorted(self._stale)}
+                "kind": self.kind, "seq": self.seq, "stale": sorted(self._stale), "built": self.built}
 
     def save(self, path: Path) -> None:
         """Write the index to ``path`` atomically."""
@@ -223,6 +245,7 @@ class VectorIndex:
             if faiss_index.d != header.dim:
                 raise ValueError("index dimension does not match its header")
             index = cls(header, faiss_index, stale=raw.get("stale", ()))
+            index.built = min(int(raw.get("built", index.ntotal)), index.ntotal)
         except Exception as err:  # a damaged cache file is not an error: SQL can rebuild it
             log.warning("ignoring unreadable index file %s: %s", path, err)
             return None

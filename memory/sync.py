@@ -7,10 +7,11 @@ without reading them back; before a search, :meth:`IndexSync.catch_up` applies w
 counter the index reflects. An index file that does not fit the store (uid, encoder, dimension, kind) is rebuilt from
 the embeddings in SQL, computing only the missing ones.
 
-Compaction (HNSW tombstones past :attr:`VectorIndex.needs_rebuild`) and the growth of a flat ``auto`` index into
-HNSW run in the background (:mod:`memory.compaction`): the write or open that crosses the threshold starts a thread
-and returns; searches and writes go on against the old index, and the new one replaces it, with every change made
-in between replayed onto it. ``IndexSync.background = False`` rebuilds in place instead (as before).
+Compaction (HNSW tombstones past :attr:`VectorIndex.needs_rebuild`), the rebuild of an HNSW graph grown well past
+its build (:attr:`VectorIndex.outgrown`) and the growth of a flat ``auto`` index into HNSW run in the background
+(:mod:`memory.compaction`): the write or open that crosses the threshold starts a thread and returns; searches and
+writes go on against the old index, and the new one replaces it, with every change made in between replayed onto
+it. ``IndexSync.background = False`` rebuilds in place instead (as before).
 """
 
 from __future__ import annotations
@@ -209,11 +210,14 @@ class IndexSync:
         self._maybe_compact(index)
 
     def _maybe_compact(self, index: VectorIndex) -> None:
-        """Rebuild when HNSW tombstones pile up (``needs_rebuild``), or, with ``auto``, when a flat index has grown to
-        HNSW_AUTO_THRESHOLD live vectors (once; an HNSW index that shrinks stays HNSW until it is rebuilt); in the
-        background unless ``background`` is off. One compaction at a time."""
+        """Rebuild when HNSW tombstones pile up (``needs_rebuild``), when an HNSW graph has grown well past the size
+        it was built at (``outgrown``), or, with ``auto``, when a flat index has grown to HNSW_AUTO_THRESHOLD live
+        vectors (once; an HNSW index that shrinks stays HNSW until it is rebuilt); in the background unless
+        ``background`` is off. One compaction at a time."""
         if index.needs_rebuild:
             why = f"{index.n_stale} stale of {index.ntotal} vectors"
+        elif index.outgrown:
+            why = f"{index.grown} vectors added since it was built with {index.built}"
         elif self.kind == "auto" and index.kind == "flat" and len(index) >= HNSW_AUTO_THRESHOLD:
             why = f"flat index grew to {len(index)} vectors"
         else:
@@ -289,6 +293,7 @@ class IndexSync:
             index = VectorIndex(IndexHeader(self.uid, encoder.name, encoder.dim, kind, seq))
             for chunk in chunks(row_ids, 20_000):
                 index.add(np.asarray(chunk, dtype=np.int64), self.vectors_for(chunk, progress=len(row_ids) > 20_000))
+            index.built = index.ntotal
             self._index = index
             log.info("built %s index of %d vectors at change %d", kind, len(row_ids), seq)
             self.catch_up()  # changes committed while building (the log replay is idempotent)

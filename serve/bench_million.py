@@ -24,7 +24,10 @@ each namespace by the other's prompts never return the other's edits (:func:`ser
 
 ``--measure STORE.db`` measures a kept store (``--keep``) again instead: recall@1 and search time at each of
 ``--ef-sweep`` and the default efSearch, interleaved query by query (one encoder call, then one search at each depth
-in turn, the order rotating), so the depths are compared under the same load (:func:`ef_paired`).
+in turn, the order rotating), so the depths are compared under the same load (:func:`ef_paired`). With ``--top-up``
+it first imports edits until the store holds ``--n`` live ones again (after the run's deletions) and rebuilds the
+index in one batch; with ``--route N`` it also times the default router (the shipped scope head and relation
+reranker), encoding included, at the router's depth and the index's, on N held-out and N stored prompts.
 
 Run (results in ``--out``/result.json; a markdown table is printed)::
 
@@ -241,11 +244,113 @@ def ef_paired(mem: Any, encoder: Any, queries: Sequence[str], best: np.ndarray, 
     return rows
 
 
-def measure_kept(store: Path, settings: MillionSettings, data_dir: Path) -> dict[str, Any]:
+def top_up(mem: Any, encoder: Any, templates: Templates, s: MillionSettings, tmp: Path,
+           queries: Sequence[str]) -> dict[str, Any]:
+    """Import more synthetic edits until the store holds ``s.n`` live edits (after a run's deletions), taking them
+    after the held-out queries (edits ``n + queries`` on, which no run stored); measure recall@1 of ``queries`` on
+    the graph the import grew, then rebuild the index in one batch (what a store that has only grown needs for its
+    recall, BENCHMARKS.md "Store at scale" round 8)."""
+    live0 = len(mem)
+    missing = s.n - live0
+    out: dict[str, Any] = {"live_before": live0, "added": 0, "import_seconds": 0.0}
+    start = s.n + s.queries
+    if missing > 0:
+        if start + missing > templates.size:
+            raise ValueError(f"topping up {missing:,} edits needs pairs past the {templates.size:,} there are")
+        for first in range(start, start + missing, s.batch):
+            items = list(synthetic_edits(templates, first, min(start + missing, first + s.batch), s.seed))
+            path = tmp / "top_up.jsonl"
+            write_shard(items, path)
+            t = time.perf_counter()
+            out["added"] += mem.import_file(path)
+            out["import_seconds"] += time.perf_counter() - t
+            path.unlink()
+            log.info("topped up %d of %d edits (%.0f s)", out["added"], missing, out["import_seconds"])
+        mem.wait_for_index()
+        out["grown_index"] = _index_state(mem)
+        best, _ = exact_best(mem, encoder, queries)
+        out["grown_recall_at_1"] = store_recall(mem, queries, best)
+        t = time.perf_counter()
+        mem.rebuild_index()
+        out["rebuild_seconds"] = time.perf_counter() - t
+    out.update(live_after=len(mem), index=_index_state(mem))
+    return out
+
+
+def stored_prompts(mem: Any, n: int, seed: int) -> list[str]:
+    """The prompts of ``n`` live edits drawn at random by id (ids are 1..the highest; deleted ones are skipped)."""
+    from sqlalchemy import func, select
+
+    from memory.errors import NotFoundError
+    from memory.schema import edits
+
+    rng = random.Random(seed + 2)
+    with mem._read() as conn:
+        top = int(conn.execute(select(func.max(edits.c.edit_id))).scalar_one() or 0)
+    seen: set[int] = set()
+    out: list[str] = []
+    while len(out) < n and len(seen) < top:
+        i = rng.randint(1, top)
+        if i in seen:
+            continue
+        seen.add(i)
+        try:
+            r = mem.get(i)
+        except NotFoundError:
+            continue
+        if not r.deleted:
+            out.append(r.prompt)
+    return out
+
+
+def route_timing(mem: Any, encoder: Any, held_out: Sequence[str], stored: Sequence[str],
+                 depths: Sequence[int | None]) -> list[dict[str, Any]]:
+    """The whole routing of one query (encoding it, searching at the router's depth, the scope head and the relation
+    reranker: the default router, :func:`editors.retrieval.setup.load_rerankers` with ``"default"``) at each of
+    ``depths`` (None: the index's own), interleaved per query with one bare encoder call so they share the load; on
+    held-out prompts (no edit of theirs stored) and stored edits' own prompts (in scope, so every stage runs). Per
+    depth and group: p50 / p90 of the routing, p50 of routing minus the encoder's p50, and the fraction routed."""
+    from editors.retrieval.setup import DEFAULT_SCOPE, load_classifier, load_rerankers
+    from scope.router import Router
+
+    classifier = load_classifier(DEFAULT_SCOPE)
+    relation, _ = load_rerankers("default", None, classifier=classifier)
+    if relation is None:
+        raise ValueError("the shipped relation reranker does not fit the default scope head")
+    routers = [Router(mem, classifier, reranker=relation, ef_search=d) for d in depths]
+    for r in routers:
+        r.route([held_out[0]])  # warm
+    rows = []
+    for group, queries in (("held_out", held_out), ("stored", stored)):
+        enc: list[float] = []
+        lat: list[list[float]] = [[] for _ in routers]
+        routed = [0] * len(routers)
+        for n, q in enumerate(queries):
+            t = time.perf_counter()
+            encoder.encode([q])
+            enc.append(time.perf_counter() - t)
+            for i in list(range(len(routers)))[n % len(routers):] + list(range(len(routers)))[:n % len(routers)]:
+                t = time.perf_counter()
+                decision = routers[i].route([q])[0]
+                lat[i].append(time.perf_counter() - t)
+                routed[i] += decision.in_scope
+        for i, depth in enumerate(depths):
+            rows.append({"group": group, "ef_search": depth, "n": len(queries), "routed": routed[i] / len(queries),
+                         "route_p50_ms": 1e3 * _percentile(lat[i], 50), "route_p90_ms": 1e3 * _percentile(lat[i], 90),
+                         "encoder_p50_ms": 1e3 * _percentile(enc, 50),
+                         "added_p50_ms": 1e3 * (_percentile(lat[i], 50) - _percentile(enc, 50))})
+    return rows
+
+
+def measure_kept(store: Path, settings: MillionSettings, data_dir: Path, *, grow: bool = False,
+                 route: int = 0) -> dict[str, Any]:
     """``--measure``: a kept store's search depths compared query by query (:func:`ef_paired`), on the held-out
-    prompts the run that made it used (``--n`` and ``--seed`` must be that run's)."""
+    prompts the run that made it used (``--n`` and ``--seed`` must be that run's). ``grow`` (``--top-up``): first
+    bring the store back to ``--n`` live edits (:func:`top_up`); ``route`` (``--route N``): then time the default
+    router on N held-out and N stored prompts (:func:`route_timing`) at its own depth and at the index's."""
     from memory.encoder import get_encoder
     from memory.store import EditMemory
+    from scope.router import ROUTE_EF_SEARCH
 
     s = settings
     templates = load_templates(data_dir)
@@ -255,11 +360,17 @@ def measure_kept(store: Path, settings: MillionSettings, data_dir: Path) -> dict
     with EditMemory.open(f"sqlite:///{store}", encoder=encoder) as mem:
         out: dict[str, Any] = {"store": str(store), "open_seconds": time.perf_counter() - t,
                                "index": _index_state(mem)}
+        if grow:
+            out["top_up"] = top_up(mem, encoder, templates, s, store.parent, queries)
         best, n_live = exact_best(mem, encoder, queries)
         default = mem._index_sync.index.ef_search
         efs = list(dict.fromkeys([default, *s.ef_sweep]))
         out.update(n_live=n_live, n_queries=len(queries), default_ef_search=default,
-                   ef_paired=ef_paired(mem, encoder, queries, best, efs))
+                   ef_paired=ef_paired(mem, encoder, queries, best, efs)
+                   if mem._index_sync.index.kind == "hnsw" else [])
+        if route:
+            stored = stored_prompts(mem, route, s.seed)
+            out["route"] = route_timing(mem, encoder, queries[:route], stored, [ROUTE_EF_SEARCH, None])
     return out
 
 
@@ -279,7 +390,8 @@ def deleted_leaks(mem: Any, prompts: Sequence[str], deleted: set[int], n_searche
 def _index_state(mem: Any) -> dict[str, Any]:
     index = mem._index_sync.index
     return {"kind": index.kind, "vectors": index.ntotal, "live": len(index), "tombstones": index.n_stale,
-            "needs_compaction": index.needs_rebuild, "compacting": mem.index_compacting}
+            "built": index.built, "grown": index.grown, "needs_compaction": index.needs_rebuild,
+            "outgrown": index.outgrown, "compacting": mem.index_compacting}
 
 
 class _BuildCounter(logging.Handler):
@@ -560,8 +672,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--measure", type=Path, default=None, metavar="STORE.db",
                    help="measure a kept store's search depths (the default and --ef-sweep) query by query instead "
                         "of building a store (--n and --seed: the run that made it)")
+    p.add_argument("--top-up", action="store_true",
+                   help="with --measure: first import edits until the store holds --n live ones again, then rebuild "
+                        "its index in one batch")
+    p.add_argument("--route", type=int, default=0, metavar="N",
+                   help="with --measure: also time the default router (shipped head + relation reranker) on N "
+                        "held-out and N stored prompts")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    if (args.top_up or args.route) and args.measure is None:
+        p.error("--top-up and --route go with --measure")
+    if args.route < 0 or args.route > args.queries:
+        p.error("--route must be between 0 and --queries")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
@@ -581,7 +703,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.measure is not None:
         if not args.measure.is_file():
             p.error(f"--measure: no store file {args.measure}")
-        result = measure_kept(args.measure, settings, args.data)
+        result = measure_kept(args.measure, settings, args.data, grow=args.top_up, route=args.route)
     elif args.keep:
         kept = Path(tempfile.mkdtemp(prefix="editmem-million-", dir=args.workdir))
         result = run(settings, args.data, kept)
@@ -593,7 +715,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "wall_seconds": time.perf_counter() - t0, "load_average_start": load0,
                    "load_average_end": os.getloadavg(), "peak_rss_bytes": _peak_rss()})
     (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps(result["ef_paired"], indent=1) if args.measure is not None else render_markdown(result))
+    print(json.dumps({k: result[k] for k in ("top_up", "ef_paired", "route") if k in result}, indent=1)
+          if args.measure is not None else render_markdown(result))
     return 0
 
 

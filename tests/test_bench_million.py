@@ -102,6 +102,36 @@ def test_bench_million_measure_compares_search_depths_on_a_kept_store(data_dir: 
     assert rows[0]["recall_at_1"] >= rows[1]["recall_at_1"] - 0.1
     with pytest.raises(SystemExit):
         main([*common, "--measure", str(tmp_path / "nothing.db"), "--out", str(tmp_path / "x")])
+    # --top-up brings the store back to --n live edits with new ones (after the held-out queries) and rebuilds
+    assert main([*common, "--measure", str(kept), "--ef-sweep", "", "--top-up", "--batch", "25",
+                 "--out", str(tmp_path / "t")]) == 0
+    r = json.loads((tmp_path / "t" / "result.json").read_text())
+    t = r["top_up"]
+    assert (t["live_before"], t["added"], t["live_after"], r["n_live"]) == (360, 40, 400, 400)
+    assert t["grown_index"]["grown"] >= 40 and 0 <= t["grown_recall_at_1"] <= 1
+    assert (t["index"]["built"], t["index"]["grown"], t["index"]["tombstones"]) == (400, 0, 0)
+    assert main([*common, "--measure", str(kept), "--ef-sweep", "", "--top-up", "--out", str(tmp_path / "t2")]) == 0
+    assert json.loads((tmp_path / "t2" / "result.json").read_text())["top_up"]["added"] == 0  # already full
+    with pytest.raises(SystemExit):  # --top-up / --route only measure a kept store
+        main([*common, "--top-up", "--out", str(tmp_path / "x")])
+
+
+def test_route_timing_times_the_default_router_on_held_out_and_stored_prompts() -> None:
+    """The default router (shipped head + relation reranker, on MiniLM) routes stored prompts to their edits and
+    times every depth asked for, with the bare encoder beside it."""
+    from memory import EditMemory
+    from memory.encoder import DEFAULT_ENCODER
+    from serve.bench_million import route_timing
+
+    stored = ["The mother tongue of Tom Fletcher is", "Danielle Darrieux plays the", "The capital of Norland is"]
+    held_out = ["The weather today is", "My favourite colour is", "Bananas are"]
+    with EditMemory.open("sqlite://", encoder=DEFAULT_ENCODER) as mem:
+        mem.add_many({"prompt": p, "target_new": t} for p, t in zip(stored, ("French", "piano", "Oslo")))
+        rows = route_timing(mem, mem.encoder, held_out, stored, [1024, None])
+    assert [(r["group"], r["ef_search"], r["n"]) for r in rows] == [
+        ("held_out", 1024, 3), ("held_out", None, 3), ("stored", 1024, 3), ("stored", None, 3)]
+    assert [r["routed"] for r in rows if r["group"] == "stored"] == [1.0, 1.0]
+    assert all(r["route_p50_ms"] > 0 and r["encoder_p50_ms"] > 0 for r in rows)
 
 
 def test_routing_distractors_are_about_made_up_subjects_only() -> None:

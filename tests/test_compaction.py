@@ -173,3 +173,38 @@ def test_bench_compaction_reports_the_build_and_finds_its_writes(monkeypatch: py
     assert (out["kind_before"], out["kind_after"]) == ("flat", "hnsw")
     assert out["writes_during_found_after"] == out["writes_during"]
     assert out["search_before"]["n"] == out["search_after"]["n"] == 10
+
+
+def test_an_hnsw_graph_that_outgrows_its_build_is_rebuilt_in_the_background(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(index_mod, "GROWN_MIN", 40)
+    monkeypatch.setattr(index_mod, "GROWN_FRACTION", 0.5)
+    builds: list[int] = []
+    real = sync_mod.IndexSync._swap
+
+    def counting(self: sync_mod.IndexSync, index: index_mod.VectorIndex) -> None:
+        builds.append(index.built)
+        real(self, index)
+
+    monkeypatch.setattr(sync_mod.IndexSync, "_swap", counting)
+    with EditMemory.open(url, encoder=ENC, index="hnsw") as mem:
+        assert mem._index.built == 0
+        _fill(mem, 40)  # 40 added since the (empty) build: not past max(40, 0.5 x 0)
+        assert mem.wait_for_index(30) and builds == [] and mem._index.grown == 40
+        mem.add("the forty-first edit", "x")
+        assert mem.wait_for_index(30) and builds == [41]  # rebuilt from the 41 live vectors
+        assert (mem._index.built, mem._index.grown) == (41, 0)
+        ids = [r.id for r in mem.add_many({"prompt": f"later edit {j}", "target_new": str(j)} for j in range(40))]
+        assert mem.wait_for_index(30) and builds == [41]  # 40 more: not past max(40, 20.5)
+        mem.delete(ids[0])  # a deletion adds nothing: still not outgrown
+        mem.add("one more", "y")
+        assert mem.wait_for_index(30) and builds == [41, 81]  # 41 grown > 40: rebuilt without the deleted one
+        assert _same(_results(mem), _exact(mem, 5))
+        mem.verify()
+
+
+def test_a_flat_index_is_never_outgrown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(index_mod, "GROWN_MIN", 5)
+    with EditMemory.open("sqlite://", encoder=ENC, index="flat") as mem:
+        _fill(mem, 30)
+        assert mem._index.grown == 30 and not mem._index.outgrown and not mem.index_compacting

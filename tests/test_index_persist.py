@@ -192,3 +192,29 @@ def test_a_search_depth_per_call_reaches_the_hnsw_index_and_the_router_passes_it
         assert depths[-1] == 64
         with pytest.raises(ValidationError, match="ef_search"):
             Router(hnsw, CosineScope(0.5, None), ef_search=0)
+
+
+def test_the_index_file_keeps_what_its_build_held(tmp_path: Path) -> None:
+    """``built`` (vectors of the last build) round-trips; a file written before it existed counts as fully built."""
+    import json
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((30, 8)).astype(np.float32)
+    index = index_mod.VectorIndex(index_mod.IndexHeader("u", "e", 8, "hnsw", 3))
+    index.add(np.arange(1, 21), vectors[:20])
+    index.built = index.ntotal
+    index.add(np.arange(21, 31), vectors[20:])
+    assert (index.built, index.grown) == (20, 10)
+    index.save(tmp_path / "i.faiss")
+    again = index_mod.VectorIndex.load(tmp_path / "i.faiss")
+    assert again is not None and (again.built, again.grown) == (20, 10)
+    # the same file with a header lacking "built", as an earlier editmem wrote it
+    raw = (tmp_path / "i.faiss").read_bytes()
+    start = len(index_mod.MAGIC) + 8
+    n = int.from_bytes(raw[len(index_mod.MAGIC):start], "little")
+    header = json.loads(raw[start:start + n])
+    del header["built"]
+    old = json.dumps(header).encode()
+    (tmp_path / "old.faiss").write_bytes(index_mod.MAGIC + len(old).to_bytes(8, "little") + old + raw[start + n:])
+    loaded = index_mod.VectorIndex.load(tmp_path / "old.faiss")
+    assert loaded is not None and (loaded.built, loaded.grown) == (30, 0)
