@@ -186,6 +186,32 @@ def test_fast_value_optimisation_matches_plain(arch, which):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_argmax_early_stop_stops_at_the_first_delta_that_makes_every_target_token_the_most_probable(arch):
+    """With ``early_stop_argmax`` the value is the first one (pass by pass) under which every target token is the
+    most probable next token behind every prefix; the delta one pass earlier is not."""
+    model, tok = tiny_model(arch)
+    prefixes = context_prefixes(model, tok, 2, 4)
+    request = EditRequest("The capital city of France", "Rome", subject="France")
+    module = _value_module(model, "block")
+    settings = dict(steps=30, lr=0.5, clamp_norm_factor=1000.0, weight_decay=0.0, early_stop_loss=None)
+    stopped = optimize_value(model, tok, request, prefixes, module, ValueOptions(**settings, early_stop_argmax=True))
+    assert 1 < stopped.steps < 30, "the test needs an edit that becomes the most probable after a few passes"
+    before = optimize_value(model, tok, request, prefixes, module,
+                            ValueOptions(**{**settings, "steps": stopped.steps - 1}))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    runner = _Runner(model, tok, value_rows(tok, request, prefixes), params, False, module)
+    labels = runner.plan.nll_labels
+
+    def all_most_probable(delta: torch.Tensor) -> bool:
+        with torch.no_grad():
+            return bool((runner.logits(delta)[:len(labels)].argmax(-1) == labels).all())
+
+    assert all_most_probable(stopped.delta) and not all_most_probable(before.delta)
+    assert stopped.delta.norm() < optimize_value(model, tok, request, prefixes, module,
+                                                 ValueOptions(**settings)).delta.norm()
+
+
 BATCH_REQUESTS = [EditRequest("The capital city of France", "Rome", subject="France"),
                   EditRequest("Marie Curie was born in", "Tokyo Bay", subject="Marie Curie"),
                   EditRequest("Danielle Darrieux speaks", "English", subject="Danielle Darrieux")]
@@ -327,7 +353,7 @@ def test_defaults_for_the_architecture():
     ("rome", {"clamp_norm_factor": float("nan")}), ("rome", {"kl_factor": -1}), ("rome", {"stats_tokens": 0}),
     ("rome", {"mom2_adjustment": "yes"}), ("rome", {"layers": [1]}), ("memit", {"layers": []}),
     ("memit", {"layers": [1, 1]}), ("memit", {"layers": [-1]}), ("memit", {"mom2_update_weight": -1.0}),
-    ("memit", {"layer": 1}), ("memit", {"stats_corpus": ""}),
+    ("memit", {"layer": 1}), ("memit", {"stats_corpus": ""}), ("rome", {"early_stop_argmax": 1}),
 ])
 def test_bad_settings(name, overrides):
     model, tok = tiny_model("llama")

@@ -33,6 +33,7 @@ class LocateSettings:
     clamp_norm_factor: float = ValueOptions.clamp_norm_factor
     kl_factor: float = ValueOptions.kl_factor
     early_stop_loss: float | None = ValueOptions.early_stop_loss
+    early_stop_argmax: bool = ValueOptions.early_stop_argmax
     n_prefixes: int = 5
     prefix_tokens: int = 10
     seed: int = 0
@@ -59,7 +60,8 @@ class LocateSettings:
         check_number(owner, "stats_seq_len", self.stats_seq_len, integer=True)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValidationError(f"{owner} setting seed must be an integer, not {self.seed!r}")
-        for flag in ("mom2_adjustment", "prefix_cache", "skip_lower", "logits_at_targets", "drop_last_token"):
+        for flag in ("mom2_adjustment", "prefix_cache", "skip_lower", "logits_at_targets", "drop_last_token",
+                     "early_stop_argmax"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValidationError(f"{owner} setting {flag} must be true or false, not {getattr(self, flag)!r}")
         if self.stats_corpus is not None and (not isinstance(self.stats_corpus, str) or not self.stats_corpus):
@@ -68,7 +70,8 @@ class LocateSettings:
     def value_options(self) -> ValueOptions:
         return ValueOptions(lr=self.v_lr, steps=self.v_steps, weight_decay=self.v_weight_decay,
                             clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor,
-                            early_stop_loss=self.early_stop_loss, prefix_cache=self.prefix_cache,
+                            early_stop_loss=self.early_stop_loss, early_stop_argmax=self.early_stop_argmax,
+                            prefix_cache=self.prefix_cache,
                             skip_lower=self.skip_lower, logits_at_targets=self.logits_at_targets,
                             drop_last_token=self.drop_last_token)
 

@@ -11,9 +11,12 @@ minimise, with Adam, over the prompt behind each context prefix (see :mod:`edito
 
 where ``v_0`` is the unedited output of the hooked module at the subject's last token in the bare prompt (the first
 prefix must be ``""``), and after each step ``delta`` is scaled back into the ball ``||delta|| <= clamp_norm_factor *
-||v_0||``. It stops when the loss falls below ``early_stop_loss`` or after ``steps`` forward passes (ROME's loop: the
-last pass only measures). The KL term is taken at the last token of ``"{subject} is a"`` (the next-word distribution
-the paper describes); ROME's code takes it at the subject's last token instead.
+||v_0||``. It stops when the loss falls below ``early_stop_loss``, with ``early_stop_argmax`` as soon as every
+target token is the most probable next token behind every prefix (Gupta et al. 2025's "most-probable early
+stopping": a smaller ``delta`` that still makes the edit, which they find keeps sequential editing from degrading the
+model), or after ``steps`` forward passes (ROME's loop: the last pass only measures). The KL term is taken at the
+last token of ``"{subject} is a"`` (the next-word distribution the paper describes); ROME's code takes it at the
+subject's last token instead.
 
 Speed. Each step is a forward and a backward pass; four things keep them small, each equal to the plain pass up to
 float rounding (tests check it on every tiny architecture) and each with a switch to turn it off:
@@ -78,6 +81,9 @@ class ValueOptions:
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
     early_stop_loss: float | None = 0.05
+    # also stop once every target token is the most probable next token in every row (Gupta et al. 2025, "Lifelong
+    # Sequential Knowledge Editing without Model Degradation": most-probable early stopping, MPES)
+    early_stop_argmax: bool = False
     prefix_cache: bool = True
     skip_lower: bool = True
     logits_at_targets: bool = True
@@ -332,6 +338,9 @@ def _optimize_chunk(model: torch.nn.Module, tokenizer: Any, requests: Sequence[A
             picked = logits[:n_nll].float().log_softmax(-1)
             token_logp = picked.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
             nll = torch.zeros(n, device=runner.device).index_add(0, nll_owner, -(token_logp * weights))
+            if options.early_stop_argmax:  # per request: how many target tokens are not the most probable one
+                missed = torch.zeros(n, device=runner.device).index_add(
+                    0, nll_owner, (picked.argmax(-1) != labels).float()).tolist()
             kl_now = logits[n_nll:].float().log_softmax(-1)
             kl = (kl_now.exp() * (kl_now - kl_init)).sum(-1)  # KL(P_delta || P_0) per request
             loss = nll + options.kl_factor * kl + options.weight_decay * stacked.norm(dim=1) / v0.norm(dim=1) ** 2
@@ -343,6 +352,8 @@ def _optimize_chunk(model: torch.nn.Module, tokenizer: Any, requests: Sequence[A
                 if step == 0:
                     loss_first[i], prob_first[i] = loss_last[i], prob_last[i]
                 if options.early_stop_loss is not None and loss_last[i] < options.early_stop_loss:
+                    active[i] = False
+                if options.early_stop_argmax and missed[i] == 0:
                     active[i] = False
             if step == options.steps - 1 or not any(active):
                 break
