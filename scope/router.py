@@ -60,10 +60,12 @@ log = logging.getLogger(__name__)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 MIN_VIEW_WORDS = 3
 EXACT_SCORE = 1.0
-# The HNSW search depth routing uses, deeper than a plain search's (memory.index.HNSW_EF_SEARCH, 256): CounterFact's
+# The HNSW search depth routing uses, deeper than a plain search's (memory.index.HNSW_EF_SEARCH, 224): CounterFact's
 # keys are many near-ties, and at 256 the graph misses a rephrase's own edit often enough to cost routing a point of
 # recall at 21,919 edits (0.979 -> 0.988 at 1,024; 2,048 equals exact search). At 750,000 edits 1,024 adds about 8 ms
-# over the encoder, 2,048 about 17 (BENCHMARKS.md "Store at scale" round 12). A flat index is exact either way.
+# over the encoder, 2,048 about 17 (BENCHMARKS.md "Store at scale" round 12); at 1,000,000 a whole routing with the
+# shipped head and relation reranker, encoding included, took 20-22 ms at the median (round 13, quiet). A flat index
+# is exact either way.
 ROUTE_EF_SEARCH: int | None = 1024
 
 

@@ -309,7 +309,8 @@ def route_timing(mem: Any, encoder: Any, held_out: Sequence[str], stored: Sequen
     reranker: the default router, :func:`editors.retrieval.setup.load_rerankers` with ``"default"``) at each of
     ``depths`` (None: the index's own), interleaved per query with one bare encoder call so they share the load; on
     held-out prompts (no edit of theirs stored) and stored edits' own prompts (in scope, so every stage runs). Per
-    depth and group: p50 / p90 of the routing, p50 of routing minus the encoder's p50, and the fraction routed."""
+    depth and group: p50 / p90 of the routing, p50 of routing minus the encoder's p50, p50 of the per-query
+    difference (``paired``), and the fraction routed."""
     from editors.retrieval.setup import DEFAULT_SCOPE, load_classifier, load_rerankers
     from scope.router import Router
 
@@ -338,7 +339,8 @@ def route_timing(mem: Any, encoder: Any, held_out: Sequence[str], stored: Sequen
             rows.append({"group": group, "ef_search": depth, "n": len(queries), "routed": routed[i] / len(queries),
                          "route_p50_ms": 1e3 * _percentile(lat[i], 50), "route_p90_ms": 1e3 * _percentile(lat[i], 90),
                          "encoder_p50_ms": 1e3 * _percentile(enc, 50),
-                         "added_p50_ms": 1e3 * (_percentile(lat[i], 50) - _percentile(enc, 50))})
+                         "added_p50_ms": 1e3 * (_percentile(lat[i], 50) - _percentile(enc, 50)),
+                         "paired_added_p50_ms": 1e3 * _percentile([a - b for a, b in zip(lat[i], enc)], 50)})
     return rows
 
 

@@ -131,7 +131,7 @@ def test_route_timing_times_the_default_router_on_held_out_and_stored_prompts() 
     assert [(r["group"], r["ef_search"], r["n"]) for r in rows] == [
         ("held_out", 1024, 3), ("held_out", None, 3), ("stored", 1024, 3), ("stored", None, 3)]
     assert [r["routed"] for r in rows if r["group"] == "stored"] == [1.0, 1.0]
-    assert all(r["route_p50_ms"] > 0 and r["encoder_p50_ms"] > 0 for r in rows)
+    assert all(r["route_p50_ms"] > 0 and r["encoder_p50_ms"] > 0 and "paired_added_p50_ms" in r for r in rows)
 
 
 def test_routing_distractors_are_about_made_up_subjects_only() -> None:
