@@ -3,10 +3,8 @@
 FAISS ids are SQL version row ids. ``flat`` is ``IndexIDMap2(IndexFlatIP)`` (exact; removes in place). ``hnsw`` is
 ``IndexIDMap2(IndexHNSWFlat, inner product)``: HNSW cannot remove vectors, so removed ids are kept in a ``stale``
 set, excluded at search time with an ID selector, and the owner rebuilds once they pile up (``needs_rebuild``; in
-the background, from ``live_vectors``: :mod:`memory.compaction`). The owner also rebuilds an HNSW graph that has
-grown well past the size it was built at (``outgrown``): vectors added one change at a time link into the graph less
-well than a build over all of them (at 1,000,000 MiniLM edits recall@1 0.978 grown against 0.982 rebuilt at the same
-search depth, BENCHMARKS.md "Store at scale" round 8).
+the background, from ``live_vectors``: :mod:`memory.compaction`). With ``GROWN_FRACTION`` set (off by default) the
+owner also rebuilds an HNSW graph that has grown well past the size it was built at (``outgrown``).
 
 File format (written atomically: temp file in the same folder, then ``os.replace``)::
 
@@ -45,11 +43,13 @@ HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 224
 STALE_MIN = 1000
 STALE_FRACTION = 0.25
-# an HNSW graph is rebuilt once the vectors added since its build pass max(GROWN_MIN, GROWN_FRACTION x what it was
-# built with): a store that only grows is rebuilt at about 70k, 105k, 160k, ... 800k, 1.2M edits (from the 20k an
-# `auto` index turns into HNSW at), each rebuild in the background (at 1M about 4 minutes of two cores)
+# With GROWN_FRACTION set, an HNSW graph is rebuilt once the vectors added since its build pass max(GROWN_MIN,
+# GROWN_FRACTION x what it was built with) (0.5: a store that only grows is rebuilt at about 70k, 105k, 160k, ...
+# 800k, 1.2M edits, each in the background). Off (None) by default: measured, a grown graph's recall@1 is not
+# consistently below a rebuilt one's (1M: 0.978 vs 0.982, round 8; 1M a quarter grown: 0.984 vs 0.985; 150k a third
+# grown: 0.968 vs 0.962, round 13), so the rebuilds' CPU buys nothing shown.
 GROWN_MIN = 50_000
-GROWN_FRACTION = 0.5
+GROWN_FRACTION: float | None = None  # e.g. 0.5
 SMALL_BATCH = 20  # fewer queries than this are searched single-threaded
 
 
@@ -157,8 +157,10 @@ class VectorIndex:
 
     @property
     def outgrown(self) -> bool:
-        """Whether an HNSW graph has grown past its rebuild threshold (see GROWN_MIN / GROWN_FRACTION)."""
-        return self.kind == "hnsw" and self.grown > max(GROWN_MIN, GROWN_FRACTION * self.built)
+        """Whether an HNSW graph has grown past its rebuild threshold (see GROWN_MIN / GROWN_FRACTION; never while
+        GROWN_FRACTION is None, the default)."""
+        return (GROWN_FRACTION is not None and self.kind == "hnsw"
+                and self.grown > max(GROWN_MIN, GROWN_FRACTION * self.built))
 
     # --- search ---------------------------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int, *, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -8,10 +8,10 @@ counter the index reflects. An index file that does not fit the store (uid, enco
 the embeddings in SQL, computing only the missing ones.
 
 Compaction (HNSW tombstones past :attr:`VectorIndex.needs_rebuild`), the rebuild of an HNSW graph grown well past
-its build (:attr:`VectorIndex.outgrown`) and the growth of a flat ``auto`` index into HNSW run in the background
-(:mod:`memory.compaction`): the write or open that crosses the threshold starts a thread and returns; searches and
-writes go on against the old index, and the new one replaces it, with every change made in between replayed onto
-it. ``IndexSync.background = False`` rebuilds in place instead (as before).
+its build (:attr:`VectorIndex.outgrown`, off by default) and the growth of a flat ``auto`` index into HNSW run in
+the background (:mod:`memory.compaction`): the write or open that crosses the threshold starts a thread and returns;
+searches and writes go on against the old index, and the new one replaces it, with every change made in between
+replayed onto it. ``IndexSync.background = False`` rebuilds in place instead (as before).
 """
 
 from __future__ import annotations

@@ -205,6 +205,16 @@ def test_an_hnsw_graph_that_outgrows_its_build_is_rebuilt_in_the_background(
 
 def test_a_flat_index_is_never_outgrown(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(index_mod, "GROWN_MIN", 5)
+    monkeypatch.setattr(index_mod, "GROWN_FRACTION", 0.5)
     with EditMemory.open("sqlite://", encoder=ENC, index="flat") as mem:
         _fill(mem, 30)
         assert mem._index.grown == 30 and not mem._index.outgrown and not mem.index_compacting
+
+
+def test_growth_alone_rebuilds_nothing_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GROWN_FRACTION is None by default (a grown graph measured no worse than a rebuilt one): no rebuild starts."""
+    assert index_mod.GROWN_FRACTION is None
+    monkeypatch.setattr(index_mod, "GROWN_MIN", 5)
+    with EditMemory.open("sqlite://", encoder=ENC, index="hnsw") as mem:
+        _fill(mem, 60)
+        assert mem._index.grown == 60 and not mem._index.outgrown and not mem.index_compacting
