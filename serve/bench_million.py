@@ -214,6 +214,13 @@ def ef_sweep(mem: Any, encoder: Any, queries: Sequence[str], best: np.ndarray, e
     return out
 
 
+def rotated(items: Sequence[Any], n: int) -> list[Any]:
+    """``items`` starting at position ``n`` (mod their number): the order interleaved timings rotate through, so that
+    no variant always runs first after the encoder."""
+    items = list(items)
+    return items[n % len(items):] + items[:n % len(items)]
+
+
 def ef_paired(mem: Any, encoder: Any, queries: Sequence[str], best: np.ndarray, efs: Sequence[int]
               ) -> list[dict[str, Any]]:
     """recall@1 at each HNSW search depth in ``efs``, then their search times interleaved: per query one bare
@@ -232,7 +239,7 @@ def ef_paired(mem: Any, encoder: Any, queries: Sequence[str], best: np.ndarray, 
         t = time.perf_counter()
         encoder.encode([q])
         enc.append(time.perf_counter() - t)
-        for ef in efs[n % len(efs):] + efs[:n % len(efs)]:
+        for ef in rotated(efs, n):
             t = time.perf_counter()
             mem.search(q, k=5, ef_search=ef)
             srch[ef].append(time.perf_counter() - t)
@@ -245,14 +252,16 @@ def ef_paired(mem: Any, encoder: Any, queries: Sequence[str], best: np.ndarray, 
 
 
 def top_up(mem: Any, encoder: Any, templates: Templates, s: MillionSettings, tmp: Path,
-           queries: Sequence[str]) -> dict[str, Any]:
+           queries: Sequence[str]) -> tuple[dict[str, Any], tuple[np.ndarray, int] | None]:
     """Import more synthetic edits until the store holds ``s.n`` live edits (after a run's deletions), taking them
     after the held-out queries (edits ``n + queries`` on, which no run stored); measure recall@1 of ``queries`` on
-    the graph the import grew, then rebuild the index in one batch (what a store that has only grown needs for its
-    recall, BENCHMARKS.md "Store at scale" round 8)."""
+    the graph the import grew, then rebuild the index in one batch (so what is measured next is a one-batch graph, as
+    round 8's `--rebuild` measured). Returns the report and :func:`exact_best` of ``queries`` over the live edits
+    (None when nothing was added), which the rebuild leaves as it is."""
     live0 = len(mem)
     missing = s.n - live0
     out: dict[str, Any] = {"live_before": live0, "added": 0, "import_seconds": 0.0}
+    exact = None
     start = s.n + s.queries
     if missing > 0:
         if start + missing > templates.size:
@@ -268,13 +277,13 @@ def top_up(mem: Any, encoder: Any, templates: Templates, s: MillionSettings, tmp
             log.info("topped up %d of %d edits (%.0f s)", out["added"], missing, out["import_seconds"])
         mem.wait_for_index()
         out["grown_index"] = _index_state(mem)
-        best, _ = exact_best(mem, encoder, queries)
-        out["grown_recall_at_1"] = store_recall(mem, queries, best)
+        exact = exact_best(mem, encoder, queries)
+        out["grown_recall_at_1"] = store_recall(mem, queries, exact[0])
         t = time.perf_counter()
         mem.rebuild_index()
         out["rebuild_seconds"] = time.perf_counter() - t
     out.update(live_after=len(mem), index=_index_state(mem))
-    return out
+    return out, exact
 
 
 def stored_prompts(mem: Any, n: int, seed: int) -> list[str]:
@@ -330,7 +339,7 @@ def route_timing(mem: Any, encoder: Any, held_out: Sequence[str], stored: Sequen
             t = time.perf_counter()
             encoder.encode([q])
             enc.append(time.perf_counter() - t)
-            for i in list(range(len(routers)))[n % len(routers):] + list(range(len(routers)))[:n % len(routers)]:
+            for i in rotated(range(len(routers)), n):
                 t = time.perf_counter()
                 decision = routers[i].route([q])[0]
                 lat[i].append(time.perf_counter() - t)
@@ -362,9 +371,10 @@ def measure_kept(store: Path, settings: MillionSettings, data_dir: Path, *, grow
     with EditMemory.open(f"sqlite:///{store}", encoder=encoder) as mem:
         out: dict[str, Any] = {"store": str(store), "open_seconds": time.perf_counter() - t,
                                "index": _index_state(mem)}
+        exact = None
         if grow:
-            out["top_up"] = top_up(mem, encoder, templates, s, store.parent, queries)
-        best, n_live = exact_best(mem, encoder, queries)
+            out["top_up"], exact = top_up(mem, encoder, templates, s, store.parent, queries)
+        best, n_live = exact if exact is not None else exact_best(mem, encoder, queries)
         default = mem._index_sync.index.ef_search
         efs = list(dict.fromkeys([default, *s.ef_sweep]))
         out.update(n_live=n_live, n_queries=len(queries), default_ef_search=default,
