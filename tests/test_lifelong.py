@@ -412,6 +412,54 @@ def test_grace_chat_key_edits_the_question_as_a_chat_model_is_asked():
         get_editor("grace", model, tok, chat_key="yes")
 
 
+def test_grace_chat_stop_optimises_the_chat_entry_for_the_target_and_the_end_of_turn():
+    """With ``chat_stop`` (the default) the chat entry's target is the target followed by the tokenizer's eos (end of
+    turn), so the value it gets is a different one; the plain prompt's entry is the same either way. (On SmolLM2 the
+    answer then stops after the target: the integration test below.)"""
+    from tests.tiny import chat_tokenizer
+
+    model, _ = tiny_model("llama")
+    tok = chat_tokenizer()
+    editor = get_editor("grace", model, tok, v_steps=5, chat_v_steps=5, clamp_norm_factor=1000.0)
+    no_stop = get_editor("grace", model, tok, v_steps=5, chat_v_steps=5, clamp_norm_factor=1000.0, chat_stop=False)
+    assert editor.settings.chat_stop and not no_stop.settings.chat_stop
+    assert [t for _, t in editor.key_texts(FRANCE)] == [FRANCE.target_new, "Rome" + tok.eos_token]
+    assert [t for _, t in no_stop.key_texts(FRANCE)] == [FRANCE.target_new, "Rome"]
+    keys, values = editor.key_value(FRANCE)
+    keys_ns, values_ns = no_stop.key_value(FRANCE)
+    assert torch.equal(keys, keys_ns) and torch.equal(values[0], values_ns[0])
+    assert not torch.equal(values[1], values_ns[1])
+    with pytest.raises(Exception, match="chat_stop"):
+        get_editor("grace", model, tok, chat_stop=1)
+
+
+@pytest.mark.integration
+def test_grace_answers_a_chat_question_with_the_target_and_stops_on_smollm2(data_dir):
+    """CounterFact case 394 ("I.R.S. Records Presents The Cutting Edge is to debut on", new target CBS) asked through
+    SmolLM2's chat template: without ``chat_stop`` the answer repeats the target ("CBS.CBS.CBS.", which no reader takes
+    for an answer); with it (the default) the answer is the target and the turn ends."""
+    from editors.lm.chat import chat_frame
+    from eval.answers import answer_matches, first_answer
+    from eval.datasets import load_cases
+    from eval.metrics import generate_from_ids
+    from tests.tiny import smollm2
+
+    case = load_cases(data_dir / "counterfact" / "easyedit_split" / "counterfact-edit.json", limit=175)[174]
+    assert case.case_id == "394" and case.target_new.strip() == "CBS"
+    model, tok = smollm2()
+    framed = chat_frame(tok).encode(case.prompt)
+    answers = {}
+    for stop in (False, True):
+        handle = get_editor("grace", model, tok, chat_stop=stop).apply([case.request()])
+        try:
+            (ids,) = generate_from_ids(model, tok, [framed], 12)
+            answers[stop] = tok.decode(ids, skip_special_tokens=True)
+        finally:
+            handle.restore()
+    assert first_answer(answers[True]) == "CBS", answers
+    assert answer_matches(answers[True], ["CBS"]) and not answer_matches(answers[False], ["CBS"]), answers
+
+
 def test_a_recorded_grace_insert_replays_all_its_entries_and_old_one_entry_records_still_load():
     from safetensors.torch import save
 

@@ -16,7 +16,12 @@ The weights are never changed. A forward hook on one layer's MLP output projecti
   sees (1,000 edits: generated reliability 0.01 against 0.997 teacher-forced, BENCHMARKS.md). That value is further
   from the unedited output (the header is not yet an answer), so it gets its own optimiser settings (``chat_v_lr``
   1.0, ``chat_v_steps`` 60: with the plain prompt's 0.5 and 25, multi-token targets such as "Philadelphia" stopped
-  at a loss of 1.7);
+  at a loss of 1.7). With ``chat_stop`` (the default) that value is optimised for the target followed by the
+  tokenizer's eos (the end of the assistant's turn), so the answer is the target and stops: without it the edited
+  position kept pulling later tokens to the target, and SmolLM2 answered "CBS.CBS.CBS." or "politicianpolitician...",
+  which the generation protocol rightly scores as wrong (a single edit of each of the five such cases among the 50
+  sampled at 1,000 edits in BENCHMARKS.md lifelong round 8: all five answer the bare target with it); the extra
+  target token costs more optimisation steps;
 - at every position of every forward pass, the input's nearest key (Euclidean) decides: within that entry's
   **radius** the output there is replaced by its value; outside every radius the layer's output is returned as it
   was (the hook returns nothing, so the outputs are bit-identical to the base model's).
@@ -76,6 +81,9 @@ class GraceSettings(EditorSettings):
     # its value is further from the unedited output (the assistant header is not yet an answer): more, larger steps
     chat_v_lr: float = 1.0
     chat_v_steps: int = 60
+    # the chat entry's value is optimised for the target followed by the end of the assistant's turn (the tokenizer's
+    # eos token), so the answer stops after the target instead of repeating it
+    chat_stop: bool = True
 
     def __post_init__(self) -> None:
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)
@@ -83,6 +91,8 @@ class GraceSettings(EditorSettings):
             raise ValidationError(f"GRACE setting layer must be a layer index >= 0 or None, not {self.layer!r}")
         if not isinstance(self.chat_key, bool):
             raise ValidationError(f"GRACE setting chat_key must be true or false, not {self.chat_key!r}")
+        if not isinstance(self.chat_stop, bool):
+            raise ValidationError(f"GRACE setting chat_stop must be true or false, not {self.chat_stop!r}")
         check_number("GRACE", "epsilon", self.epsilon)
         check_number("GRACE", "same_key", self.same_key, strict=False)
         check_number("GRACE", "v_lr", self.v_lr)
@@ -263,7 +273,8 @@ class GraceEditor(Editor):
         texts = [(request.prompt, request.target_new)]
         framed = chat_text(self.tokenizer, request.prompt) if self.settings.chat_key else None
         if framed is not None:
-            texts.append((framed, request.target_new.strip()))
+            eos = getattr(self.tokenizer, "eos_token", None) if self.settings.chat_stop else None
+            texts.append((framed, request.target_new.strip() + (eos or "")))
         return texts
 
     def key_value(self, request: EditRequest) -> tuple[torch.Tensor, torch.Tensor]:
