@@ -19,9 +19,10 @@ The weights are never changed. A forward hook on one layer's MLP output projecti
   at a loss of 1.7). With ``chat_stop`` (the default) that value is optimised for the target followed by the
   tokenizer's eos (the end of the assistant's turn), so the answer is the target and stops: without it the edited
   position kept pulling later tokens to the target, and SmolLM2 answered "CBS.CBS.CBS." or "politicianpolitician...",
-  which the generation protocol rightly scores as wrong (a single edit of each of the five such cases among the 50
-  sampled at 1,000 edits in BENCHMARKS.md lifelong round 8: all five answer the bare target with it); the extra
-  target token costs more optimisation steps;
+  which the generation protocol rightly scores as wrong. The six generated failures among the 50 cases sampled at
+  1,000 edits in BENCHMARKS.md lifelong round 8 were all of this kind (five repeated the target, one ran "Sony" on
+  into "Sonya, a ..."); edited alone with it, all six answer the bare target. The extra target token costs more
+  optimisation steps;
 - at every position of every forward pass, the input's nearest key (Euclidean) decides: within that entry's
   **radius** the output there is replaced by its value; outside every radius the layer's output is returned as it
   was (the hook returns nothing, so the outputs are bit-identical to the base model's).
