@@ -55,7 +55,7 @@ from editors.lm.architectures import arch_spec, check_layer, layer_module, num_l
 from editors.lm.chat import chat_text
 from editors.locate.keys import activations_at, encode_row
 from editors.locate.values import ValueOptions, optimize_value
-from memory.checks import check_number
+from memory.checks import check_flag, check_number
 from memory.errors import EditmemError, ValidationError
 
 DEFAULT_LAYER_FRACTION = 0.85
@@ -90,10 +90,8 @@ class GraceSettings(EditorSettings):
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)
                                        or self.layer < 0):
             raise ValidationError(f"GRACE setting layer must be a layer index >= 0 or None, not {self.layer!r}")
-        if not isinstance(self.chat_key, bool):
-            raise ValidationError(f"GRACE setting chat_key must be true or false, not {self.chat_key!r}")
-        if not isinstance(self.chat_stop, bool):
-            raise ValidationError(f"GRACE setting chat_stop must be true or false, not {self.chat_stop!r}")
+        check_flag("GRACE", "chat_key", self.chat_key)
+        check_flag("GRACE", "chat_stop", self.chat_stop)
         check_number("GRACE", "epsilon", self.epsilon)
         check_number("GRACE", "same_key", self.same_key, strict=False)
         check_number("GRACE", "v_lr", self.v_lr)
