@@ -255,8 +255,9 @@ class LiveWeights:
     as the folder holds it, written while holding ``lock`` (the lock the server's generate calls hold, so no
     generation sees half-written weights). :meth:`consolidate_due` writes the due edits (:func:`due_edits`) into the
     folder as ``editmem consolidate --every`` does, on a copy loaded from the folder (generation goes on meanwhile),
-    then follows. ``held`` is what the router leaves to these weights. Weight editors only: a folder with GRACE
-    records (a codebook adaptor, not parameters) is refused."""
+    then follows. ``held`` is what the router leaves to these weights. GRACE records (a codebook adaptor, not
+    parameters) are followed too: the adaptor is replayed from the applied records aside and swapped in under
+    ``lock``."""
 
     def __init__(self, stored: Any, folder: Path, lock: Any):
         import threading
@@ -283,15 +284,11 @@ class LiveWeights:
              lock: Any = None) -> LiveWeights:
         import threading
 
-        from editors.adaptors import is_adaptor_record
         from editors.weights import StoredWeights
 
         folder = Path(folder).expanduser()
         known = mem.weight_models(folder=folder_key(folder))
         if known:
-            if any(is_adaptor_record(r) for r in mem.weight_records(model_id=known[0].id)):
-                raise ValidationError(f"{folder} holds GRACE records; a served model follows weight records only "
-                                      "(serve it without automatic consolidation)")
             stored = StoredWeights.open(mem, model, tokenizer, model_id=known[0].id, verify=False)
         else:
             if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
@@ -322,15 +319,13 @@ class LiveWeights:
             params = set(self.stored.touched())
         else:
             params = {p for rid in changed for p in (applied.get(rid) or self._records[rid]).params}
-        adaptors = [r for r in applied.values() if is_adaptor_record(r)]
-        if adaptors:
-            log.warning("edited model %d has GRACE record(s) %s written by another process; the served model does "
-                        "not follow them (their edits keep answering from memory)", self.model_id,
-                        [r.id for r in adaptors])
+        adaptor = everything or any(is_adaptor_record(applied.get(rid) or self._records[rid]) for rid in changed)
+        book = self.stored.replayed_adaptor(list(applied.values())) if adaptor else None  # built before the lock
         with self.lock:
             self.stored.realize(sorted(params))
-            self.held.loaded = frozenset((e, v) for r in applied.values() if not is_adaptor_record(r)
-                                         for e, v in r.edits)
+            if adaptor:
+                self.stored.install_adaptor(book)
+            self.held.loaded = frozenset((e, v) for r in applied.values() for e, v in r.edits)
         self._records = applied
         return True
 

@@ -102,17 +102,37 @@ class StoredWeights:
         self.adaptor: Any = None  # the GRACE codebook replayed from the records (editors.adaptors), if any
 
     def _replay_adaptor(self) -> None:
-        """Make the model's GRACE adaptor the replay of the applied GRACE records (none: no adaptor, no hook)."""
-        from editors.adaptors import is_adaptor_record, replay
+        """Make the model's GRACE adaptor the replay of the applied GRACE records (none: no entries, no hook)."""
+        self.install_adaptor(self.replayed_adaptor())
 
-        found = [r for r in self.records() if is_adaptor_record(r)]
-        if not found and self.adaptor is None:
+    def replayed_adaptor(self, records: Sequence[Any] | None = None) -> Any:
+        """The replay of the applied GRACE records (of ``records``, in order, when given) into a codebook built aside,
+        not hooked on the model (:meth:`install_adaptor` puts it in place); None when there are none."""
+        from editors.adaptors import is_adaptor_record, replay
+        from editors.methods.grace import Codebook
+
+        found = [r for r in (self.records() if records is None else records) if is_adaptor_record(r)]
+        if not found:
+            return None
+        book = Codebook(self.model, int(found[0].settings["layer"]), attach=False)
+        replay(book, [(r.settings, self.mem.weight_deltas(r.id)) for r in found])
+        return book
+
+    def install_adaptor(self, book: Any) -> None:
+        """Make the model's adaptor hold ``book``'s entries (None: none, and no hook). The first adaptor of this model
+        object is the codebook already hooked on the layer (a folder's, attached at load) or a new one."""
+        if book is None:
+            if self.adaptor is not None:
+                self.adaptor.clear()
             return
         if self.adaptor is None:
             from editors.methods.grace import Codebook
 
-            self.adaptor = Codebook(self.model, int(found[0].settings["layer"]))
-        replay(self.adaptor, [(r.settings, self.mem.weight_deltas(r.id)) for r in found])
+            self.adaptor = Codebook.on(self.model, book.layer)
+        elif self.adaptor.layer != book.layer:
+            raise ValidationError(f"edited model {self.record.id} has its GRACE adaptor at layer "
+                                  f"{self.adaptor.layer}, not {book.layer}")
+        self.adaptor.take(book)
 
     def editor(self, method: str, **overrides: Any) -> Any:
         """An editor for ``method`` on this model; GRACE's works on the model's recorded adaptor."""

@@ -223,7 +223,6 @@ def test_serve_consolidate_every_is_checked(tmp_path):
     store = new_store(tmp_path / "store.db")
     bad = [({"consolidate_every": 0}, "consolidate_every"),
            ({"consolidate_every": 2, "consolidate_method": "serac"}, "weight editor"),
-           ({"consolidate_every": 2, "consolidate_method": "grace"}, "weight editor"),
            ({"consolidate_every": 2}, "is not an edited model of the store"),
            ({"consolidate_every": 2, "model": "none"}, "needs a local model"),
            ({"consolidate_every": 2, "consolidate_out": str(tmp_path / "o"), "consolidate_settings": {"nope": 1}},
@@ -268,3 +267,71 @@ def test_a_served_edited_folder_follows_a_delete_in_place(tmp_path):
     with pytest.raises(ValidationError, match="another edited model"):
         create_app(ServerSettings(store=store, model=str(out), scope="cosine", consolidate_every=2,
                                   consolidate_out=str(tmp_path / "other")))
+
+
+GRACE = dict(v_steps=10, clamp_norm_factor=1000.0)
+
+
+def test_serve_follows_a_grace_adaptor(tmp_path):
+    """--consolidate-method grace: the job writes the two oldest edits into the folder's codebook adaptor and the
+    loaded model takes the same codebook (bit-identical to the saved file, one hook on the layer, the same logits as
+    the folder loaded afresh); they answer from it (route "weights"), the third from memory. A delete through the
+    server takes the edit's entries out of the loaded model too, and serving the folder itself (no consolidation)
+    adopts the adaptor attached at load instead of hooking the layer twice."""
+    httpx = pytest.importorskip("httpx")
+    import torch
+
+    from editors.adaptors import ADAPTOR_FILE, adaptor_bytes, load_edited_model
+    from editors.lm.architectures import layer_module
+    from editors.methods.grace import Codebook
+    from serve.http.app import ServerSettings, create_app
+    from tests.serving import live_server, new_store, tiny_model_folder
+
+    base = tiny_model_folder(tmp_path / "tiny-llama")
+    out = tmp_path / "edited"
+    store = new_store(tmp_path / "store.db")
+
+    def serve(**settings):
+        app = create_app(ServerSettings(store=store, scope="cosine", batch_wait=0.0, **settings))
+        return app, app.state.ctx.live, app.state.ctx.service
+
+    def hooks(model, layer):
+        return [h for h in layer_module(model, layer, "mlp_out")._forward_hooks.values()
+                if isinstance(getattr(h, "__self__", None), Codebook)]
+
+    def holds_folder(live, service):
+        book = live.stored.adaptor
+        assert adaptor_bytes(book) == (out / ADAPTOR_FILE).read_bytes()
+        assert hooks(service.model, book.layer) == [book._forward]
+        fresh, tok = load_edited_model(out)
+        ids = tok(FACTS[1][0], return_tensors="pt").input_ids
+        with torch.no_grad():
+            return torch.equal(service.model(ids).logits, fresh(ids).logits)
+
+    def route(url, prompt):
+        body = {"model": app.state.ctx.model_name, "prompt": prompt, "max_tokens": 1}
+        r = httpx.post(f"{url}/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()["editmem"]["route"], r.json()["editmem"]["edit_id"]
+
+    app, live, service = serve(model=str(base), consolidate_every=2, consolidate_method="grace",
+                               consolidate_out=str(out), consolidate_settings=GRACE)
+    with live_server(app) as url:
+        for prompt, target, subject in FACTS[:3]:
+            r = httpx.post(f"{url}/v1/edits", json={"prompt": prompt, "target_new": target, "subject": subject})
+            assert r.status_code == 201, r.text
+        (job,) = _wait_jobs(url, 1)
+        assert job["status"] == "succeeded" and job["result"]["in_weights"] == 2, job
+        assert [r["edit_ids"] for r in job["result"]["records"]] == [[1], [2]]  # GRACE: one record per edit
+        assert len(live.stored.adaptor.entries) == 2 and holds_folder(live, service)
+        assert [route(url, p) for p, _, _ in FACTS[:3]] == [("weights", 1), ("weights", 2), ("serac", 3)]
+        assert httpx.delete(f"{url}/v1/edits/1").status_code == 200
+        assert len(live.stored.adaptor.entries) == 1 and holds_folder(live, service)
+        assert route(url, FACTS[1][0]) == ("weights", 2)
+
+    app, live, service = serve(model=str(out))  # the folder itself: its adaptor was attached at load
+    with live_server(app) as url:
+        assert holds_folder(live, service) and route(url, FACTS[1][0]) == ("weights", 2)
+        assert httpx.delete(f"{url}/v1/edits/2").status_code == 200
+        assert not live.stored.adaptor.entries and not hooks(service.model, live.stored.adaptor.layer)
+        assert route(url, FACTS[2][0]) == ("serac", 3)

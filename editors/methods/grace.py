@@ -43,6 +43,7 @@ below loss 0.05.
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,10 +129,15 @@ class Entry:
         return cls(int(s["id"]), s["key"], s["value"], float(s["radius"]), str(s["label"]))
 
 
+# id(module) -> the codebook hooked on it (Codebook.on). Weak values: a hooked codebook keeps its module alive (so the
+# id is not reused while the entry exists), and the entry goes with the codebook.
+_HOOKED: weakref.WeakValueDictionary[int, Codebook] = weakref.WeakValueDictionary()
+
+
 class Codebook:
     """The entries and the forward hook on the layer's MLP output projection (present only while not empty)."""
 
-    def __init__(self, model: torch.nn.Module, layer: int):
+    def __init__(self, model: torch.nn.Module, layer: int, *, attach: bool = True):
         self.model, self.layer = model, layer
         self.module = layer_module(model, layer, "mlp_out")
         self.entries: dict[int, Entry] = {}
@@ -139,6 +145,23 @@ class Codebook:
         self._hook: Any = None
         self._tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.enabled = True
+        self.attach = attach  # False: built aside (its entries later taken by a hooked one), never hooked itself
+
+    @classmethod
+    def on(cls, model: torch.nn.Module, layer: int) -> Codebook:
+        """The codebook hooked on ``model``'s layer ``layer`` now (say one :func:`editors.adaptors.load_adaptor`
+        attached), so that a second one does not hook the same module; a new one when there is none."""
+        found = _HOOKED.get(id(layer_module(model, layer, "mlp_out")))
+        return found if found is not None else cls(model, layer)
+
+    def take(self, other: Codebook) -> None:
+        """Hold ``other``'s entries (the same ids, numbering on from them) in place of this codebook's; ``other`` is
+        left empty. No forward pass may run meanwhile (:class:`editors.consolidation.LiveWeights` holds the lock its
+        server's generate calls hold)."""
+        if other.layer != self.layer:
+            raise EditmemError(f"a codebook at layer {other.layer} cannot replace one at layer {self.layer}")
+        self.entries, self._ids, other.entries, other._ids = other.entries, other._ids, {}, itertools.count()
+        self.changed()
 
     def new_id(self) -> int:
         return next(self._ids)
@@ -151,11 +174,14 @@ class Codebook:
 
     def changed(self) -> None:
         self._tensors = None
-        if self.entries and self._hook is None:
+        if self.entries and self._hook is None and self.attach:
             self._hook = self.module.register_forward_hook(self._forward)
+            _HOOKED[id(self.module)] = self
         elif not self.entries and self._hook is not None:
             self._hook.remove()
             self._hook = None
+            if _HOOKED.get(id(self.module)) is self:
+                del _HOOKED[id(self.module)]
 
     def nearest(self, key: torch.Tensor) -> tuple[Entry, float] | None:
         if not self.entries:

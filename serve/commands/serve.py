@@ -81,7 +81,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="after writes, when N or more edits are pending, consolidate the oldest (whole groups of N) "
                         "into the served model's folder and the loaded model (default: never)")
     p.add_argument("--consolidate-method", default="memit",
-                   help="weight editor for --consolidate-every (memit, alphaedit, rome, ft; default: %(default)s)")
+                   help="weight editor for --consolidate-every (memit, alphaedit, rome, ft) or grace (a codebook "
+                        "adaptor in the folder, followed the same way; default: %(default)s)")
     p.add_argument("--consolidate-out", default=None, metavar="DIR",
                    help="the edited model folder for --consolidate-every (default: --model, which must be one of "
                         "the store's; a new DIR is made from the served model, its base)")

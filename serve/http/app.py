@@ -229,9 +229,9 @@ def _check_consolidation(settings: ServerSettings) -> None:
     if method not in available_editors():
         raise ValidationError(f"unknown editing method {method!r}; available: {', '.join(available_editors())}")
     cls = editor_class(method)
-    if method == "grace" or issubclass(cls, MemoryEditor):
-        raise ValidationError(f"--consolidate-method must be a weight editor (memit, alphaedit, rome, ft), not "
-                              f"{method!r}")
+    if issubclass(cls, MemoryEditor):
+        raise ValidationError(f"--consolidate-method must be a weight editor (memit, alphaedit, rome, ft) or grace, "
+                              f"not {method!r}")
     cls.Settings.with_overrides(cls.Settings(), dict(settings.consolidate_settings))  # a bad setting fails now
     if settings.upstream or settings.model in ("", "none"):
         raise ValidationError("--consolidate-every needs a local model to write the edits into (--model DIR)")
@@ -244,19 +244,13 @@ def _served_weights(settings: ServerSettings, memory: Any, service: MemoryServic
     """When the served model is an edited model folder of the store (or ``consolidate_every`` names one): the
     router leaves the edits its weights hold to them, and the model object follows the folder's weight records (a
     delete through this server takes the edit out of it too; :class:`editors.consolidation.LiveWeights`, returned),
-    taking consolidations in place with ``consolidate_every``. A folder with GRACE records is served as loaded."""
+    taking consolidations in place with ``consolidate_every``; its GRACE adaptor, if any, follows the same way."""
     if service is None:
         return None
-    from editors.adaptors import is_adaptor_record
     from editors.consolidation import LiveWeights, folder_key, held_edits
 
-    if settings.consolidate_every is None:
-        held = held_edits(memory, settings.model)
-        if held is None:
-            return None
-        if any(is_adaptor_record(r) for r in memory.weight_records(model_id=held.model_id)):
-            service.hold(held)  # a GRACE adaptor is not followed live: the folder's records as loaded
-            return None
+    if settings.consolidate_every is None and held_edits(memory, settings.model) is None:
+        return None
     folder = Path(settings.consolidate_out or settings.model).expanduser()
     served = held_edits(memory, settings.model)
     if served is not None and memory.get_weight_model(served.model_id).folder != folder_key(folder):
