@@ -9,20 +9,19 @@ The weights are never changed. A forward hook on one layer's MLP output projecti
   value (:func:`editors.locate.values.optimize_value`, at the prompt's last token, no context prefixes, no KL term
   by default), so the edited model says the new target after the prompt;
 - with ``chat_key`` (the default) and a tokenizer that has a chat template, the edit gets a **second entry** keyed at
-  the last token of the prompt as the user's message in that template (the assistant header), its value optimised so
-  the assistant's answer starts with the target. A chat model is asked through its template, and the plain prompt's
-  key never matches there (SmolLM2-135M, layer 25: the chat-framed question's key is at median 0.52 of its norm from
-  the plain one's nearest entry, far outside ``epsilon``); without the second entry GRACE edits nothing a chat user
-  sees (1,000 edits: generated reliability 0.01 against 0.997 teacher-forced, BENCHMARKS.md). That value is further
-  from the unedited output (the header is not yet an answer), so it gets its own optimiser settings (``chat_v_lr``
-  1.0, ``chat_v_steps`` 60: with the plain prompt's 0.5 and 25, multi-token targets such as "Philadelphia" stopped
-  at a loss of 1.7). With ``chat_stop`` (the default) that value is optimised for the target followed by the
-  tokenizer's eos (the end of the assistant's turn), so the answer is the target and stops: without it the edited
-  position kept pulling later tokens to the target, and SmolLM2 answered "CBS.CBS.CBS." or "politicianpolitician...",
-  which the generation protocol rightly scores as wrong. The six generated failures among the 50 cases sampled at
-  1,000 edits in BENCHMARKS.md lifelong round 8 were all of this kind (five repeated the target, one ran "Sony" on
-  into "Sonya, a ..."); edited alone with it, all six answer the bare target. The extra target token costs more
-  optimisation steps;
+  the last token of the prompt as the user's message in that template (the assistant header), its value optimised so the
+  assistant's answer starts with the target. A chat model is asked through its template, and the plain prompt's key
+  never matches there (SmolLM2-135M, the default layer: the chat-framed question's key is at median 0.52 of its norm
+  from the plain one's nearest entry, far outside ``epsilon``); without the second entry GRACE edits nothing a chat user
+  sees (1,000 edits: generated reliability 0.01 against 0.997 teacher-forced, BENCHMARKS.md). That value is further from
+  the unedited output (the header is not yet an answer), so it gets its own optimiser settings (``chat_v_lr`` 1.0,
+  ``chat_v_steps`` 60: with the plain prompt's 0.5 and 25, multi-token targets such as "Philadelphia" stopped at a loss
+  of 1.7). With ``chat_stop`` (the default) that value is optimised for the target followed by the tokenizer's eos (the
+  end of the assistant's turn), so the answer is the target and stops: without it the edited position kept pulling later
+  tokens to the target, and SmolLM2 answered "CBS.CBS.CBS." or "politicianpolitician...", which the generation protocol
+  rightly scores as wrong. The six generated failures among the 50 cases sampled at 1,000 edits in BENCHMARKS.md
+  lifelong round 8 were all of this kind (five repeated the target, one ran "Sony" on into "Sonya, a ..."); edited alone
+  with it, all six answer the bare target. The extra target token costs more optimisation steps;
 - at every position of every forward pass, the input's nearest key (Euclidean) decides: within that entry's
   **radius** the output there is replaced by its value; outside every radius the layer's output is returned as it
   was (the hook returns nothing, so the outputs are bit-identical to the base model's).
@@ -35,9 +34,9 @@ value. :class:`GraceHandle` records what its edit did (entries added, values rep
 ``restore()`` undoes it exactly (in reverse order of the edits, which is how the harness restores); when the codebook
 is empty the hook is removed, so the model is the base model again.
 
-Defaults: the layer at 85% of the depth (SmolLM2-135M: 25 of 30; GRACE edits a late layer, e.g. EasyEdit's 27 of
-32 for Llama-2-7B), ``epsilon`` 0.1, value optimisation lr 0.5, 25 passes, clamp factor 4, no weight decay, stop
-below loss 0.05.
+Defaults: the layer at 85% of the depth (SmolLM2-135M: 26 of 30, ``round(25.5)``; GRACE edits a late layer, e.g.
+EasyEdit's 27 of 32 for Llama-2-7B), ``epsilon`` 0.1, value optimisation lr 0.5, 25 passes, clamp factor 4, no
+weight decay, stop below loss 0.05.
 """
 
 from __future__ import annotations
@@ -63,7 +62,8 @@ DEFAULT_LAYER_FRACTION = 0.85
 
 
 def grace_default_layer(model: torch.nn.Module) -> int:
-    """``round(num_layers * 0.85)``, at most the last layer (SmolLM2-135M: 25; a 4-layer test model: 3)."""
+    """``round(num_layers * 0.85)``, at most the last layer (SmolLM2-135M: 26, Python rounding 25.5 to even; a 4-layer
+    test model: 3)."""
     n = num_layers(model)
     return min(n - 1, round(n * DEFAULT_LAYER_FRACTION))
 
