@@ -68,3 +68,17 @@ def test_consolidation_bench_deletes_and_finds_the_folder_equal_to_a_rebuild(tmp
     assert result["bit_identical"] and result["files_differing"] == [] and result["tensors_differing"] == []
     assert len(result["deleted"]) == 2 and result["held_edits"] == 4  # the batch mates were written again
     assert result["after_delete"]["teacher-forced"]["locality"] is not None
+
+
+def test_grace_replay_bench_times_the_stores_replay(tmp_path):
+    """serve.bench_grace_replay replays synthetic records through editors.adaptors.replay: close keys make some
+    inserts merge (fewer entries than two per edit), and the result is written with the command."""
+    from serve.bench_grace_replay import main as replay_main
+
+    out = tmp_path / "replay.json"
+    assert replay_main(["--edits", "20,40", "--repeats", "1", "--spread", "0.02", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["edits"] for r in result["rows"]] == [20, 40]
+    assert all(0 < r["entries"] < 2 * r["edits"] and r["median_s"] > 0 for r in result["rows"])
+    with pytest.raises(SystemExit):
+        replay_main(["--edits", "0"])

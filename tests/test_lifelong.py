@@ -480,3 +480,61 @@ def test_a_recorded_grace_insert_replays_all_its_entries_and_old_one_entry_recor
     with pytest.raises(Exception, match="one value per key"):
         pack_insert(keys, values[:1], "Rome")
     book.clear()
+
+
+def test_codebook_nearest_matches_a_scan_as_entries_come_and_go():
+    """``Codebook.nearest`` keeps its stacked keys between calls: after inserts that merge, shrink and update
+    entries, a handle's restore taking entries out of the middle, and a replay into a cleared book, it answers
+    exactly what a scan over the entries in order does (the first of equal distances), and a replay gives the same
+    codebook every time."""
+    from editors.methods.grace import Codebook, Entry, GraceHandle, insert_edit
+
+    def scan(book, key):
+        entry = min(book.entries.values(), key=lambda e: float((e.key - key).norm()))
+        return entry, float((entry.key - key).norm())
+
+    model, _ = tiny_model("llama")
+    gen = torch.Generator().manual_seed(0)
+    centre = torch.randn(16, generator=gen)
+    keys = centre + 0.05 * torch.randn(60, 2, 16, generator=gen)  # close together: radii overlap
+    values = torch.randn(60, 2, 8, generator=gen)
+    probes = centre + 0.05 * torch.randn(20, 16, generator=gen)
+
+    def check(book):
+        for probe in [*probes, *keys.reshape(-1, 16), *(e.key for e in book.entries.values())]:
+            got, want = book.nearest(probe), scan(book, probe)
+            assert got[0] is want[0] and got[1] == want[1]
+
+    book = Codebook(model, 2, attach=False)
+    handles = []
+    for i in range(60):
+        handles.append(GraceHandle(book))
+        insert_edit(book, handles[-1].ops, keys[i], values[i], f"t{i % 3}", epsilon=0.1, same_key=1e-3)
+        if i % 7 == 0:
+            check(book)
+    merged = len(book.entries)
+    assert merged < 120  # some inserts merged into or updated an entry
+    for handle in reversed(handles[30:]):
+        handle.restore()
+    check(book)
+    added = [op[1].id for op in handles[10].ops if op[0] == "add"]
+    assert len(added) == 2 and max(added) < max(book.entries)  # two entries in the middle
+    handles[10].restore()
+    assert not set(added) & set(book.entries)
+    for key, value in zip(keys[10], values[10]):  # as many in as went out (as GraceHandle.load adds them)
+        entry = Entry(book.new_id(), key.clone(), value, 1.0, "t9")
+        book.entries[entry.id] = entry
+    check(book)
+    assert len(book.entries) < merged
+
+    def replayed():
+        book.clear()
+        for i in range(60):
+            insert_edit(book, [], keys[i], values[i], f"t{i % 3}", epsilon=0.1, same_key=1e-3)
+        return [(e.id, e.key, e.value, e.radius, e.label) for e in book.entries.values()]
+
+    first, again = replayed(), replayed()
+    check(book)
+    assert len(first) == len(again) and all(
+        a[0] == b[0] and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) and a[3:] == b[3:]
+        for a, b in zip(first, again))

@@ -42,6 +42,7 @@ weight decay, stop below loss 0.05.
 from __future__ import annotations
 
 import itertools
+import operator
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -144,6 +145,7 @@ class Codebook:
         self._ids = itertools.count()
         self._hook: Any = None
         self._tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._rows: tuple[list[Entry], Any] = ([], None)  # nearest()'s stacked keys (_key_rows)
         self.enabled = True
         self.attach = attach  # False: built aside (its entries later taken by a hooked one), never hooked itself
 
@@ -184,10 +186,34 @@ class Codebook:
                 del _HOOKED[id(self.module)]
 
     def nearest(self, key: torch.Tensor) -> tuple[Entry, float] | None:
+        """The entry whose key is nearest ``key`` (the first in insertion order on a tie) and its distance."""
         if not self.entries:
             return None
-        entry = min(self.entries.values(), key=lambda e: float((e.key - key).norm()))
-        return entry, float((entry.key - key).norm())
+        entries, keys = self._key_rows()
+        dist = torch.linalg.vector_norm(keys - key, dim=1)
+        i = int(torch.argmin(dist))
+        return entries[i], float(dist[i])
+
+    def _key_rows(self) -> tuple[list[Entry], torch.Tensor]:
+        """The entries in insertion order and their keys stacked, (n, d_in). Kept between calls and extended when
+        entries were only added since (a replay inserts thousands one by one: restacking every key for each would be
+        quadratic); rebuilt when any earlier entry went or changed. Entries' keys never change."""
+        entries = list(self.entries.values())
+        cached, buf = self._rows
+        n = len(cached)
+        if n > len(entries) or not all(map(operator.is_, entries[:n], cached)):
+            cached, buf, n = [], None, 0
+        if len(entries) > n:
+            new = torch.stack([e.key for e in entries[n:]])
+            if buf is None or len(entries) > buf.shape[0]:
+                grown = new.new_empty((max(len(entries), 2 * n, 64), new.shape[1]))
+                if n:
+                    grown[:n] = buf[:n]
+                buf = grown
+            buf[n:len(entries)] = new
+            cached = entries
+        self._rows = (cached, buf)
+        return cached, buf[:len(cached)]
 
     def _stacked(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._tensors is None or self._tensors[0].device != device:
