@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import statistics
 import sys
@@ -48,6 +46,7 @@ def run(sizes: Sequence[int], *, spread: float, repeats: int) -> dict[str, Any]:
 
     from editors.adaptors import replay
     from editors.methods.grace import Codebook
+    from serve.bench_store import machine_info
 
     # only a layer to name (the codebook is built aside, never hooked); nothing runs through the model
     model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
@@ -64,8 +63,7 @@ def run(sizes: Sequence[int], *, spread: float, repeats: int) -> dict[str, Any]:
         rows.append({"edits": n, "entries": len(book.entries), "median_s": statistics.median(seconds),
                      "min_s": min(seconds), "max_s": max(seconds), "repeats": repeats})
         print(f"{n} edits -> {len(book.entries)} entries: replay median {statistics.median(seconds):.3f} s", flush=True)
-    return {"rows": rows, "spread": spread, "machine": platform.platform(), "cpus": os.cpu_count(),
-            "threads": os.environ.get("OMP_NUM_THREADS"), "command": shlex.join(sys.argv)}
+    return {"rows": rows, "spread": spread, "machine": machine_info(), "command": shlex.join(sys.argv)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -249,10 +249,10 @@ def _served_weights(settings: ServerSettings, memory: Any, service: MemoryServic
         return None
     from editors.consolidation import LiveWeights, folder_key, held_edits
 
-    if settings.consolidate_every is None and held_edits(memory, settings.model) is None:
+    served = held_edits(memory, settings.model)
+    if settings.consolidate_every is None and served is None:
         return None
     folder = Path(settings.consolidate_out or settings.model).expanduser()
-    served = held_edits(memory, settings.model)
     if served is not None and memory.get_weight_model(served.model_id).folder != folder_key(folder):
         raise ValidationError(f"--model {settings.model} is another edited model of this store; serve {folder} "
                               "itself, or its base, with --consolidate-out")
